@@ -1,0 +1,38 @@
+"""The single `vimpac` entry point: `vimpac <command> [args]`.
+
+Each command lives in its own module with a `main(argv) -> int`; it is imported only when
+run, so that one command's dependencies (PyAV, TFDS, ...) never slow down or break another.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "params": ("vimpac_jax.commands.params", "print parameter counts of a model config"),
+    "convert": ("vimpac_jax.commands.convert", "import released VIMPAC checkpoints or DALL-E weights"),
+    "features": ("vimpac_jax.commands.features", "run a checkpoint on token clips and save its outputs"),
+    "mask-ratio": ("vimpac_jax.commands.mask_ratio", "induced masking ratio of block masking"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vimpac <command> [options]", "", "commands:"]
+    width = max(len(name) for name in COMMANDS)
+    for name, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {help_text}")
+    lines.append("")
+    lines.append("Run `vimpac <command> --help` for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vimpac: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)

@@ -1,0 +1,1 @@
+"""Command-line commands; each module has `main(argv) -> int` (see `vimpac_jax.cli`)."""
