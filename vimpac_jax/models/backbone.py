@@ -1,0 +1,182 @@
+"""The VIMPAC video transformer (released code: `TransformerLayout`), reference §3.
+
+Input: int token clips [B, T, H, W]; output: [CLS] [B, D] and hiddens [B, T, H, W, D].
+"""
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vimpac_jax.constants import PAD_ID, VOCAB_SIZE
+from vimpac_jax.models.attention import AttentionBlock
+from vimpac_jax.models.common import INIT_STD, dense, gelu, layer_norm, normal_init
+from vimpac_jax.models.layout import parse_layout
+
+POS_EMB_KINDS = ("default", "temporal_separation", "hw_separation")
+
+
+class PositionalEmbedding(nn.Module):
+    """Learned positions; returns cls_pos [D] and grid_pos [T, H, W, D].
+
+    `default`: one row per position (1 + T·H·W rows); `temporal_separation`: pos_T(t) +
+    pos_S(i·W + j); `hw_separation`: pos_T(t) + pos_H(i) + pos_W(j). The factor tables are
+    initialised with std 0.02/√(number of factors), as in the released code.
+    """
+
+    kind: str
+    clip_len: int
+    height: int
+    width: int
+    hidden_dim: int
+
+    @nn.compact
+    def __call__(self):
+        t, h, w, d = self.clip_len, self.height, self.width, self.hidden_dim
+        axes = ("pos", "embed")
+        if self.kind == "default":
+            table = self.param("table", normal_init(INIT_STD, axes), (1 + t * h * w, d))
+            return table[0], table[1:].reshape(t, h, w, d)
+        cls = self.param("cls", normal_init(INIT_STD, axes), (1, d))[0]
+        if self.kind == "temporal_separation":
+            std = INIT_STD / math.sqrt(2)
+            temporal = self.param("temporal", normal_init(std, axes), (t, d))
+            spatial = self.param("spatial", normal_init(std, axes), (h * w, d))
+            return cls, temporal[:, None, None] + spatial.reshape(1, h, w, d)
+        if self.kind == "hw_separation":
+            std = INIT_STD / math.sqrt(3)
+            temporal = self.param("temporal", normal_init(std, axes), (t, d))
+            height = self.param("height", normal_init(std, axes), (h, d))
+            width = self.param("width", normal_init(std, axes), (w, d))
+            return cls, temporal[:, None, None] + height[None, :, None] + width[None, None, :]
+        raise ValueError(f"pos_emb must be one of {POS_EMB_KINDS}, got {self.kind!r}")
+
+
+class Mlp(nn.Module):
+    """Dense(d -> m) -> exact GELU -> Dense(m -> d) -> Dropout."""
+
+    hidden_dim: int
+    mlp_dim: int
+    dropout: float = 0.0
+    out_init_std: float = INIT_STD
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        y = gelu(dense(self.mlp_dim, ("embed", "mlp"), name="fc", dtype=self.dtype)(x))
+        y = dense(self.hidden_dim, ("mlp", "embed"), name="proj", dtype=self.dtype, std=self.out_init_std)(y)
+        return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class TransformerLayer(nn.Module):
+    """The attention blocks of a layout, then the MLP block; [CLS] and tokens share weights."""
+
+    blocks: tuple
+    hidden_dim: int
+    num_heads: int
+    attention_dim: int
+    mlp_dim: int
+    pre_ln: bool = False
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    out_init_std: float = INIT_STD
+    dtype: jnp.dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, cls, x, key_is_pad, deterministic: bool):
+        for i, attentions in enumerate(self.blocks):
+            cls, x = AttentionBlock(
+                attentions, self.hidden_dim, self.num_heads, self.attention_dim, self.pre_ln,
+                self.dropout, self.attention_dropout, self.out_init_std, self.dtype,
+                self.implementation, name=f"attn_{i}",
+            )(cls, x, key_is_pad, deterministic=deterministic)
+        mlp = Mlp(self.hidden_dim, self.mlp_dim, self.dropout, self.out_init_std, self.dtype, name="mlp")
+        ln = layer_norm(name="ln", dtype=self.dtype)
+        if self.pre_ln:
+            cls = cls + mlp(ln(cls), deterministic=deterministic)
+            x = x + mlp(ln(x), deterministic=deterministic)
+        else:
+            cls = ln(cls + mlp(cls, deterministic=deterministic))
+            x = ln(x + mlp(x, deterministic=deterministic))
+        return cls, x
+
+
+class VideoTransformer(nn.Module):
+    """VIMPAC backbone. `__call__(tokens [B, T, H, W] int) -> (cls [B, D], hiddens [B, T, H, W, D])`.
+
+    Fields follow the released `args`: `layout` is any string of the grammar in
+    `vimpac_jax.models.layout` (`T,H|W`, `T,H,W`, `TxHxW`, `T,HxW`, ...); `num_heads` defaults to
+    hidden_dim // 64 as in every released config; `halve_att` gives attention dim d/2 and
+    `halve_mlp` an MLP of 2d instead of 4d. `remat` recomputes each layer in the backward pass.
+    """
+
+    num_layers: int
+    hidden_dim: int
+    clip_len: int
+    height: int
+    width: int
+    layout: str = "T,H|W"
+    num_heads: Optional[int] = None
+    pos_emb: str = "hw_separation"
+    pre_ln: bool = False
+    halve_att: bool = False
+    halve_mlp: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    vocab_size: int = VOCAB_SIZE
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    attention_impl: Optional[str] = None
+
+    def setup(self):
+        d = self.hidden_dim
+        blocks = parse_layout(self.layout)
+        heads = self.num_heads or d // 64
+        self.token_embed = nn.Embed(
+            self.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
+            embedding_init=normal_init(INIT_STD, ("vocab", "embed")), name="token_embed")
+        self.cls_token = self.param("cls_token", normal_init(INIT_STD, ("embed",)), (d,))
+        self.pos_embed = PositionalEmbedding(self.pos_emb, self.clip_len, self.height, self.width, d)
+        # Pre-LN re-initialises every residual output with std 0.02/sqrt(number of branches).
+        out_std = INIT_STD
+        if self.pre_ln:
+            out_std = INIT_STD / math.sqrt(self.num_layers * (len(blocks) + 1))
+        layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if self.remat else TransformerLayer
+        self.layers = [
+            layer_cls(blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
+                      self.pre_ln, self.dropout, self.attention_dropout, out_std, self.dtype,
+                      self.attention_impl, name=f"layer_{i}")
+            for i in range(self.num_layers)
+        ]
+        # Post-LN normalises the input; pre-LN normalises the output (names as the released code).
+        if self.pre_ln:
+            self.ln_post = layer_norm(name="ln_post", dtype=self.dtype)
+        else:
+            self.ln_pre = layer_norm(name="ln_pre", dtype=self.dtype)
+        self.drop = nn.Dropout(self.dropout)
+
+    def embedding_table(self) -> jax.Array:
+        """The token embedding [V, D], shared with the MLM output layer."""
+        return self.token_embed.embedding
+
+    def __call__(self, tokens, *, deterministic: bool = True):
+        expected = (self.clip_len, self.height, self.width)
+        if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"tokens must be [B, T, H, W] with (T, H, W) = {expected}, got shape {tokens.shape}")
+        key_is_pad = tokens == PAD_ID
+        x = self.token_embed(tokens)
+        cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (tokens.shape[0], self.hidden_dim))
+        cls_pos, grid_pos = self.pos_embed()
+        cls, x = cls + cls_pos.astype(self.dtype), x + grid_pos.astype(self.dtype)
+        if not self.pre_ln:
+            cls, x = self.ln_pre(cls), self.ln_pre(x)
+        cls = self.drop(cls, deterministic=deterministic)
+        x = self.drop(x, deterministic=deterministic)
+        for layer in self.layers:
+            cls, x = layer(cls, x, key_is_pad, deterministic)
+        if self.pre_ln:
+            cls, x = self.ln_post(cls), self.ln_post(x)
+        return cls, x

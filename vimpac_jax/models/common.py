@@ -1,0 +1,48 @@
+"""Initialisers and layer factories that carry logical axis names.
+
+Every parameter is created through these helpers so that its logical axes ('embed', 'mlp',
+'heads', 'vocab', ...) are declared next to it; `vimpac_jax.training.sharding` maps the names to
+mesh axes in one place, and the model code never mentions the mesh.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+INIT_STD = 0.02  # BERT's initializer_range, used by the released code for every weight
+LN_EPS = 1e-12
+
+
+def normal_init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def dense(features: int, axes: tuple, *, name: str, dtype=jnp.float32, use_bias: bool = True,
+          std: float = INIT_STD, zero_init: bool = False) -> nn.Dense:
+    """A Linear layer with N(0, std) (or zero) kernel and zero bias; `axes` = (in, out) names."""
+    kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.normal(stddev=std)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
+    # eps 1e-12 as BERT and the released code; statistics are computed in float32 by flax.
+    return nn.LayerNorm(
+        epsilon=LN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def gelu(x):
+    """The exact (erf) GELU of torch.nn.GELU, not the tanh approximation."""
+    return nn.gelu(x, approximate=False)

@@ -1,0 +1,77 @@
+"""Heads on top of the backbone (reference §4): MLM, contrastive projection, classifier."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vimpac_jax.models.common import dense, gelu, layer_norm
+
+
+class MLMHead(nn.Module):
+    """Dense(d -> d) -> GELU -> LayerNorm -> logits over the vocabulary, tied to the embedding.
+
+    `__call__(hiddens [..., D], embedding [V, D]) -> logits [..., V]`. Call it on the hiddens of
+    the positions to score only (e.g. the masked ones), so that logits for the rest of the clip
+    are never materialised. Logits are float32 whatever the compute dtype, because the
+    log-softmax over 8197 classes is unstable in bfloat16.
+    """
+
+    hidden_dim: int
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hiddens, embedding):
+        h = dense(self.hidden_dim, ("embed", "embed_out"), name="dense", dtype=self.dtype)(hiddens)
+        h = layer_norm(name="ln", dtype=self.dtype)(gelu(h))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+                          (self.vocab_size,))
+        logits = jnp.einsum("...d,vd->...v", h, embedding.astype(self.dtype),
+                            preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
+        return logits + bias
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR projection on [CLS]: (Linear -> BatchNorm -> ReLU) x (n - 1) -> Linear(no bias).
+
+    `__call__(cls [B, D], train) -> [B, out_dim]`. BatchNorm uses batch statistics in training.
+    Under `jax.jit` with the batch sharded over devices the batch mean is a global reduction, so
+    the statistics are those of the global batch (the released code's SyncBatchNorm) with no
+    axis_name. Running statistics use flax's update (biased variance; torch keeps the unbiased
+    one), which only affects eval-mode projections.
+    """
+
+    num_layers: int = 2
+    hidden_dim: int = 2048
+    out_dim: int = 256
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for i in range(self.num_layers - 1):
+            x = dense(self.hidden_dim, ("embed", "proj"), name=f"linear_{i}", dtype=self.dtype)(x)
+            x = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.promote_types(self.dtype, jnp.float32),
+                use_fast_variance=False,  # E[x²]-E[x]² loses precision the parity tests catch
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("proj",)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("proj",)),
+                name=f"bn_{i}")(x)
+            x = nn.relu(x).astype(self.dtype)
+        in_axis = "proj" if self.num_layers > 1 else "embed"
+        return dense(self.out_dim, (in_axis, "proj_out"), name=f"linear_{self.num_layers - 1}",
+                     dtype=self.dtype, use_bias=False)(x)
+
+
+class ClassifierHead(nn.Module):
+    """Dropout(last_dropout) -> Linear(d -> classes), zero-initialised as in the released code."""
+
+    num_classes: int
+    last_dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cls: jax.Array, *, deterministic: bool):
+        cls = nn.Dropout(self.last_dropout)(cls, deterministic=deterministic)
+        logits = dense(self.num_classes, ("embed", "classes"), name="dense", dtype=self.dtype,
+                       zero_init=True)(cls)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))

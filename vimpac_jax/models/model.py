@@ -1,0 +1,124 @@
+"""Whole models: the pre-training model (backbone + MLM + projection) and the classifier.
+
+`build_model(model_config)` is the one place a model is made from its config (a dict or an
+ml_collections ConfigDict with the fields of `configs/common.py:model_config`), so that configs,
+checkpoints and converted released checkpoints all describe a model the same way.
+"""
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vimpac_jax.models.backbone import VideoTransformer
+from vimpac_jax.models.heads import ClassifierHead, MLMHead, ProjectionHead
+
+TASKS = ("pretrain", "finetune")
+
+# float64 is for numerics checks on CPU (needs jax_enable_x64).
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+
+
+def gather_positions(hiddens, positions):
+    """hiddens [B, T, H, W, D], positions [B, K] flat row-major indices -> [B, K, D]."""
+    flat = hiddens.reshape(hiddens.shape[0], -1, hiddens.shape[-1])
+    return jnp.take_along_axis(flat, positions[..., None], axis=1)
+
+
+class VimpacPretrainModel(nn.Module):
+    """Backbone + MLM head (tied to the embedding) + contrastive projection head.
+
+    `__call__(tokens [B, T, H, W], positions [B, K] or None, train)` returns a dict:
+      cls [B, D], hiddens [B, T, H, W, D], mlm_logits [B, K, V] (or [B, T, H, W, V] when
+      positions is None), cls_proj [B, 256].
+    """
+
+    backbone: VideoTransformer
+    proj_layers: int = 2
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+
+    def setup(self):
+        self.mlm_head = MLMHead(self.backbone.hidden_dim, self.backbone.vocab_size, self.backbone.dtype)
+        self.proj_head = ProjectionHead(self.proj_layers, self.proj_hidden_dim, self.proj_dim, self.backbone.dtype)
+
+    def __call__(self, tokens, positions: Optional[jax.Array] = None, *, train: bool = False):
+        cls, hiddens = self.backbone(tokens, deterministic=not train)
+        scored = hiddens if positions is None else gather_positions(hiddens, positions)
+        return {
+            "cls": cls,
+            "hiddens": hiddens,
+            "mlm_logits": self.mlm_head(scored, self.backbone.embedding_table()),
+            "cls_proj": self.proj_head(cls, train=train),
+        }
+
+
+class VimpacClassifier(nn.Module):
+    """Backbone + zero-initialised linear classifier on [CLS]. Returns cls, hiddens, logits."""
+
+    backbone: VideoTransformer
+    num_classes: int
+    last_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool = False):
+        cls, hiddens = self.backbone(tokens, deterministic=not train)
+        logits = ClassifierHead(self.num_classes, self.last_dropout, self.backbone.dtype,
+                                name="classifier")(cls, deterministic=not train)
+        return {"cls": cls, "hiddens": hiddens, "logits": logits}
+
+
+def _get(cfg: Mapping[str, Any], key: str, default=None):
+    return cfg[key] if key in cfg else default
+
+
+def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
+    dtype = _get(cfg, "dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return VideoTransformer(
+        num_layers=cfg["num_layers"],
+        hidden_dim=cfg["hidden_dim"],
+        clip_len=cfg["clip_len"],
+        height=cfg["height"],
+        width=cfg["width"],
+        layout=_get(cfg, "layout", "T,H|W"),
+        num_heads=_get(cfg, "num_heads"),
+        pos_emb=_get(cfg, "pos_emb", "hw_separation"),
+        pre_ln=_get(cfg, "pre_ln", False),
+        halve_att=_get(cfg, "halve_att", False),
+        halve_mlp=_get(cfg, "halve_mlp", False),
+        dropout=_get(cfg, "dropout", 0.1),
+        attention_dropout=_get(cfg, "attention_dropout", 0.1),
+        vocab_size=_get(cfg, "vocab_size", 8197),
+        dtype=_DTYPES[dtype],
+        remat=_get(cfg, "remat", False),
+        attention_impl=_get(cfg, "attention_impl"),
+    )
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """A model from its config; `cfg['task']` picks pre-training or fine-tuning."""
+    task = _get(cfg, "task", "pretrain")
+    backbone = build_backbone(cfg)
+    if task == "pretrain":
+        return VimpacPretrainModel(backbone, _get(cfg, "proj_layers", 2), _get(cfg, "proj_hidden_dim", 2048),
+                                   _get(cfg, "proj_dim", 256))
+    if task == "finetune":
+        return VimpacClassifier(backbone, cfg["num_classes"], _get(cfg, "last_dropout", 0.0))
+    raise ValueError(f"model.task must be one of {TASKS}, got {task!r}")
+
+
+def dummy_tokens(cfg: Mapping[str, Any], batch: int = 2) -> jax.Array:
+    return jnp.zeros((batch, cfg["clip_len"], cfg["height"], cfg["width"]), jnp.int32)
+
+
+def init_variables(model: nn.Module, cfg: Mapping[str, Any], rng: jax.Array, batch: int = 2):
+    """Initial variables ({'params', 'batch_stats'?}), still boxed with logical axis names."""
+    return model.init({"params": rng, "dropout": rng}, dummy_tokens(cfg, batch), train=False)
+
+
+def abstract_variables(model: nn.Module, cfg: Mapping[str, Any]):
+    """Shapes and dtypes of the (unboxed) variables, without allocating them."""
+    return jax.eval_shape(lambda: nn.unbox(init_variables(model, cfg, jax.random.key(0))))
