@@ -1,0 +1,168 @@
+"""Architecture checks of the backbone and heads that the golden files do not cover."""
+
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vimpac_jax.constants import PAD_ID
+from vimpac_jax.models.layout import parse_layout
+from vimpac_jax.models.losses import info_nce
+from vimpac_jax.models.model import abstract_variables, build_model, init_variables
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = dict(num_layers=2, hidden_dim=96, num_heads=6, clip_len=3, height=4, width=4, proj_layers=2, proj_hidden_dim=32,
+            dropout=0.0, attention_dropout=0.0)
+
+
+def tokens_for(cfg, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, 8192, (batch, cfg["clip_len"], cfg["height"], cfg["width"])), jnp.int32)
+
+
+def test_parse_layout_grammar():
+    assert parse_layout("T,H|W") == ((("T",),), (("H",), ("W",)))
+    assert parse_layout("TxHxW") == ((("T", "H", "W"),),)
+    assert parse_layout("T,WxH") == ((("T",),), (("H", "W"),))
+    for bad in ["", "T,,H", "T|Q", "TxT", "T,"]:
+        with pytest.raises(ValueError):
+            parse_layout(bad)
+
+
+@pytest.mark.parametrize("config,expected", [
+    (dict(num_layers=6, hidden_dim=512), 29_442_048),
+    (dict(num_layers=12, hidden_dim=768), 119_748_096),
+    (dict(num_layers=24, hidden_dim=1024, halve_att=True, halve_mlp=True), 210_106_368),
+    (dict(num_layers=6, hidden_dim=768), 63_037_440),
+    (dict(num_layers=12, hidden_dim=512), 54_666_240),
+    (dict(num_layers=6, hidden_dim=512, layout="T,H,W"), 35_751_936),
+    (dict(num_layers=6, hidden_dim=512, layout="TxHxW"), 23_132_160),
+])
+def test_backbone_parameter_counts_match_paper_table(config, expected):
+    cfg = dict(config, clip_len=5, height=16, width=16)
+    params = abstract_variables(build_model(cfg), cfg)["params"]["backbone"]
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == expected
+
+
+def test_vimpac_params_command_prints_table3_counts():
+    out = subprocess.run([sys.executable, "-m", "vimpac_jax", "params", "--config",
+                          str(REPO / "configs/pretrain.py:large_half")], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0] == "backbone_params=210106368"
+    bad = subprocess.run([sys.executable, "-m", "vimpac_jax", "params", "--config",
+                          str(REPO / "configs/pretrain.py:small"), "--config.model.layot=T"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "layot" in bad.stderr and "layout" in bad.stderr
+
+
+@pytest.mark.parametrize("layout", ["T,H|W", "T,H,W", "T,H", "T", "T|H|W", "H|W,T", "TxHxW", "T,HxW", "HxW|T"])
+@pytest.mark.parametrize("pre_ln,halve", [(False, False), (True, True)])
+def test_every_layout_runs_and_is_finite(layout, pre_ln, halve):
+    """Pre-LN with halve_att crashes the released code; here the output dense maps d_att -> d."""
+    cfg = dict(TINY, layout=layout, pre_ln=pre_ln, halve_att=halve, halve_mlp=halve)
+    model = build_model(cfg)
+    variables = init_variables(model, cfg, jax.random.key(0))
+    out = model.apply(flax.linen.unbox(variables), tokens_for(cfg))
+    assert out["cls"].shape == (2, 96) and out["hiddens"].shape == (2, 3, 4, 4, 96)
+    assert np.isfinite(np.asarray(out["hiddens"])).all()
+
+
+def full_attention_reference(x, cls, q_w, k_w, v_w, heads, pad):
+    """Naive joint attention over [CLS] + all T*H*W tokens, for the TxHxW layout."""
+    b, d = cls.shape
+    seq = jnp.concatenate([cls[:, None], x.reshape(b, -1, x.shape[-1])], axis=1)
+    q, k, v = (seq @ w["kernel"] + w["bias"] for w in (q_w, k_w, v_w))
+    split = lambda t: t.reshape(b, t.shape[1], heads, -1)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / np.sqrt(q.shape[-1] // heads)
+    mask = jnp.concatenate([jnp.zeros((b, 1), bool), pad.reshape(b, -1)], axis=1)
+    scores = jnp.where(mask[:, None, None, :], -jnp.inf, scores)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), split(v)).reshape(b, seq.shape[1], -1)
+
+
+def test_joint_attention_and_pad_keys_against_naive_reference():
+    from vimpac_jax.models.attention import AxialAttention
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 3, 2, 2, 16)), jnp.float32)
+    cls = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+    pad = jnp.zeros((2, 3, 2, 2), bool).at[1, 2].set(True)  # the last frame of row 1 is PAD
+    module = AxialAttention(("T", "H", "W"), num_heads=2, head_dim=8)
+    params = flax.linen.unbox(module.init(jax.random.key(0), cls, x, pad, deterministic=True))
+    cls_out, x_out = module.apply(params, cls, x, pad, deterministic=True)
+    p = params["params"]
+    ref = full_attention_reference(x, cls, p["query"], p["key"], p["value"], 2, pad)
+    np.testing.assert_allclose(cls_out, ref[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_out.reshape(2, -1, 16), ref[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_pad_frames_are_invisible_as_keys():
+    """A clip padded with a PAD frame gives, on its real frames, the outputs of the same model
+    run on the shorter clip: PAD is never a key. (Temporal layout, whose lines span all frames.)"""
+    cfg = dict(TINY, layout="T")
+    model = build_model(cfg)
+    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(4)))
+    tokens = np.array(tokens_for(cfg))
+    tokens[:, -1] = PAD_ID
+    padded = model.apply(variables, jnp.asarray(tokens))
+    short_cfg = dict(cfg, clip_len=cfg["clip_len"] - 1)
+    short_vars = jax.tree.map(lambda a: a, variables)
+    pos = short_vars["params"]["backbone"]["pos_embed"]
+    pos["temporal"] = pos["temporal"][:-1]
+    short = build_model(short_cfg).apply(short_vars, jnp.asarray(tokens[:, :-1]))
+    np.testing.assert_allclose(padded["hiddens"][:, :-1], short["hiddens"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(padded["cls"], short["cls"], rtol=1e-5, atol=1e-5)
+    # Without the PAD exclusion the same comparison fails (so the test can fail).
+    tokens[:, -1] = 5
+    unpadded = model.apply(variables, jnp.asarray(tokens))
+    assert not np.allclose(unpadded["cls"], short["cls"], atol=1e-3)
+
+
+def test_mlm_head_is_tied_and_scores_chosen_positions():
+    cfg = TINY
+    model = build_model(cfg)
+    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    tokens = tokens_for(cfg)
+    positions = jnp.asarray([[0, 5, 47], [3, 3, 10]])
+    full = model.apply(variables, tokens)["mlm_logits"].reshape(2, -1, 8197)
+    picked = model.apply(variables, tokens, positions)["mlm_logits"]
+    np.testing.assert_allclose(picked, jnp.take_along_axis(full, positions[..., None], 1), rtol=1e-5, atol=1e-5)
+    assert "mlm_head" in variables["params"] and "decoder" not in str(jax.tree_util.tree_structure(variables))
+    emb = variables["params"]["backbone"]["token_embed"]["embedding"]
+    bumped = jax.tree.map(lambda a: a, variables)
+    bumped["params"]["backbone"]["token_embed"]["embedding"] = emb.at[7].add(1.0)
+    # The output for code 7 changes through the tied weight even at positions whose input is not 7.
+    delta = model.apply(bumped, tokens, positions)["mlm_logits"] - picked
+    assert np.abs(np.asarray(delta[..., 7])).max() > np.abs(np.asarray(delta[..., 8])).max()
+
+
+def test_classifier_is_zero_initialised():
+    cfg = dict(TINY, task="finetune", num_classes=5)
+    model = build_model(cfg)
+    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    assert not np.asarray(variables["params"]["classifier"]["dense"]["kernel"]).any()
+    assert np.asarray(model.apply(variables, tokens_for(cfg))["logits"]).shape == (2, 5)
+
+
+def test_info_nce_matches_a_direct_formula():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(6, 8))
+    loss = float(info_nce(jnp.asarray(f, jnp.float32)))
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    n, t, total = 3, 0.2, 0.0
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        logits = np.array([f[i] @ f[k] / t for k in range(2 * n) if k != i])
+        pos = f[i] @ f[partner] / t
+        total += -(pos - np.log(np.exp(logits).sum()))
+    np.testing.assert_allclose(loss, total / n * t, rtol=1e-5)  # mean per view, summed over views, × t
+
+
+def test_parameters_carry_logical_axis_names():
+    cfg = TINY
+    boxed = init_variables(build_model(cfg), cfg, jax.random.key(0))["params"]
+    specs = flax.linen.get_partition_spec(boxed)
+    assert tuple(specs["backbone"]["token_embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["backbone"]["layer_0"]["mlp"]["fc"]["kernel"]) == ("embed", "mlp")
+    assert tuple(specs["backbone"]["layer_0"]["attn_0"]["axis_0"]["query"]["kernel"]) == ("embed", "heads")
