@@ -12,6 +12,8 @@ COMMANDS = {
     "convert": ("vimpac_jax.commands.convert", "import released VIMPAC checkpoints or DALL-E weights"),
     "features": ("vimpac_jax.commands.features", "run a checkpoint on token clips and save its outputs"),
     "mask-ratio": ("vimpac_jax.commands.mask_ratio", "induced masking ratio of block masking"),
+    "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
+    "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
 }
 
 

