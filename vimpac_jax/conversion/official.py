@@ -76,7 +76,8 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config
             continue
         filled[path] = value.astype(spec.dtype)
         used.add(name)
-    for name, original in TIED_KEYS.items():
+    tied = TIED_KEYS if model_config.get("task", "pretrain") == "pretrain" else {}  # only an MLM head has them
+    for name, original in tied.items():
         if name in state_dict and original in state_dict:
             if state_dict[name].shape != state_dict[original].shape or not np.array_equal(
                     state_dict[name], state_dict[original]):

@@ -1,0 +1,85 @@
+"""`vimpac export --workdir DIR --format torch|safetensors|stablehlo --out PATH [--force]`.
+
+DIR is a model checkpoint (`vimpac convert ...`) or a training workdir (its latest complete
+step). PATH becomes a directory:
+  torch        classifier.pt + args.pickle: the released PyTorch layout (no PyTorch needed)
+  safetensors  model.safetensors + model_config.json
+  stablehlo    model.stablehlo + signature.json: the inference function, weights included,
+               symbolic batch size; served with jax.export.deserialize, no vimpac code
+PATH is written under a temporary name and renamed when complete.
+"""
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from vimpac_jax.export import FORMATS
+from vimpac_jax.export.output import atomic_directory
+from vimpac_jax.export.source import ExportSourceError, load_exportable, load_model_config, source_kind
+from vimpac_jax.export.torch_format import ExportError, released_incompatibilities
+
+_WRITERS = {
+    "torch": ("vimpac_jax.export.torch_format", "export_torch"),
+    "safetensors": ("vimpac_jax.export.safetensors_format", "export_safetensors"),
+    "stablehlo": ("vimpac_jax.export.stablehlo_format", "export_stablehlo"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vimpac export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="model checkpoint directory or training workdir")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--force", action="store_true",
+                        help="torch: write a model the released code cannot build (e.g. layout TxHxW)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--platforms", default="cpu,cuda",
+                        help="stablehlo: comma-separated platforms to lower for, of cpu, cuda, rocm, tpu "
+                             "(default: cpu,cuda)")
+    return parser
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def _platforms(text: str) -> list[str]:
+    platforms = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or not platforms:
+        raise ExportError(f"--platforms {text!r}: expected a comma-separated subset of {list(PLATFORMS)}")
+    return platforms
+
+
+def main(argv) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"--out {args.out} already exists; choose another or pass --overwrite")
+        kind = source_kind(args.workdir)
+        module_name, function_name = _WRITERS[args.format]
+        writer = getattr(importlib.import_module(module_name), function_name)
+        kwargs = {}
+        if args.format == "torch":
+            kwargs["force"] = args.force
+            problems = released_incompatibilities(load_model_config(args.workdir))
+            if problems and not args.force:  # refuse before restoring any weights
+                raise ExportError("the released PyTorch code cannot build this model:\n  " + "\n  ".join(problems)
+                                  + "\n(pass --force to write the files anyway)")
+        if args.format == "stablehlo":
+            kwargs["platforms"] = _platforms(args.platforms)
+        start = time.time()
+        config, variables = load_exportable(args.workdir)
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+            summary = writer(config, variables, tmp, **kwargs)
+    except (ExportSourceError, ExportError, FileExistsError, FileNotFoundError, ImportError) as e:
+        print(f"vimpac export: error: {e}", file=sys.stderr)
+        return 1
+    for warning in summary.get("warnings", []):
+        print(f"vimpac export: warning: {warning}", file=sys.stderr)
+    details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")
+    print(f"exported {args.workdir} ({kind}, task={config.get('task', 'pretrain')}) -> {args.out} "
+          f"[{args.format}] {details} in {time.time() - start:.1f}s")
+    return 0
