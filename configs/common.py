@@ -1,10 +1,19 @@
-"""Pieces shared by the config files (big_vision style: plain functions returning ConfigDicts)."""
+"""Pieces shared by the config files (big_vision style: plain functions returning ConfigDicts).
+
+Every training config has the blocks: task, seed, model, optim, mesh, data, train, and the
+task's own block (pretrain / finetune). `vimpac train` rejects unknown fields (configs are
+locked) and bad values before anything compiles.
+"""
 
 import ml_collections
 
-# The paper's Table 3 models. Heads = hidden_dim // 64; T=5, 128 px (16x16 tokens) in pre-training.
+from vimpac_jax.training.optimizer import optim_config
+from vimpac_jax.training.pretrain_step import pretrain_config
+from vimpac_jax.training.sharding import mesh_config
+
+# The paper's Table 3 models. Heads = hidden_dim // 64.
 MODEL_PRESETS = {
-    "tiny": dict(num_layers=2, hidden_dim=64, proj_layers=2, proj_hidden_dim=128),
+    "tiny": dict(num_layers=2, hidden_dim=64, num_heads=2, proj_layers=2, proj_hidden_dim=128),
     "small": dict(num_layers=6, hidden_dim=512, proj_layers=2, proj_hidden_dim=2048),
     "base": dict(num_layers=12, hidden_dim=768, proj_layers=2, proj_hidden_dim=4096),
     "large_half": dict(num_layers=24, hidden_dim=1024, halve_att=True, halve_mlp=True,
@@ -31,3 +40,69 @@ def model_config(preset: str, *, task: str = "pretrain", clip_len: int = 5, fram
     ))
     m.update(MODEL_PRESETS[preset])
     return m
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.data`: token stores and sampling (see vimpac_jax/data/pipelines.py)."""
+    d = ml_collections.ConfigDict(dict(
+        train_store="",              # a token store written by `vimpac tokenize`
+        eval_store="",               # held-out split (fine-tuning); '' = no evaluation
+        batch_size=1024,             # global batch, in videos, of one optimizer update
+        clip_fps=ml_collections.FieldReference(None, field_type=float),  # None = stored fps
+        relevance_range=ml_collections.FieldReference(None, field_type=int),  # pre-training
+        train_variants=ml_collections.FieldReference(None, field_type=str),  # comma list; None = all
+        eval_variants=ml_collections.FieldReference(None, field_type=str),   # None = no-flip crops
+        eval_clips=10,               # K uniformly spaced test clips per crop
+        eval_batch_size=16,          # videos per evaluation batch (x clips x crops views)
+        workers=0,                   # grain worker processes
+    ))
+    d.update(overrides)
+    return d
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.train`: length, logging, checkpoints, evaluation."""
+    t = ml_collections.ConfigDict(dict(
+        epochs=10.0,
+        num_steps=0,                 # > 0 overrides epochs
+        log_every=50,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        eval_every=0,                # steps; 0 = at the end only
+        progress_seconds=10.0,
+    ))
+    t.update(overrides)
+    return t
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.seed = 0
+    config.mesh = mesh_config()
+    config.optim = optim_config()
+    config.data = data_config()
+    config.train = train_config()
+    config.init_from = ""                  # checkpoint dir or workdir to start from
+    config.init_from_allow_mismatch = False
+    config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
+    config.pretrain = pretrain_config()
+    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+    config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=20, temperature=0.07,
+                                                every=0, batch_size=32))
+    return config
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a preset to run on one CPU in seconds: tiny model, tiny batches, few steps."""
+    task, clip_len = config.model.task, min(config.model.clip_len, 3)
+    num_classes = config.model.num_classes
+    config.model = model_config("tiny", task=task, clip_len=clip_len, frame_size=32, num_classes=num_classes)
+    config.data.batch_size = 4
+    config.data.eval_batch_size = 4
+    config.data.eval_clips = 2
+    config.train.num_steps = 10
+    config.train.log_every = 2
+    config.train.checkpoint_every = 5
+    config.pretrain.mask_blocks = 2
+    config.knn.batch_size = 4

@@ -1,7 +1,11 @@
-"""VIMPAC pre-training (paper Tables 3 and 4).
+"""VIMPAC pre-training (paper Tables 3 and 4; the released scripts/pretrain/*.sh).
 
-Variants: `configs/pretrain.py:small`, `:base`, `:large_half` (128 px, T=5), `:tiny` for CPU
-checks; add `,layout=T,H,W`-style overrides with --config.model.FIELD=VALUE.
+Variants (comma-separated, big_vision style):
+  model=small|base|large_half|tiny   (or just `small`): the paper's models, T=5, 128 px
+  stage2                             : large_half's second stage, 256 px (10 of 100 epochs, 6 blocks)
+  analysis                           : the analysis recipe (10 epochs, lr 1e-3, 10% warm-up)
+  runlocal                           : tiny everything, runs on one CPU in seconds
+Example: vimpac train --config configs/pretrain.py:small --workdir W --config.data.train_store=S
 """
 
 import os
@@ -11,10 +15,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from vimpac_jax.config_utils import parse_arg  # noqa: E402
 
+PRESETS = ("tiny", "small", "base", "large_half")
+
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, model="small", small=False, base=False, large_half=False, tiny=False)
-    preset = next((p for p in ("tiny", "small", "base", "large_half") if arg.get(p)), arg.model)
-    config = common.ml_collections.ConfigDict()
-    config.model = common.model_config(preset, task="pretrain", clip_len=5, frame_size=128)
+    arg = parse_arg(arg, model="small", stage2=False, analysis=False, runlocal=False,
+                    **{p: False for p in PRESETS})
+    preset = next((p for p in PRESETS if arg.get(p)), arg.model)
+    config = common.base_config("pretrain")
+    frame_size = 256 if arg.stage2 else 128
+    config.model = common.model_config(preset, task="pretrain", clip_len=5, frame_size=frame_size)
+
+    # Table 4, "Pre-train (final)": 100 epochs (90 at 128 px + 10 at 256 px), lr 3e-4, 5% warm-up,
+    # linear decay, batch 1024 videos, AdamW (0.9, 0.98, 1e-8), wd 0.05, clip 1.0, dropout 0.1.
+    config.optim.update(learning_rate=3e-4, schedule="linear", warmup=0.05, b1=0.9, b2=0.98, eps=1e-8,
+                        weight_decay=0.05, clip_grad_norm=1.0)
+    config.data.batch_size = 1024
+    config.train.epochs = 90.0
+    config.pretrain.update(mlm_weight=1.0, nce_weight=1.0, mask_blocks=5, micro_batches=8)  # 128-video micro-batches
+    if arg.stage2:
+        config.train.epochs = 10.0
+        config.pretrain.mask_blocks = 6  # Table 2: 6 blocks at 32x32 tokens is nearest 15%
+        config.init_from = ""  # set to the 128-px run's workdir: positional tables are interpolated,
+        config.init_from_optimizer = True  # and the Adam moments with them
+    if arg.analysis:
+        config.optim.update(learning_rate=1e-3, warmup=0.1)
+        config.train.epochs = 10.0
+    if arg.runlocal:
+        common.runlocal(config)
+        config.pretrain.micro_batches = 1
     return config

@@ -8,12 +8,17 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("vimpac_jax.commands.demo", "the built-in default end to end: videos -> tokens -> pre-train -> fine-tune -> test"),
     "params": ("vimpac_jax.commands.params", "print parameter counts of a model config"),
     "convert": ("vimpac_jax.commands.convert", "import released VIMPAC checkpoints or DALL-E weights"),
     "features": ("vimpac_jax.commands.features", "run a checkpoint on token clips and save its outputs"),
     "mask-ratio": ("vimpac_jax.commands.mask_ratio", "induced masking ratio of block masking"),
+    "train": ("vimpac_jax.commands.train", "train a tokenizer, pre-train or fine-tune (config picks the task)"),
+    "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
     "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
+    "export": ("vimpac_jax.commands.export", "export a model: released PyTorch layout, safetensors, StableHLO"),
+    "demo-data": ("vimpac_jax.commands.demo_data", "generate the built-in motion video dataset (mp4 + lists)"),
 }
 
 

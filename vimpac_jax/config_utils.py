@@ -44,9 +44,13 @@ def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     Every element of argv must be one of those; raises ValueError with the flag's name otherwise.
     """
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, FILE.py[:ARG]", flag_values=fv, lock_config=True)
+    argv = ["vimpac", *argv]
+    # sys_argv: ml_collections registers the --config.FIELD override flags it finds there
+    # (default: the process's sys.argv, which is not what a caller passes in).
+    config_flags.DEFINE_config_file("config", None, "config file, FILE.py[:ARG]", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
     try:
-        fv(["vimpac", *argv])
+        fv(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         message = str(e).replace("\\n", " ").replace("\\", "").replace("'", "").strip()
         raise ValueError(f"bad --config flag: {message}") from e

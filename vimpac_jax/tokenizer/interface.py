@@ -103,10 +103,17 @@ def _load_dalle(directory: Path, meta: dict, dtype) -> TokenizerBackend:
     return dalle_backend(config, params, dtype)
 
 
+def _load_vq(directory: Path, meta: dict, dtype) -> TokenizerBackend:
+    from vimpac_jax.tokenizer import vq  # a VQ-VAE trained by this project (configs/tokenizer.py)
+
+    return vq.load_backend(directory, meta, dtype)
+
+
 # kind (tokenizer.json "kind") -> factory(directory, meta, dtype) -> TokenizerBackend.
 # Each factory imports its model lazily so that loading one kind never needs another's code.
 TOKENIZER_KINDS: dict[str, Callable[[Path, dict, Any], TokenizerBackend]] = {
     "dalle": _load_dalle,
+    "vq": _load_vq,
 }
 
 

