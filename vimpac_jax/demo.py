@@ -83,7 +83,6 @@ def run_demo(workdir, *, preset: str = "default", seed: int = 0) -> dict:
     timings["pretrain"] = time.monotonic() - t0
 
     results = {}
-    names = ",".join(class_names)
     for name, init in (("pretrained", pre_dir), ("scratch", "")):
         _log(f"5/6 fine-tuning {'from the pre-trained weights' if init else 'from scratch'} and testing")
         overrides = dict(common, **{"data.train_store": stores["train"], "data.eval_store": stores["val"],
@@ -94,7 +93,6 @@ def run_demo(workdir, *, preset: str = "default", seed: int = 0) -> dict:
         train(config, workdir / f"finetune_{name}")
         results[name] = json.loads((workdir / f"finetune_{name}" / "eval_results.json").read_text())
     timings["finetune"] = time.monotonic() - t0
-    _ = names
     return {"results": results, "workdir": str(workdir), "seconds": time.monotonic() - t0, "timings": timings,
             "paths": {"dataset": str(data), "tokenizer": str(tokenizer), "token_stores": str(workdir / "tokens"),
                       "pretrain": str(pre_dir), "finetune_pretrained": str(workdir / "finetune_pretrained"),
