@@ -297,13 +297,13 @@ def test_processes_read_disjoint_complete_shares(finetune_index):
             assert union == list(range(24))  # 24 = 3 global batches of 8: the whole split
 
 
-def test_process_batches_interleave_into_the_single_process_stream(pretrain_index):
+def test_process_batches_are_contiguous_blocks_of_the_single_process_stream(pretrain_index):
     single = P.pretrain_dataset(pretrain_index, batch_size=4, clip_len=5, seed=7, process_index=0, process_count=1)
     parts = [P.pretrain_dataset(pretrain_index, batch_size=2, clip_len=5, seed=7, process_index=p, process_count=2)
              for p in range(2)]
     for b in range(5):  # crosses epoch boundaries (8 videos = 2 global batches)
         merged = np.empty_like(single[b]["tokens"])
-        merged[0::2], merged[1::2] = parts[0][b]["tokens"], parts[1][b]["tokens"]
+        merged[:2], merged[2:] = parts[0][b]["tokens"], parts[1][b]["tokens"]  # process order
         np.testing.assert_array_equal(merged, single[b]["tokens"])
 
 

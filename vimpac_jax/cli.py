@@ -18,6 +18,7 @@ COMMANDS = {
     "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
     "export": ("vimpac_jax.commands.export", "export a model: released PyTorch layout, safetensors, StableHLO"),
+    "sweep": ("vimpac_jax.commands.sweep", "expand a config sweep into runs, launch them, summarise their metrics"),
     "demo-data": ("vimpac_jax.commands.demo_data", "generate the built-in motion video dataset (mp4 + lists)"),
 }
 

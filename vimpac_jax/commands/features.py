@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax import checkpoints
+from vimpac_jax.launch.distributed import maybe_initialize
 from vimpac_jax.models.model import build_model
 
 
@@ -62,6 +63,7 @@ def main(argv) -> int:
     parser.add_argument("--heads", action="store_true", help="also write mlm_logits and cls_proj")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    maybe_initialize()
     try:
         config = checkpoints.load_model_config(args.checkpoint)
         if not Path(args.tokens).is_file():

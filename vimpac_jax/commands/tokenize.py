@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from vimpac_jax.data import video_decode as vd
+from vimpac_jax.launch.distributed import maybe_initialize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv) -> int:
     args = _parser().parse_args(argv)
+    if not args.distributed:  # --distributed: jax.distributed.initialize() below; else VIMPAC_*/SLURM/TPU
+        maybe_initialize()
     from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
 
     opts = TokenizeOptions(

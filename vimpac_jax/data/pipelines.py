@@ -10,10 +10,12 @@ Determinism. The training order is a permutation of the videos per epoch drawn f
 `default_rng((seed, epoch))` (`EpochOrder`; not grain's `shuffle`, whose index shuffle costs
 milliseconds per element on datasets under ~1000 videos, ~40 µs above). The clip sampling of an
 example uses `default_rng((seed, epoch, video))`, so what a video yields in an epoch does not
-depend on the order, the worker count or the number of processes. Sharding takes every
-`process_count`-th element of the global stream *after* shuffling, so process p's batch b holds
-global positions p, p + P, ... of global batch b: the union over processes of their batch b is
-exactly the batch b a single process with batch size B·P would read. Each process's iterator
+depend on the order, the worker count or the number of processes. Sharding cuts the shuffled
+global stream into per-process batches of B and gives process p every P-th of them, starting at
+p: process p's batch b is rows [p·B, (p+1)·B) of global batch b, the contiguous block that
+`jax.make_array_from_process_local_data` places for process p. The global array is therefore
+exactly the batch b a single process with batch size B·P would read, row for row (the masks and
+keys of a step go by row, so the order matters, not only the set). Each process's iterator
 state is grain's (`get_state`/`set_state`), saved with `grain.checkpoint.CheckpointSave` in the
 same orbax checkpoint as the model (see `make_iterator`).
 
@@ -449,7 +451,8 @@ def _train_stream(index: StoreIndex, sample, *, batch_size: int, num_epochs: Opt
     if num_epochs is not None:
         # Same number of batches on every process (else collectives hang): drop the global tail.
         ds = ds[:len(ds) // global_batch * global_batch]
-    return ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+    # Process p takes per-process batches p, p + P, ...: rows [p·B, (p+1)·B) of each global batch.
+    return ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
 
 
 def pretrain_dataset(
@@ -535,7 +538,7 @@ def eval_dataset(
     global_batch = batch_size * pc
     padded = -(-index.num_videos // global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(sample)
-    return ds[pi::pc].batch(batch_size)
+    return ds.batch(batch_size)[pi::pc]  # contiguous per-process blocks, as in `_train_stream`
 
 
 def steps_per_epoch(index: StoreIndex, global_batch_size: int) -> int:

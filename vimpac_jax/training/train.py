@@ -111,6 +111,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     hook called after each step with the step number.
     """
     workdir = Path(workdir)
+    # Multi-host: every process must run the same config; checked before anything compiles.
+    from vimpac_jax.launch.distributed import check_same_config
+    check_same_config(config)
     save_config(config, workdir)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling

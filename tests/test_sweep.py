@@ -1,0 +1,266 @@
+"""`vimpac sweep`: expansion of sweep files, the shipped ablation sweeps, launchers and summaries.
+
+One shipped sweep (block vs i.i.d. masking, 2 runs of 2 steps) runs for real on a tiny store;
+a second sweep has a run that `vimpac train` rejects, which must show up as failed while the
+run after it still runs. The other shipped sweeps are checked by expansion, config loading and
+the `print` launcher; VIMPAC_SLOW_TESTS=1 runs all of them for real as well.
+"""
+
+import csv
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vimpac_jax.config_utils import load_config
+from vimpac_jax.data.testing import write_test_store
+from vimpac_jax.launch import sweep as sw
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "configs" / "sweeps"
+RUNLOCAL = "configs/pretrain.py:runlocal"
+EXPECTED = {
+    "mask_blocks": [{"pretrain.mask_blocks": b} for b in (4, 5, 6)],
+    "nce_weight": [{"pretrain.nce_weight": a} for a in (0.0, 0.5, 1.0, 2.0)],
+    "masking": [{"pretrain.mask_kind": "block"}, {"pretrain.mask_kind": "iid", "pretrain.mask_prob": 0.15}],
+    "layouts": [{"model.layout": layout} for layout in ("T,H|W", "T,H,W", "TxHxW", "T,HxW")],
+}
+
+
+def vimpac(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+
+
+def sweep_cli(capsys, *args):
+    """`vimpac sweep ARGS` in this process (no import / start-up cost): (return code, stdout, stderr)."""
+    from vimpac_jax.commands.sweep import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "pool"
+    write_test_store(path, [dict(video_id=f"v{i}", num_frames=6, label=i % 3) for i in range(8)], grid=(4, 4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def base_args(store):
+    return ["--config", RUNLOCAL, f"--config.data.train_store={store}", "--config.train.num_steps=2",
+            "--config.train.log_every=1"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Expansion.
+
+
+def test_combinators_expand_exactly():
+    a, b = sw.sweep("a", [1, 2]), sw.sweep("b", ["x", "y"])
+    assert sw.product(a, b) == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert sw.zipit(a, b) == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+    assert sw.chain(a, b) == [{"a": 1}, {"a": 2}, {"b": "x"}, {"b": "y"}]
+    nested = sw.chain(sw.product(sw.fixed("c", True), sw.zipit(a, b)), sw.fixed("c", False))
+    assert nested == [{"c": True, "a": 1, "b": "x"}, {"c": True, "a": 2, "b": "y"}, {"c": False}]
+    with pytest.raises(ValueError, match="different lengths"):
+        sw.zipit(a, sw.sweep("b", [1, 2, 3]))
+    with pytest.raises(ValueError, match=r"\['a'\]"):
+        sw.product(a, sw.fixed("a", 3))
+    with pytest.raises(ValueError, match="no values"):
+        sw.sweep("a", [])
+
+
+def test_run_names_and_commands(tmp_path):
+    runs = sw.expand(EXPECTED["layouts"] + [{"data.train_store": "/x/y z"}], tmp_path)
+    assert [r.name for r in runs] == ["00_layout=T,H+W", "01_layout=T,H,W", "02_layout=TxHxW", "03_layout=T,HxW",
+                                      "04_train_store=-x-y-z"]
+    assert len({r.workdir for r in runs}) == 5 and all(r.workdir.parent == tmp_path for r in runs)
+    command = sw.train_command("c.py:a", ["--config.seed=3"], runs[0], ["vimpac"])
+    assert command == ["vimpac", "train", "--config", "c.py:a", "--config.seed=3", "--config.model.layout=T,H|W",
+                       "--workdir", str(runs[0].workdir)]
+    with pytest.raises(ValueError, match="model.layout"):
+        sw.train_command("c.py:a", ["--config.model.layout=T"], runs[0], ["vimpac"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_sweeps_expand_and_load(name):
+    overrides = sw.load_sweep(SWEEPS / f"{name}.py")
+    assert overrides == EXPECTED[name]
+    for run in sw.expand(overrides, "/unused"):
+        config = load_config(sw.config_flags(RUNLOCAL, [], run.overrides))
+        for field, value in run.overrides.items():
+            node = config
+            for part in field.split("."):
+                node = node[part]
+            assert node == value and type(node) is type(value), (field, node, value)
+    assert (SWEEPS / f"{name}.py").read_text().lstrip('"').startswith(
+        {"mask_blocks": "Number of mask blocks", "nce_weight": "Contrastive loss weight", "masking": "Block masking",
+         "layouts": "Attention layouts"}[name])
+    assert "Table" in (SWEEPS / f"{name}.py").read_text().split('"""')[1]
+
+
+def test_bad_sweep_files_are_rejected(tmp_path, store, capsys):
+    cases = {
+        "nofunc.py": ("X = 1\n", "defines no get_sweep"),
+        "notlist.py": ("def get_sweep():\n    return {'a': 1}\n", "non-empty list"),
+        "badvalue.py": ("def get_sweep():\n    return [{'seed': [1, 2]}]\n", "seed="),
+        "typo.py": ("def get_sweep():\n    return [{'seed': 1}, {'pretrain.nce_wieght': 0.5}]\n", "nce_wieght"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        code, _, err = sweep_cli(capsys, *base_args(store), "--sweep", tmp_path / name, "--workdir", tmp_path / "w")
+        assert code == 2 and message in err, (name, err)
+    assert not (tmp_path / "w").exists()  # nothing started: the typo in run 1 stopped run 0 too
+    code, _, err = sweep_cli(capsys, *base_args(store), "--sweep", tmp_path / "missing.py", "--workdir", tmp_path / "w")
+    assert code == 2 and "missing.py" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers that only emit commands.
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_print_launcher(name, store, tmp_path, capsys):
+    code, out, err = sweep_cli(capsys, *base_args(store), "--sweep", SWEEPS / f"{name}.py", "--workdir",
+                               tmp_path / "w", "--launcher", "print")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == len(EXPECTED[name])
+    for line, overrides in zip(lines, EXPECTED[name]):
+        argv = shlex.split(line)
+        assert argv[:2] == ["vimpac", "train"] and f"--config.data.train_store={store}" in argv
+        assert [a for a in argv if a.split("=")[0][len("--config."):] in overrides] == [
+            f"--config.{k}={v}" for k, v in overrides.items()]
+    assert not (tmp_path / "w").exists()
+
+
+def test_slurm_and_tpu_launchers(store, tmp_path, capsys, monkeypatch):
+    # A stand-in sbatch on PATH records what it is given.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "sbatch_args.txt"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {record}\necho 'Submitted batch job 42'\n")
+    (bin_dir / "sbatch").chmod((bin_dir / "sbatch").stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    root = tmp_path / "s"
+    code, out, err = sweep_cli(capsys, *base_args(store), "--sweep", SWEEPS / "masking.py", "--workdir", root,
+                               "--launcher", "slurm", "--sbatch=--partition=gpu")
+    assert code == 0, err
+    assert "Submitted batch job 42" in out and record.read_text().split() == [str(root / "sweep.sbatch")]
+    script = (root / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --partition=gpu" in script
+    assert f"bash {REPO / 'launch' / 'slurm_gpu.sbatch'}" in script  # the multi-host launcher runs each task
+    commands = (root / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 and "--config.pretrain.mask_kind=iid" in commands[1]
+    assert json.loads((root / "01_mask_kind=iid_mask_prob=0.15" / "overrides.json").read_text())["overrides"] == \
+        EXPECTED["masking"][1]
+    rows = sw.collect(root)  # submitted, not run yet: reported, not dropped
+    assert [r["status"] for r in rows] == ["not finished", "not finished"]
+
+    # Run array task 1 of the written script as SLURM would, with stand-in scontrol/srun and a
+    # stand-in `vimpac` that fails: its code must land in that run's status.json.
+    stand_ins = {"scontrol": "echo localhost",
+                 "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"',
+                 "vimpac": 'echo "ran: $* process=$VIMPAC_PROCESS_ID of $VIMPAC_NUM_PROCESSES"\nexit 3'}
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    task_env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="1")
+    task = subprocess.run(["bash", str(root / "sweep.sbatch")], env=task_env, capture_output=True, text=True)
+    assert task.returncode == 3, task.stderr
+    run_dir = root / "01_mask_kind=iid_mask_prob=0.15"
+    log = (run_dir / "log.txt").read_text()
+    assert "ran: train --config" in log and "--config.pretrain.mask_kind=iid" in log and "process=0 of 1" in log
+    assert [r["status"] for r in sw.collect(root)] == ["not finished", "failed (rc=3)"]
+
+    code, out, err = sweep_cli(capsys, *base_args(store), "--sweep", SWEEPS / "layouts.py", "--workdir",
+                               "gs://b/sweep", "--launcher", "tpu", "--tpu-name", "pod", "--zone", "us-central2-b")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 4 and all(ln.startswith("gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all")
+                                   for ln in lines)
+    assert "gs://b/sweep/02_layout=TxHxW" in lines[2] and "--config.model.layout=TxHxW" in lines[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Real local runs.
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
+    root = tmp_path / "masking"
+    result = vimpac("sweep", *base_args(store), "--sweep", SWEEPS / "masking.py", "--workdir", root, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/2]" in result.stderr and "ETA" in result.stderr
+    rows = read_csv(root / "summary.csv")
+    assert [r["run"] for r in rows] == ["00_mask_kind=block", "01_mask_kind=iid_mask_prob=0.15"]
+    for row in rows:
+        assert row["status"] == "ok" and row["returncode"] == "0" and row["step"] == "2"
+        for metric in ("train/total_loss", "train/mlm_loss", "train/nce_loss", "train/mask_accuracy",
+                       "train/mask_ratio"):
+            assert float(row[metric]) == float(row[metric])  # a number, not NaN or blank
+    assert [r["pretrain.mask_kind"] for r in rows] == ["block", "iid"] and rows[1]["pretrain.mask_prob"] == "0.15"
+    # The row's numbers are the run's last logged train metrics.
+    logged = [json.loads(ln) for ln in (root / rows[1]["run"] / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "train/total_loss" in r][-1]
+    assert float(rows[1]["train/total_loss"]) == last["train/total_loss"] and last["step"] == 2
+    resolved = json.loads((root / rows[1]["run"] / "config.json").read_text())
+    assert json.dumps(resolved).count('"iid"') == 1  # train saved the resolved config with the override
+    markdown = (root / "summary.md").read_text()
+    assert markdown.count("| ok |") == 2 and "2/2 runs ok" in markdown and markdown in result.stdout
+
+    # --collect rebuilds the same tables; running the sweep again skips finished runs.
+    (root / "summary.csv").unlink()
+    (root / "summary.md").unlink()
+    assert sweep_cli(capsys, "--collect", root)[0] == 0 and read_csv(root / "summary.csv") == rows
+    assert (root / "summary.md").read_text() == markdown
+    code, _, err = sweep_cli(capsys, *base_args(store), "--sweep", SWEEPS / "masking.py", "--workdir", root)
+    assert code == 0 and err.count("done before, skipped") == 2
+
+
+def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
+    sweep_file = tmp_path / "with_failure.py"
+    # mask_blocks=0 loads as a config (an int) but `vimpac train` rejects it: run 0 fails, run 1
+    # (the runlocal default, compiled already by the test above) must still run.
+    sweep_file.write_text("from vimpac_jax.launch.sweep import sweep\n\n"
+                          "def get_sweep():\n    return sweep('pretrain.mask_blocks', [0, 2])\n")
+    root = tmp_path / "fail"
+    result = vimpac("sweep", *base_args(store), "--sweep", sweep_file, "--workdir", root, env=env)
+    assert result.returncode == 1 and "1 of 2 runs failed" in result.stderr
+    rows = read_csv(root / "summary.csv")
+    assert [(r["run"], r["status"], r["returncode"]) for r in rows] == [
+        ("00_mask_blocks=0", "failed (rc=2)", "2"), ("01_mask_blocks=2", "ok", "0")]
+    assert rows[0]["step"] == "" and rows[0]["train/total_loss"] == "" and "mask_blocks" in rows[0]["note"]
+    assert rows[1]["step"] == "2" and float(rows[1]["train/total_loss"]) > 0
+    markdown = (root / "summary.md").read_text()
+    assert "| failed (rc=2) |" in markdown and "1/2 runs ok" in markdown
+    assert "mask_blocks=0 must be >= 1" in (root / "00_mask_blocks=0" / "log.txt").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("VIMPAC_SLOW_TESTS") != "1", reason="set VIMPAC_SLOW_TESTS=1 (a few minutes)")
+@pytest.mark.parametrize("name", ["mask_blocks", "nce_weight", "layouts"])
+def test_other_shipped_sweeps_run_locally(name, store, env, tmp_path):
+    result = vimpac("sweep", *base_args(store), "--sweep", SWEEPS / f"{name}.py", "--workdir", tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == len(EXPECTED[name]) and all(r["status"] == "ok" and r["step"] == "2" for r in rows)
+    assert all(float(r["train/mlm_loss"]) > 0 for r in rows)
