@@ -31,8 +31,8 @@ PROGRAM = textwrap.dedent("""
     import os, vimpac_jax
     # One write per line: both processes share the stand-in's stdout, and print's separate
     # writes of its arguments could interleave.
-    os.write(1, f"RESULT {jax.process_index()} {jax.process_count()} {sorted(int(i) for i in ids)}\n".encode())
-    os.write(1, f"FROM {vimpac_jax.__file__}\n".encode())
+    os.write(1, f"RESULT {jax.process_index()} {jax.process_count()} {sorted(int(i) for i in ids)}\\n".encode())
+    os.write(1, f"FROM {vimpac_jax.__file__}\\n".encode())
 """)
 
 # argv of every call goes to $STANDIN_LOG as one JSON line; helpers shared by the stand-ins.

@@ -222,3 +222,34 @@ def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):
     tokens, logits = tokenizer.encode(frames)
     assert tokens.shape == (2, 4, 4) and logits.shape == (2, 4, 4, 64)
     assert tokenizer.decode(tokens).shape == (2, 32, 32, 3)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores, tmp_path, monkeypatch):
+    """The loop's own check, driven by a step that turns the loss to NaN after step 5."""
+    import jax.numpy as jnp
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import train as train_lib
+
+    real_make_task = train_lib.make_task
+
+    def poisoned_make_task(config, mesh, log=None):
+        task = real_make_task(config, mesh)
+        step = task.step
+
+        def nan_after_five(state, batch, key):
+            state, metrics = step(state, batch, key)
+            bad = jnp.where(state.step > 5, jnp.nan, metrics["total_loss"])
+            return state, dict(metrics, total_loss=bad)
+
+        task.step = nan_after_five
+        return task
+
+    monkeypatch.setattr(train_lib, "make_task", poisoned_make_task)
+    config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                          f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=4",
+                          "--config.train.log_every=1"])
+    with pytest.raises(train_lib.NonFiniteLossError, match="step 6"):
+        train_lib.train(config, tmp_path / "run")
+    step, _ = latest_state(tmp_path / "run")
+    assert step == 4  # the checkpoint saved before the loss went bad; none after it
