@@ -28,7 +28,7 @@ from vimpac_jax.commands import export as export_command
 from vimpac_jax.commands import features as features_command
 from vimpac_jax.conversion import torch_pickle, torch_zip
 from vimpac_jax.conversion.official import convert_official
-from vimpac_jax.export.output import atomic_directory
+from vimpac_jax.io_utils import atomic_directory
 from vimpac_jax.export.safetensors_format import export_safetensors, load_safetensors
 from vimpac_jax.export.source import ExportSourceError, load_exportable
 from vimpac_jax.export.torch_format import ExportError, export_torch, released_incompatibilities

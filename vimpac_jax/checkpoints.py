@@ -6,15 +6,14 @@ that looks like a finished checkpoint.
 """
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vimpac_jax.io_utils import atomic_directory
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -28,25 +27,13 @@ def is_model_checkpoint(directory) -> bool:
 def save_model(directory, variables: dict, model_config: dict, *, metadata: dict | None = None,
                overwrite: bool = False) -> Path:
     """Write `variables` ({'params': ..., 'batch_stats': ...}, unboxed) and the model config."""
-    final = Path(directory).absolute()
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{final} already exists; choose another destination or remove it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
         checkpointer.wait_until_finished()
         record = {"model": dict(model_config), **({"metadata": metadata} if metadata else {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(directory).absolute()
 
 
 def load_model_config(directory) -> dict[str, Any]:

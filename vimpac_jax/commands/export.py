@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from vimpac_jax.export import FORMATS
-from vimpac_jax.export.output import atomic_directory
+from vimpac_jax.io_utils import atomic_directory
 from vimpac_jax.export.source import ExportSourceError, load_exportable, load_model_config, source_kind
 from vimpac_jax.export.torch_format import ExportError, released_incompatibilities
 

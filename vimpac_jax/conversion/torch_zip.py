@@ -1,7 +1,7 @@
 """A writer of PyTorch's zip checkpoint format that never imports torch.
 
 The inverse of `torch_pickle.py`'s reader: `save_state_dict` writes what `torch.save(state_dict)`
-writes, so that PyTorch code (the released VIMPAC trainer, `torch.load(..., weights_only=True)`)
+writes, so that PyTorch code (the released VIMPAC trainer, torch's loader with weights_only=True)
 reads our arrays as tensors.
 
 Archive layout (torch >= 1.6, as torch 2.x writes it; `<top>` is the file's stem):
@@ -12,7 +12,7 @@ Archive layout (torch >= 1.6, as torch 2.x writes it; `<top>` is the file's stem
   <top>/data/<key>            raw little-endian bytes of one storage
   <top>/version               b"3\\n"
 Entries are stored uncompressed, their data aligned to 64 bytes (torch pads the local header
-with an extra field 'FB' so that `torch.load(mmap=True)` can map the storages in place).
+with an extra field 'FB' so that torch's memory-mapped loading can map the storages in place).
 
 In the pickle a tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
 requires_grad, backward_hooks)` and a storage is the persistent id

@@ -6,7 +6,7 @@
 
 `source.load_exportable(path)` reads what is exported: a model checkpoint directory
 (`vimpac convert`, `vimpac_jax.checkpoints`) or a training workdir (latest orbax step).
-Each writer fills an empty directory; `output.atomic_directory` publishes it only when complete.
+Each writer fills an empty directory; `vimpac_jax.io_utils.atomic_directory` publishes it only when complete.
 """
 
 FORMATS = ("torch", "safetensors", "stablehlo")

@@ -1,4 +1,4 @@
-"""Publish an export directory only when it is complete (temporary name, then rename)."""
+"""Publishing a directory only when it is complete (temporary name, then rename)."""
 
 import contextlib
 import os
@@ -13,12 +13,12 @@ def atomic_directory(final, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; rename it to `final` on success.
 
     On an exception the temporary directory is removed and `final` is left as it was, so a
-    crash never leaves a directory that looks like a finished export. With `overwrite`, an
+    crash never leaves a directory that looks finished (a checkpoint, an export). With `overwrite`, an
     existing `final` is replaced (removed just before the rename).
     """
     final = Path(final).absolute()
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; choose another --out or pass --overwrite")
+        raise FileExistsError(f"{final} already exists; choose another destination or pass --overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
