@@ -59,9 +59,8 @@ class KnnMonitor:
         for local in pipelines.make_iterator(dataset, workers=0):
             batch = pipelines.global_batch(local, sharding)
             out = np.asarray(self._features(params, batch["tokens"]))
-            replicate = jax.jit(lambda a: a, out_shardings=shd.replicated(self.mesh))
-            valid = np.asarray(replicate(batch["valid"]))
-            feats[np.asarray(replicate(batch["video_index"]))[valid]] = out[valid]
+            valid = shd.to_host(batch["valid"], self.mesh)
+            feats[shd.to_host(batch["video_index"], self.mesh)[valid]] = out[valid]
         return feats, labels
 
     def __call__(self, params) -> dict:

@@ -18,6 +18,7 @@ assembles the per-process shares of a batch into global arrays, so a training lo
 its own share of the data and nothing else changes with the number of hosts.
 """
 
+import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -178,3 +179,15 @@ def make_global_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         local_batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(mesh: jax.sharding.Mesh):
+    return jax.jit(lambda a: a, out_shardings=replicated(mesh))
+
+
+def to_host(x: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """A globally sharded array -> its full value as numpy on every process (small arrays only).
+
+    One jitted identity per mesh, reused: building a fresh one per call would re-trace it every batch."""
+    return np.asarray(jax.device_get(_replicator(mesh)(x)))

@@ -208,10 +208,10 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     for local in pipelines.make_iterator(dataset, workers=0):
         batch = pipelines.global_batch(local, sharding)
         out = eval_step(params, {}, batch["tokens"])
-        valid = np.asarray(jax.device_get(_replicate(batch["valid"], mesh)))
+        valid = shd.to_host(batch["valid"], mesh)
         probs.append(np.asarray(out["probs"])[valid])
-        labels.append(np.asarray(jax.device_get(_replicate(batch["label"], mesh)))[valid])
-        videos.append(np.asarray(jax.device_get(_replicate(batch["video_index"], mesh)))[valid])
+        labels.append(shd.to_host(batch["label"], mesh)[valid])
+        videos.append(shd.to_host(batch["video_index"], mesh)[valid])
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
@@ -221,11 +221,6 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
         {"video_id": index.video_ids[v], "label": int(l), "prediction": int(p.argmax()), "score": float(p.max())}
         for v, l, p in zip(videos, labels, probs)])
     return report
-
-
-def _replicate(x, mesh):
-    """A globally sharded array -> the same values replicated, readable on every process."""
-    return jax.jit(lambda a: a, out_shardings=shd.replicated(mesh))(x)
 
 
 TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}
