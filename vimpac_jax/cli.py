@@ -17,8 +17,10 @@ COMMANDS = {
     "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
     "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
+    "export-tfds": ("vimpac_jax.commands.export_tfds", "write token stores as a TFDS dataset (ArrayRecord)"),
     "export": ("vimpac_jax.commands.export", "export a model: released PyTorch layout, safetensors, StableHLO"),
     "sweep": ("vimpac_jax.commands.sweep", "expand a config sweep into runs, launch them, summarise their metrics"),
+    "visualize": ("vimpac_jax.commands.visualize", "draw the paper's Fig. 5: masked tokens and the model's reconstruction"),
     "demo-data": ("vimpac_jax.commands.demo_data", "generate the built-in motion video dataset (mp4 + lists)"),
 }
 

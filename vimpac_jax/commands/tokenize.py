@@ -1,10 +1,13 @@
-"""`vimpac tokenize --tokenizer DIR --videos LIST_OR_DIR --out DIR [options]`: videos -> token store.
+"""`vimpac tokenize --tokenizer DIR (--videos LIST_OR_DIR | --tfds NAME[/CONFIG]:SPLIT) --out DIR [options]`:
+videos -> token store.
 
 --videos is an mmaction2 list (`path label` or `path` per line), a .csv of video ids, or a
-directory scanned for videos. Each video is decoded at --fps, its shorter side resized to
---resize (default --size; the 'finetune' sets also use 1.25x that), cropped to --size squares
-(the --variants set: pretrain = 1 view, finetune = 12, finetune_noflip = 6) and every frame
-tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards of records
+directory scanned for videos. --tfds instead reads decoded videos and labels from a TFDS dataset
+prepared beforehand (e.g. `ucf101:train`, with --data-dir; needs `pip install 'vimpac-jax[tfds]'`;
+--source-fps where the dataset does not record its frame rate). Each video is decoded at --fps,
+its shorter side resized to --resize (default --size; the 'finetune' sets also use 1.25x that),
+cropped to --size squares (the --variants set: pretrain = 1 view, finetune = 12,
+finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards of records
 {tokens int16 [frames, h, w], label, video_id, fps, variant}, errors.txt (videos that could not
 be decoded, with the reason) and metadata.json, written last, once the store is complete.
 
@@ -27,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vimpac tokenize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (vimpac convert dalle, or a VQ one)")
-    p.add_argument("--videos", required=True, help="video list file (mmaction2 or .csv) or a directory of videos")
+    p.add_argument("--videos", default=None, help="video list file (mmaction2 or .csv) or a directory of videos")
+    p.add_argument("--tfds", default=None, metavar="NAME[/CONFIG]:SPLIT",
+                   help="read decoded videos + labels from a prepared TFDS dataset instead of --videos")
+    p.add_argument("--data-dir", default=None, help="with --tfds: the TFDS data_dir it was prepared in")
+    p.add_argument("--source-fps", type=float, default=None,
+                   help="with --tfds: frame rate of the dataset's videos (default: its metadata, or known for ucf101)")
     p.add_argument("--out", required=True, help="token store directory (created; an unfinished one is resumed)")
     p.add_argument("--video-root", default=None, help="prefix for the list's relative paths (default: as written)")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
@@ -63,7 +71,8 @@ def main(argv) -> int:
         variants=args.variants, video_root=args.video_root, max_seconds=args.max_seconds, max_frames=args.max_frames,
         sampling=args.sampling, workers=args.workers, batch_size=args.batch_size, shard_size=args.shard_size,
         dtype=args.dtype, process_index=args.process_index, process_count=args.process_count,
-        progress_interval=args.progress_interval,
+        progress_interval=args.progress_interval, tfds=args.tfds, tfds_data_dir=args.data_dir,
+        source_fps=args.source_fps,
         **({} if args.shard_options is None else {"shard_options": args.shard_options}))
     if args.distributed:
         import jax
@@ -71,7 +80,7 @@ def main(argv) -> int:
         jax.distributed.initialize()
     try:
         result = tokenize_videos(opts)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
         return 2
     if not result.complete:

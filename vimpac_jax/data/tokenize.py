@@ -14,6 +14,9 @@ Store layout (see `vimpac_jax.data.token_store`):
   progress/process-{process:03d}.jsonl           the journal of one process
   errors.txt, metadata.json                      written last, once every video is accounted for
 
+--tfds NAME[/CONFIG]:SPLIT replaces the list with a prepared TFDS dataset: `tfds_source` lists its
+examples and stands in for decode_many; everything after that is the same.
+
 Resumability. A process appends one journal line (flushed and fsynced) after it closes a shard:
 the shard's name, the videos in it (id, frames, records) and the videos that failed to decode
 since the last line. The journal is the only truth: a shard file that no journal line names was
@@ -71,7 +74,7 @@ class TokenizeOptions:
     """Everything `vimpac tokenize` takes; see `vimpac_jax.commands.tokenize` for the flags."""
 
     tokenizer: str
-    videos: str
+    videos: str | None  # a list file or directory; None with `tfds`
     out: str
     fps: float = 2.0
     size: int = 128
@@ -89,6 +92,9 @@ class TokenizeOptions:
     process_index: int | None = None  # default jax.process_index()
     process_count: int | None = None  # default jax.process_count()
     progress_interval: float = 2.0  # seconds between progress lines
+    tfds: str | None = None  # NAME[/CONFIG]:SPLIT of a prepared TFDS dataset, instead of `videos`
+    tfds_data_dir: str | None = None  # its TFDS data_dir (default: TFDS's own)
+    source_fps: float | None = None  # frame rate of the TFDS dataset's videos, where it does not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +178,7 @@ def store_identity(tokenizer_identity: dict, opts: TokenizeOptions, variants: Se
 
 
 IDENTITY_KEYS = ("tokenizer", "fps", "size", "resize", "variant_set", "variants", "sampling", "max_seconds",
-                 "max_frames", "videos")
+                 "max_frames", "videos", "source_fps")  # source_fps: --tfds only (absent = None for files)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -566,6 +572,14 @@ def finalize_if_complete(out: Path, identity: dict, items: Sequence[annotations.
 
 def check_options(opts: TokenizeOptions) -> None:
     """Clear errors naming the flag, before anything is loaded."""
+    if (opts.videos is None) == (opts.tfds is None):
+        raise ValueError("give exactly one of --videos (video files) and --tfds (a prepared TFDS dataset)")
+    if opts.tfds is None and (opts.tfds_data_dir is not None or opts.source_fps is not None):
+        raise ValueError("--data-dir and --source-fps go with --tfds")
+    if opts.tfds is not None and opts.video_root is not None:
+        raise ValueError("--video-root goes with --videos, not --tfds")
+    if opts.source_fps is not None and not opts.source_fps > 0:
+        raise ValueError(f"--source-fps must be positive, got {opts.source_fps}")
     if not opts.fps > 0:
         raise ValueError(f"--fps must be positive, got {opts.fps}")
     if opts.size < 1:
@@ -623,9 +637,15 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
     from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
 
     check_options(opts)
-    items, class_names = read_items(opts.videos, opts.video_root)
-    if not items:
-        raise ValueError(f"--videos {opts.videos}: no videos listed")
+    source = None
+    if opts.tfds is not None:  # opened (dataset, features, frame rate checked) now, listed once the tokenizer loads
+        from vimpac_jax.data.tfds_source import TfdsVideoSource
+
+        source = TfdsVideoSource(opts.tfds, data_dir=opts.tfds_data_dir, source_fps=opts.source_fps, log=log)
+    else:
+        items, class_names = read_items(opts.videos, opts.video_root)
+        if not items:
+            raise ValueError(f"--videos {opts.videos}: no videos listed")
     variants = vd.variants_for(opts.variants, opts.size, opts.resize)
     try:
         tok = load_tokenizer(opts.tokenizer, dtype=jnp.dtype(opts.dtype), batch_size=opts.batch_size)
@@ -635,18 +655,27 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
         raise ValueError(f"--size {opts.size} is not a multiple of the tokenizer's downsampling ({tok.downsample})")
     if tok.vocab_size > 2 ** 15:
         raise ValueError(f"tokenizer vocabulary {tok.vocab_size} does not fit the store's int16 tokens")
+    if source is not None:
+        items, class_names = source.items(), source.class_names
+        if not items:
+            raise ValueError(f"--tfds {opts.tfds}: the split has no examples")
     identity = store_identity(tok.identity(), opts, variants, items)
+    if source is not None:  # the frames sampled depend on it
+        identity["source_fps"] = source.source_fps
     out = Path(opts.out)
     existing = check_out_dir(out, identity)
     if existing is not None:
         c = existing["counts"]
         print(f"tokenize: {out} is already a complete store of this configuration; nothing to do", file=log)
         return TokenizeResult(StoreCounts(c["videos_ok"], c["videos_failed"], c["frames"], c["records"]), True, 0)
-    check_video_root(items, opts.video_root)
+    if source is None:
+        check_video_root(items, opts.video_root)
     pi, pc = _process_share(opts)
     hw = tok.token_hw(opts.size, opts.size)
     extra_meta = {"token_shape": list(hw), "token_dtype": "int16", "class_names": class_names,
-                  "source": os.path.abspath(opts.videos), "process_count": pc, "shard_options": opts.shard_options}
+                  "source": os.path.abspath(opts.videos) if source is None else f"tfds:{opts.tfds}",
+                  "process_count": pc, "shard_options": opts.shard_options,
+                  **({} if source is None else {"tfds": source.metadata()})}
 
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     config_path = out / PROGRESS_DIR / CONFIG_FILE
@@ -669,7 +698,8 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
 
     if todo:
         _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
-             Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval))
+             Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval),
+             decode_many=vd.decode_many if source is None else source.decode_many)
 
     counts = finalize_if_complete(out, identity, items, extra_meta)
     if counts is not None:
@@ -682,7 +712,8 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
 
 def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[int, int],
          todo: Sequence[annotations.VideoItem], out: Path, process_index: int, next_seq: int,
-         progress: Progress) -> None:
+         progress: Progress, decode_many: Callable = vd.decode_many) -> None:
+    """decode_many: `video_decode.decode_many` or a source's equivalent (`TfdsVideoSource.decode_many`)."""
     workers = max(1, (os.cpu_count() or 2) - 1) if opts.workers is None else opts.workers
     writer = ShardWriter(out, process_index, opts.shard_size, next_seq, opts.shard_options)
     batcher = FrameBatcher(lambda b: tok.encode_tokens_async(b, checked=True), tok.batch_size, hw)
@@ -698,7 +729,7 @@ def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[i
         progress.update(videos=1, frames=len(tokens))
 
     try:
-        results = vd.decode_many([it.path for it in todo], opts.fps, variants, workers,
+        results = decode_many([it.path for it in todo], opts.fps, variants, workers,
                                  max_seconds=opts.max_seconds, max_frames=opts.max_frames, sampling=opts.sampling)
         for index, _, result in results:
             if isinstance(result, vd.VideoDecodeError):
