@@ -36,6 +36,8 @@ def model_config(preset: str, *, task: str = "pretrain", clip_len: int = 5, fram
         dtype="float32", remat=False,
         attention_impl=ml_collections.FieldReference(None, field_type=str),
         proj_layers=2, proj_hidden_dim=2048, proj_dim=256,
+        # MLM logits over ids [0, mlm_codes) only; None = all vocab_size (the released head).
+        mlm_codes=ml_collections.FieldReference(None, field_type=int),
         num_classes=num_classes, last_dropout=0.0,
     ))
     m.update(MODEL_PRESETS[preset])

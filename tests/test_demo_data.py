@@ -83,8 +83,9 @@ def test_decoded_frames_match_the_drawing(dataset):
     root, _ = dataset
     specs = _specs(root)
     rel, spec = next(iter(specs.items()))
-    drawn = dd.render_video(spec, 32, 16).astype(np.float64)
-    decoded = vd.decode_frames(root / rel, 8).astype(np.float64)
+    preset = dd.PRESETS["default"]
+    drawn = dd.render_video(spec, preset.size, preset.num_frames).astype(np.float64)
+    decoded = vd.decode_frames(root / rel, preset.fps).astype(np.float64)
     psnr = 10 * math.log10(255**2 / np.mean((drawn - decoded) ** 2))
     assert psnr > 25  # lossy, but the same pictures (the per-pixel noise is what x264 drops)
 

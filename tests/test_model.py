@@ -137,6 +137,23 @@ def test_mlm_head_is_tied_and_scores_chosen_positions():
     assert np.abs(np.asarray(delta[..., 7])).max() > np.abs(np.asarray(delta[..., 8])).max()
 
 
+def test_mlm_codes_scores_the_first_codes_with_the_same_parameters():
+    cfg = dict(TINY, mlm_codes=100)
+    model, full_model = build_model(cfg), build_model(TINY)
+    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    # Same parameter tree as the full head (checkpoints move between the two).
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(
+        np.shape, flax.linen.unbox(init_variables(full_model, TINY, jax.random.key(0))))
+    variables["params"]["mlm_head"]["bias"] = jnp.arange(8197, dtype=jnp.float32) / 8197  # not all-zero
+    tokens, positions = tokens_for(cfg), jnp.asarray([[0, 5, 47], [3, 3, 10]])
+    short = model.apply(variables, tokens, positions)["mlm_logits"]
+    full = full_model.apply(variables, tokens, positions)["mlm_logits"]
+    assert short.shape == (2, 3, 100)
+    np.testing.assert_allclose(short, full[..., :100], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mlm_codes"):
+        build_model(dict(TINY, mlm_codes=9000))
+
+
 def test_classifier_is_zero_initialised():
     cfg = dict(TINY, task="finetune", num_classes=5)
     model = build_model(cfg)

@@ -1,5 +1,7 @@
 """Heads on top of the backbone (reference §4): MLM, contrastive projection, classifier."""
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,11 +16,16 @@ class MLMHead(nn.Module):
     the positions to score only (e.g. the masked ones), so that logits for the rest of the clip
     are never materialised. Logits are float32 whatever the compute dtype, because the
     log-softmax over 8197 classes is unstable in bfloat16.
+
+    `scored_codes` (default: all V) scores only the first ids, [..., scored_codes]: with a
+    tokenizer of C << 8192 codes, the released head spends most of its FLOPs on ids that are
+    never a target (the softmax then normalises over the C codes only). Parameters keep V rows.
     """
 
     hidden_dim: int
     vocab_size: int
     dtype: jnp.dtype = jnp.float32
+    scored_codes: Optional[int] = None
 
     @nn.compact
     def __call__(self, hiddens, embedding):
@@ -26,9 +33,10 @@ class MLMHead(nn.Module):
         h = layer_norm(name="ln", dtype=self.dtype)(gelu(h))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                           (self.vocab_size,))
-        logits = jnp.einsum("...d,vd->...v", h, embedding.astype(self.dtype),
+        scored = self.vocab_size if self.scored_codes is None else self.scored_codes
+        logits = jnp.einsum("...d,vd->...v", h, embedding[:scored].astype(self.dtype),
                             preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
-        return logits + bias
+        return logits + bias[:scored]
 
 
 class ProjectionHead(nn.Module):

@@ -30,7 +30,7 @@ class VimpacPretrainModel(nn.Module):
     """Backbone + MLM head (tied to the embedding) + contrastive projection head.
 
     `__call__(tokens [B, T, H, W], positions [B, K] or None, train)` returns a dict:
-      cls [B, D], hiddens [B, T, H, W, D], mlm_logits [B, K, V] (or [B, T, H, W, V] when
+      cls [B, D], hiddens [B, T, H, W, D], mlm_logits [B, K, V] (V = mlm_codes when set; [B, T, H, W, V] when
       positions is None), cls_proj [B, 256].
     """
 
@@ -38,9 +38,11 @@ class VimpacPretrainModel(nn.Module):
     proj_layers: int = 2
     proj_hidden_dim: int = 2048
     proj_dim: int = 256
+    mlm_codes: Optional[int] = None  # score only ids [0, mlm_codes) (MLMHead.scored_codes)
 
     def setup(self):
-        self.mlm_head = MLMHead(self.backbone.hidden_dim, self.backbone.vocab_size, self.backbone.dtype)
+        self.mlm_head = MLMHead(self.backbone.hidden_dim, self.backbone.vocab_size, self.backbone.dtype,
+                                self.mlm_codes)
         self.proj_head = ProjectionHead(self.proj_layers, self.proj_hidden_dim, self.proj_dim, self.backbone.dtype)
 
     def __call__(self, tokens, positions: Optional[jax.Array] = None, *, train: bool = False):
@@ -103,8 +105,11 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     task = _get(cfg, "task", "pretrain")
     backbone = build_backbone(cfg)
     if task == "pretrain":
+        mlm_codes = _get(cfg, "mlm_codes")
+        if mlm_codes is not None and not 0 < mlm_codes <= backbone.vocab_size:
+            raise ValueError(f"model.mlm_codes must be in [1, vocab_size={backbone.vocab_size}], got {mlm_codes}")
         return VimpacPretrainModel(backbone, _get(cfg, "proj_layers", 2), _get(cfg, "proj_hidden_dim", 2048),
-                                   _get(cfg, "proj_dim", 256))
+                                   _get(cfg, "proj_dim", 256), mlm_codes)
     if task == "finetune":
         return VimpacClassifier(backbone, cfg["num_classes"], _get(cfg, "last_dropout", 0.0))
     raise ValueError(f"model.task must be one of {TASKS}, got {task!r}")

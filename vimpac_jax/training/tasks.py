@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from vimpac_jax import checkpoints
-from vimpac_jax.data import pipelines
+from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step
@@ -120,12 +120,25 @@ class _StoreTask:
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
 
 
+def _check_mlm_codes(model_cfg: dict, store: str) -> None:
+    """model.mlm_codes must cover every code the store's tokenizer can emit (they are the targets)."""
+    codes = model_cfg.get("mlm_codes")
+    if codes is None:
+        return
+    tokenizer = token_store.read_metadata(store).get("tokenizer") or {}
+    emitted = (tokenizer.get("config") or {}).get("vocab_size")
+    if emitted is not None and int(emitted) > int(codes):
+        raise ValueError(f"config.model.mlm_codes={codes} scores fewer ids than the {emitted} codes of the "
+                         f"tokenizer that made {store}; set it to >= {emitted} (or None for all)")
+
+
 class PretrainTask(_StoreTask):
     loss_name = "total_loss"
 
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = 2 * int(config.data.batch_size)  # clips
+        _check_mlm_codes(self.model_cfg, config.data.train_store)
         self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
         self.knn = None
         if config.knn.train_store and config.knn.eval_store:

@@ -1,0 +1,177 @@
+"""The built-in default's chain (`vimpac demo`) at the `smoke` preset, and `vimpac visualize`.
+
+The smoke preset runs every stage of the README's main command on a few 16-px videos for a few
+steps: dataset -> VQ tokenizer -> token stores -> pre-training -> figure -> two fine-tunes ->
+multi-view tests. Its accuracies mean nothing; that every stage hands the next what it needs does.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from vimpac_jax import visualize  # noqa: E402
+from vimpac_jax.commands import visualize as visualize_cmd  # noqa: E402
+from vimpac_jax.data import video_decode as vd  # noqa: E402
+from vimpac_jax.data.demo_data import PRESETS as DATA_PRESETS  # noqa: E402
+from vimpac_jax.demo import FIGURE_VIDEOS, format_ablation, format_table, run_ablation, run_demo  # noqa: E402
+from vimpac_jax.export.source import load_exportable  # noqa: E402
+from vimpac_jax.models.model import build_model  # noqa: E402
+from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    return workdir, run_demo(workdir, preset="smoke", seed=0)
+
+
+def test_smoke_chain_runs_every_stage(smoke):
+    workdir, summary = smoke
+    preset = DATA_PRESETS["smoke"]
+    for split, count in (("pool", preset.pool), ("train", preset.train), ("val", preset.val)):
+        meta = json.loads((workdir / "tokens" / split / "metadata.json").read_text())
+        assert meta["complete"] and meta["counts"]["videos_ok"] == count and meta["counts"]["videos_failed"] == 0
+        assert meta["token_shape"] == [preset.size // 8] * 2
+    for name in ("pretrained", "scratch"):
+        result = summary["results"][name]
+        assert result["num_videos"] == preset.val and len(result["crops"]) == 3
+        assert 0.0 <= result["top1"] <= 100.0
+        config = json.loads((workdir / f"finetune_{name}" / "config.json").read_text())
+        assert config["init_from"] == (str(workdir / "pretrain") if name == "pretrained" else "")
+    table = format_table(summary)
+    assert "VIMPAC pre-training" in table and "scratch (same budget)" in table
+    assert str(workdir / "reconstruction.png") in table
+
+
+def _figure_inputs(workdir, num_videos):
+    model_cfg, variables = load_exportable(workdir / "pretrain")
+    tokenizer = load_tokenizer(workdir / "tokenizer_run" / "tokenizer")
+    size = model_cfg["height"] * tokenizer.downsample
+    (center,) = vd.variants_for("pretrain", size)
+    clip_fps = json.loads((workdir / "pretrain" / "config.json").read_text())["data"]["clip_fps"]
+    paths = visualize_cmd.read_video_paths(str(workdir / "val_abs.txt"), None)[:num_videos]
+    frames = np.stack([vd.decode_variants(p, clip_fps, [center], max_frames=model_cfg["clip_len"])[center.name]
+                       for p in paths])
+    return build_model(model_cfg), variables, tokenizer, frames
+
+
+def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke):
+    workdir, _ = smoke
+    model, variables, tokenizer, frames = _figure_inputs(workdir, 3)
+    rec = visualize.reconstruct(model, variables, tokenizer, frames, jax.random.key(3), num_blocks=1)
+    assert rec.mask.any() and not rec.mask.all()
+    mask_px = np.broadcast_to(visualize.token_mask_to_pixels(rec.mask, tokenizer.downsample), rec.masked.shape)
+    # Outside the mask every row after the first shows the tokenizer's round-trip.
+    np.testing.assert_array_equal(rec.predicted[~mask_px], rec.masked[~mask_px])
+    np.testing.assert_array_equal(rec.masked[~mask_px], rec.roundtrip[~mask_px])
+    np.testing.assert_array_equal(rec.predicted_tokens[~rec.mask], rec.tokens[~rec.mask])
+    # Inside it, the masked row is grey and the prediction is decoded pixels: every masked token's
+    # block differs from the grey somewhere.
+    assert np.all(rec.masked[mask_px] == visualize.MASK_GREY)
+    d = tokenizer.downsample
+    diff = np.abs(rec.predicted - rec.masked).max(axis=-1)  # [N, T, H, W]
+    n, t, h, w = rec.mask.shape
+    per_token = diff.reshape(n, t, h, d, w, d).max(axis=(3, 5))
+    assert np.all(per_token[rec.mask] > 0) and np.all(per_token[~rec.mask] == 0)
+    assert rec.predicted_tokens.min() >= 0 and rec.predicted_tokens.max() < tokenizer.vocab_size
+
+
+def test_demo_figure_is_the_reconstruction_of_the_first_val_clips(smoke):
+    workdir, _ = smoke
+    image = visualize.decode_png((workdir / "reconstruction.png").read_bytes())
+    model, variables, tokenizer, frames = _figure_inputs(workdir, FIGURE_VIDEOS)
+    blocks = json.loads((workdir / "pretrain" / "config.json").read_text())["pretrain"]["mask_blocks"]
+    rec = visualize.reconstruct(model, variables, tokenizer, frames, jax.random.key(0), blocks)
+    np.testing.assert_array_equal(image, visualize.figure_image(rec))
+    size, t = frames.shape[2], frames.shape[1]
+    assert image.shape == (FIGURE_VIDEOS * (4 * 4 * size + 3 * 2) + (FIGURE_VIDEOS - 1) * 8, t * 4 * size + (t - 1) * 2, 3)
+
+
+def test_png_round_trip():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(visualize.decode_png(visualize.encode_png(image)), image)
+
+
+def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, capsys):
+    workdir, _ = smoke
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    good = visualize_cmd.read_video_paths(str(workdir / "val_abs.txt"), None)[:2]
+    videos = tmp_path / "list.txt"
+    videos.write_text("\n".join([str(bad), *good]) + "\n")
+    out = tmp_path / "fig.png"
+    assert visualize_cmd.main(["--workdir", str(workdir), "--videos", str(videos), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {bad}" in captured.err and "2 clips" in captured.out
+    assert visualize.decode_png(out.read_bytes()).shape[0] == 2 * (4 * 4 * 16 + 3 * 2) + 8
+
+    def refused(args, words):
+        assert visualize_cmd.main(args) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+
+    refused(["--workdir", str(workdir), "--videos", str(videos), "--out", str(tmp_path / "x.jpg")], ["--out", ".png"])
+    refused(["--workdir", str(workdir / "pretrain"), "--videos", str(videos), "--out", str(out)], ["--tokenizer"])
+    refused(["--workdir", str(workdir / "finetune_scratch"), "--tokenizer", str(workdir / "tokenizer_run" / "tokenizer"),
+             "--videos", str(videos), "--out", str(out)], ["pre-training model"])
+    refused(["--workdir", str(workdir), "--videos", str(tmp_path / "nothing.txt"), "--out", str(out)], ["nothing.txt"])
+
+
+def test_ablation_runs_every_variant_with_its_losses(smoke, monkeypatch):
+    """The orchestration of run_ablation (which runs, with which loss weights, initialised from
+    what); training itself is the smoke chain's, so it is stubbed here to keep the suite short."""
+    import vimpac_jax.demo as demo
+
+    workdir, _ = smoke
+    calls = []
+
+    def fake_pretrain(prepared, run_dir, preset, seed, overrides=None):
+        config = demo.demo_config("pretrain", preset, {"seed": seed, **overrides})
+        calls.append(("pretrain", run_dir.name, seed, config.pretrain.mlm_weight, config.pretrain.nce_weight))
+        return run_dir
+
+    def fake_finetune(prepared, run_dir, preset, seed, init_from):
+        calls.append(("finetune", run_dir.name, seed, str(init_from)))
+        assert prepared["stores"]["train"] == workdir / "tokens" / "train"  # the shared stores
+        return {"top1": 10.0 * len(calls)}
+
+    monkeypatch.setattr(demo, "pretrain", fake_pretrain)
+    monkeypatch.setattr(demo, "finetune_and_test", fake_finetune)
+    summary = run_ablation(workdir, preset="smoke", seeds=(5, 6))
+    seed_dir = workdir / "ablation" / "seed5"
+    assert calls[:7] == [
+        ("finetune", "finetune_scratch", 5, ""),
+        ("pretrain", "pretrain_mask_only", 5, 1.0, 0.0),
+        ("finetune", "finetune_mask_only", 5, str(seed_dir / "pretrain_mask_only")),
+        ("pretrain", "pretrain_contrastive_only", 5, 0.0, 1.0),
+        ("finetune", "finetune_contrastive_only", 5, str(seed_dir / "pretrain_contrastive_only")),
+        ("pretrain", "pretrain_both", 5, 1.0, 1.0),
+        ("finetune", "finetune_both", 5, str(seed_dir / "pretrain_both"))]
+    assert [c[2] for c in calls[7:]] == [6] * 7
+    assert summary["top1"] == {"scratch": [10.0, 80.0], "mask_only": [30.0, 100.0],
+                               "contrastive_only": [50.0, 120.0], "both": [70.0, 140.0]}
+    table = format_ablation(summary)
+    assert table.count("\n") == 5 and "| no pre-training | 45.0 ± 49.5 |" in table
+
+
+def test_ablation_table_statistics():
+    summary = {"seeds": [0, 1, 2], "top1": {"scratch": [10.0, 20.0, 30.0], "mask_only": [50.0, 50.0, 50.0],
+                                            "contrastive_only": [1.0, 2.0, 3.0], "both": [60.0, 62.0, 64.0]}}
+    table = format_ablation(summary)
+    assert "| no pre-training | 20.0 ± 10.0 | 10.0-30.0 | 10.0, 20.0, 30.0 | 41.3 |" in table
+    assert "| mask + contrastive | 62.0 ± 2.0 | 60.0-64.0 |" in table
+
+
+def test_mlm_codes_must_cover_the_store_tokenizer_codes(smoke):
+    from vimpac_jax.training.tasks import _check_mlm_codes
+
+    workdir, _ = smoke
+    store = str(workdir / "tokens" / "pool")  # its tokenizer has 16 codes (the smoke preset)
+    _check_mlm_codes({"mlm_codes": 16}, store)
+    _check_mlm_codes({"mlm_codes": None}, store)
+    with pytest.raises(ValueError, match="mlm_codes=8 .* 16 codes"):
+        _check_mlm_codes({"mlm_codes": 8}, store)
