@@ -115,7 +115,7 @@ def finetune_and_test(prepared: dict, run_dir: Path, preset: str, seed: int, ini
     return json.loads(results_file.read_text())
 
 
-def draw_figure(workdir: Path, pretrain_dir: Path, prepared: dict, out: Path) -> Path:
+def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path:
     """The Fig. 5 reconstruction of a few validation clips (`vimpac visualize`)."""
     from vimpac_jax.commands import visualize
 
@@ -139,7 +139,7 @@ def run_demo(workdir, *, preset: str = "default", seed: int = 0) -> dict:
     pretrain(prepared, pre_dir, preset, seed)
     timings["pretrain"] = time.monotonic() - t0
     _log("5/6 drawing the reconstruction of masked tokens (Fig. 5)")
-    figure = draw_figure(workdir, pre_dir, prepared, workdir / "reconstruction.png")
+    figure = draw_figure(pre_dir, prepared, workdir / "reconstruction.png")
     timings["figure"] = time.monotonic() - t0
 
     results = {}
