@@ -36,27 +36,23 @@ def resolve_inputs(workdir: Path, tokenizer: str | None) -> tuple[Path, Path]:
     return workdir, Path(tokenizer)
 
 
-def _train_store_tokenizer_hash(run: Path) -> str | None:
+def _train_store_tokenizer_hash(run_config: dict) -> str | None:
     """The weights hash the run's training store was tokenized with, if the store is readable."""
     try:
-        config = json.loads((run / "config.json").read_text())
-        meta = json.loads((Path(config["data"]["train_store"]) / "metadata.json").read_text())
+        meta = json.loads((Path(run_config["data"]["train_store"]) / "metadata.json").read_text())
         return meta["tokenizer"]["weights_sha256"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None
 
 
-def read_video_paths(list_file: str, video_root: str | None) -> list[str]:
-    from vimpac_jax.data import annotations
+def read_video_paths(videos: str, video_root: str | None) -> list[str]:
+    """Paths of a list or directory, read as `vimpac tokenize --videos` reads them."""
+    from vimpac_jax.data.tokenize import read_items
 
-    path = Path(list_file)
-    if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in (".mp4", ".avi", ".webm", ".mkv"))
-    root = video_root if video_root is not None else str(path.absolute().parent)
     try:
-        return [item.path for item in annotations.read_mmaction_list(list_file, video_root=root).items]
+        return [item.path for item in read_items(videos, video_root)[0]]
     except (OSError, ValueError) as e:
-        raise VisualizeError(f"--videos {list_file}: {e}") from None
+        raise VisualizeError(f"--videos {videos}: {e}") from None
 
 
 def main(argv) -> int:
@@ -66,8 +62,7 @@ def main(argv) -> int:
     parser.add_argument("--videos", required=True, help="list file ('path [label]' per line) or a directory")
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the demo workdir's)")
-    parser.add_argument("--video-root", default=None, help="folder the list's paths are relative to "
-                        "(default: the list file's folder)")
+    parser.add_argument("--video-root", default=None, help="prefix for the list's relative paths (default: as written)")
     parser.add_argument("--num-videos", type=int, default=4, help="clips in the figure (the first N usable)")
     parser.add_argument("--mask-blocks", type=int, default=None, help="blocks per clip (default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
@@ -115,11 +110,11 @@ def run(args) -> int:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: {e}") from None
     if not tokenizer.has_decoder:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
-    expected = _train_store_tokenizer_hash(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    expected = _train_store_tokenizer_hash(run_config)
     if expected is not None and expected != tokenizer.weights_sha256:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
                              f"(weights sha256 {tokenizer.weights_sha256[:12]}..., the store's {expected[:12]}...)")
-    run_config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     clip_fps = run_config.get("data", {}).get("clip_fps", 2.0)
     num_blocks = args.mask_blocks or run_config.get("pretrain", {}).get("mask_blocks", 5)
     t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
