@@ -15,6 +15,7 @@ COMMANDS = {
     "mask-ratio": ("vimpac_jax.commands.mask_ratio", "induced masking ratio of block masking"),
     "train": ("vimpac_jax.commands.train", "train a tokenizer, pre-train or fine-tune (config picks the task)"),
     "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
+    "predict": ("vimpac_jax.commands.predict", "classify video files with a fine-tuned model (top classes per video)"),
     "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
     "export-tfds": ("vimpac_jax.commands.export_tfds", "write token stores as a TFDS dataset (ArrayRecord)"),

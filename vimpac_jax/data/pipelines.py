@@ -301,6 +301,19 @@ def take_clip(tokens: np.ndarray, start: int, clip_len: int, step: int, out: Opt
     return out
 
 
+def test_views(crops: Sequence[np.ndarray], clip_len: int, step: int, num_clips: int,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The multi-view test input of one video (reference §8): tokens [n, h, w] of each of C crops
+    -> int32 [C·K, clip_len, h, w], K uniformly spaced clips per crop, crop-major as the released
+    code (view v = crop c·K + clip k). `vimpac predict` cuts the views of a video file with this too."""
+    if out is None:
+        out = np.empty((len(crops) * num_clips, clip_len) + tuple(crops[0].shape[1:]), np.int32)
+    for c, tokens in enumerate(crops):
+        for k, s in enumerate(eval_clip_starts(len(tokens), clip_len, step, num_clips)):
+            take_clip(tokens, int(s), clip_len, step, out=out[c * num_clips + k])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-example transforms (picklable, so that grain worker processes can run them).
 # ----------------------------------------------------------------------------------------------
@@ -400,11 +413,8 @@ class _EvalSample(_Sampler):
         if video >= self.num_videos:
             # Padding example: code 0 rather than PAD, so no attention line is all-PAD (NaN).
             return {"tokens": out, "label": np.int32(-1), "video_index": np.int32(-1), "valid": np.bool_(False)}
-        step = int(self.steps[video])
-        for c in range(self.records.shape[1]):  # crop-major, as the released code: v = c·K + k
-            tokens = self.tokens(video, c)
-            for k, s in enumerate(eval_clip_starts(len(tokens), self.clip_len, step, self.num_clips)):
-                take_clip(tokens, int(s), self.clip_len, step, out=out[c * self.num_clips + k])
+        crops = [self.tokens(video, c) for c in range(self.records.shape[1])]
+        test_views(crops, self.clip_len, int(self.steps[video]), self.num_clips, out=out)
         return {"tokens": out, "label": np.int32(self.labels[video]), "video_index": np.int32(video),
                 "valid": np.bool_(True)}
 

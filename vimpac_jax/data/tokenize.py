@@ -672,7 +672,9 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
         check_video_root(items, opts.video_root)
     pi, pc = _process_share(opts)
     hw = tok.token_hw(opts.size, opts.size)
+    # tokenizer_dir: where `vimpac predict` finds the tokenizer again (its identity is checked on load).
     extra_meta = {"token_shape": list(hw), "token_dtype": "int16", "class_names": class_names,
+                  "tokenizer_dir": os.path.abspath(opts.tokenizer),
                   "source": os.path.abspath(opts.videos) if source is None else f"tfds:{opts.tfds}",
                   "process_count": pc, "shard_options": opts.shard_options,
                   **({} if source is None else {"tfds": source.metadata()})}

@@ -65,10 +65,16 @@ def make_finetune_step(model_cfg, optim_cfg, *, label_smoothing: float = 0.0,
 def multiview_scores(params, batch_stats, tokens, *, model) -> dict:
     """tokens int [B, V, T, H, W] (V = clips x crops) -> softmax scores averaged over views [B, C]
     and the per-video mean cross entropy needs labels, so logits are returned too [B, V, C]."""
-    b, v = tokens.shape[:2]
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = model.apply(variables, tokens.reshape(b * v, *tokens.shape[2:]), train=False)["logits"]
-    logits = logits.reshape(b, v, -1).astype(jnp.float32)
+    return average_over_views(lambda clips: model.apply(variables, clips, train=False)["logits"], tokens)
+
+
+def average_over_views(clip_logits, tokens) -> dict:
+    """tokens int [B, V, T, H, W] -> {'probs': softmax scores averaged over the V views [B, C],
+    'logits' [B, V, C]}, with clip_logits(int [B·V, T, H, W]) -> [B·V, C] any classifier (the
+    model, or an exported StableHLO module in `vimpac predict`)."""
+    b, v = tokens.shape[:2]
+    logits = clip_logits(tokens.reshape(b * v, *tokens.shape[2:])).reshape(b, v, -1).astype(jnp.float32)
     return {"probs": jax.nn.softmax(logits, -1).mean(axis=1), "logits": logits}
 
 

@@ -193,9 +193,14 @@ class FinetuneTask(_StoreTask):
 def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
     """The stored variants used as test crops: explicit names, or the no-flip crops at the
     smallest resize (3 crops); `crops='center'` (or 1) keeps the center crop only (SSV2)."""
+    return eval_crop_names(index.variants, crops, explicit)
+
+
+def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> list[str]:
+    """`eval_variant_names` from the stored variant names (a store's metadata, for `vimpac predict`)."""
     if explicit:
         return _variants(explicit)
-    names = list(pipelines.default_test_variants(index.variants))
+    names = list(pipelines.default_test_variants(stored))
     if str(crops) in ("center", "1"):
         center = [n for n in names if "center" in n]
         names = center[:1] or names[:1]

@@ -1,0 +1,104 @@
+"""`vimpac predict --workdir W [--tokenizer DIR] VIDEO... [--top 5] [--clips K] [--crops 3|1] [--json OUT]`.
+
+Classifies video files with a fine-tuned model: each video is decoded, tokenized and cut into
+K clips x C crops exactly as `vimpac tokenize` + `vimpac evaluate` do, and the softmax scores are
+averaged over the views. W is a fine-tuning workdir (everything comes from the run: fps, frame
+size, crops, class names, the tokenizer), a `vimpac convert official` checkpoint or a `vimpac
+export --format stablehlo` directory (these need --tokenizer; the released protocol is used:
+10 clips x 3 crops at --fps 2). A tokenizer that does not fit the model is refused.
+
+Prints the top classes of each video; --json writes them with the video paths, the views used
+and the model's identity. A file that cannot be decoded is listed with the reason and skipped;
+the exit code is 1 when any was, 2 for a usage error. VIDEO may also be a list file (one path
+per line, as for `vimpac tokenize --videos`: mmaction2 lists, .csv) or a directory of videos.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vimpac predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (or list files / directories of them)")
+    p.add_argument("--workdir", required=True, help="fine-tuning workdir, converted checkpoint or StableHLO export")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (needed when W records none)")
+    p.add_argument("--top", type=int, default=5, help="classes printed per video (default 5)")
+    p.add_argument("--clips", type=int, default=None, help="K clips per crop (default: the run's, else 10)")
+    p.add_argument("--crops", default=None, help="3 (the three no-flip crops) or 1 (center; default: the run's)")
+    p.add_argument("--fps", type=float, default=None, help="decoding fps of a model that records none (default 2)")
+    p.add_argument("--class-names", default=None, help="file with one class name per line (default: the run's)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the predictions to this JSON file")
+    p.add_argument("--batch-size", type=int, default=None, help="videos per model call over the local devices")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: cores - 1 for more than 4 videos, else 0 = in process)")
+    p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    return p
+
+
+def _expand(videos, log) -> list[str]:
+    """Arguments -> video paths: a file that is a video stays itself; list files and directories
+    are read with `vimpac tokenize`'s reader; a missing path stays, to be reported as missing."""
+    from vimpac_jax.data.tokenize import read_items
+
+    paths = []
+    for v in videos:
+        is_list = os.path.isfile(v) and v.lower().endswith((".txt", ".csv", ".list"))
+        if os.path.isdir(v) or is_list:
+            items, _ = read_items(v)
+            if not items:
+                log(f"{v}: lists no videos")
+            paths += [it.path for it in items]
+        else:
+            paths.append(v)
+    return paths
+
+
+def main(argv) -> int:
+    args = _parser().parse_args(argv)
+    from vimpac_jax import predict as lib
+
+    try:
+        if args.top < 1:
+            raise lib.PredictError(f"--top must be >= 1, got {args.top}")
+        if args.workers is not None and args.workers < 0:
+            raise lib.PredictError(f"--workers must be >= 0, got {args.workers}")
+        class_names = None
+        if args.class_names:
+            with open(args.class_names) as f:
+                class_names = [line.strip() for line in f if line.strip()]
+        paths = _expand(args.videos, lib.log)
+        if not paths:
+            raise lib.PredictError("no videos given")
+        clf = lib.load_classifier(args.workdir, tokenizer=args.tokenizer, num_clips=args.clips, crops=args.crops,
+                                  fps=args.fps, class_names=class_names, batch_size=args.batch_size)
+    except (lib.PredictError, FileNotFoundError) as e:
+        print(f"vimpac predict: error: {e}", file=sys.stderr)
+        return 2
+    from vimpac_jax.data.tokenize import Progress, _write_json_atomic
+
+    workers = args.workers
+    if workers is None:
+        workers = max(1, (os.cpu_count() or 2) - 1) if len(paths) > 4 else 0
+    progress = Progress(len(paths), "predict", sys.stderr, args.progress_interval) if len(paths) > 1 else None
+    try:
+        results = clf.predict_files(paths, top=min(args.top, clf.num_classes), workers=workers, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    views = clf.protocol.describe()
+    print(f"{views['views']} views per video: {views['clips']} clips x {len(views['crops'])} crops "
+          f"({', '.join(views['crops'])}), model {clf.identity['path']}")
+    for result in results:
+        if result.error is None:
+            print(lib.format_prediction(result))
+    failed = [r for r in results if r.error is not None]
+    for result in failed:
+        print(f"vimpac predict: skipped {result.path}: {result.error}", file=sys.stderr)
+    if args.json:
+        _write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
+    print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"
+          + (f"; wrote {args.json}" if args.json else ""))
+    return 1 if failed else 0
