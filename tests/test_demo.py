@@ -2,10 +2,13 @@
 
 The smoke preset runs every stage of the README's main command on a few 16-px videos for a few
 steps: dataset -> VQ tokenizer -> token stores -> pre-training -> figure -> two fine-tunes ->
-multi-view tests. Its accuracies mean nothing; that every stage hands the next what it needs does.
+multi-view tests -> `vimpac predict` on val files. Its accuracies mean nothing; that every stage
+hands the next what it needs does. The fine-tuned run also serves the tests of `vimpac predict`.
 """
 
+import csv
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -175,3 +178,141 @@ def test_mlm_codes_must_cover_the_store_tokenizer_codes(smoke):
     _check_mlm_codes({"mlm_codes": None}, store)
     with pytest.raises(ValueError, match="mlm_codes=8 .* 16 codes"):
         _check_mlm_codes({"mlm_codes": 8}, store)
+
+
+# ------------------------------------------------------------------------------------------
+# `vimpac predict` / `vimpac_jax.load_classifier` on the chain's fine-tuned run (its stores were
+# made by `vimpac tokenize` from the generated val videos; test_predict.py has the released model)
+
+
+def _val_videos(workdir) -> tuple[list[str], list[int]]:
+    rows = [line.split() for line in (workdir / "val_abs.txt").read_text().splitlines() if line.strip()]
+    return [path for path, _ in rows], [int(label) for _, label in rows]
+
+
+def test_demo_ends_with_predictions_of_two_val_videos(smoke):
+    workdir, summary = smoke
+    paths, labels = _val_videos(workdir)
+    names = (workdir / "data" / "classes.txt").read_text().split()
+    assert [p["path"] for p in summary["predictions"]] == paths[:2]
+    assert [p["true"] for p in summary["predictions"]] == [names[label] for label in labels[:2]]
+    table = format_table(summary)
+    for p in summary["predictions"]:
+        assert len(p["top"]) == 3 and all(name in names for name, _ in p["top"])
+        assert f"(true: {p['true']}): {p['top'][0][0]} {p['top'][0][1]:.2f}" in table
+
+
+def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
+    from vimpac_jax.commands import evaluate as evaluate_cmd
+    from vimpac_jax.commands import predict as predict_cmd
+
+    workdir, _ = smoke
+    run = workdir / "finetune_pretrained"
+    assert evaluate_cmd.main(["--workdir", str(run)]) == 0
+    with open(run / "predictions.csv") as f:
+        evaluated = {Path(row["video_id"]).name: (int(row["prediction"]), float(row["score"]))
+                     for row in csv.DictReader(f)}
+    names = (workdir / "data" / "classes.txt").read_text().split()
+    out = tmp_path / "pred.json"
+    # The val list itself as VIDEO: read like `vimpac tokenize --videos`.
+    rc = predict_cmd.main(["--workdir", str(run), str(workdir / "val_abs.txt"), "--top", "3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    result = json.loads(out.read_text())
+    assert result["views"]["clips"] == 2 and len(result["views"]["crops"]) == 3  # the run's 2 clips x 3 crops
+    assert result["model"]["kind"] == "workdir" and result["model"]["step"] is not None and not result["failed"]
+    assert len(result["predictions"]) == len(evaluated) == DATA_PRESETS["smoke"].val
+    for pred in result["predictions"]:
+        index, score = evaluated[Path(pred["path"]).stem]
+        assert pred["top"][0]["class"] == names[index]
+        assert pred["top"][0]["probability"] == pytest.approx(score, abs=2e-6)
+        assert len(pred["top"]) == 3 and pred["path"] in printed
+
+
+def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smoke):
+    import vimpac_jax
+    from vimpac_jax.data import pipelines, token_store
+
+    workdir, _ = smoke
+    paths, _ = _val_videos(workdir)
+    clf = vimpac_jax.load_classifier(workdir / "finetune_pretrained")
+    first = clf.predict(paths[0], top=None)
+    assert len(first) == clf.num_classes and sum(p for _, p in first) == pytest.approx(1.0, abs=1e-5)
+
+    # The stored tokens of that video, cut into views by the test's code, give the same scores:
+    # decoding + tokenizing the file here is what `vimpac tokenize` stored.
+    index = pipelines.load_index(workdir / "tokens" / "val")
+    video = [Path(v).name for v in index.video_ids].index(Path(paths[0]).stem)
+    source = token_store.open_records(index.store_dir)
+    stored = [token_store.decode_record(source[int(index.records[video, index.variants.index(v.name)])])["tokens"]
+              for v in clf.protocol.crops]
+    views = pipelines.test_views(stored, clf.protocol.clip_len, clf.protocol.clip_step, clf.protocol.num_clips)
+
+    traces = []
+
+    def on_trace(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_trace)
+    try:
+        from_tokens = clf.predict_tokens(views, top=None)
+        again = clf.predict(paths[0], top=None)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_trace)
+    assert traces == []  # loaded once: later calls of a seen shape never trace (nor compile) again
+    assert [n for n, _ in from_tokens] == [n for n, _ in first] and again == first
+    np.testing.assert_allclose([p for _, p in from_tokens], [p for _, p in first], atol=1e-6)
+    t, h, w = clf.protocol.clip_len, clf.model_config["height"], clf.model_config["width"]
+    with pytest.raises(ValueError, match=rf"\[B, {t}, {h}, {w}\]"):
+        clf.predict_tokens(np.zeros((2, t + 1, h, w), np.int32))
+
+
+def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
+    from vimpac_jax.commands import predict as predict_cmd
+
+    workdir, _ = smoke
+    paths, _ = _val_videos(workdir)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("not a video\n" * 50)
+    bad = [tmp_path / "missing.mp4", tmp_path / "text.mp4", tmp_path / "empty.mp4"]
+    out = tmp_path / "pred.json"
+    rc = predict_cmd.main(["--workdir", str(workdir / "finetune_pretrained"), paths[0], *map(str, bad), paths[1],
+                           "--json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    result = json.loads(out.read_text())
+    assert [p["path"] for p in result["predictions"]] == paths[:2]
+    reasons = {Path(f["path"]).name: f["error"] for f in result["failed"]}
+    assert set(reasons) == {"missing.mp4", "text.mp4", "empty.mp4"}
+    assert "not found" in reasons["missing.mp4"] and "0 bytes" in reasons["empty.mp4"]
+    assert "cannot open" in reasons["text.mp4"]
+    assert all(f"skipped {path}" in captured.err for path in bad)
+    assert "2 predicted, 3 failed" in captured.out
+
+
+def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
+    import vimpac_jax
+    from vimpac_jax.commands import export as export_cmd
+    from vimpac_jax.data.testing import write_random_vq_tokenizer
+    from vimpac_jax.predict import PredictError
+
+    workdir, _ = smoke
+    run, tokenizer = workdir / "finetune_pretrained", workdir / "tokenizer_run" / "tokenizer"
+    paths, _ = _val_videos(workdir)
+    from_run = vimpac_jax.load_classifier(run)
+    export = tmp_path / "export"
+    assert export_cmd.main(["--workdir", str(run), "--format", "stablehlo", "--out", str(export),
+                            "--platforms", "cpu"]) == 0
+    with pytest.raises(PredictError, match="pass --tokenizer"):
+        vimpac_jax.load_classifier(export)
+    # An export records no protocol: given the run's, it scores like the run.
+    exported = vimpac_jax.load_classifier(export, tokenizer=tokenizer, num_clips=2, fps=from_run.protocol.fps,
+                                          class_names=from_run.class_names)
+    assert exported.protocol == from_run.protocol and exported.identity["kind"] == "stablehlo"
+    for x, y in zip(exported.predict_files(paths[:3]), from_run.predict_files(paths[:3])):
+        np.testing.assert_allclose(x.probs, y.probs, atol=1e-5)
+    # A run's tokenizer is recorded: another one (same kind and config, other weights) is refused.
+    other = write_random_vq_tokenizer(tmp_path / "other", codes=16, seed=1)
+    with pytest.raises(PredictError, match="not the one that made .*weights_sha256"):
+        vimpac_jax.load_classifier(run, tokenizer=other)

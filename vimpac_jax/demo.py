@@ -3,7 +3,7 @@
 generated videos (`demo-data`) -> a VQ tokenizer trained on them -> token stores (`tokenize`)
 -> VIMPAC pre-training (masked tokens + contrastive) -> the Fig. 5 reconstruction figure ->
 fine-tuning from the pre-trained weights and from scratch with the same budget -> the
-multi-view test of both -> a table.
+multi-view test of both -> a table -> `vimpac predict` on two validation video files.
 Every stage is the real program a user runs on real data; the configs are configs/demo.py.
 Stages whose output is already complete in the workdir are skipped, so a rerun resumes.
 
@@ -28,6 +28,7 @@ PRETRAIN_VARIANTS = {
 ABLATION_ROWS = ("scratch", "mask_only", "contrastive_only", "both")
 TOKENIZER_VIDEOS = 300  # pool videos whose frames train the tokenizer (decoding all costs minutes)
 FIGURE_VIDEOS = 4
+PREDICT_VIDEOS = 2  # validation videos classified by `vimpac predict` at the end
 
 
 def _log(message: str) -> None:
@@ -127,6 +128,18 @@ def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path:
     return out
 
 
+def predict_examples(prepared: dict, run_dir: Path, count: int = PREDICT_VIDEOS, top: int = 3) -> list[dict]:
+    """The first `count` validation videos through `vimpac_jax.load_classifier(run_dir)`:
+    [{'path', 'true', 'top': [[class, probability], ...]}]."""
+    from vimpac_jax import load_classifier
+
+    items = [line.split() for line in prepared["lists"]["val"].read_text().splitlines() if line.strip()][:count]
+    classifier = load_classifier(run_dir)
+    results = classifier.predict_files([path for path, _ in items], top=top)
+    return [{"path": r.path, "true": prepared["class_names"][int(label)], "top": [list(t) for t in r.top],
+             **({"error": r.error} if r.error else {})} for r, (_, label) in zip(results, items)]
+
+
 def run_demo(workdir, *, preset: str = "default", seed: int = 0) -> dict:
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +160,11 @@ def run_demo(workdir, *, preset: str = "default", seed: int = 0) -> dict:
         _log(f"6/6 fine-tuning {'from the pre-trained weights' if init else 'from scratch'} and testing")
         results[name] = finetune_and_test(prepared, workdir / f"finetune_{name}", preset, seed, init)
     timings["finetune"] = time.monotonic() - t0
-    return {"results": results, "workdir": str(workdir), "seconds": time.monotonic() - t0, "timings": timings,
+    _log(f"then: `vimpac predict` with the pre-trained-then-fine-tuned model on {PREDICT_VIDEOS} validation videos")
+    predictions = predict_examples(prepared, workdir / "finetune_pretrained")
+    timings["predict"] = time.monotonic() - t0
+    return {"results": results, "predictions": predictions, "workdir": str(workdir),
+            "seconds": time.monotonic() - t0, "timings": timings,
             "paths": {"dataset": str(prepared["data"]), "tokenizer": str(prepared["tokenizer"]),
                       "token_stores": str(workdir / "tokens"), "pretrain": str(pre_dir),
                       "reconstruction_figure": str(figure),
@@ -163,6 +180,11 @@ def format_table(summary: dict) -> str:
         x = r[name]
         lines.append(f"| {label} | {x['top1']:.1f} | {x['top5']:.1f} | {x['mean_class_accuracy']:.1f} | "
                      f"{x['num_videos']} | {x['num_clips']} clips x {len(x['crops'])} crops |")
+    if summary.get("predictions"):
+        lines += ["", f"`vimpac predict --workdir {summary['paths']['finetune_pretrained']} VIDEO`, top-3:"]
+        for p in summary["predictions"]:
+            guess = p.get("error") or ", ".join(f"{name} {prob:.2f}" for name, prob in p["top"])
+            lines.append(f"  {Path(p['path']).name} (true: {p['true']}): {guess}")
     lines += ["", f"finished in {summary['seconds']:.0f} s; everything is under {summary['workdir']}:"]
     lines += [f"  {k}: {v}" for k, v in summary["paths"].items()]
     return "\n".join(lines)

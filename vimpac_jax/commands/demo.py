@@ -2,7 +2,8 @@
 
 The built-in default, end to end: generates a video dataset, trains a VQ tokenizer, tokenizes,
 pre-trains VIMPAC, draws the masked-token reconstruction figure (Fig. 5), fine-tunes from the
-pre-trained weights and from scratch, runs the multi-view test of both and prints a table.
+pre-trained weights and from scratch, runs the multi-view test of both and prints a table,
+then classifies two validation video files with `vimpac predict` (top-3 beside the true class).
 Presets: `default` takes minutes on 2 CPU cores; `full` is larger (an accelerator, or a longer
 CPU budget); `smoke` checks the chain in seconds (its numbers mean nothing).
 
