@@ -1,26 +1,43 @@
 #!/usr/bin/env bash
-# The accelerator checks of issues 3 and 4 in one go: the pre-training step (Small, Large-Half)
-# and the DALL-E encoder's frames/s. Each benchmark appends its section to RESULTS (default
-# benchmarks/RESULTS.md); each run has its own time limit so that one slow compile cannot eat
-# the others' time.
+# The accelerator checks in ONE call (~9 minutes on an H200): the pre-training step before and
+# after the memory-traffic changes side by side in one process (`benchmarks/gpu_step_check.py`:
+# Small at 128 and 256 clips, Large-Half at 32 and 64, scatter micro-benchmarks, a 3-step
+# profile with its top kernels), then the fine-tuning step at the paper's final shape and the
+# DALL-E encoder if time is left. Results: OUT (default $OUT, else benchmarks/gpu_out):
+# results.jsonl, summary.txt, trace/; the fine-tuning and tokenizer sections are appended to
+# RESULTS (default benchmarks/RESULTS.md).
 #
-#   bash benchmarks/gpu_checks.sh [RESULTS] [PEAK_TFLOPS]     # 989: H100 SXM dense bf16
+#   bash benchmarks/gpu_checks.sh [RESULTS]
+#   DRY_RUN=1 bash benchmarks/gpu_checks.sh /tmp/r.md    # on CPU: tiny shapes, same code paths
 set -u
 RESULTS=${1:-benchmarks/RESULTS.md}
-PEAK=${2:-989}
+OUT=${OUT:-benchmarks/gpu_out}
+BUDGET=${BUDGET:-480}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+START=$SECONDS
+mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-step() { timeout "$1" $PY -m benchmarks.pretrain_step --peak-tflops "$PEAK" --append-results "$RESULTS" "${@:2}" || echo "FAILED ($?): pretrain_step ${*:2}"; }
-# The released defaults (attention dropout 0.1 takes the einsum path), then without attention
-# dropout (the fused dot_product_attention), then Large-Half at the reference's 32 clips (its
-# compile alone took 153 s on an H200).
-step 150 --preset small --batch-size 64 --note "released defaults (attention dropout 0.1)"
-step 120 --preset small --batch-size 64 --attention-dropout 0 --note "attention dropout 0: fused attention"
-step 330 --preset large_half --batch-size 16 --attention-dropout 0 --note "32 clips as the reference"
-
-timeout 150 $PY -m benchmarks.tokenize --dtype bfloat16 --batch-size 256 --append-results "$RESULTS" \
-  || echo "FAILED ($?): tokenize"
+if [ -n "${DRY_RUN:-}" ]; then
+  timeout 900 $PY benchmarks/gpu_step_check.py --dry-run --out "$OUT" --budget-s "$BUDGET" || echo "FAILED ($?): gpu_step_check"
+  timeout 300 $PY benchmarks/pretrain_step.py --task finetune --preset tiny --batch-size 2 --clip-len 2 \
+    --frame-size 32 --steps 1 --warmup 0 --append-results "$RESULTS" --note "dry run" || echo "FAILED ($?): finetune"
+  exit 0
+fi
+timeout $((BUDGET + 60)) $PY benchmarks/gpu_step_check.py --out "$OUT" --budget-s "$BUDGET" \
+  || echo "FAILED ($?): gpu_step_check"
+left=$((560 - (SECONDS - START)))
+if [ "$left" -gt 70 ]; then
+  timeout $((left - 10)) $PY benchmarks/pretrain_step.py --task finetune --preset small --batch-size 32 \
+    --append-results "$RESULTS" --note "fine-tuning step, T=10, 256 px, released defaults" \
+    || echo "FAILED ($?): finetune"
+fi
+left=$((560 - (SECONDS - START)))
+if [ "$left" -gt 40 ]; then
+  timeout $((left - 5)) $PY -m benchmarks.tokenize --dtype bfloat16 --batch-size 256 --append-results "$RESULTS" \
+    || echo "FAILED ($?): tokenize"
+fi
+echo "total $((SECONDS - START)) s; results in $OUT/summary.txt and $RESULTS"

@@ -34,6 +34,8 @@ def model_config(preset: str, *, task: str = "pretrain", clip_len: int = 5, fram
         pos_emb="hw_separation", pre_ln=False, halve_att=False, halve_mlp=False,
         dropout=0.1, attention_dropout=0.1, vocab_size=8197,
         dtype="float32", remat=False,
+        # token lookup from the float32 table ("compute_dtype": cast the table first, as before)
+        embed_lookup="float32",
         attention_impl=ml_collections.FieldReference(None, field_type=str),
         proj_layers=2, proj_hidden_dim=2048, proj_dim=256,
         # MLM logits over ids [0, mlm_codes) only; None = all vocab_size (the released head).

@@ -16,6 +16,7 @@ from vimpac_jax.models.common import INIT_STD, dense, gelu, layer_norm, normal_i
 from vimpac_jax.models.layout import parse_layout
 
 POS_EMB_KINDS = ("default", "temporal_separation", "hw_separation")
+EMBED_LOOKUPS = ("float32", "compute_dtype")
 
 
 class PositionalEmbedding(nn.Module):
@@ -111,6 +112,10 @@ class VideoTransformer(nn.Module):
     `vimpac_jax.models.layout` (`T,H|W`, `T,H,W`, `TxHxW`, `T,HxW`, ...); `num_heads` defaults to
     hidden_dim // 64 as in every released config; `halve_att` gives attention dim d/2 and
     `halve_mlp` an MLP of 2d instead of 4d. `remat` recomputes each layer in the backward pass.
+    `embed_lookup`: "float32" takes the rows from the float32 table and casts them to `dtype`,
+    so the table's gradient is a float32 scatter-add; "compute_dtype" casts the table first
+    (its gradient is then a scatter-add in `dtype`: bfloat16 atomics, which serialise on the
+    ~15% of rows that are MASK_ID: openxla/xla#26371). The same values either way.
     """
 
     num_layers: int
@@ -130,13 +135,17 @@ class VideoTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    embed_lookup: str = "float32"
 
     def setup(self):
         d = self.hidden_dim
         blocks = parse_layout(self.layout)
         heads = self.num_heads or d // 64
+        if self.embed_lookup not in EMBED_LOOKUPS:
+            raise ValueError(f"model.embed_lookup must be one of {EMBED_LOOKUPS}, got {self.embed_lookup!r}")
+        lookup_dtype = self.dtype if self.embed_lookup == "compute_dtype" else jnp.promote_types(self.dtype, jnp.float32)
         self.token_embed = nn.Embed(
-            self.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
+            self.vocab_size, d, dtype=lookup_dtype, param_dtype=jnp.float32,
             embedding_init=normal_init(INIT_STD, ("vocab", "embed")), name="token_embed")
         self.cls_token = self.param("cls_token", normal_init(INIT_STD, ("embed",)), (d,))
         self.pos_embed = PositionalEmbedding(self.pos_emb, self.clip_len, self.height, self.width, d)
@@ -167,7 +176,7 @@ class VideoTransformer(nn.Module):
         if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens must be [B, T, H, W] with (T, H, W) = {expected}, got shape {tokens.shape}")
         key_is_pad = tokens == PAD_ID
-        x = self.token_embed(tokens)
+        x = self.token_embed(tokens).astype(self.dtype)
         cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (tokens.shape[0], self.hidden_dim))
         cls_pos, grid_pos = self.pos_embed()
         cls, x = cls + cls_pos.astype(self.dtype), x + grid_pos.astype(self.dtype)

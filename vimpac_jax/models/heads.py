@@ -8,6 +8,42 @@ import jax.numpy as jnp
 
 from vimpac_jax.models.common import dense, gelu, layer_norm
 
+# Bias of the vocabulary's padding columns (`MLMHead(vocab_multiple > 1)`): exp() of it is 0 in
+# float32, so a softmax over the padded row equals the softmax over the real columns.
+PAD_LOGIT = -1e30
+
+
+@jax.custom_vjp
+def tied_logits(hiddens, table):
+    """hiddens [..., D] @ table [V, D]^T -> [..., V] in at least float32 (the accumulation).
+
+    Same as the einsum with preferred_element_type=float32, except the backward: autodiff would
+    multiply the float32 output gradient with the bfloat16 operands, i.e. two float32 GEMMs;
+    here the gradient is cast to the compute dtype first, so both backward GEMMs run in the
+    compute dtype with float32 accumulation (what torch autocast does). In float32 the two are
+    the same."""
+    return jnp.einsum("...d,vd->...v", hiddens, table, preferred_element_type=_accumulation(hiddens))
+
+
+def _accumulation(x):
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _tied_logits_fwd(hiddens, table):
+    return tied_logits(hiddens, table), (hiddens, table)
+
+
+def _tied_logits_bwd(res, g):
+    hiddens, table = res
+    g = g.astype(hiddens.dtype)
+    acc = _accumulation(hiddens)
+    d_hiddens = jnp.einsum("...v,vd->...d", g, table, preferred_element_type=acc)
+    d_table = jnp.einsum("...v,...d->vd", g, hiddens, preferred_element_type=acc)
+    return d_hiddens.astype(hiddens.dtype), d_table.astype(table.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
 
 class MLMHead(nn.Module):
     """Dense(d -> d) -> GELU -> LayerNorm -> logits over the vocabulary, tied to the embedding.
@@ -20,6 +56,11 @@ class MLMHead(nn.Module):
     `scored_codes` (default: all V) scores only the first ids, [..., scored_codes]: with a
     tokenizer of C << 8192 codes, the released head spends most of its FLOPs on ids that are
     never a target (the softmax then normalises over the C codes only). Parameters keep V rows.
+
+    `vocab_multiple` (a call argument, default 1) pads the vocabulary at compute time to a
+    multiple of it (8197 -> 8256 for 64): zero rows of the table and PAD_LOGIT biases, so the
+    logits [..., padded] give the same softmax, loss and argmax as the unpadded ones while the
+    GEMMs see an aligned operand. The parameters are not padded.
     """
 
     hidden_dim: int
@@ -28,15 +69,18 @@ class MLMHead(nn.Module):
     scored_codes: Optional[int] = None
 
     @nn.compact
-    def __call__(self, hiddens, embedding):
+    def __call__(self, hiddens, embedding, vocab_multiple: int = 1):
         h = dense(self.hidden_dim, ("embed", "embed_out"), name="dense", dtype=self.dtype)(hiddens)
         h = layer_norm(name="ln", dtype=self.dtype)(gelu(h))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                           (self.vocab_size,))
         scored = self.vocab_size if self.scored_codes is None else self.scored_codes
-        logits = jnp.einsum("...d,vd->...v", h, embedding[:scored].astype(self.dtype),
-                            preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
-        return logits + bias[:scored]
+        table, bias = embedding[:scored].astype(self.dtype), bias[:scored]
+        pad = -scored % max(int(vocab_multiple), 1)
+        if pad:
+            table = jnp.pad(table, ((0, pad), (0, 0)))
+            bias = jnp.concatenate([bias, jnp.full((pad,), PAD_LOGIT, bias.dtype)])
+        return tied_logits(h.astype(self.dtype), table) + bias
 
 
 class ProjectionHead(nn.Module):

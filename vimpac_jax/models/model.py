@@ -20,8 +20,17 @@ TASKS = ("pretrain", "finetune")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
-def gather_positions(hiddens, positions):
-    """hiddens [B, T, H, W, D], positions [B, K] flat row-major indices -> [B, K, D]."""
+def gather_positions(hiddens, positions, position_groups: int = 0):
+    """hiddens [B, T, H, W, D], positions [B, K] flat row-major indices -> [B, K, D].
+
+    position_groups = G > 0: positions [G, M] index the tokens of G equal consecutive groups of
+    clips, flat row-major over (B/G, T, H, W), and must be distinct within a group (what
+    `masking.pack_positions` gives): the gradient is then a scatter without atomics. -> [G, M, D].
+    """
+    if position_groups:
+        flat = hiddens.reshape(position_groups, -1, hiddens.shape[-1])
+        take = lambda h, p: jnp.take(h, p, axis=0, mode="clip", unique_indices=True)  # noqa: E731
+        return jax.vmap(take)(flat, positions)
     flat = hiddens.reshape(hiddens.shape[0], -1, hiddens.shape[-1])
     return jnp.take_along_axis(flat, positions[..., None], axis=1)
 
@@ -29,9 +38,12 @@ def gather_positions(hiddens, positions):
 class VimpacPretrainModel(nn.Module):
     """Backbone + MLM head (tied to the embedding) + contrastive projection head.
 
-    `__call__(tokens [B, T, H, W], positions [B, K] or None, train)` returns a dict:
+    `__call__(tokens [B, T, H, W], positions [B, K] or None, train, position_groups=0,
+    vocab_multiple=1)` returns a dict:
       cls [B, D], hiddens [B, T, H, W, D], mlm_logits [B, K, V] (V = mlm_codes when set; [B, T, H, W, V] when
-      positions is None), cls_proj [B, 256].
+      positions is None; [G, M, V] for positions [G, M] packed per group of clips, see
+      `gather_positions`; V rounded up to `vocab_multiple` with PAD_LOGIT columns, see
+      `MLMHead`), cls_proj [B, 256].
     """
 
     backbone: VideoTransformer
@@ -45,13 +57,14 @@ class VimpacPretrainModel(nn.Module):
                                 self.mlm_codes)
         self.proj_head = ProjectionHead(self.proj_layers, self.proj_hidden_dim, self.proj_dim, self.backbone.dtype)
 
-    def __call__(self, tokens, positions: Optional[jax.Array] = None, *, train: bool = False):
+    def __call__(self, tokens, positions: Optional[jax.Array] = None, *, train: bool = False,
+                 position_groups: int = 0, vocab_multiple: int = 1):
         cls, hiddens = self.backbone(tokens, deterministic=not train)
-        scored = hiddens if positions is None else gather_positions(hiddens, positions)
+        scored = hiddens if positions is None else gather_positions(hiddens, positions, position_groups)
         return {
             "cls": cls,
             "hiddens": hiddens,
-            "mlm_logits": self.mlm_head(scored, self.backbone.embedding_table()),
+            "mlm_logits": self.mlm_head(scored, self.backbone.embedding_table(), vocab_multiple),
             "cls_proj": self.proj_head(cls, train=train),
         }
 
@@ -97,6 +110,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         dtype=_DTYPES[dtype],
         remat=_get(cfg, "remat", False),
         attention_impl=_get(cfg, "attention_impl"),
+        embed_lookup=_get(cfg, "embed_lookup", "float32"),
     )
 
 

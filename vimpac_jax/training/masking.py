@@ -36,8 +36,9 @@ class MaskedBatch(NamedTuple):
 
     inputs:         int32 [B, T, H, W]  tokens with masked positions replaced (MASK_ID, ...).
     labels:         int32 [B, T, H, W]  original code at scored positions, IGNORE_LABEL elsewhere.
-    positions:      int32 [B, K]        flat indices of the scored positions, ascending; 0 padding.
-    position_valid: bool  [B, K]        which entries of `positions` are real.
+    positions:      int32 [B, K]        flat indices of the scored positions, ascending, then the
+                                        first unscored positions as padding (distinct in a row).
+    position_valid: bool  [B, K]        which entries of `positions` are real (they come first).
     num_dropped:    int32 [B]           masked positions beyond K: still corrupted in `inputs`
                                         but not scored (their labels are IGNORE_LABEL).
     """
@@ -155,17 +156,34 @@ def apply_mlm_mask(key: jax.Array, tokens: jax.Array, mask: jax.Array, noise: st
     return inputs, labels
 
 
+def pack_positions(valid: jax.Array, index: jax.Array, size: int):
+    """Packs `index` [L] into `size` slots: the entries where `valid` [L] holds first (in order,
+    at most `size` of them), then entries where it does not, so all slots hold distinct entries
+    of `index` (`size` <= L). Padding with distinct, unscored positions instead of one repeated
+    position keeps the gradient of a gather at these positions (a scatter-add) free of
+    duplicate indices: same-address bfloat16 atomics serialise on GPUs (openxla/xla#26371).
+
+    Returns (packed [size] of `index`, slot of each packed entry in [0, L) [size], is_valid
+    [size] bool, num_dropped: valid entries beyond `size`)."""
+    num_valid = valid.sum()
+    count = jnp.minimum(num_valid, size)
+    first_valid = jnp.nonzero(valid, size=size, fill_value=0)[0]
+    first_other = jnp.nonzero(~valid, size=size, fill_value=0)[0]
+    k = jnp.arange(size)
+    is_valid = k < count
+    slot = jnp.where(is_valid, first_valid, first_other[jnp.maximum(k - count, 0)])
+    return index[slot], slot, is_valid, (num_valid - count).astype(jnp.int32)
+
+
 def _first_k_positions(labels_flat: jax.Array, max_masked: int):
-    """Keeps the first `max_masked` labelled positions of each row of [B, N] (row-major order)."""
+    """Keeps the first `max_masked` labelled positions of each row of [B, N] (row-major order);
+    the remaining slots hold the row's first unlabelled positions (`pack_positions`)."""
     scored = labels_flat != IGNORE_LABEL
-    rank = jnp.cumsum(scored, axis=1) - 1
-    kept = scored & (rank < max_masked)
-    positions = jax.vmap(lambda row: jnp.nonzero(row, size=max_masked, fill_value=0)[0])(kept)
-    count = kept.sum(axis=1)
-    valid = jnp.arange(max_masked)[None, :] < count[:, None]
-    num_dropped = scored.sum(axis=1) - count
+    positions, _, valid, num_dropped = jax.vmap(
+        lambda row: pack_positions(row, jnp.arange(row.shape[0]), max_masked))(scored)
+    kept = scored & (jnp.cumsum(scored, axis=1) <= max_masked)
     labels_flat = jnp.where(kept, labels_flat, IGNORE_LABEL)
-    return labels_flat, positions.astype(jnp.int32), valid, num_dropped.astype(jnp.int32)
+    return labels_flat, positions.astype(jnp.int32), valid, num_dropped
 
 
 @functools.partial(jax.jit,
@@ -261,16 +279,31 @@ def sampled_mask_ratios(key: jax.Array, clip_shape: Sequence[int], block_counts:
     return {int(k): float(mean[k - 1]) for k in block_counts}
 
 
+def _sum_quantile(counts: np.ndarray, clips: int, quantile: float) -> int:
+    """The `quantile` of the sum of `clips` independent draws from the empirical distribution of
+    `counts` (int [S]): the clips-fold convolution of its histogram, computed with one FFT."""
+    pmf = np.bincount(counts) / counts.size
+    length = clips * (pmf.size - 1) + 1
+    n_fft = 1 << (length - 1).bit_length()
+    total = np.fft.irfft(np.fft.rfft(pmf, n_fft) ** clips, n_fft)[:length]
+    cdf = np.cumsum(np.clip(total, 0.0, None))
+    return int(np.searchsorted(cdf / cdf[-1], quantile))
+
+
 def masked_positions_bound(clip_shape: Sequence[int], *, kind: str = "block",
                            num_blocks: int = 5, prob: float = 0.15, quantile: float = 1.0,
-                           multiple_of: int = 8, samples: int = 4096, seed: int = 0) -> int:
-    """A static K for `mask_tokens(max_masked=K)` for (T, H, W) clips.
+                           multiple_of: int = 8, samples: int = 4096, seed: int = 0,
+                           clips: int = 1) -> int:
+    """A static bound on the masked positions of `clips` (T, H, W) clips together: K for
+    `mask_tokens(max_masked=K)` (clips=1), or the packed bound of a micro-batch.
 
-    quantile=1.0: a hard bound, nothing is ever dropped (block: n * largest box, iid: N).
-    quantile<1: the empirical quantile of the masked count over `samples` clips drawn with a
-    fixed seed (deterministic), so about a (1 - quantile) fraction of clips drop positions
-    (fewer with PAD, which is never masked).
-    The result is rounded up to `multiple_of` and never exceeds N = T*H*W.
+    quantile=1.0: a hard bound, nothing is ever dropped (block: n * largest box per clip, iid: N).
+    quantile<1: the quantile of the total masked count of `clips` independent clips, from the
+    empirical distribution of one clip's count over `samples` clips drawn with a fixed seed
+    (deterministic), so that about a (1 - quantile) fraction of clip sets exceed it (fewer with
+    PAD, which is never masked). The total concentrates as `clips` grows (mean ~ clips, spread
+    ~ sqrt(clips)), so a set of clips needs far fewer slots than `clips` per-clip quantiles.
+    The result is rounded up to `multiple_of` and never exceeds clips * N (N = T*H*W).
     """
     clip_shape = tuple(int(s) for s in clip_shape)
     num_tokens = math.prod(clip_shape)
@@ -279,12 +312,19 @@ def masked_positions_bound(clip_shape: Sequence[int], *, kind: str = "block",
     if quantile >= 1.0:
         bound = num_blocks * math.prod(max_box_lengths(clip_shape)) if kind == "block" \
             else num_tokens
+        bound = clips * min(bound, num_tokens)
     else:
-        key = jax.random.PRNGKey(seed)
-        if kind == "block":
-            counts = block_mask(key, (samples, *clip_shape), num_blocks).sum(axis=(1, 2, 3))
+        # Concrete values even when called while a caller's jit is tracing (the step's bound).
+        with jax.ensure_compile_time_eval():
+            key = jax.random.PRNGKey(seed)
+            if kind == "block":
+                counts = block_mask(key, (samples, *clip_shape), num_blocks).sum(axis=(1, 2, 3))
+            else:
+                counts = jax.random.binomial(key, num_tokens, prob, (samples,))
+            counts = np.asarray(counts).astype(np.int64)
+        if clips == 1:
+            bound = int(np.ceil(np.quantile(counts, quantile)))
         else:
-            counts = jax.random.binomial(key, num_tokens, prob, (samples,))
-        bound = int(np.ceil(np.quantile(np.asarray(counts), quantile)))
+            bound = _sum_quantile(counts, clips, quantile)
     bound = -(-max(bound, 1) // multiple_of) * multiple_of
-    return min(bound, num_tokens)
+    return min(bound, clips * num_tokens)

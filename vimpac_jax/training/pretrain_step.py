@@ -8,7 +8,12 @@ One update, for a batch of B videos with two clips each:
      keeps an equal share of every micro-batch, so no data moves);
   3. per micro-batch: backbone + heads on the 2n clips, rows ordered as the released trainer
      (all first views, then all second views), MLM logits only at the gathered masked
-     positions, InfoNCE over the projections of the micro-batch's 2n clips on all devices;
+     positions, InfoNCE over the projections of the micro-batch's 2n clips on all devices.
+     The masked positions (mlm_positions='micro_batch', the default) are packed per device's
+     share of the micro-batch into one static bound M (`packed_masked_bound`: a quantile of
+     their total, which concentrates: 216 slots per Small clip instead of 448 per-clip
+     quantile slots), padded with distinct unscored positions, so the gather's gradient has
+     no duplicate indices; the vocabulary of the MLM logits is padded to a multiple of 64;
   4. gradients summed over micro-batches in a `lax.scan`, then global-norm clipping + AdamW.
 
 Loss of an update (what the gradient is the gradient of):
@@ -33,7 +38,11 @@ per micro-batch, as torch does on every forward.
 Metrics (float32 scalars, over the whole update): total_loss, mlm_loss, nce_loss,
 mask_accuracy (argmax = label at scored positions), mask_ratio (masked tokens / all tokens, as
 the released trainer), pad_ratio, dropped_ratio (masked but not scored positions, beyond the
-static K, / masked), grad_norm (before clipping), learning_rate (of this update).
+static K of a clip or the packed bound M of a device's micro-batch, / masked: the loss is then
+the mean over the scored positions, the released normalisation over what is scored; the
+bounds' defaults make this rare: 1e-3 of clips with 'clip', ~1e-6 of micro-batches with
+'micro_batch'), grad_norm (before clipping), learning_rate (of this update).
+Dropout bits come from `dropout_key` (config `dropout_rng`), a function of the step's key.
 """
 
 import functools
@@ -52,7 +61,7 @@ from vimpac_jax.constants import IGNORE_LABEL, PAD_ID
 from vimpac_jax.models.losses import info_nce, mlm_loss
 from vimpac_jax.models.model import build_model, init_variables
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.masking import gather_positions, mask_tokens, masked_positions_bound
+from vimpac_jax.training.masking import gather_positions, mask_tokens, masked_positions_bound, pack_positions
 from vimpac_jax.training.optimizer import make_optimizer
 
 
@@ -66,7 +75,15 @@ def pretrain_config(**overrides) -> ml_collections.ConfigDict:
         mask_prob=0.15,              # for mask_kind='iid'
         mask_noise="none",           # 'none' or 'bert' (80/10/10 per box)
         max_masked=0,                # static K scored positions per clip; 0: from the quantile
-        max_masked_quantile=0.999,   # K = this quantile of the masked count (1.0: never drop)
+                                     # ('clip') or the hard bound ('micro_batch')
+        max_masked_quantile=0.999,   # 'clip': K = this quantile of the masked count (1.0: never drop)
+        # 'micro_batch': the scored positions of each device's share of a micro-batch packed into
+        # one static bound (`packed_quantile` of their total); 'clip': K slots per clip.
+        mlm_positions="micro_batch",
+        packed_quantile=0.999999,    # a device's micro-batch drops positions with about 1 - this
+        mlm_vocab_multiple=64,       # MLM logits padded to a multiple of this, pads masked; 1: off
+        dropout_rng="rbg",           # PRNG of the dropout bits: 'rbg' / 'unsafe_rbg' (XLA's
+                                     # RngBitGenerator) or 'threefry' (mesh-independent bits)
         micro_batches=1,             # k: gradient accumulation inside the step
     ))
     cfg.update(overrides)
@@ -84,8 +101,17 @@ class TrainState:
     opt_state: Any
 
 
+MLM_POSITIONS = ("micro_batch", "clip")
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+
+
 def _get(cfg: Mapping[str, Any], key: str, default):
     return cfg[key] if key in cfg else default
+
+
+def _field(cfg: Mapping[str, Any], key: str):
+    """cfg[key], or its default in `pretrain_config` (dicts written before the field existed)."""
+    return cfg[key] if key in cfg else pretrain_config()[key]
 
 
 def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
@@ -106,6 +132,14 @@ def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
     for name in ("mlm_weight", "nce_weight"):
         if float(_get(cfg, name, 1.0)) < 0:
             problems.append(f"{name}={_get(cfg, name, 1.0)} must be >= 0")
+    if _field(cfg, "mlm_positions") not in MLM_POSITIONS:
+        problems.append(f"mlm_positions={_field(cfg, 'mlm_positions')!r} must be one of {MLM_POSITIONS}")
+    if not 0.0 < float(_field(cfg, "packed_quantile")) <= 1.0:
+        problems.append(f"packed_quantile={_field(cfg, 'packed_quantile')} must be in (0, 1]")
+    if int(_field(cfg, "mlm_vocab_multiple")) < 1:
+        problems.append(f"mlm_vocab_multiple={_field(cfg, 'mlm_vocab_multiple')} must be >= 1")
+    if _field(cfg, "dropout_rng") not in DROPOUT_RNGS:
+        problems.append(f"dropout_rng={_field(cfg, 'dropout_rng')!r} must be one of {DROPOUT_RNGS}")
     if problems:
         raise ValueError("config.pretrain: " + "; ".join(problems))
 
@@ -114,17 +148,89 @@ def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
     return int(model_cfg["clip_len"]), int(model_cfg["height"]), int(model_cfg["width"])
 
 
+def _packed(pretrain_cfg) -> bool:
+    return _field(pretrain_cfg, "mlm_positions") == "micro_batch"
+
+
 def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> int:
-    """The static K of `mask_tokens(max_masked=K)`: `max_masked` if > 0, else the
-    `max_masked_quantile` of the masked count (deterministic; 440 of 1280 for T=5, 16x16 and 5
-    blocks at 0.999, against 185 masked on average and 960 at most)."""
+    """The static K of `mask_tokens(max_masked=K)`: `max_masked` if > 0, else, with
+    mlm_positions='clip', the `max_masked_quantile` of the masked count (deterministic; 448 of
+    1280 for T=5, 16x16 and 5 blocks at 0.999, against 185 masked on average and 960 at most),
+    and with 'micro_batch' the hard bound (960 there: no clip drops anything; the packed bound of
+    `packed_masked_bound` does the bounding)."""
     k = int(_get(pretrain_cfg, "max_masked", 0))
     if k > 0:
         return min(k, math.prod(clip_shape(model_cfg)))
     return masked_positions_bound(
         clip_shape(model_cfg), kind=_get(pretrain_cfg, "mask_kind", "block"),
         num_blocks=int(_get(pretrain_cfg, "mask_blocks", 5)), prob=float(_get(pretrain_cfg, "mask_prob", 0.15)),
-        quantile=float(_get(pretrain_cfg, "max_masked_quantile", 0.999)))
+        quantile=1.0 if _packed(pretrain_cfg) else float(_get(pretrain_cfg, "max_masked_quantile", 0.999)))
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_bound(clip: tuple, kind: str, num_blocks: int, prob: float, quantile: float, clips: int,
+                  per_clip: int) -> int:
+    bound = masked_positions_bound(clip, kind=kind, num_blocks=num_blocks, prob=prob, quantile=quantile,
+                                   clips=clips, multiple_of=64, samples=16384)
+    return min(bound, clips * per_clip)
+
+
+def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int, per_clip: int) -> int:
+    """Static number M of MLM slots for `clips` clips packed together (mlm_positions='micro_batch'):
+    the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
+    their per-clip lists). Small, T=5 at 128 px: 27,672 slots (216 per clip) for 128 clips at
+    1 - 1e-6, against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
+    return _packed_bound(tuple(int(x) for x in clip), _get(pretrain_cfg, "mask_kind", "block"),
+                         int(_get(pretrain_cfg, "mask_blocks", 5)), float(_get(pretrain_cfg, "mask_prob", 0.15)),
+                         float(_field(pretrain_cfg, "packed_quantile")), int(clips), int(per_clip))
+
+
+def _batch_shards(mesh) -> int:
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+
+
+def pack_micro_batch(positions: jax.Array, labels: jax.Array, clip_tokens: int, groups: int, bound: int):
+    """Packs the per-clip lists of a micro-batch into `groups` lists of `bound` slots.
+
+    positions, labels: int [C, K] per clip (views-major rows, `mask_batch` layout); the C clips
+    form `groups` consecutive groups (one per device of the batch axes, so no data moves).
+    Returns positions [G, bound] (flat indices into a group's C/G x clip_tokens tokens, distinct:
+    the scored ones first, then unscored padding) and labels [G, bound] (IGNORE_LABEL on padding
+    and on scored positions beyond `bound`, which are dropped: the last ones in row-major order).
+    """
+    c, k = positions.shape
+    per_group = c // groups
+    index = (jnp.arange(c)[:, None] % per_group) * clip_tokens + positions
+    valid = (labels != IGNORE_LABEL).reshape(groups, per_group * k)
+    packed, slot, is_valid, _ = jax.vmap(lambda v, i: pack_positions(v, i, bound))(
+        valid, index.reshape(groups, per_group * k))
+    packed_labels = jnp.take_along_axis(labels.reshape(groups, -1), slot, axis=1)
+    return packed.astype(jnp.int32), jnp.where(is_valid, packed_labels, IGNORE_LABEL)
+
+
+def scored_count(masked: dict, pretrain_cfg: Mapping[str, Any], mesh=None) -> jax.Array:
+    """Number of positions the update's MLM loss scores (its denominator), from `mask_batch`
+    output [B, 2, ...]: the valid list entries, less what packing drops beyond the bound."""
+    labels = masked["labels"]
+    if not _packed(pretrain_cfg):
+        return (labels != IGNORE_LABEL).sum()
+    k, groups = int(_get(pretrain_cfg, "micro_batches", 1)), _batch_shards(mesh)
+    per_micro = jax.vmap(views_major)(split_micro_batches(labels, k))  # [k, 2n, K]
+    counts = (per_micro != IGNORE_LABEL).reshape(k, groups, -1).sum(-1)
+    bound = packed_masked_bound(pretrain_cfg, masked["inputs"].shape[2:], per_micro.shape[1] // groups,
+                                labels.shape[-1])
+    return jnp.minimum(counts, bound).sum()
+
+
+def dropout_key(key: jax.Array, rng: str) -> jax.Array:
+    """The dropout key of an update, derived from its threefry `key`: itself for rng='threefry',
+    else a key of the 'rbg' / 'unsafe_rbg' implementation made from 4 words drawn from it, so
+    the bits still depend only on (seed, step) and resume exactly. With those, every dropout
+    mask is one XLA RngBitGenerator call (Philox on GPU) instead of a threefry hash per 32-bit
+    word; the bits then depend on the backend and on how the batch is split over devices."""
+    if rng == "threefry":
+        return key
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,15 +340,25 @@ def micro_batch_loss(params, batch_stats, micro: dict, dropout_key, *, model, pr
 
     micro: the `mask_batch` arrays of n videos ([n, 2, ...]). Returns (loss, aux) with
     loss = mlm_weight * (summed MLM cross entropy / total_scored) + nce_weight * NCE / num_micro.
+    With mlm_positions='micro_batch' the scored positions of each device's clips are packed into
+    one list (`pack_micro_batch`) and the MLM head runs on those slots only.
     """
     inputs = _constrain(views_major(micro["inputs"]), mesh)
     positions = _constrain(views_major(micro["positions"]), mesh)
     labels = _constrain(views_major(micro["labels"]), mesh)
+    options = dict(vocab_multiple=int(_field(pretrain_cfg, "mlm_vocab_multiple")))
+    if _packed(pretrain_cfg):
+        groups = _batch_shards(mesh)
+        clip = inputs.shape[1:]
+        bound = packed_masked_bound(pretrain_cfg, clip, inputs.shape[0] // groups, positions.shape[-1])
+        positions, labels = pack_micro_batch(positions, labels, math.prod(clip), groups, bound)
+        positions, labels = _constrain(positions, mesh), _constrain(labels, mesh)
+        options["position_groups"] = groups
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
     out, mutated = model.apply(variables, inputs, positions, train=True, rngs={"dropout": dropout_key},
-                               mutable=["batch_stats"])
+                               mutable=["batch_stats"], **options)
     mean_nll, count, correct = mlm_loss(out["mlm_logits"], labels)
     mlm_share = mean_nll * count / jnp.maximum(total_scored, 1)
     nce_share = info_nce(out["cls_proj"]) / num_micro
@@ -273,7 +389,7 @@ def accumulate_gradients(params, batch_stats, masked: dict, dropout_key, *, mode
     update's total loss, its MLM and NCE parts and the number of correct scored positions.
     """
     k = int(_get(pretrain_cfg, "micro_batches", 1))
-    total_scored = (masked["labels"] != IGNORE_LABEL).sum()
+    total_scored = scored_count(masked, pretrain_cfg, mesh)
     loss_fn = functools.partial(micro_batch_loss, model=model, pretrain_cfg=pretrain_cfg,
                                 total_scored=total_scored, num_micro=k, mesh=mesh)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -302,16 +418,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
     """The pure (un-jitted) step; see the module docstring. batch['tokens']: int [B, 2, T, H, W]."""
     tokens = batch["tokens"]
     _check_batch(tokens, model_cfg, int(_get(pretrain_cfg, "micro_batches", 1)), mesh)
-    mask_key, dropout_key = jax.random.split(key)
+    mask_key, drop_key = jax.random.split(key)
     masked = mask_batch(tokens, mask_key, pretrain_cfg, max_masked)
-    grads, batch_stats, sums = accumulate_gradients(state.params, state.batch_stats, masked, dropout_key,
+    drop_key = dropout_key(drop_key, _field(pretrain_cfg, "dropout_rng"))
+    grads, batch_stats, sums = accumulate_gradients(state.params, state.batch_stats, masked, drop_key,
                                                     model=model, pretrain_cfg=pretrain_cfg, mesh=mesh)
     grad_norm = optax.tree.norm(grads)  # global L2 norm, before clipping
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     num_tokens = math.prod(tokens.shape)
     num_masked = masked["num_masked"].sum()
-    num_scored = (masked["labels"] != IGNORE_LABEL).sum()
+    num_scored = scored_count(masked, pretrain_cfg, mesh)
     metrics = dict(
         total_loss=sums["loss"],
         mlm_loss=sums["mlm"],
