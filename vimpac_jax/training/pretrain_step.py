@@ -171,15 +171,15 @@ def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, 
 def _packed_bound(clip: tuple, kind: str, num_blocks: int, prob: float, quantile: float, clips: int,
                   per_clip: int) -> int:
     bound = masked_positions_bound(clip, kind=kind, num_blocks=num_blocks, prob=prob, quantile=quantile,
-                                   clips=clips, multiple_of=64, samples=16384)
+                                   clips=clips, multiple_of=8, samples=16384)
     return min(bound, clips * per_clip)
 
 
 def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int, per_clip: int) -> int:
     """Static number M of MLM slots for `clips` clips packed together (mlm_positions='micro_batch'):
     the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
-    their per-clip lists). Small, T=5 at 128 px: 27,672 slots (216 per clip) for 128 clips at
-    1 - 1e-6, against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
+    their per-clip lists). Small, T=5 at 128 px: ~27.6k slots (~216 per clip) for 128 clips at
+    1 - 1e-6 (rounded up to a multiple of 8), against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
     return _packed_bound(tuple(int(x) for x in clip), _get(pretrain_cfg, "mask_kind", "block"),
                          int(_get(pretrain_cfg, "mask_blocks", 5)), float(_get(pretrain_cfg, "mask_prob", 0.15)),
                          float(_field(pretrain_cfg, "packed_quantile")), int(clips), int(per_clip))
