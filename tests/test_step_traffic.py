@@ -71,7 +71,7 @@ def _mlm_sum_and_grad(inputs, pretrain_cfg, masked, mesh=None):
                                      pretrain_cfg=dict(pretrain_cfg, mlm_weight=1.0, nce_weight=0.0),
                                      total_scored=1, num_micro=1)
         return aux["mlm"], aux["correct"]
-    (mlm, correct), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (mlm, correct), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # jit: no op-by-op dispatch
     return float(mlm), float(correct), grads
 
 
