@@ -67,8 +67,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
         y = checkpoint_name(dense(self.mlp_dim, ("embed", "mlp"), name="fc", dtype=self.dtype)(x), "mlp_hidden")
-        y = gelu(y)
-        y = dense(self.hidden_dim, ("mlp", "embed"), name="proj", dtype=self.dtype, std=self.out_init_std)(y)
+        proj = dense(self.hidden_dim, ("mlp", "embed"), name="proj", dtype=self.dtype, std=self.out_init_std)
+        # GELU and proj recomputed together: the backward keeps the GELU input [.., m] only, not
+        # also its output (proj's input); the recomputed proj matmul is dead code and dropped.
+        y = nn.remat(lambda proj, y: proj(gelu(y)))(proj, y)
         return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
