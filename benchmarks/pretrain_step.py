@@ -136,7 +136,7 @@ def _parse(argv):
 def run(args) -> dict:
     model_cfg = common.model_config(args.preset, task="pretrain", clip_len=args.clip_len,
                                     frame_size=args.frame_size).to_dict()
-    model_cfg.update(dtype=args.dtype, remat=args.remat, attention_impl=args.attention_impl)
+    model_cfg.update(dtype=args.dtype, remat="full" if args.remat else "none", attention_impl=args.attention_impl)
     if args.attention_dropout is not None:
         model_cfg["attention_dropout"] = args.attention_dropout
     optim_cfg = optim_config(total_steps=1000, warmup=0)  # lr > 0 from the first step
