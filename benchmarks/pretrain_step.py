@@ -162,7 +162,7 @@ def _parse(argv):
     p.add_argument("--num-classes", type=int, default=101, help="finetune: classifier width")
     p.add_argument("--mask-blocks", type=int, default=5)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
-    p.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
+    p.add_argument("--remat", default="none", help="model.remat policy: none, full, dots, dots_no_batch, save:<names>")
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"),
                    help="jax.nn.dot_product_attention implementation (default: jax picks)")
     p.add_argument("--attention-dropout", type=float, default=None,

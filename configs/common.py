@@ -33,7 +33,8 @@ def model_config(preset: str, *, task: str = "pretrain", clip_len: int = 5, fram
         layout="T,H|W", num_heads=ml_collections.FieldReference(None, field_type=int),
         pos_emb="hw_separation", pre_ln=False, halve_att=False, halve_mlp=False,
         dropout=0.1, attention_dropout=0.1, vocab_size=8197,
-        dtype="float32", remat=False,
+        dtype="float32",
+        remat="none",                # backbone.REMAT_POLICIES: none, full, dots, dots_no_batch, save:<names>
         # token lookup from the float32 table ("compute_dtype": cast the table first, as before)
         embed_lookup="float32",
         attention_impl=ml_collections.FieldReference(None, field_type=str),

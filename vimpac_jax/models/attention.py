@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vimpac_jax.models.common import dense, layer_norm
 from vimpac_jax.models.layout import AXES
@@ -50,7 +51,9 @@ def attend(q, k, v, key_is_pad, *, dropout_rate: float, deterministic: bool,
         mask = None if key_is_pad is None else ~key_is_pad[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    # The dot's output in the compute dtype (f32 accumulation inside), then the softmax in f32:
+    # so the backward's dq, dk dots take compute-dtype operands, not f32 x f32. Unchanged in f32.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if key_is_pad is not None:
         scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(jnp.float32).min, scores)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -88,7 +91,7 @@ class AxialAttention(nn.Module):
         # Prepend the [CLS] projection to every line: [B, N, 1 + L, heads, head_dim].
         qkv = []
         for proj in projections:
-            tok = heads(proj(lines))
+            tok = heads(checkpoint_name(proj(lines), "qkv"))
             c = heads(proj(cls))[:, None, None]
             qkv.append(jnp.concatenate([jnp.broadcast_to(c, (b, n, 1, *c.shape[3:])), tok], axis=2))
         q, k, v = (t.reshape(b * n, 1 + length, self.num_heads, self.head_dim) for t in qkv)
@@ -144,11 +147,11 @@ class AttentionBlock(nn.Module):
             for i, axes in enumerate(self.attentions)
         ]
         att_cls = jnp.concatenate([o[0] for o in outs], axis=-1)
-        att_x = jnp.concatenate([o[1] for o in outs], axis=-1)
+        att_x = checkpoint_name(jnp.concatenate([o[1] for o in outs], axis=-1), "attention")
         out = dense(self.hidden_dim, ("heads", "embed"), name="out", dtype=self.dtype, std=self.out_init_std)
         drop = nn.Dropout(self.dropout)
         new_cls = drop(out(att_cls), deterministic=deterministic) + cls
         new_x = drop(out(att_x), deterministic=deterministic) + x
         if not self.pre_ln:
             new_cls, new_x = ln(new_cls), ln(new_x)
-        return new_cls, new_x
+        return new_cls, checkpoint_name(new_x, "block_out")

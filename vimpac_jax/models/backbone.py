@@ -9,6 +9,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vimpac_jax.constants import PAD_ID, VOCAB_SIZE
 from vimpac_jax.models.attention import AttentionBlock
@@ -66,8 +67,11 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        y = gelu(dense(self.mlp_dim, ("embed", "mlp"), name="fc", dtype=self.dtype)(x))
-        y = dense(self.hidden_dim, ("mlp", "embed"), name="proj", dtype=self.dtype, std=self.out_init_std)(y)
+        y = checkpoint_name(dense(self.mlp_dim, ("embed", "mlp"), name="fc", dtype=self.dtype)(x), "mlp_hidden")
+        proj = dense(self.hidden_dim, ("mlp", "embed"), name="proj", dtype=self.dtype, std=self.out_init_std)
+        # GELU and proj recomputed together: the backward keeps the GELU input [.., m] only, not
+        # also its output (proj's input); the recomputed proj matmul is dead code and dropped.
+        y = nn.remat(lambda proj, y: proj(gelu(y)))(proj, y)
         return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
@@ -105,13 +109,46 @@ class TransformerLayer(nn.Module):
         return cls, x
 
 
+# Activations a `save:` remat policy can keep (checkpoint_name in attention.py and Mlp).
+SAVEABLE_NAMES = ("qkv", "attention", "block_out", "mlp_hidden")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save:<names>")
+
+
+def remat_policy(spec):
+    """`model.remat` -> (recompute?, jax checkpoint policy). `none`: keep what autodiff keeps;
+    `full`: keep each layer's input only; `dots`: keep every matmul output; `dots_no_batch`: keep
+    the matmuls without batch dimensions (the projections and MLP, not the attention scores);
+    `save:qkv,attention,...`: keep the named activations (SAVEABLE_NAMES) only. True/False are
+    read as `full`/`none` (configs written before the policies)."""
+    if isinstance(spec, bool) or spec is None:
+        spec = "full" if spec else "none"
+    if not isinstance(spec, str):
+        raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {spec!r}")
+    if spec == "none":
+        return False, None
+    if spec == "full":
+        return True, None
+    if spec == "dots":
+        return True, jax.checkpoint_policies.checkpoint_dots
+    if spec == "dots_no_batch":
+        return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if spec.startswith("save:"):
+        names = tuple(n.strip() for n in spec[len("save:"):].split(",") if n.strip())
+        bad = [n for n in names if n not in SAVEABLE_NAMES]
+        if not names or bad:
+            raise ValueError(f"model.remat {spec!r}: names must be a comma list of {SAVEABLE_NAMES}, got {bad or 'none'}")
+        return True, jax.checkpoint_policies.save_only_these_names(*names)
+    raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {spec!r}")
+
+
 class VideoTransformer(nn.Module):
     """VIMPAC backbone. `__call__(tokens [B, T, H, W] int) -> (cls [B, D], hiddens [B, T, H, W, D])`.
 
     Fields follow the released `args`: `layout` is any string of the grammar in
     `vimpac_jax.models.layout` (`T,H|W`, `T,H,W`, `TxHxW`, `T,HxW`, ...); `num_heads` defaults to
     hidden_dim // 64 as in every released config; `halve_att` gives attention dim d/2 and
-    `halve_mlp` an MLP of 2d instead of 4d. `remat` recomputes each layer in the backward pass.
+    `halve_mlp` an MLP of 2d instead of 4d. `remat` is a `remat_policy` spec: what each layer
+    keeps for the backward pass.
     `embed_lookup`: "float32" takes the rows from the float32 table and casts them to `dtype`,
     so the table's gradient is a float32 scatter-add; "compute_dtype" casts the table first
     (its gradient is then a scatter-add in `dtype`: bfloat16 atomics, which serialise on the
@@ -133,7 +170,7 @@ class VideoTransformer(nn.Module):
     attention_dropout: float = 0.1
     vocab_size: int = VOCAB_SIZE
     dtype: jnp.dtype = jnp.float32
-    remat: bool = False
+    remat: str = "none"
     attention_impl: Optional[str] = None
     embed_lookup: str = "float32"
 
@@ -153,7 +190,10 @@ class VideoTransformer(nn.Module):
         out_std = INIT_STD
         if self.pre_ln:
             out_std = INIT_STD / math.sqrt(self.num_layers * (len(blocks) + 1))
-        layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if self.remat else TransformerLayer
+        recompute, policy = remat_policy(self.remat)
+        layer_cls = TransformerLayer
+        if recompute:
+            layer_cls = nn.remat(TransformerLayer, static_argnums=(4,), policy=policy)
         self.layers = [
             layer_cls(blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
                       self.pre_ln, self.dropout, self.attention_dropout, out_std, self.dtype,

@@ -6,6 +6,7 @@ mesh axes in one place, and the model code never mentions the mesh.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 INIT_STD = 0.02  # BERT's initializer_range, used by the released code for every weight
@@ -31,9 +32,16 @@ def dense(features: int, axes: tuple, *, name: str, dtype=jnp.float32, use_bias:
     )
 
 
+# LayerNorm and GELU are recomputed in the backward pass from their (bf16) inputs instead of
+# keeping their float32 intermediates (centred input, statistics, erf terms): per LayerNorm that
+# is one bf16 tensor saved instead of several float32 ones (benchmarks/RESULTS.md, layer memory).
+# The forward computation is unchanged, so float32 results are too.
+_RecomputedLayerNorm = nn.remat(nn.LayerNorm)
+
+
 def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
     # eps 1e-12 as BERT and the released code; statistics are computed in float32 by flax.
-    return nn.LayerNorm(
+    return _RecomputedLayerNorm(
         epsilon=LN_EPS,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -43,6 +51,8 @@ def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
     )
 
 
+@jax.checkpoint
 def gelu(x):
-    """The exact (erf) GELU of torch.nn.GELU, not the tanh approximation."""
+    """The exact (erf) GELU of torch.nn.GELU, not the tanh approximation; keeps only x for the
+    backward pass (see above)."""
     return nn.gelu(x, approximate=False)

@@ -108,7 +108,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         attention_dropout=_get(cfg, "attention_dropout", 0.1),
         vocab_size=_get(cfg, "vocab_size", 8197),
         dtype=_DTYPES[dtype],
-        remat=_get(cfg, "remat", False),
+        remat=_get(cfg, "remat", "none"),
         attention_impl=_get(cfg, "attention_impl"),
         embed_lookup=_get(cfg, "embed_lookup", "float32"),
     )
