@@ -46,16 +46,21 @@ def attend(q, k, v, key_is_pad, *, dropout_rate: float, deterministic: bool,
     With attention dropout active we need the probabilities, so the einsum path runs; otherwise
     `jax.nn.dot_product_attention` picks a fused kernel where the backend has one.
     """
-    if deterministic or dropout_rate == 0.0:
+    # float64 (numerics checks) takes the einsum path: jax.nn.dot_product_attention computes its
+    # scores in float32 whatever the input dtype.
+    if (deterministic or dropout_rate == 0.0) and q.dtype != jnp.float64:
         mask = None if key_is_pad is None else ~key_is_pad[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=score_dtype) * scale
     if key_is_pad is not None:
-        scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(jnp.float32).min, scores)
+        scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(score_dtype).min, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    if not (deterministic or dropout_rate == 0.0):
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
