@@ -143,16 +143,32 @@ class _StoreTask:
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
 
 
-def _check_mlm_codes(model_cfg: dict, store: str) -> None:
-    """model.mlm_codes must cover every code the store's tokenizer can emit (they are the targets)."""
-    codes = model_cfg.get("mlm_codes")
-    if codes is None:
-        return
+def store_code_range(store: str) -> tuple[int, int, str]:
+    """(lowest, highest) code a token store can hold and where that was read: the vocabulary of
+    the tokenizer named in its metadata, or else (a store from elsewhere) every stored token."""
     tokenizer = token_store.read_metadata(store).get("tokenizer") or {}
-    emitted = (tokenizer.get("config") or {}).get("vocab_size")
-    if emitted is not None and int(emitted) > int(codes):
-        raise ValueError(f"config.model.mlm_codes={codes} scores fewer ids than the {emitted} codes of the "
-                         f"tokenizer that made {store}; set it to >= {emitted} (or None for all)")
+    vocab = (tokenizer.get("config") or {}).get("vocab_size")
+    if vocab is not None:
+        return 0, int(vocab) - 1, f"its tokenizer's {int(vocab)} codes"
+    source = token_store.open_records(store)
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for i in range(len(source)):
+        tokens = token_store.decode_record(source[i])["tokens"]
+        if tokens.size:
+            lo, hi = min(lo, int(tokens.min())), max(hi, int(tokens.max()))
+    return lo, hi, "its stored tokens"
+
+
+def _check_mlm_codes(model_cfg: dict, store: str, field: str = "train_store") -> None:
+    """model.mlm_codes must cover every code of the store (they are the MLM targets): a larger
+    code is a target the head cannot score, a NaN loss, so it is refused before compiling."""
+    codes = model_cfg.get("mlm_codes")
+    if codes is None or not store:
+        return
+    lo, hi, source = store_code_range(store)
+    if hi >= int(codes) or lo < 0:
+        raise ValueError(f"config.model.mlm_codes={codes} scores ids [0, {codes}) only, but config.data.{field}={store} "
+                         f"holds codes {lo}..{hi} ({source}); set config.model.mlm_codes >= {hi + 1} (or None for all ids)")
 
 
 class PretrainTask(_StoreTask):
@@ -161,7 +177,8 @@ class PretrainTask(_StoreTask):
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = 2 * int(config.data.batch_size)  # clips
-        _check_mlm_codes(self.model_cfg, config.data.train_store)
+        _check_mlm_codes(self.model_cfg, config.data.train_store, "train_store")
+        _check_mlm_codes(self.model_cfg, config.data.eval_store, "eval_store")
         self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
         self.knn = None
         if config.knn.train_store and config.knn.eval_store:
