@@ -60,3 +60,23 @@ def test_runlocal_shrinks_and_unknown_fields_are_rejected():
         config("pretrain.py:small", "--config.optim.learning_rat=1e-3")
     with pytest.raises(ValueError, match="dataset must be one of"):
         config("finetune.py:dataset=kinetics9000")
+
+
+def test_two_stage_recipe_is_one_schedule_and_the_papers_negatives():
+    """large.sh (--epochs 100 --interval 90) then large_frame256cont.sh (--epochs 100 --interval 10
+    --resume): one 100-epoch schedule; negatives from 128-video micro-batches in stage 1 and
+    64-video ones in stage 2 and the analysis runs (paper Appendix C.1, Table 11)."""
+    from vimpac_jax.training.optimizer import schedule_length
+
+    s1, s2 = config("pretrain.py:large_half"), config("pretrain.py:large_half,stage2")
+    for c in (s1, s2):
+        assert (c.optim.schedule_epochs, c.optim.warmup, c.optim.schedule, c.optim.learning_rate) == (
+            100, 0.05, "linear", 3e-4)
+    assert (s1.train.epochs, s2.train.epochs, s2.init_from_optimizer) == (90, 10, True)
+    steps_per_epoch = 1_238_791 // 1024  # HowTo100M (Table 5), drop-last batches
+    assert schedule_length(s2.optim, steps_per_epoch, 10 * steps_per_epoch) == 100 * steps_per_epoch
+    assert s1.data.batch_size // s1.pretrain.micro_batches == 128  # 255 negatives per clip
+    assert s2.data.batch_size // s2.pretrain.micro_batches == 64   # 127
+    an = config("pretrain.py:small,analysis")
+    assert an.data.batch_size // an.pretrain.micro_batches == 64 and an.optim.schedule_epochs is None
+    assert schedule_length(an.optim, steps_per_epoch, 10 * steps_per_epoch) == 10 * steps_per_epoch

@@ -1,10 +1,11 @@
 """Parity of our backbone, heads, losses and importer with the released PyTorch code.
 
 Golden outputs: ../shared/golden/vimpac_{a,b} (README there). Tolerances are the README's
-(relative L2 error 1e-5 for outputs and losses, 1e-4 for gradients), with two measured
-exceptions explained in `test_train_mode_*`: computations after the projection head's
-train-mode BatchNorm are ill-conditioned on the golden batch, so float32 noise in the golden
-itself exceeds 1e-5 there.
+(relative L2 error 1e-5 for outputs and losses), with measured exceptions explained in
+`test_train_mode_*`: computations after the projection head's train-mode BatchNorm are
+ill-conditioned on the golden batch, so float32 noise in the golden itself exceeds 1e-5 there.
+Gradients are checked against the released model run in float64: tightly (1e-10) for our
+float64 step, with a bound set by the released float32 noise for our float32 step.
 """
 
 import flax
@@ -101,21 +102,20 @@ def test_train_mode_losses(case):
     assert rel_err(proj, expected["train_cls_proj"]) < 3e-5
 
 
-def test_train_mode_gradients(case, golden_dir):
-    """Gradients of the total loss for every parameter, torch layout, against grads.npz.
+# Median relative error of the released float32 gradients (grads.npz) against the same function
+# in float64 (grads_f64.npz), as the golden README states: the float32 noise of this batch.
+RELEASED_FLOAT32_NOISE = {"vimpac_a": 5e-5, "vimpac_b": 8e-5}
+
+
+def gradient_errors(cfg, grads, golden, *, zero_bound: float) -> list[float]:
+    """Relative L2 error per parameter (torch names and layout) against `golden`.
 
     Three kinds of parameter have a gradient that is exactly zero in exact arithmetic, so both
     sides hold only rounding noise there: attention key biases (they shift all scores of a query
     equally, and softmax ignores that) and the biases of Linear layers followed by a train-mode
-    BatchNorm (it subtracts the batch mean). For those we check that the gradient is negligible.
-    For the rest, the ill-conditioned BatchNorm (see test_train_mode_losses) puts float32 noise
-    of up to 4e-4 into the golden gradients (measured: the golden differs from our float64
-    gradient by 4.2e-4 at most, our float32 from our float64 by 1.2e-4), so the bound is 1e-3;
-    the median error over all parameters must still meet the README's 1e-4.
+    BatchNorm (it subtracts the batch mean). For those the gradient must be below
+    `zero_bound` x the largest gradient norm; the others' errors are returned.
     """
-    name, cfg, variables, expected = case
-    golden = dict(np.load(golden_dir / name / "grads.npz"))
-    _, _, grads = train_mode_outputs(cfg, variables, expected)
     flat = flax.traverse_util.flatten_dict(grads)
     names = {torch_name(("params", *p), cfg["pre_ln"]): p for p in flat}
     assert set(names) == set(golden), "every golden gradient has a parameter here and vice versa"
@@ -127,9 +127,40 @@ def test_train_mode_gradients(case, golden_dir):
         zero_in_exact_arithmetic = tname.endswith("attention.key.bias") or (
             tname.startswith("cls_head.mlp.linear_") and tname.endswith(".bias"))
         if zero_in_exact_arithmetic:
-            assert np.linalg.norm(ours) < 1e-5 * scale and np.linalg.norm(golden[tname]) < 1e-5 * scale, tname
+            assert np.linalg.norm(ours) < zero_bound * scale and np.linalg.norm(golden[tname]) < zero_bound * scale, tname
             continue
-        err = rel_err(ours, golden[tname])
-        assert err < 1e-3, (tname, err)
-        errors.append(err)
-    assert np.median(errors) < 1e-4, np.median(errors)
+        errors.append(rel_err(ours, golden[tname]))
+    return errors
+
+
+def test_float64_step_is_the_released_function(case, golden_dir):
+    """In float64 both sides compute the same function exactly (up to float64 rounding): losses,
+    projections and every gradient against the released model run in float64 (train_f64.npz,
+    grads_f64.npz). Measured here: 1e-12 at most, against 5e-5 of float32 noise."""
+    name, cfg, variables, expected = case
+    reference = dict(np.load(golden_dir / name / "train_f64.npz"))
+    with jax.enable_x64(True):
+        variables64 = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
+        total, (mlm, nce, proj), grads = train_mode_outputs(dict(cfg, dtype="float64"), variables64, expected)
+        assert proj.dtype == jnp.float64 and jax.tree.leaves(grads)[0].dtype == jnp.float64
+    for ours, key in ((mlm, "train_mlm_loss"), (nce, "train_nce_loss"), (total, "train_total_loss"),
+                      (proj, "train_cls_proj")):
+        assert rel_err(ours, reference[key]) < 1e-10, key
+    errors = gradient_errors(cfg, grads, dict(np.load(golden_dir / name / "grads_f64.npz")), zero_bound=1e-12)
+    assert max(errors) < 1e-10, max(errors)
+
+
+def test_train_mode_gradients(case, golden_dir):
+    """Our float32 gradients against the released function in float64 (grads_f64.npz).
+
+    The golden batch is ill-conditioned (see test_train_mode_losses): the released code's own
+    float32 gradients differ from its float64 ones by a median of RELEASED_FLOAT32_NOISE (5e-5,
+    8e-5; up to 4.2e-4 for one parameter). Ours must be no noisier than twice that: median below
+    2x the stated noise, every parameter below 1e-3. (Measured here: median 3.3e-5 / 5.1e-5, max
+    1.2e-4.) Comparing with the float32 grads.npz instead would add the golden's own noise.
+    """
+    name, cfg, variables, expected = case
+    _, _, grads = train_mode_outputs(cfg, variables, expected)
+    errors = gradient_errors(cfg, grads, dict(np.load(golden_dir / name / "grads_f64.npz")), zero_bound=1e-5)
+    assert max(errors) < 1e-3, max(errors)
+    assert np.median(errors) < 2 * RELEASED_FLOAT32_NOISE[name], np.median(errors)

@@ -40,6 +40,13 @@ _RELEASED_ARG_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# The released MLM head scores all 8,197 ids. A model trained with `model.mlm_codes` = C scored
+# ids [0, C) only, so the bias of ids [C, 8197) never trained: the export writes it as this large
+# negative number, which gives those ids a softmax probability of exp(-1e4) ~ 0 under the released
+# code (and stays finite in its float16 autocast, max 65504), so its predictions are the model's.
+UNSCORED_ID_BIAS = -1e4
+
+
 class ExportError(ValueError):
     pass
 
@@ -76,6 +83,7 @@ def released_incompatibilities(cfg: Mapping[str, Any]) -> list[str]:
 def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, Any]) -> "collections.OrderedDict[str, np.ndarray]":
     """Our variables -> the released state_dict {name: array in torch layout}.
 
+    A model trained with `mlm_codes` = C gets UNSCORED_ID_BIAS as the MLM bias of ids >= C.
     Tied entries (`mlm_head.decoder.weight` / `.bias`) are the very same arrays as their
     originals, so the writer stores them once and torch loads them sharing memory. Each
     BatchNorm also gets its `num_batches_tracked` counter (int64, 0-d), which we do not keep:
@@ -89,6 +97,11 @@ def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, An
         if name in state:
             raise ExportError(f"two variables map to the torch name {name} (the second is {'/'.join(path)})")
         state[name] = np.ascontiguousarray(to_torch_layout(path, np.asarray(value)))
+    codes = cfg.get("mlm_codes")
+    if codes is not None and "mlm_head.bias" in state:  # before tying: decoder.bias is the same array
+        bias = state["mlm_head.bias"].copy()
+        bias[int(codes):] = UNSCORED_ID_BIAS
+        state["mlm_head.bias"] = bias
     for name, original in TIED_KEYS.items():
         head = name.split(".")[0] + "."  # only where the head exists: a classifier has no mlm_head
         if original in state and any(k.startswith(head) for k in state):
@@ -145,6 +158,10 @@ def export_torch(cfg: Mapping[str, Any], variables: Mapping[str, Any], out_dir, 
     torch_zip.save_state_dict(state, out_dir / WEIGHTS_FILE)
     torch_zip.save_namespace(released_args(cfg, args_overrides), out_dir / ARGS_FILE)
     warnings = list(problems)
+    if cfg.get("mlm_codes") is not None and cfg.get("task", "pretrain") == "pretrain":
+        warnings.append(f"model.mlm_codes={cfg['mlm_codes']}: the MLM bias of the {int(cfg['vocab_size']) - int(cfg['mlm_codes'])} "
+                        f"ids it never scored is written as {UNSCORED_ID_BIAS:g}, so the released head gives them "
+                        f"probability ~0")
     if float(cfg.get("attention_dropout", cfg.get("dropout", 0.1))) != float(cfg.get("dropout", 0.1)):
         warnings.append("attention_dropout differs from dropout; the released code has one dropout rate "
                         "(args.dropout), used for both")

@@ -47,18 +47,24 @@ def attend(q, k, v, key_is_pad, *, dropout_rate: float, deterministic: bool,
     With attention dropout active we need the probabilities, so the einsum path runs; otherwise
     `jax.nn.dot_product_attention` picks a fused kernel where the backend has one.
     """
-    if deterministic or dropout_rate == 0.0:
+    # float64 (numerics checks) takes the einsum path: jax.nn.dot_product_attention computes its
+    # scores in float32 whatever the input dtype.
+    if (deterministic or dropout_rate == 0.0) and q.dtype != jnp.float64:
         mask = None if key_is_pad is None else ~key_is_pad[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     scale = q.shape[-1] ** -0.5
-    # The dot's output in the compute dtype (f32 accumulation inside), then the softmax in f32:
-    # so the backward's dq, dk dots take compute-dtype operands, not f32 x f32. Unchanged in f32.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    # The dot's output in the compute dtype (f32 accumulation inside), then the softmax in f32
+    # (float64 under a float64 run): so the backward's dq, dk dots take compute-dtype operands,
+    # not f32 x f32. Unchanged in f32.
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(score_dtype) * scale
     if key_is_pad is not None:
-        scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(jnp.float32).min, scores)
+        scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(score_dtype).min, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    if not (deterministic or dropout_rate == 0.0):
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 

@@ -14,7 +14,7 @@ import optax
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.model import build_model
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.optimizer import make_optimizer
+from vimpac_jax.training.optimizer import applied_learning_rate, make_optimizer
 from vimpac_jax.training.pretrain_step import TrainState, train_state_shardings
 
 
@@ -42,7 +42,7 @@ def finetune_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: 
         loss=loss,
         accuracy=(jnp.argmax(logits, -1) == labels).mean(),
         grad_norm=optax.global_norm(grads),
-        learning_rate=schedule(state.step),
+        learning_rate=applied_learning_rate(schedule, state.opt_state),  # from the optimizer's count
         pad_ratio=(tokens == PAD_ID).mean(),
     )
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),

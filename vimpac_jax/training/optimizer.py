@@ -14,6 +14,17 @@ the exempt parameters by name (".bias", "LayerNorm.weight", ".ln.weight", "ln_pr
   - also decays the MLM head's LayerNorm scale, whose torch name 'mlm_head.transform.2.weight'
     matches no pattern: an oversight; we exempt it unless `match_released_decay=True`.
 Embeddings (token, positional, [CLS]) are decayed, as in the released code.
+
+Schedule length and run length are separate (the released `--epochs` and `--interval`):
+`total_steps` here is the length of the SCHEDULE; a run may cover only part of it. The released
+large model runs one 100-epoch schedule in two stages (scripts/pretrain/large.sh: `--epochs 100
+--interval 90` at 128 px, then large_frame256cont.sh: `--epochs 100 --interval 10 --resume`
+at 256 px, which restores the LambdaLR scheduler with the optimizer), so stage 2 continues from
+0.1 x peak down to 0 without a second warm-up. Here the position in the schedule is the
+optimizer state's own update count (`schedule_count`): it travels with the Adam moments when a
+stage starts from another run's optimizer state (`config.init_from_optimizer`), and the logged
+learning rate is read from it (`applied_learning_rate`), so the logged and the applied rate are
+the same number by construction.
 """
 
 from typing import Any, Mapping
@@ -34,7 +45,11 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         learning_rate=3e-4,
         schedule="linear",           # one of SCHEDULES
         warmup=0.05,                 # < 1: fraction of total_steps; >= 1: a number of steps
-        total_steps=100_000,         # optimizer updates (not micro-batches)
+        total_steps=100_000,         # schedule length in optimizer updates (not micro-batches)
+        # Schedule length apart from the run's (`train.epochs` / `train.num_steps`); the task
+        # turns them into `total_steps`. 0 / None: the schedule is as long as the run.
+        schedule_steps=0,
+        schedule_epochs=ml_collections.FieldReference(None, field_type=float),
         b1=0.9, b2=0.98, eps=1e-8,
         weight_decay=0.05,
         clip_grad_norm=1.0,          # global-norm clipping; 0 disables it
@@ -52,6 +67,23 @@ def warmup_steps(cfg: Mapping[str, Any]) -> int:
     """Warm-up length in updates: `warmup` < 1 is a fraction of total_steps (as released)."""
     warmup, total = float(_get(cfg, "warmup", 0.0)), int(cfg["total_steps"])
     return int(total * warmup) if warmup < 1 else int(warmup)
+
+
+def schedule_length(cfg: Mapping[str, Any], steps_per_epoch: int, run_steps: int) -> int:
+    """The schedule's length in updates (`total_steps`) from an `optim` config block:
+    `schedule_steps` if > 0, else `schedule_epochs` x steps_per_epoch if set, else the run's own
+    length `run_steps` (the released `--epochs` when `--interval` is not given)."""
+    steps = int(_get(cfg, "schedule_steps", 0) or 0)
+    if steps < 0:
+        raise ValueError(f"config.optim.schedule_steps={steps} must be >= 0 (0: from schedule_epochs or the run)")
+    if steps:
+        return steps
+    epochs = _get(cfg, "schedule_epochs", None)
+    if epochs is not None:
+        if float(epochs) <= 0:
+            raise ValueError(f"config.optim.schedule_epochs={epochs} must be > 0 (None: as long as the run)")
+        return int(round(float(epochs) * steps_per_epoch))
+    return int(run_steps)
 
 
 def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
@@ -77,6 +109,23 @@ def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
     if warm == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def schedule_count(opt_state: Any) -> jax.Array:
+    """int32 []: updates the schedule has counted so far (the next update's position in it).
+
+    Read from the `ScaleByScheduleState` inside `make_optimizer`'s state, the counter optax's
+    `scale_by_learning_rate` evaluates the schedule at.
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ScaleByScheduleState")
+    if len(found) != 1:
+        raise ValueError(f"expected one ScaleByScheduleState in the optimizer state, found {len(found)}")
+    return found[0][1].count
+
+
+def applied_learning_rate(schedule: optax.Schedule, opt_state: Any) -> jax.Array:
+    """The learning rate the next `tx.update(grads, opt_state)` applies: schedule(its count)."""
+    return schedule(schedule_count(opt_state))
 
 
 def _is_decayed(path: tuple, match_released: bool) -> bool:

@@ -62,7 +62,7 @@ from vimpac_jax.models.losses import info_nce, mlm_loss
 from vimpac_jax.models.model import build_model, init_variables
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.masking import gather_positions, mask_tokens, masked_positions_bound, pack_positions
-from vimpac_jax.training.optimizer import make_optimizer
+from vimpac_jax.training.optimizer import applied_learning_rate, make_optimizer
 
 
 def pretrain_config(**overrides) -> ml_collections.ConfigDict:
@@ -438,7 +438,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
         pad_ratio=(tokens == PAD_ID).sum() / num_tokens,
         dropped_ratio=1.0 - num_scored / jnp.maximum(num_masked, 1),
         grad_norm=grad_norm,
-        learning_rate=schedule(state.step),
+        learning_rate=applied_learning_rate(schedule, state.opt_state),  # from the optimizer's count
     )
     metrics = {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)

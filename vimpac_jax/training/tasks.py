@@ -1,7 +1,8 @@
 """What differs between the training tasks: data, state, step. The loop (`train.py`) is shared.
 
 A task is built from the config and the mesh and exposes:
-  total_steps, items_per_step
+  total_steps, items_per_step                  updates of this run (the loop's length)
+  schedule_steps                               length of the learning-rate schedule (>= the run)
   init_state(key) -> state (sharded)          fresh parameters, or `config.init_from`
   iterator() -> checkpointable grain iterator  this process's share of the training data
   global_batch(local) -> dict of global arrays
@@ -21,6 +22,7 @@ import numpy as np
 from vimpac_jax import checkpoints
 from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
+from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step
 from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_step
@@ -102,7 +104,8 @@ class _StoreTask:
             raise ValueError(f"config.data.batch_size={global_batch} is larger than the {self.index.num_videos} "
                              f"videos of {config.data.train_store}")
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
-        self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.total_steps)
+        self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
+        self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)
         self.batch_sharding = shd.batch_sharding(mesh)
 
     def init_state(self, key) -> TrainState:
@@ -111,7 +114,27 @@ class _StoreTask:
             state = initialise_from(state, self.config.init_from,
                                     allow_mismatch=bool(self.config.init_from_allow_mismatch),
                                     with_optimizer=bool(self.config.init_from_optimizer), log=self.log)
+        self.check_schedule(state)
         return state
+
+    def check_schedule(self, state: TrainState) -> None:
+        """The run must fit in what is left of its schedule. A state from `init_from_optimizer`
+        continues the schedule at the source's update count (the released `--resume` restores
+        the LambdaLR with the optimizer), so a stage-2 run of 10 epochs after 90 needs the same
+        100-epoch schedule (`config.optim.schedule_epochs`), not a 10-epoch one it starts past."""
+        start = int(jax.device_get(optimizer_lib.schedule_count(state.opt_state)))
+        end = start + self.total_steps
+        if start:
+            lr = float(jax.device_get(optimizer_lib.applied_learning_rate(
+                optimizer_lib.make_schedule(self.optim_cfg), state.opt_state)))
+            self.log(f"schedule: continuing at update {start} of {self.schedule_steps} "
+                     f"(learning rate {lr:.3g}) from {self.config.init_from}")
+        if end > self.schedule_steps and self.config.optim.schedule != "constant":
+            raise ValueError(
+                f"this run makes updates [{start}, {end}) of a {self.schedule_steps}-update learning-rate schedule, "
+                f"whose rate is 0 after its end: set config.optim.schedule_epochs (or schedule_steps) to the whole "
+                f"schedule's length (e.g. 100 epochs for the released two-stage recipe), or shorten "
+                f"config.train.epochs/num_steps")
 
     def global_batch(self, local: dict) -> dict:
         return pipelines.global_batch(local, self.batch_sharding)
@@ -120,16 +143,32 @@ class _StoreTask:
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
 
 
-def _check_mlm_codes(model_cfg: dict, store: str) -> None:
-    """model.mlm_codes must cover every code the store's tokenizer can emit (they are the targets)."""
-    codes = model_cfg.get("mlm_codes")
-    if codes is None:
-        return
+def store_code_range(store: str) -> tuple[int, int, str]:
+    """(lowest, highest) code a token store can hold and where that was read: the vocabulary of
+    the tokenizer named in its metadata, or else (a store from elsewhere) every stored token."""
     tokenizer = token_store.read_metadata(store).get("tokenizer") or {}
-    emitted = (tokenizer.get("config") or {}).get("vocab_size")
-    if emitted is not None and int(emitted) > int(codes):
-        raise ValueError(f"config.model.mlm_codes={codes} scores fewer ids than the {emitted} codes of the "
-                         f"tokenizer that made {store}; set it to >= {emitted} (or None for all)")
+    vocab = (tokenizer.get("config") or {}).get("vocab_size")
+    if vocab is not None:
+        return 0, int(vocab) - 1, f"its tokenizer's {int(vocab)} codes"
+    source = token_store.open_records(store)
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for i in range(len(source)):
+        tokens = token_store.decode_record(source[i])["tokens"]
+        if tokens.size:
+            lo, hi = min(lo, int(tokens.min())), max(hi, int(tokens.max()))
+    return lo, hi, "its stored tokens"
+
+
+def _check_mlm_codes(model_cfg: dict, store: str, field: str = "train_store") -> None:
+    """model.mlm_codes must cover every code of the store (they are the MLM targets): a larger
+    code is a target the head cannot score, a NaN loss, so it is refused before compiling."""
+    codes = model_cfg.get("mlm_codes")
+    if codes is None or not store:
+        return
+    lo, hi, source = store_code_range(store)
+    if hi >= int(codes) or lo < 0:
+        raise ValueError(f"config.model.mlm_codes={codes} scores ids [0, {codes}) only, but config.data.{field}={store} "
+                         f"holds codes {lo}..{hi} ({source}); set config.model.mlm_codes >= {hi + 1} (or None for all ids)")
 
 
 class PretrainTask(_StoreTask):
@@ -138,7 +177,8 @@ class PretrainTask(_StoreTask):
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = 2 * int(config.data.batch_size)  # clips
-        _check_mlm_codes(self.model_cfg, config.data.train_store)
+        _check_mlm_codes(self.model_cfg, config.data.train_store, "train_store")
+        _check_mlm_codes(self.model_cfg, config.data.eval_store, "eval_store")
         self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
         self.knn = None
         if config.knn.train_store and config.knn.eval_store:
