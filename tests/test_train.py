@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -253,3 +254,30 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores
         train_lib.train(config, tmp_path / "run")
     step, _ = latest_state(tmp_path / "run")
     assert step == 4  # the checkpoint saved before the loss went bad; none after it
+
+
+def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, monkeypatch):
+    """A hung or full disk under metrics.jsonl / tensorboard: the run must still honour SIGTERM."""
+    from tensorboardX.event_file_writer import EventsWriter
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import metrics
+    from vimpac_jax.training import train as train_lib
+
+    real_write_event, release = EventsWriter.write_event, threading.Event()
+
+    def hung_mount(self, event):
+        if not event.HasField("summary"):  # the file header goes through
+            return real_write_event(self, event)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        release.wait(120)
+
+    monkeypatch.setattr(EventsWriter, "write_event", hung_mount)
+    monkeypatch.setattr(metrics, "BLOCKED_WRITE_GRACE_SECONDS", 1.0)
+    config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                          f"--config.data.train_store={stores / 'pool'}", "--config.train.log_every=1"])
+    try:
+        with pytest.raises(metrics.MetricWriteError, match="did not return"):
+            train_lib.train(config, tmp_path / "run")
+    finally:
+        release.set()

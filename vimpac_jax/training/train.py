@@ -6,8 +6,9 @@
 
 Exact resume: a checkpoint holds the train state, the data iterator's state and the step; the
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
-what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) makes the
-loop save at the next step and exit cleanly. A non-finite loss stops the run naming the step;
+what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
+makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
+EXIT_PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`. A non-finite loss stops the run naming the step;
 checkpoints are only saved after a finite loss, so the last one on disk is good.
 """
 
@@ -26,6 +27,13 @@ from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.metrics import MetricWriter, Progress
 
+# Exit codes of `vimpac train` (README, "Runs"): a sweep reruns every run that did not exit 0.
+EXIT_DONE = 0
+EXIT_FAILED = 1  # an error during the run (e.g. metrics could not be written); resumable once fixed
+EXIT_BAD_INPUT = 2  # config, data or workdir rejected before training
+EXIT_NON_FINITE = 3  # a non-finite loss; the last checkpoint holds the last finite step
+EXIT_PREEMPTED = 75  # saved after SIGTERM/SIGINT: run it again to resume (sysexits.h EX_TEMPFAIL)
+
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_every", "data.workers", "knn.every")
@@ -35,26 +43,39 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class RunInterruptedError(RuntimeError):
+    """A second stop signal: the run stops at once, without saving."""
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag read at step boundaries (the handler does nothing else)."""
+    """Turns SIGTERM (a preempted VM, SLURM's time limit) and SIGINT (Ctrl-C) into a flag read at
+    step boundaries, where the loop saves and exits with EXIT_PREEMPTED. A second signal raises
+    `RunInterruptedError` wherever the program is."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no preemption handling
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no preemption handling
+                break
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        again = self.requested
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+        if again:
+            raise RunInterruptedError(f"{self.signal_name} a second time: stopped without saving a checkpoint")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -131,7 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     if restored is not None:
         start, state, meta = restored
         _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
-    writer = MetricWriter(workdir)
+    preemption = _Preemption()
+    writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
     progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
                         start_step=start,
                         every_seconds=float(config.train.progress_seconds))
@@ -148,7 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
         return values
 
     step = start
-    with _Preemption() as preemption:
+    with preemption:
         try:
             while step < total:
                 batch = task.global_batch(next(data_iter))
@@ -175,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
                         last_metrics = finite_or_raise(step, metrics)
                         checkpointing.save(manager, step, state, data_iter, dict(meta, step=step), force=True)
                     manager.wait_until_finished()
-                    _log(f"SIGTERM: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
+                    _log(f"{preemption.signal_name}: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
                     return {"preempted": True, "step": step, **last_metrics}
                 if stop_after is not None and step - start >= stop_after:
                     manager.wait_until_finished()

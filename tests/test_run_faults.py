@@ -1,0 +1,104 @@
+"""Faults around a training run: a full or hung disk under the metrics writer, stop signals,
+exit codes, locks. In-process and without compiling where the fault allows it."""
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from vimpac_jax.training import metrics
+
+
+def _in_thread(fn, timeout):
+    """Runs fn() in a daemon thread; -> the exception it raised, or 'hung' after `timeout` s."""
+    outcome = []
+
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else "hung"
+
+
+def _write_many(writer, n=50):
+    for step in range(n):
+        writer.write(step, {"loss": 1.0, "accuracy": 0.5}, prefix="train/")
+
+
+def test_enospc_from_the_event_writer_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    writer = metrics.MetricWriter(tmp_path, enabled=True)
+    from tensorboardX import record_writer
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    outcome = _in_thread(lambda: _write_many(writer), timeout=20)
+    assert isinstance(outcome, metrics.MetricWriteError), outcome
+    assert "No space left on device" in str(outcome) and str(tmp_path) in str(outcome)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (root only); skipped where mounting is not allowed."""
+    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_really_full_disk_ends_the_writes_with_an_error(small_tmpfs):
+    (small_tmpfs / "filler").write_bytes(b"\0" * 40_000)  # nearly full, as in the report
+    writer = metrics.MetricWriter(small_tmpfs / "run", enabled=True)
+    outcome = _in_thread(lambda: _write_many(writer, n=2000), timeout=30)
+    assert isinstance(outcome, metrics.MetricWriteError), outcome
+    assert "No space left on device" in str(outcome)
+
+
+def test_a_write_that_never_returns_gives_up_after_a_stop_signal(tmp_path, monkeypatch):
+    stop = threading.Event()
+    writer = metrics.MetricWriter(tmp_path, enabled=True, stop_requested=stop.is_set)
+    from tensorboardX import record_writer
+
+    release = threading.Event()
+    monkeypatch.setattr(record_writer.RecordWriter, "write", lambda self, data: release.wait())  # a hung mount
+    monkeypatch.setattr(metrics, "BLOCKED_WRITE_GRACE_SECONDS", 0.5)
+    threading.Timer(0.5, stop.set).start()
+    start = time.monotonic()
+    outcome = _in_thread(lambda: writer.write(1, {"loss": 1.0}), timeout=20)
+    release.set()
+    assert isinstance(outcome, metrics.MetricWriteError), outcome
+    assert "did not return" in str(outcome) and time.monotonic() - start < 10
+
+
+def test_healthy_writes_reach_both_files(tmp_path):
+    writer = metrics.MetricWriter(tmp_path, enabled=True)
+    _write_many(writer, n=3)
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0]["train/loss"] == 1.0
+    from tensorboardX.proto import event_pb2
+
+    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    data, events = path.read_bytes(), []
+    while data:  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+        (length,) = struct.unpack("Q", data[:8])
+        events.append(event_pb2.Event.FromString(data[12:12 + length]))
+        data = data[16 + length:]
+    scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+    assert [(s, v) for s, tag, v in scalars if tag == "train/accuracy"] == [(0, 0.5), (1, 0.5), (2, 0.5)]
