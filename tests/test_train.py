@@ -165,13 +165,15 @@ def test_sigkill_then_resume_gives_identical_parameters(stores, env, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(stores, env, tmp_path):
+    from vimpac_jax import exit_codes
+
     spec = _spec(tmp_path, stores, steps=40)
     proc = _start(spec, tmp_path / "run", 0.3, env)
     _wait_for_checkpoint(tmp_path / "run", 4, proc)
     time.sleep(0.7)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == exit_codes.PREEMPTED != 0, err[-3000:]  # not "done": a sweep must resume it
     assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
     step, _ = latest_state(tmp_path / "run")
     assert 4 < step < 40 and "SIGTERM" in err
@@ -281,3 +283,16 @@ def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, mon
             train_lib.train(config, tmp_path / "run")
     finally:
         release.set()
+
+
+def test_sigint_saves_like_sigterm(stores, tmp_path):
+    """Ctrl-C at step 3 (in-process): the checkpoint of step 3 is saved and the run says preempted."""
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import train as train_lib
+
+    config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                          f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=100"])
+    result = train_lib.train(config, tmp_path / "run",
+                             on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGINT))
+    assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
+    assert latest_state(tmp_path / "run")[0] == 3

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import load_config, split_config_args
 
 
@@ -39,12 +40,12 @@ def main(argv) -> int:
         result = train_lib.train(config, args.workdir)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
-        return train_lib.EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     except train_lib.NonFiniteLossError as e:
         print(f"vimpac train: {e}", file=sys.stderr)
-        return train_lib.EXIT_NON_FINITE
+        return exit_codes.NON_FINITE
     except (MetricWriteError, train_lib.RunInterruptedError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
-        return train_lib.EXIT_FAILED
+        return exit_codes.FAILED
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))
-    return train_lib.EXIT_PREEMPTED if result.get("preempted") else train_lib.EXIT_DONE
+    return train_lib.exit_code(result)

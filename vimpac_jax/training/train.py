@@ -8,7 +8,7 @@ Exact resume: a checkpoint holds the train state, the data iterator's state and 
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
 what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
 makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
-EXIT_PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`. A non-finite loss stops the run naming the step;
+exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`. A non-finite loss stops the run naming the step;
 checkpoints are only saved after a finite loss, so the last one on disk is good.
 """
 
@@ -23,16 +23,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from vimpac_jax import exit_codes
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.metrics import MetricWriter, Progress
 
-# Exit codes of `vimpac train` (README, "Runs"): a sweep reruns every run that did not exit 0.
-EXIT_DONE = 0
-EXIT_FAILED = 1  # an error during the run (e.g. metrics could not be written); resumable once fixed
-EXIT_BAD_INPUT = 2  # config, data or workdir rejected before training
-EXIT_NON_FINITE = 3  # a non-finite loss; the last checkpoint holds the last finite step
-EXIT_PREEMPTED = 75  # saved after SIGTERM/SIGINT: run it again to resume (sysexits.h EX_TEMPFAIL)
+def exit_code(result: dict) -> int:
+    """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
+    return exit_codes.PREEMPTED if result.get("preempted") else exit_codes.DONE
+
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
@@ -49,7 +48,7 @@ class RunInterruptedError(RuntimeError):
 
 class _Preemption:
     """Turns SIGTERM (a preempted VM, SLURM's time limit) and SIGINT (Ctrl-C) into a flag read at
-    step boundaries, where the loop saves and exits with EXIT_PREEMPTED. A second signal raises
+    step boundaries, where the loop saves and returns (exit code exit_codes.PREEMPTED). A second signal raises
     `RunInterruptedError` wherever the program is."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
