@@ -102,3 +102,26 @@ def test_healthy_writes_reach_both_files(tmp_path):
         data = data[16 + length:]
     scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
     assert [(s, v) for s, tag, v in scalars if tag == "train/accuracy"] == [(0, 0.5), (1, 0.5), (2, 0.5)]
+
+
+def test_a_lock_left_by_a_killed_job_is_stale_and_taken_over(tmp_path):
+    import signal
+    import socket
+    import sys
+
+    from vimpac_jax.io_utils import InUseError, exclusive_lock
+
+    lock = tmp_path / "w" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom vimpac_jax.io_utils import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}, 'w'):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InUseError, match=f"in use by pid {holder.pid} on host {socket.gethostname()}"):
+            with exclusive_lock(lock, "workdir w"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive_lock(lock, "workdir w"):  # the dead job's lock file is still there: stale
+        assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
