@@ -285,14 +285,28 @@ def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, mon
         release.set()
 
 
-def test_sigint_saves_like_sigterm(stores, tmp_path):
-    """Ctrl-C at step 3 (in-process): the checkpoint of step 3 is saved and the run says preempted."""
+def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, tmp_path):
+    """Ctrl-C at step 3 (in-process): the checkpoint of step 3 is saved and the run says preempted.
+    While it runs, a second run in its workdir is refused naming the first one's pid and host."""
+    import socket
+
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.io_utils import InUseError
     from vimpac_jax.training import train as train_lib
 
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
                           f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=100"])
-    result = train_lib.train(config, tmp_path / "run",
-                             on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGINT))
+    refused = []
+
+    def on_step(step):
+        if step == 1:
+            with pytest.raises(InUseError) as second:
+                train_lib.train(config, tmp_path / "run")
+            refused.append(str(second.value))
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train_lib.train(config, tmp_path / "run", on_step=on_step)
     assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
     assert latest_state(tmp_path / "run")[0] == 3
+    assert refused and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
