@@ -125,3 +125,41 @@ def test_a_lock_left_by_a_killed_job_is_stale_and_taken_over(tmp_path):
         holder.wait()
     with exclusive_lock(lock, "workdir w"):  # the dead job's lock file is still there: stale
         assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_step_before(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"w": jnp.arange(4096, dtype=jnp.float32), "b": jnp.ones(3)}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        manager.wait_until_finished()
+    assert _truncate_array_files(tmp_path / "checkpoints" / "2")  # a full disk while copying, a lost tail
+    warnings = []
+    step, restored, meta = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None,
+                                                        log=warnings.append)
+    assert step == 1 and meta["step"] == 1
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4096, dtype=np.float32))
+    assert len(warnings) == 1 and "checkpoints/2 cannot be restored" in warnings[0] and "step 1" in warnings[0]
+
+    assert _truncate_array_files(tmp_path / "checkpoints" / "1")  # now none restores: an error, no traceback
+    with pytest.raises(checkpointing.CheckpointRestoreError, match="no checkpoint in .* can be restored"):
+        checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=warnings.append)
+
+
+def _truncate_array_files(step_dir):
+    """Cuts the array data files (orbax's */d/<hash>) of a checkpoint step to 100 bytes."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    for p in files:
+        p.write_bytes(p.read_bytes()[:100])
+    return files
+
+
+def jax_tree_scale(tree, factor):
+    import jax
+
+    return jax.tree.map(lambda x: x * factor, tree)
