@@ -266,12 +266,14 @@ def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, mon
     from vimpac_jax.training import metrics
     from vimpac_jax.training import train as train_lib
 
-    real_write_event, release = EventsWriter.write_event, threading.Event()
+    real_write_event, release, signalled = EventsWriter.write_event, threading.Event(), []
 
     def hung_mount(self, event):
-        if not event.HasField("summary"):  # the file header goes through
+        if not event.HasField("summary") or release.is_set():  # the file header goes through
             return real_write_event(self, event)
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        if not signalled:  # one SIGTERM, at the first write that hangs
+            signalled.append(threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)))
+            signalled[0].start()
         release.wait(120)
 
     monkeypatch.setattr(EventsWriter, "write_event", hung_mount)
