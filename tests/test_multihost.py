@@ -239,3 +239,31 @@ def test_settings_sources():
     assert settings_from_env({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}).source == "slurm"
     assert settings_from_env({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
     assert settings_from_env({"TPU_WORKER_HOSTNAMES": "a,b"}).source == "tpu"
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
+    """SLURM or a TPU maintenance event may signal one host first: every process must still save
+    (orbax's save is collective) and stop at one agreed step, exiting PREEMPTED."""
+    import signal
+    import time
+
+    from vimpac_jax import exit_codes
+
+    coordinator, workdir = f"127.0.0.1:{free_port()}", tmp_path / "w"
+    args = train_args(stores / "random", workdir, "--config.train.num_steps=100000",
+                      "--config.train.checkpoint_every=100000")
+    procs = [start(args, cpu_env(4, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2",
+                                 VIMPAC_PROCESS_ID=str(i))) for i in range(2)]
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT  # compiling, then 3 steps
+    try:
+        while not ((workdir / "metrics.jsonl").is_file()
+                   and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no steps logged"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # only the second host hears it
+    finally:
+        results = finish(procs)  # (kills them after RUN_TIMEOUT)
+    for i, (rc, stdout, stderr) in enumerate(results):
+        assert rc == exit_codes.PREEMPTED, f"process {i} exited {rc}:\n{stderr[-3000:]}"
+    steps = [json.loads(stdout.splitlines()[-1])["step"] for _, stdout, _ in results]
+    assert steps[0] == steps[1] >= 3 and final_params(workdir)[0] == steps[0]

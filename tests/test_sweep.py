@@ -264,3 +264,40 @@ def test_other_shipped_sweeps_run_locally(name, store, env, tmp_path):
     rows = read_csv(tmp_path / "summary.csv")
     assert len(rows) == len(EXPECTED[name]) and all(r["status"] == "ok" and r["step"] == "2" for r in rows)
     assert all(float(r["train/mlm_loss"]) > 0 for r in rows)
+
+
+def test_preempted_runs_are_resumed_not_done(tmp_path, monkeypatch):
+    """A run that exits PREEMPTED (75) is 'preempted' in the summary, runs again on the next local
+    sweep, and requeues its SLURM array task (which survives the SIGTERM to record the code)."""
+    from vimpac_jax import exit_codes
+
+    runs = sw.expand([{"seed": 0}, {"seed": 1}], tmp_path / "local")
+    # Run 0 exits as a preempted `vimpac train` does; run 1 finishes.
+    commands = [[sys.executable, "-c", f"import sys; sys.exit({exit_codes.PREEMPTED})"], [sys.executable, "-c", ""]]
+    assert sw.run_local(runs, commands, log=lambda s: None) == [exit_codes.PREEMPTED, 0]
+    assert [r["status"] for r in sw.collect(tmp_path / "local")] == ["preempted", "ok"]
+    logged = []
+    assert sw.run_local(runs, commands, log=logged.append) == [exit_codes.PREEMPTED, 0]
+    assert "preempted" in logged[0] and "done before, skipped" in logged[1]  # run 0 ran again
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued.txt"
+    stand_ins = {"scontrol": f'echo "$@" >> {requeued}',
+                 # a run that gets SLURM's SIGTERM (sent to the whole task here), saves, exits 75
+                 "vimpac": f"trap 'exit {exit_codes.PREEMPTED}' TERM\nkill -TERM 0\nsleep 5 & wait"}
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sw, "SLURM_GPU_SCRIPT", tmp_path / "absent")  # each task runs `srun COMMAND`
+    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    runs = sw.expand([{"seed": 0}], tmp_path / "slurm")
+    script = sw.write_slurm(runs, [["vimpac", "train"]], tmp_path / "slurm")
+    assert "#SBATCH --requeue" in script.read_text() and "#SBATCH --signal=TERM@120" in script.read_text()
+    task_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="0",
+                    SLURM_ARRAY_JOB_ID="42")
+    task = subprocess.run(["setsid", "bash", str(script)], env=task_env, capture_output=True, text=True, timeout=60)
+    assert task.returncode == exit_codes.PREEMPTED, task.stderr
+    assert [r["status"] for r in sw.collect(tmp_path / "slurm")] == ["preempted"]
+    assert requeued.read_text().split() == ["requeue", "42_0"]

@@ -365,3 +365,27 @@ def test_decode_needs_a_decoder(tok):
     assert not no_decoder.has_decoder and tok.has_decoder
     with pytest.raises(ValueError, match="no decoder"):
         no_decoder.decode(np.zeros((1, 4, 4), np.int32))
+
+
+def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_path, monkeypatch):
+    """`vimpac tokenize` started twice on one --out: the second job (started here while the first
+    journals its first shard) is refused naming the first one; the first completes the store."""
+    import socket
+
+    from vimpac_jax.io_utils import InUseError
+
+    out = tmp_path / "twice"
+    real_append, refused = tk.append_journal, []
+
+    def append_and_start_a_second_job(path, entry):
+        real_append(path, entry)
+        if not refused:
+            with pytest.raises(InUseError) as second:
+                tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+            refused.append(str(second.value))
+
+    monkeypatch.setattr(tk, "append_journal", append_and_start_a_second_job)
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+    assert result.complete and result.counts.videos_ok == 2  # nothing recorded twice
+    assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
+    assert "process share 0 of 1" in refused[0]

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,13 +165,15 @@ def test_sigkill_then_resume_gives_identical_parameters(stores, env, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(stores, env, tmp_path):
+    from vimpac_jax import exit_codes
+
     spec = _spec(tmp_path, stores, steps=40)
     proc = _start(spec, tmp_path / "run", 0.3, env)
     _wait_for_checkpoint(tmp_path / "run", 4, proc)
     time.sleep(0.7)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == exit_codes.PREEMPTED != 0, err[-3000:]  # not "done": a sweep must resume it
     assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
     step, _ = latest_state(tmp_path / "run")
     assert 4 < step < 40 and "SIGTERM" in err
@@ -253,3 +256,59 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores
         train_lib.train(config, tmp_path / "run")
     step, _ = latest_state(tmp_path / "run")
     assert step == 4  # the checkpoint saved before the loss went bad; none after it
+
+
+def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, monkeypatch):
+    """A hung or full disk under metrics.jsonl / tensorboard: the run must still honour SIGTERM."""
+    from tensorboardX.event_file_writer import EventsWriter
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import metrics
+    from vimpac_jax.training import train as train_lib
+
+    real_write_event, release, signalled = EventsWriter.write_event, threading.Event(), []
+
+    def hung_mount(self, event):
+        if not event.HasField("summary") or release.is_set():  # the file header goes through
+            return real_write_event(self, event)
+        if not signalled:  # one SIGTERM, at the first write that hangs
+            signalled.append(threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)))
+            signalled[0].start()
+        release.wait(120)
+
+    monkeypatch.setattr(EventsWriter, "write_event", hung_mount)
+    monkeypatch.setattr(metrics, "BLOCKED_WRITE_GRACE_SECONDS", 1.0)
+    config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                          f"--config.data.train_store={stores / 'pool'}", "--config.train.log_every=1"])
+    try:
+        with pytest.raises(metrics.MetricWriteError, match="did not return"):
+            train_lib.train(config, tmp_path / "run")
+    finally:
+        release.set()
+
+
+def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, tmp_path):
+    """Ctrl-C at step 3 (in-process): the checkpoint of step 3 is saved and the run says preempted.
+    While it runs, a second run in its workdir is refused naming the first one's pid and host."""
+    import socket
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.io_utils import InUseError
+    from vimpac_jax.training import train as train_lib
+
+    config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                          f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=100"])
+    refused = []
+
+    def on_step(step):
+        if step == 1:
+            with pytest.raises(InUseError) as second:
+                train_lib.train(config, tmp_path / "run")
+            refused.append(str(second.value))
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train_lib.train(config, tmp_path / "run", on_step=on_step)
+    assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
+    assert latest_state(tmp_path / "run")[0] == 3
+    assert refused and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]

@@ -1,8 +1,11 @@
-"""Publishing a directory only when it is complete (temporary name, then rename)."""
+"""Publishing a directory only when it is complete (temporary name, then rename); exclusive
+locks on a workdir or a store."""
 
 import contextlib
+import fcntl
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -30,3 +33,33 @@ def atomic_directory(final, *, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class InUseError(ValueError):
+    """Another live process holds the lock (a ValueError: the command's input is rejected)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` while the block runs, or raise `InUseError` naming
+    the holder ("in use by pid N on host H"), which the file records.
+
+    flock(2): the kernel drops the lock when its process dies, so a lock file left by a killed
+    job is stale and simply taken over; the file is never removed (removing it would let two
+    processes lock two different files of one name).
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, host = (os.pread(fd, 512, 0).decode(errors="replace").split() + ["?", "?"])[:2]
+            raise InUseError(f"{what} is in use by pid {pid} on host {host} (lock {lock_file}); wait for that job "
+                             f"to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -6,8 +6,9 @@ Expands SWEEP.py's `get_sweep()` (a list of {config field: value} overrides, bui
 config is loaded first, so a misspelt field fails before anything runs.
 
   local  runs them one after another here (output in DIR/<run>/log.txt; a failed run is
-         recorded and the next one runs; finished runs are skipped unless --rerun), then writes
-         DIR/summary.md and DIR/summary.csv
+         recorded and the next one runs; finished runs are skipped unless --rerun, preempted
+         ones (exit 75) resume), then writes DIR/summary.md and DIR/summary.csv; SIGTERM or
+         Ctrl-C: the running run saves, the sweep stops and exits 75
   print  prints the commands
   slurm  writes DIR/sweep.sbatch (an array job, one task per run) and submits it with sbatch
          when sbatch is on PATH; `vimpac sweep --collect DIR` once it is done
@@ -26,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import split_config_args
 from vimpac_jax.launch import sweep as sw
 
@@ -85,11 +87,15 @@ def main(argv) -> int:
         print(f"vimpac sweep: {len(runs)} runs of {args.sweep} under {root}", file=sys.stderr)
         codes = sw.run_local(runs, commands, rerun=args.rerun, log=lambda s: print(s, file=sys.stderr, flush=True))
         _print_summary(root)
-        failed = sum(c != 0 for c in codes)
+        failed = sum(c not in (exit_codes.DONE, exit_codes.PREEMPTED) for c in codes)
+        unfinished = len(runs) - sum(c == exit_codes.DONE for c in codes) - failed
         if failed:
             print(f"vimpac sweep: {failed} of {len(runs)} runs failed (rows marked failed in the summary)",
                   file=sys.stderr)
-        return 1 if failed else 0
+        if unfinished:
+            print(f"vimpac sweep: {unfinished} of {len(runs)} runs preempted or not started; run the sweep again "
+                  f"to resume them", file=sys.stderr)
+        return exit_codes.FAILED if failed else exit_codes.PREEMPTED if unfinished else exit_codes.DONE
 
     commands = [sw.train_command(config, base, r, ["vimpac"]) for r in runs]
     if args.launcher == "print":

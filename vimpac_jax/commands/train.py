@@ -4,12 +4,17 @@ One program for every task (the config's `task`: pretrain, finetune, tokenizer).
 ml_collections files with variants, e.g. `configs/pretrain.py:small`,
 `configs/finetune.py:dataset=ucf101,model=small`, `configs/tokenizer.py:tiny`; add `runlocal`
 to shrink any of them to seconds on one CPU. Started again in the same workdir, it resumes.
+
+Exit codes: 0 done; 75 preempted (SIGTERM or SIGINT: the checkpoint of the current step is
+saved; run the same command again to resume); 1 failed during the run (e.g. metrics could not
+be written); 2 bad config, data or workdir; 3 a non-finite loss.
 """
 
 import argparse
 import json
 import sys
 
+from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import load_config, split_config_args
 
 
@@ -28,15 +33,19 @@ def main(argv) -> int:
     from vimpac_jax.launch.distributed import maybe_initialize
 
     maybe_initialize()
-    from vimpac_jax.training.train import NonFiniteLossError, train
+    from vimpac_jax.training import train as train_lib
+    from vimpac_jax.training.metrics import MetricWriteError
 
     try:
-        result = train(config, args.workdir)
+        result = train_lib.train(config, args.workdir)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
+        return exit_codes.BAD_INPUT
+    except train_lib.NonFiniteLossError as e:
         print(f"vimpac train: {e}", file=sys.stderr)
-        return 3
+        return exit_codes.NON_FINITE
+    except (MetricWriteError, train_lib.RunInterruptedError) as e:
+        print(f"vimpac train: error: {e}", file=sys.stderr)
+        return exit_codes.FAILED
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))
-    return 0
+    return train_lib.exit_code(result)

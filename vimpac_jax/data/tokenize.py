@@ -12,6 +12,7 @@ Store layout (see `vimpac_jax.data.token_store`):
                                                  lands in the same shard)
   progress/config.json                           what the store is made of (its identity)
   progress/process-{process:03d}.jsonl           the journal of one process
+  progress/process-{process:03d}.lock            held by the job writing that share (pid, host)
   errors.txt, metadata.json                      written last, once every video is accounted for
 
 --tfds NAME[/CONFIG]:SPLIT replaces the list with a prepared TFDS dataset: `tfds_source` lists its
@@ -49,6 +50,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from vimpac_jax import io_utils
 from vimpac_jax.data import annotations, token_store
 from vimpac_jax.data import video_decode as vd
 
@@ -679,6 +681,16 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
                   "process_count": pc, "shard_options": opts.shard_options,
                   **({} if source is None else {"tfds": source.metadata()})}
 
+    # One job per process share: a second `vimpac tokenize` on this --out and share would record
+    # its videos twice in the journal (a lock that a killed job left is stale: io_utils).
+    with io_utils.exclusive_lock(out / PROGRESS_DIR / f"process-{pi:03d}.lock",
+                                 f"--out {out} (process share {pi} of {pc})"):
+        return _tokenize_share(opts, tok, variants, hw, items, identity, extra_meta, out, pi, pc, source, log)
+
+
+def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, extra_meta, out: Path, pi: int,
+                    pc: int, source, log: TextIO) -> TokenizeResult:
+    """The rest of `tokenize_videos`, holding this share's lock."""
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     config_path = out / PROGRESS_DIR / CONFIG_FILE
     if not config_path.is_file():

@@ -29,10 +29,13 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from vimpac_jax import exit_codes
 
 Overrides = dict[str, Any]
 SCALARS = (bool, int, float, str)
@@ -242,32 +245,52 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
               env: dict | None = None, log: Callable[[str], None] = print) -> list[int]:
     """Runs each command in turn, output to RUN/log.txt; a failure is recorded and the next runs.
 
-    Runs whose status.json says they finished with code 0 are skipped unless `rerun`
-    (`vimpac train` resumes from its checkpoints when it is run again in a workdir anyway).
-    Returns the return codes in order.
+    Runs whose status.json says they finished with code 0 are skipped unless `rerun`; every
+    other run (failed, preempted: exit_codes.PREEMPTED, not started) runs again and resumes
+    from its checkpoints. SIGTERM/SIGINT (Ctrl-C) reach the running `vimpac train` too (one
+    process group), which saves and exits PREEMPTED; the sweep records that and stops.
+    Returns the return codes in order (of the runs started or skipped).
     """
     codes, start, done = [], time.monotonic(), 0
-    for i, (run, command) in enumerate(zip(runs, commands)):
-        status = _read_json(run.workdir / STATUS_FILE)
-        if status and status.get("returncode") == 0 and not rerun:
-            log(f"[{i + 1}/{len(runs)}] {run.name}: done before, skipped")
-            codes.append(0)
-            continue
-        write_run_files(run, command)
-        (run.workdir / STATUS_FILE).unlink(missing_ok=True)
-        t0 = time.monotonic()
-        with open(run.workdir / LOG_FILE, "w") as f:
-            f.write(f"$ {shlex.join(command)}\n")
-            f.flush()
-            code = subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        seconds = time.monotonic() - t0
-        (run.workdir / STATUS_FILE).write_text(json.dumps({"returncode": code, "seconds": round(seconds, 2)}) + "\n")
-        codes.append(code)
-        done += 1
-        left = len(runs) - i - 1
-        eta = (time.monotonic() - start) / done * left
-        verdict = "ok" if code == 0 else f"FAILED (return code {code}, see {run.workdir / LOG_FILE})"
-        log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {eta:.0f} s")
+    stop = []
+    handler = lambda signum, frame: stop.append(signal.Signals(signum).name)  # noqa: E731
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        for i, (run, command) in enumerate(zip(runs, commands)):
+            if stop:
+                log(f"vimpac sweep: {stop[0]}: stopped before {run.name}; run the sweep again to resume")
+                break
+            status = _read_json(run.workdir / STATUS_FILE)
+            if status and status.get("returncode") == exit_codes.DONE and not rerun:
+                log(f"[{i + 1}/{len(runs)}] {run.name}: done before, skipped")
+                codes.append(0)
+                continue
+            write_run_files(run, command)
+            (run.workdir / STATUS_FILE).unlink(missing_ok=True)
+            t0 = time.monotonic()
+            with open(run.workdir / LOG_FILE, "w") as f:
+                f.write(f"$ {shlex.join(command)}\n")
+                f.flush()
+                code = subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            seconds = time.monotonic() - t0
+            (run.workdir / STATUS_FILE).write_text(json.dumps({"returncode": code, "seconds": round(seconds, 2)}) + "\n")
+            codes.append(code)
+            done += 1
+            left = len(runs) - i - 1
+            eta = (time.monotonic() - start) / done * left
+            if code == exit_codes.DONE:
+                verdict = "ok"
+            elif code == exit_codes.PREEMPTED:
+                verdict = "preempted (saved; run the sweep again to resume it)"
+            else:
+                verdict = f"FAILED (return code {code}, see {run.workdir / LOG_FILE})"
+            log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {eta:.0f} s")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return codes
 
 
@@ -278,18 +301,29 @@ SLURM_TEMPLATE = """#!/bin/bash
 # Written by `vimpac sweep --launcher slurm`: one array task per run of the sweep. Each task runs
 # its `vimpac train` through {runner} and records the return code in RUN/status.json, which
 # `vimpac sweep --collect` reads. Resources: the #SBATCH lines below (from --sbatch=OPTION).
+# 120 s before the time limit SLURM sends SIGTERM to the run (--signal), which saves and exits
+# {preempted}; the task then requeues itself, and the requeued task resumes from that checkpoint.
 #SBATCH --job-name={job_name}
 #SBATCH --array=0-{last}
 #SBATCH --output={root}/slurm-%A_%a.out
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
 {extra}
 set -u
+# A SIGTERM to this shell (scancel, the time limit) must not kill it before it records the
+# run's code: a trap with a command (unlike an ignored signal) is not inherited by the run.
+trap 'echo "sweep task: SIGTERM, waiting for the run to save" >&2' TERM
 RUNS=({run_dirs})
 RUN_DIR="${{RUNS[$SLURM_ARRAY_TASK_ID]}}"
 CMD="$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {commands_file})"
 mkdir -p "$RUN_DIR"
-eval {runner} $CMD > "$RUN_DIR/log.txt" 2>&1
+eval {runner} $CMD > "$RUN_DIR/log.txt" 2>&1  # in the foreground: bash runs the trap after it
 CODE=$?
 echo "{{\\"returncode\\": $CODE}}" > "$RUN_DIR/status.json"
+if [[ $CODE == {preempted} ]]; then
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_$SLURM_ARRAY_TASK_ID" || \\
+    echo "sweep task: preempted; resubmit to resume (scontrol requeue failed)" >&2
+fi
 exit $CODE
 """
 
@@ -310,7 +344,7 @@ def write_slurm(runs: Sequence[Run], commands: Sequence[Sequence[str]], root: Pa
     runner = f"bash {shlex.quote(str(SLURM_GPU_SCRIPT))}" if SLURM_GPU_SCRIPT.is_file() else "srun"
     script = root / "sweep.sbatch"
     script.write_text(SLURM_TEMPLATE.format(
-        job_name=f"vimpac-sweep-{root.name}", last=len(runs) - 1, root=shlex.quote(str(root)), runner=runner,
+        job_name=f"vimpac-sweep-{root.name}", last=len(runs) - 1, preempted=exit_codes.PREEMPTED, root=shlex.quote(str(root)), runner=runner,
         extra="".join(f"#SBATCH {o}\n" for o in sbatch_options),
         run_dirs=" ".join(shlex.quote(str(r.workdir)) for r in runs), commands_file=shlex.quote(str(commands_file))))
     return script
@@ -370,7 +404,7 @@ def _last_log_line(run_dir: Path) -> str:
 def collect(root: str | os.PathLike) -> list[dict]:
     """One row per run directory under ROOT (those holding overrides.json), in index order.
 
-    Row keys: run, overrides (dict), status ('ok' | 'failed (rc=N)' | 'not finished'),
+    Row keys: run, overrides (dict), status ('ok' | 'preempted' | 'failed (rc=N)' | 'not finished'),
     returncode, step, metrics (dict of train/* and eval/* numbers), note (failed runs: the
     error line of log.txt).
     """
@@ -387,6 +421,8 @@ def collect(root: str | os.PathLike) -> list[dict]:
                 evals.setdefault(f"eval/{k}", v)
         if code is None:
             state = "not finished"
+        elif code == exit_codes.PREEMPTED:
+            state = "preempted"  # saved; the next `vimpac sweep` resumes it
         else:
             state = "ok" if code == 0 else f"failed (rc={code})"
         rows.append(dict(run=run_dir.name, index=info.get("index", len(rows)), overrides=info.get("overrides", {}),

@@ -10,8 +10,9 @@ process is written, and `latest_step()` only sees finalised steps: a checkpoint 
 a crash is never restored.
 """
 
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain.checkpoint as grain_ckpt
 import jax
@@ -34,18 +35,36 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
+class CheckpointRestoreError(ValueError):
+    """No checkpoint of the workdir could be restored."""
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
+                   log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)
                    ) -> Optional[tuple[int, Any, dict]]:
-    """-> (step, state, meta) of the latest complete checkpoint, restoring the iterator in
-    place; None when there is none. `abstract_state` carries the target shardings."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iterator is not None:
-        items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return step, restored["state"], restored["meta"]
+    """-> (step, state, meta) of the latest complete checkpoint that restores, restoring the
+    iterator in place; None when there is none. `abstract_state` carries the target shardings.
+
+    A finalised step can still be damaged afterwards (a truncated or lost file): it is skipped
+    with a warning naming why, and the step before it is tried, down to the oldest kept.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            if i + 1 == len(steps):
+                raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, step "
+                                             f"{step}: {reason}") from e
+            log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}); "
+                f"falling back to step {steps[i + 1]}")
+            continue
+        return step, restored["state"], restored["meta"]
+    return None
 
 
 def abstract_like(state: Any) -> Any:

@@ -6,11 +6,13 @@
 
 Exact resume: a checkpoint holds the train state, the data iterator's state and the step; the
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
-what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) makes the
-loop save at the next step and exit cleanly. A non-finite loss stops the run naming the step;
+what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
+makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
+exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`. A non-finite loss stops the run naming the step;
 checkpoints are only saved after a finite loss, so the last one on disk is good.
 """
 
+import contextlib
 import json
 import signal
 import sys
@@ -22,39 +24,76 @@ import jax
 import ml_collections
 import numpy as np
 
+from vimpac_jax import exit_codes, io_utils
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.metrics import MetricWriter, Progress
+
+def exit_code(result: dict) -> int:
+    """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
+    return exit_codes.PREEMPTED if result.get("preempted") else exit_codes.DONE
+
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_every", "data.workers", "knn.every")
 
 
+WORKDIR_LOCK = ".lock"  # held by process 0 of the run in the workdir (pid and host inside)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class RunInterruptedError(RuntimeError):
+    """A second stop signal: the run stops at once, without saving."""
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag read at step boundaries (the handler does nothing else)."""
+    """Turns SIGTERM (a preempted VM, SLURM's time limit) and SIGINT (Ctrl-C) into a flag read at
+    step boundaries, where the loop saves and returns (exit code exit_codes.PREEMPTED). A second signal raises
+    `RunInterruptedError` wherever the program is."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no preemption handling
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no preemption handling
+                break
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        again = self.requested
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+        if again:
+            raise RunInterruptedError(f"{self.signal_name} a second time: stopped without saving a checkpoint")
+
+    def agreed(self) -> bool:
+        """Whether any process got the signal, decided by all processes at this same step.
+
+        Each host sees SIGTERM at its own moment; deciding alone, hosts would enter orbax's
+        collective save at different steps and wait for each other for ever. So with several
+        processes the flag is all-gathered (a few bytes) at every step: the decision is taken
+        by the step count, identical everywhere.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -114,6 +153,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     # Multi-host: every process must run the same config; checked before anything compiles.
     from vimpac_jax.launch.distributed import check_same_config
     check_same_config(config)
+    # One run per workdir: a second one would delete the first one's in-flight checkpoints.
+    lock = (io_utils.exclusive_lock(workdir / WORKDIR_LOCK, f"workdir {workdir}") if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _train_locked(config, workdir, stop_after=stop_after, on_step=on_step)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
+                  on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
     save_config(config, workdir)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
@@ -131,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     if restored is not None:
         start, state, meta = restored
         _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
-    writer = MetricWriter(workdir)
+    preemption = _Preemption()
+    writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
     progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
                         start_step=start,
                         every_seconds=float(config.train.progress_seconds))
@@ -148,13 +197,13 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
         return values
 
     step = start
-    with _Preemption() as preemption:
+    with preemption:
         try:
             while step < total:
                 batch = task.global_batch(next(data_iter))
                 state, metrics = task.step(state, batch, jax.random.fold_in(step_key_base, step))
                 step += 1
-                must_save = step % int(config.train.checkpoint_every) == 0 or step == total or preemption.requested
+                must_save = step % int(config.train.checkpoint_every) == 0 or step == total
                 if step % log_every == 0 or must_save or step == total:
                     last_metrics = finite_or_raise(step, metrics)
                     now = time.monotonic()
@@ -165,17 +214,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
                 progress.update(step, last_metrics.get(task.loss_name), force=step == total)
                 if must_save:
                     checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
-                                       force=preemption.requested or step == total)
+                                       force=step == total)
                 if eval_every and step % eval_every == 0 and step < total:
                     writer.write(step, task.evaluate(state), prefix="eval/")
                 if on_step is not None:
                     on_step(step)
-                if preemption.requested:  # SIGTERM may have arrived after this step's save decision
+                if preemption.agreed():  # the same step on every process: the save is collective
                     if not must_save:
                         last_metrics = finite_or_raise(step, metrics)
                         checkpointing.save(manager, step, state, data_iter, dict(meta, step=step), force=True)
                     manager.wait_until_finished()
-                    _log(f"SIGTERM: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
+                    _log(f"{preemption.signal_name or 'another process got a stop signal'}: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
                     return {"preempted": True, "step": step, **last_metrics}
                 if stop_after is not None and step - start >= stop_after:
                     manager.wait_until_finished()
