@@ -32,6 +32,7 @@ def smoke(tmp_path_factory):
     return workdir, run_demo(workdir, preset="smoke", seed=0)
 
 
+@pytest.mark.slow
 def test_smoke_chain_runs_every_stage(smoke):
     workdir, summary = smoke
     preset = DATA_PRESETS["smoke"]
@@ -62,6 +63,7 @@ def _figure_inputs(workdir, num_videos):
     return build_model(model_cfg), variables, tokenizer, frames
 
 
+@pytest.mark.slow
 def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke):
     workdir, _ = smoke
     model, variables, tokenizer, frames = _figure_inputs(workdir, 3)
@@ -83,6 +85,7 @@ def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke
     assert rec.predicted_tokens.min() >= 0 and rec.predicted_tokens.max() < tokenizer.vocab_size
 
 
+@pytest.mark.slow
 def test_demo_figure_is_the_reconstruction_of_the_first_val_clips(smoke):
     workdir, _ = smoke
     image = visualize.decode_png((workdir / "reconstruction.png").read_bytes())
@@ -99,6 +102,7 @@ def test_png_round_trip():
     np.testing.assert_array_equal(visualize.decode_png(visualize.encode_png(image)), image)
 
 
+@pytest.mark.slow
 def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, capsys):
     workdir, _ = smoke
     bad = tmp_path / "bad.mp4"
@@ -124,6 +128,7 @@ def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, c
     refused(["--workdir", str(workdir), "--videos", str(tmp_path / "nothing.txt"), "--out", str(out)], ["nothing.txt"])
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_variant_with_its_losses(smoke, monkeypatch):
     """The orchestration of run_ablation (which runs, with which loss weights, initialised from
     what); training itself is the smoke chain's, so it is stubbed here to keep the suite short."""
@@ -169,6 +174,7 @@ def test_ablation_table_statistics():
     assert "| mask + contrastive | 62.0 ± 2.0 | 60.0-64.0 |" in table
 
 
+@pytest.mark.slow
 def test_mlm_codes_must_cover_the_store_tokenizer_codes(smoke):
     from vimpac_jax.training.tasks import _check_mlm_codes
 
