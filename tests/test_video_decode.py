@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-av = pytest.importorskip("av", reason="PyAV not installed: pip install av")
+av = pytest.importorskip("av", reason="PyAV not installed: pip install 'vimpac-jax[video]'")
 
 sys.path.insert(0, str(Path(__file__).parent))  # video_fixtures lives beside this file
 import video_fixtures  # noqa: E402 - after the PyAV skip

@@ -199,7 +199,6 @@ def trained():
     return dict(config=config, state=state, test=test, history=history, init_params=init_params)
 
 
-@pytest.mark.slow
 def test_tiny_tokenizer_beats_the_mean_frame(trained):
     config, state, test = trained["config"], trained["state"], trained["test"]
     tok = state.tokenizer_params()
@@ -225,7 +224,6 @@ def test_tiny_tokenizer_beats_the_mean_frame(trained):
     assert recon.shape == test.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
 
 
-@pytest.mark.slow
 def test_training_metrics_report_learning_and_codebook_use(trained):
     h = trained["history"]
     for name in ("loss", "recon_mse", "psnr", "commitment", "perplexity", "codes_used", "codes_alive",
@@ -241,7 +239,6 @@ def test_training_metrics_report_learning_and_codebook_use(trained):
     assert int(trained["state"].step) == STEPS
 
 
-@pytest.mark.slow
 def test_reconstruction_gradient_reaches_the_encoder(trained):
     # The wiring encoder -> quantiser (straight-through) -> decoder, on a block-free instance
     # (n_blk_per_group=0 leaves the input, pooling/upsampling and output convs): the same
@@ -263,7 +260,6 @@ def test_reconstruction_gradient_reaches_the_encoder(trained):
                            trained["state"].params["encoder"]["input"]["kernel"])
 
 
-@pytest.mark.slow
 def test_save_load_round_trip_gives_identical_tokens(trained, tmp_path):
     config, state, test = trained["config"], trained["state"], trained["test"][:8]
     dst = vq.save_vq_tokenizer(tmp_path / "tok", config.tokenizer, state, metadata={"preset": "tiny"})
@@ -337,7 +333,7 @@ def test_config_presets():
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    pytest.importorskip("av", reason="PyAV not installed: pip install av")
+    pytest.importorskip("av", reason="PyAV not installed: pip install 'vimpac-jax[video]'")
     sys.path.insert(0, str(Path(__file__).parent))
     from video_fixtures import write_video
 

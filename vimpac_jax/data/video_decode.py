@@ -54,7 +54,7 @@ _POSITION_FACTOR = {"start": 0, "center": 1, "end": 2}
 SAMPLING_RULES = ("floor", "ffmpeg")
 # libswscale's default for ffmpeg's scale filter, i.e. what the released extraction used.
 DEFAULT_INTERPOLATION = "BICUBIC"
-_INSTALL_HINT = "pip install av (a dependency of vimpac-jax: reinstall it)"
+_INSTALL_HINT = "pip install 'vimpac-jax[video]'"
 
 
 class VideoDecodeError(Exception):
