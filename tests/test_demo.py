@@ -196,6 +196,7 @@ def _val_videos(workdir) -> tuple[list[str], list[int]]:
     return [path for path, _ in rows], [int(label) for _, label in rows]
 
 
+@pytest.mark.slow
 def test_demo_ends_with_predictions_of_two_val_videos(smoke):
     workdir, summary = smoke
     paths, labels = _val_videos(workdir)
@@ -208,6 +209,7 @@ def test_demo_ends_with_predictions_of_two_val_videos(smoke):
         assert f"(true: {p['true']}): {p['top'][0][0]} {p['top'][0][1]:.2f}" in table
 
 
+@pytest.mark.slow
 def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
     from vimpac_jax.commands import evaluate as evaluate_cmd
     from vimpac_jax.commands import predict as predict_cmd
@@ -235,6 +237,7 @@ def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
         assert len(pred["top"]) == 3 and pred["path"] in printed
 
 
+@pytest.mark.slow
 def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smoke):
     import vimpac_jax
     from vimpac_jax.data import pipelines, token_store
@@ -274,6 +277,7 @@ def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smo
         clf.predict_tokens(np.zeros((2, t + 1, h, w), np.int32))
 
 
+@pytest.mark.slow
 def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
     from vimpac_jax.commands import predict as predict_cmd
 
@@ -297,6 +301,7 @@ def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
     assert "2 predicted, 3 failed" in captured.out
 
 
+@pytest.mark.slow
 def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     import vimpac_jax
     from vimpac_jax.commands import export as export_cmd
