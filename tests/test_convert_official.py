@@ -3,20 +3,18 @@
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official import ConversionError, model_config_from_args, variables_from_state_dict
 
 
-def vimpac(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+vimpac = run_vimpac
+pytestmark = pytest.mark.slow  # the real `vimpac convert` / `vimpac features` programs
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def smoke(tmp_path_factory):
     return workdir, run_demo(workdir, preset="smoke", seed=0)
 
 
+@pytest.mark.slow
 def test_smoke_chain_runs_every_stage(smoke):
     workdir, summary = smoke
     preset = DATA_PRESETS["smoke"]
@@ -62,6 +63,7 @@ def _figure_inputs(workdir, num_videos):
     return build_model(model_cfg), variables, tokenizer, frames
 
 
+@pytest.mark.slow
 def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke):
     workdir, _ = smoke
     model, variables, tokenizer, frames = _figure_inputs(workdir, 3)
@@ -83,6 +85,7 @@ def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke
     assert rec.predicted_tokens.min() >= 0 and rec.predicted_tokens.max() < tokenizer.vocab_size
 
 
+@pytest.mark.slow
 def test_demo_figure_is_the_reconstruction_of_the_first_val_clips(smoke):
     workdir, _ = smoke
     image = visualize.decode_png((workdir / "reconstruction.png").read_bytes())
@@ -99,6 +102,7 @@ def test_png_round_trip():
     np.testing.assert_array_equal(visualize.decode_png(visualize.encode_png(image)), image)
 
 
+@pytest.mark.slow
 def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, capsys):
     workdir, _ = smoke
     bad = tmp_path / "bad.mp4"
@@ -124,6 +128,7 @@ def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, c
     refused(["--workdir", str(workdir), "--videos", str(tmp_path / "nothing.txt"), "--out", str(out)], ["nothing.txt"])
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_variant_with_its_losses(smoke, monkeypatch):
     """The orchestration of run_ablation (which runs, with which loss weights, initialised from
     what); training itself is the smoke chain's, so it is stubbed here to keep the suite short."""
@@ -169,6 +174,7 @@ def test_ablation_table_statistics():
     assert "| mask + contrastive | 62.0 ± 2.0 | 60.0-64.0 |" in table
 
 
+@pytest.mark.slow
 def test_mlm_codes_must_cover_the_store_tokenizer_codes(smoke):
     from vimpac_jax.training.tasks import _check_mlm_codes
 
@@ -190,6 +196,7 @@ def _val_videos(workdir) -> tuple[list[str], list[int]]:
     return [path for path, _ in rows], [int(label) for _, label in rows]
 
 
+@pytest.mark.slow
 def test_demo_ends_with_predictions_of_two_val_videos(smoke):
     workdir, summary = smoke
     paths, labels = _val_videos(workdir)
@@ -202,6 +209,7 @@ def test_demo_ends_with_predictions_of_two_val_videos(smoke):
         assert f"(true: {p['true']}): {p['top'][0][0]} {p['top'][0][1]:.2f}" in table
 
 
+@pytest.mark.slow
 def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
     from vimpac_jax.commands import evaluate as evaluate_cmd
     from vimpac_jax.commands import predict as predict_cmd
@@ -229,6 +237,7 @@ def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
         assert len(pred["top"]) == 3 and pred["path"] in printed
 
 
+@pytest.mark.slow
 def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smoke):
     import vimpac_jax
     from vimpac_jax.data import pipelines, token_store
@@ -268,6 +277,7 @@ def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smo
         clf.predict_tokens(np.zeros((2, t + 1, h, w), np.int32))
 
 
+@pytest.mark.slow
 def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
     from vimpac_jax.commands import predict as predict_cmd
 
@@ -291,6 +301,7 @@ def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
     assert "2 predicted, 3 failed" in captured.out
 
 
+@pytest.mark.slow
 def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     import vimpac_jax
     from vimpac_jax.commands import export as export_cmd

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax import checkpoints
 from vimpac_jax.commands import export as export_command
 from vimpac_jax.commands import features as features_command
@@ -40,9 +41,7 @@ MODEL_ARGS = ("layers", "hid_dim", "model", "pos_emb", "pre_activation", "halve_
               "clip_len", "vocab_size", "nce_proj_layers", "nce_proj_hid_dim", "dropout", "last_dropout")
 
 
-def vimpac(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+vimpac = run_vimpac
 
 
 def assert_same_variables(a, b):
@@ -70,6 +69,7 @@ def golden_a(golden_dir, tmp_path_factory):
     return out, config, variables
 
 
+@pytest.mark.slow
 def test_torch_export_round_trips_and_matches_the_released_file(golden_a, golden_dir, tmp_path):
     ckpt, config, variables = golden_a
     result = vimpac("export", "--workdir", ckpt, "--format", "torch", "--out", tmp_path / "released")
@@ -97,6 +97,7 @@ def test_torch_export_round_trips_and_matches_the_released_file(golden_a, golden
     assert {k: args[k] for k in MODEL_ARGS} == {k: golden_args[k] for k in MODEL_ARGS}
 
 
+@pytest.mark.slow
 def test_torch_export_of_a_finetuned_model_has_the_released_keys(golden_dir, tmp_path):
     # vimpac_b's classifier: pre-LN, T,H,W, temporal_separation; no MLM head, so no tied decoder.
     config, variables = convert_official(golden_dir / "vimpac_b" / "finetuned", tmp_path / "ft")
@@ -298,6 +299,7 @@ FRESH_SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stablehlo_export_is_served_without_our_code(tmp_path):
     cfg = dict(task="finetune", num_layers=1, hidden_dim=64, num_heads=2, clip_len=2, height=4, width=4,
                layout="T,H|W", pos_emb="hw_separation", num_classes=5, dropout=0.1, attention_dropout=0.1)

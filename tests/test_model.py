@@ -1,14 +1,12 @@
 """Architecture checks of the backbone and heads that the golden files do not cover."""
 
-import subprocess
-import sys
-
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.layout import parse_layout
 from vimpac_jax.models.losses import info_nce
@@ -48,13 +46,11 @@ def test_backbone_parameter_counts_match_paper_table(config, expected):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == expected
 
 
+@pytest.mark.slow
 def test_vimpac_params_command_prints_table3_counts():
-    out = subprocess.run([sys.executable, "-m", "vimpac_jax", "params", "--config",
-                          str(REPO / "configs/pretrain.py:large_half")], capture_output=True, text=True, check=True)
+    out = run_vimpac("params", "--config", REPO / "configs/pretrain.py:large_half", check=True)
     assert out.stdout.splitlines()[0] == "backbone_params=210106368"
-    bad = subprocess.run([sys.executable, "-m", "vimpac_jax", "params", "--config",
-                          str(REPO / "configs/pretrain.py:small"), "--config.model.layot=T"],
-                         capture_output=True, text=True)
+    bad = run_vimpac("params", "--config", REPO / "configs/pretrain.py:small", "--config.model.layot=T")
     assert bad.returncode != 0 and "layot" in bad.stderr and "layout" in bad.stderr
 
 

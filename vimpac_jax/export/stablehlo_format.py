@@ -7,7 +7,9 @@ Directory layout:
                     running statistics), batch size `b` symbolic, variables baked in as constants
   signature.json    inputs, outputs, platforms, the model config and how to call it
 
-Serving needs jax (or any StableHLO runtime) but none of our Python code:
+Serving needs jax (or any StableHLO runtime) but none of our Python code; jax (de)serialises the
+module with `flatbuffers`, an optional dependency of jax (`pip install flatbuffers`, or this
+package's `[export]` extra), so the reader needs it too:
     exported = jax.export.deserialize(open("model.stablehlo", "rb").read())
     outputs = exported.call(tokens)          # a dict, as above
 Token ids must lie in [0, vocab_size); the graph does not check them (out-of-range ids read
