@@ -73,10 +73,8 @@ def options(tiny_tokenizer, video_dir, out, **kw) -> tk.TokenizeOptions:
 
 def read_store(out) -> dict[tuple[str, str], dict]:
     """{(video_id, variant): record} over every shard; fails on a duplicate."""
-    source = token_store.open_records(out)
     records = {}
-    for i in range(len(source)):
-        rec = token_store.decode_record(source[i])
+    for rec in token_store.iter_videos(out):
         key = (rec["video_id"], rec["variant"])
         assert key not in records, f"duplicate record {key}"
         records[key] = rec
@@ -365,3 +363,16 @@ def test_decode_needs_a_decoder(tok):
     assert not no_decoder.has_decoder and tok.has_decoder
     with pytest.raises(ValueError, match="no decoder"):
         no_decoder.decode(np.zeros((1, 4, 4), np.int32))
+
+
+def test_store_has_the_chunked_layout(full_store):
+    """`vimpac tokenize` writes header + chunk records (token_store's "chunked" layout)."""
+    from vimpac_jax.data import pipelines
+
+    out, _ = full_store
+    meta = token_store.read_metadata(out)
+    assert (meta["layout"], meta["chunk_frames"]) == ("chunked", token_store.DEFAULT_CHUNK_FRAMES)
+    scanned = token_store.scan_headers(out)
+    assert [h["chunks"] for _, h in scanned] == [-(-h["shape"][0] // meta["chunk_frames"]) for _, h in scanned]
+    index = pipelines.load_index(out)
+    assert index.layout == "chunked" and index.num_videos == len(read_store(out))
