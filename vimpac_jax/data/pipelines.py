@@ -1,23 +1,27 @@
 """grain input pipelines over the token store (reference §6, §8): pre-training, fine-tuning, test.
 
-Every pipeline is a `grain.MapDataset` of per-process batches, built the same way:
+Every pipeline is a `grain.MapDataset` of per-process batches, one element per batch:
 
-    range(num_videos).repeat(num_epochs)
-      -> map_with_index(sample)    # position g -> (epoch, video) -> read record(s), cut clips
-      -> [process_index::process_count] -> batch(batch_size)
+    range(num_batches) -> map(make_batch)   # batch b of process p -> positions -> videos, draws,
+                                            # the records holding the clips' frames -> clips
+
+so the per-example work is vectorized over the batch and its records are read together (one
+`ArrayRecordReader.read` per shard, see `token_store.RecordReader`).
 
 Determinism. The training order is a permutation of the videos per epoch drawn from
 `default_rng((seed, epoch))` (`EpochOrder`; not grain's `shuffle`, whose index shuffle costs
-milliseconds per element on datasets under ~1000 videos, ~40 µs above). The clip sampling of an
-example uses `default_rng((seed, epoch, video))`, so what a video yields in an epoch does not
-depend on the order, the worker count or the number of processes. Sharding cuts the shuffled
-global stream into per-process batches of B and gives process p every P-th of them, starting at
-p: process p's batch b is rows [p·B, (p+1)·B) of global batch b, the contiguous block that
-`jax.make_array_from_process_local_data` places for process p. The global array is therefore
-exactly the batch b a single process with batch size B·P would read, row for row (the masks and
-keys of a step go by row, so the order matters, not only the set). Each process's iterator
-state is grain's (`get_state`/`set_state`), saved with `grain.checkpoint.CheckpointSave` in the
-same orbax checkpoint as the model (see `make_iterator`).
+milliseconds per element on datasets under ~1000 videos, ~40 µs above); the same generator then
+draws the epoch's uniforms, one row per video, from which an example's variant and clip starts
+are computed. So what a video yields in an epoch depends on (seed, epoch, video) only, not on
+the order, the batch, the worker count or the number of processes, and no generator is built per
+example. Sharding cuts the shuffled global stream into per-process batches of B and gives
+process p every P-th of them, starting at p: process p's batch b is rows [p·B, (p+1)·B) of
+global batch b, the contiguous block that `jax.make_array_from_process_local_data` places for
+process p. The global array is therefore exactly the batch b a single process with batch size
+B·P would read, row for row (the masks and keys of a step go by row, so the order matters, not
+only the set). Each process's iterator state is grain's (`get_state`/`set_state`: the next batch
+index), saved with `grain.checkpoint.CheckpointSave` in the same orbax checkpoint as the model
+(see `make_iterator`).
 
 Every process opens every shard and reads records by global index (ArrayRecord is random
 access), so the number of shard files places no constraint on the number of hosts; what must
@@ -29,7 +33,8 @@ Start indices follow the released `get_start_end_idx`, which treats a video of n
 n + step - 1 long so that the last stored frame can be reached: delta = max(n + step - 1 - T·step, 0),
 a random start is uniform on [0, delta], test clip k of K starts at int(delta·k / max(K - 1, 1))
 (K == 1 gives the first clip, not the middle one). A clip shorter than T frames is padded at the
-end with PAD.
+end with PAD. The record layout (`token_store`: whole videos or chunks of C frames) changes
+which records are read, never a clip.
 """
 
 from __future__ import annotations
