@@ -376,3 +376,12 @@ def test_store_has_the_chunked_layout(full_store):
     assert [h["chunks"] for _, h in scanned] == [-(-h["shape"][0] // meta["chunk_frames"]) for _, h in scanned]
     index = pipelines.load_index(out)
     assert index.layout == "chunked" and index.num_videos == len(read_store(out))
+
+
+def test_a_complete_store_of_the_old_layout_is_refused_with_the_convert_command(tmp_path):
+    identity = {"tokenizer": {"kind": "vq"}, "fps": 2.0, "chunk_frames": token_store.DEFAULT_CHUNK_FRAMES}
+    old = {k: v for k, v in identity.items() if k != "chunk_frames"}  # format 1 had no chunk_frames
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / token_store.METADATA_FILE).write_text(json.dumps({**old, "complete": True}))
+    with pytest.raises(tk.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
+        tk.check_out_dir(tmp_path / "old", identity)
