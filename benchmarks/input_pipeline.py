@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -149,8 +150,9 @@ def main(argv=None) -> int:
         if args.store:
             stores = [(Path(args.store), f"`{args.store}`", pipelines.load_index(args.store).layout)]
         else:
-            stores = [(*_generate(Path(tmp.name), args, f, g, layout), layout)
-                      for f in args.frames for g in args.grid for layout in args.layouts]
+            # Made one at a time, just before it is timed, and removed after (disk).
+            stores = ((*_generate(Path(tmp.name), args, f, g, layout), layout)
+                      for f in args.frames for g in args.grid for layout in args.layouts)
         for store, desc, layout in stores:
             index = pipelines.load_index(store)
             pre_variants = ["r128_center_noflip"] if "r128_center_noflip" in index.variants else None
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
                     print(f"{desc:32s} {layout:8s} {what:32s} workers={workers}  {r[4]:8.0f} videos/s  "
                           f"{r[5]:9.0f} clips/s  {r[6]:8.0f} clips/s/core  (load {os.getloadavg()[0]:.1f})",
                           flush=True)
+            if tmp is not None:
+                shutil.rmtree(store)
     finally:
         if tmp is not None:
             tmp.cleanup()
