@@ -1,13 +1,15 @@
 """Input-pipeline throughput per host: clips/s of the pre-training and test pipelines.
 
-Writes a synthetic token store (random codes, `write_test_store`) unless --store names one, then
-times `make_iterator` over `pretrain_dataset` (2 clips per video) and `eval_dataset` (crops x
-num_clips views per video) after a warm-up. Run from the repository root:
+Writes synthetic token stores (random codes, `write_test_store`; one per --frames x --grid x
+--layouts) unless --store names one, then times `make_iterator` over `pretrain_dataset` (2 clips
+per video) and `eval_dataset` (crops x num_clips views per video) after a warm-up. Run from the
+repository root:
 
-    python benchmarks/input_pipeline.py --workers 0,2 --append_results benchmarks/RESULTS.md
+    python benchmarks/input_pipeline.py --frames 120,780 --grid 16,32 --layouts whole,chunked \
+        --workers 0,1,2 --append_results benchmarks/RESULTS.md
 
-The records are the cost: each example reads and decodes a whole stored video (frames x h x w
-int16), so --frames and --grid matter more than the clip length.
+In the "whole" layout each example reads and decodes whole stored videos (frames x h x w int16),
+so the cost grows with --frames; in the "chunked" layout it reads only the chunks its clips need.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import datetime
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, sys.path[0] is benchmarks/, whose tokenize.py would shadow the standard
+# library's (imported by inspect): put the repository root there instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vimpac_jax.data import pipelines  # noqa: E402
 from vimpac_jax.data.testing import write_test_store  # noqa: E402
@@ -30,15 +38,33 @@ from vimpac_jax.data.testing import write_test_store  # noqa: E402
 CROPS = ("r128_start_noflip", "r128_center_noflip", "r128_end_noflip")
 
 
+def _ints(p, name, value):
+    try:
+        values = [int(v) for v in value.split(",")]
+    except ValueError:
+        p.error(f"--{name} must be comma-separated integers, got {value!r}")
+    if any(v < 0 for v in values):
+        p.error(f"--{name} must be >= 0")
+    return values
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--store", help="an existing token store (default: generate one in a temp dir)")
-    p.add_argument("--videos", type=int, default=2000, help="videos in the generated store")
-    p.add_argument("--frames", type=int, default=120, help="stored frames per video (120 = 1 min at 2 fps)")
-    p.add_argument("--grid", type=int, default=16, help="token grid side: 16 for 128 px, 32 for 256 px")
+    p.add_argument("--store", help="an existing token store (default: generate stores in a temp dir)")
+    p.add_argument("--videos", type=int, default=2000, help="videos in a generated store (at most; see --max_mb)")
+    p.add_argument("--max_mb", type=float, default=600.0,
+                   help="cap on a generated store's raw token size: fewer videos for long videos / big grids")
+    p.add_argument("--frames", default="120", help="stored frames per video, comma-separated (120 = 1 min at 2 fps; "
+                                                   "780 = HowTo100M's mean length)")
+    p.add_argument("--grid", default="16", help="token grid sides, comma-separated: 16 for 128 px, 32 for 256 px")
+    p.add_argument("--layouts", default="chunked",
+                   help="record layouts of the generated stores, comma-separated: 'whole' (one record per "
+                        "video, format 1) and/or 'chunked'")
+    p.add_argument("--chunk_frames", type=int, default=16, help="frames per record of the chunked layout")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--shard_options", default="group_size:1",
                    help="ArrayRecord writer options of the generated store (default: as `vimpac tokenize`)")
+    p.add_argument("--pipelines", default="pretrain,test", help="pipelines to time: pretrain and/or test")
     p.add_argument("--workers", default="0", help="comma-separated worker-process counts to time, e.g. 0,2,8")
     p.add_argument("--read_threads", type=int, default=8, help="grain read threads (per worker)")
     p.add_argument("--batch_size", type=int, default=64, help="videos per batch (per host)")
@@ -50,15 +76,18 @@ def _parse(argv):
     p.add_argument("--append_results", help="append a markdown section with the numbers to this file")
     p.add_argument("--note", default="", help="free text for the results section (e.g. the machine's load)")
     args = p.parse_args(argv)
-    try:
-        args.workers = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        p.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    if any(w < 0 for w in args.workers):
-        p.error("--workers must be >= 0")
-    for name in ("videos", "frames", "grid", "shards", "batch_size", "clip_len", "eval_clip_len", "num_clips"):
+    args.workers = _ints(p, "workers", args.workers)
+    args.frames = _ints(p, "frames", args.frames)
+    args.grid = _ints(p, "grid", args.grid)
+    args.layouts = args.layouts.split(",")
+    args.pipelines = args.pipelines.split(",")
+    if set(args.layouts) - {"whole", "chunked"} or set(args.pipelines) - {"pretrain", "test"}:
+        p.error("--layouts takes whole,chunked and --pipelines pretrain,test")
+    for name in ("videos", "shards", "batch_size", "clip_len", "eval_clip_len", "num_clips", "chunk_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if min(args.frames + args.grid) < 1:
+        p.error("--frames and --grid must be >= 1")
     return args
 
 
@@ -93,66 +122,84 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
+def _generate(root: Path, args, frames: int, grid: int, layout: str) -> tuple[Path, str]:
+    per_video = len(CROPS) * frames * grid * grid * 2
+    num_videos = max(args.batch_size, min(args.videos, int(args.max_mb * 2 ** 20 // per_video)))
+    store = root / f"{layout}-{frames}x{grid}"
+    t0 = time.perf_counter()
+    videos = [dict(video_id=f"v{i:06d}", label=i % 101, num_frames=frames, variants=list(CROPS))
+              for i in range(num_videos)]
+    write_test_store(store, videos, grid=(grid, grid), shards=args.shards, seed=0, options=args.shard_options,
+                     chunk_frames=args.chunk_frames if layout == "chunked" else None)
+    print(f"generated {num_videos} videos x {len(CROPS)} crops x {frames} frames x {grid}x{grid} ({layout}) in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    desc = f"{num_videos} videos x {frames} frames, {grid}x{grid}"
+    return store, desc
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
-    tmp = None
-    if args.store:
-        store = Path(args.store)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="vimpac-bench-")
-        store = Path(tmp.name) / "store"
-        t0 = time.perf_counter()
-        videos = [dict(video_id=f"v{i:06d}", label=i % 101, num_frames=args.frames, variants=list(CROPS))
-                  for i in range(args.videos)]
-        write_test_store(store, videos, grid=(args.grid, args.grid), shards=args.shards, seed=0,
-                         options=args.shard_options)
-        print(f"generated {args.videos} videos x {len(CROPS)} crops x {args.frames} frames x "
-              f"{args.grid}x{args.grid} in {time.perf_counter() - t0:.1f} s", flush=True)
+    tmp = tempfile.TemporaryDirectory(prefix="vimpac-bench-") if not args.store else None
+    cores = _cores()
+    rows = []  # (store, layout, pipeline, workers, videos/s, clips/s, clips/s per core, clips)
     try:
-        index = pipelines.load_index(store)
-        pre_variants = ["r128_center_noflip"] if "r128_center_noflip" in index.variants else None
-        eval_variants = pipelines.default_test_variants(index.variants)
-        rows = []
-        for workers in args.workers:
-            pre = pipelines.pretrain_dataset(index, batch_size=args.batch_size, clip_len=args.clip_len, seed=0,
-                                             variants=pre_variants, process_index=0, process_count=1)
-            n, dt = _time(pre, workers=workers, read_threads=args.read_threads, seconds=args.seconds,
-                          warmup=args.warmup)
-            videos = n * args.batch_size / dt
-            rows.append(("pretrain", workers, videos, 2 * videos,
-                         f"T={args.clip_len}, 2 clips/video"))
-            ev = pipelines.eval_dataset(index, batch_size=args.batch_size, clip_len=args.eval_clip_len,
-                                        num_clips=args.num_clips, variants=eval_variants,
-                                        process_index=0, process_count=1)
-            # Repeated: a finite test set would run dry inside the timing window.
-            n, dt = _time(ev.repeat(), workers=workers, read_threads=args.read_threads, seconds=args.seconds,
-                          warmup=args.warmup)
-            videos = n * args.batch_size / dt
-            views = len(eval_variants) * args.num_clips
-            rows.append(("test", workers, videos, views * videos,
-                         f"T={args.eval_clip_len}, {len(eval_variants)} crops x {args.num_clips} clips"))
-            for r in rows[-2:]:
-                print(f"{r[0]:9s} workers={r[1]:2d}  {r[2]:9.1f} videos/s  {r[3]:10.1f} clips/s  ({r[4]})", flush=True)
+        if args.store:
+            stores = [(Path(args.store), f"`{args.store}`", pipelines.load_index(args.store).layout)]
+        else:
+            # Made one at a time, just before it is timed, and removed after (disk).
+            stores = ((*_generate(Path(tmp.name), args, f, g, layout), layout)
+                      for f in args.frames for g in args.grid for layout in args.layouts)
+        for store, desc, layout in stores:
+            index = pipelines.load_index(store)
+            pre_variants = ["r128_center_noflip"] if "r128_center_noflip" in index.variants else None
+            eval_variants = pipelines.default_test_variants(index.variants)
+            for workers in args.workers:
+                for kind in args.pipelines:
+                    if kind == "pretrain":
+                        ds = pipelines.pretrain_dataset(index, batch_size=args.batch_size, clip_len=args.clip_len,
+                                                        seed=0, variants=pre_variants, process_index=0,
+                                                        process_count=1)
+                        views, what = 2, f"pretrain T={args.clip_len}, 2 clips/video"
+                    else:
+                        # Repeated: a finite test set would run dry inside the timing window.
+                        ds = pipelines.eval_dataset(index, batch_size=args.batch_size, clip_len=args.eval_clip_len,
+                                                    num_clips=args.num_clips, variants=eval_variants,
+                                                    process_index=0, process_count=1).repeat()
+                        views = len(eval_variants) * args.num_clips
+                        what = f"test T={args.eval_clip_len}, {len(eval_variants)} crops x {args.num_clips} clips"
+                    n, dt = _time(ds, workers=workers, read_threads=args.read_threads, seconds=args.seconds,
+                                  warmup=args.warmup)
+                    videos = n * args.batch_size / dt
+                    rows.append((desc, layout, what, workers, videos, views * videos, views * videos / cores))
+                    r = rows[-1]
+                    print(f"{desc:32s} {layout:8s} {what:32s} workers={workers}  {r[4]:8.0f} videos/s  "
+                          f"{r[5]:9.0f} clips/s  {r[6]:8.0f} clips/s/core  (load {os.getloadavg()[0]:.1f})",
+                          flush=True)
+            if tmp is not None:
+                shutil.rmtree(store)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
     if args.append_results:
-        store_desc = (f"`{args.store}`" if args.store else
-                      f"generated: {args.videos} videos x {len(CROPS)} crops x {args.frames} frames x "
-                      f"{args.grid}x{args.grid} tokens (random codes), {args.shards} shards, "
-                      f"writer options `{args.shard_options}`")
+        load = os.getloadavg()
         lines = [
             "",
             f"## Input pipeline (`benchmarks/input_pipeline.py`), {datetime.date.today().isoformat()}",
             "",
-            f"Machine: {_machine()}. Store: {store_desc}. Batch {args.batch_size} videos per host, "
-            f"{args.read_threads} read threads per worker, {args.seconds:g} s timed per row."
-            + (f" {args.note}" if args.note else ""),
+            f"Machine: {_machine()} ({cores} usable); load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+            f"{load[2]:.1f}. Generated stores: random codes, 3 crops, {args.shards} shards, writer options "
+            f"`{args.shard_options}`, chunked layout {args.chunk_frames} frames per record. Batch {args.batch_size} "
+            f"videos per host, {args.read_threads} read threads per worker, {args.seconds:g} s timed per row; "
+            f"clips/s per core = clips/s / {cores}." + (f" {args.note}" if args.note else ""),
             "",
-            "| pipeline | workers | videos/s | clips/s | clips |",
-            "|---|---|---|---|---|",
-            *[f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]} |" for r in rows],
+            "| store | layout | pipeline | workers | videos/s | clips/s | clips/s per core |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} |" for r in rows],
             "",
             "Command: `python benchmarks/input_pipeline.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "`",
             "",

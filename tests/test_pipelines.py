@@ -12,6 +12,7 @@ two starts together exceeds it by orders of magnitude.
 """
 
 import json
+from pathlib import Path
 
 import grain
 import numpy as np
@@ -427,3 +428,111 @@ def test_global_batch_builds_sharded_arrays(pretrain_index):
     arrays = P.global_batch(batch, NamedSharding(mesh, PartitionSpec("data")))
     assert arrays["tokens"].shape == (4, 2, 5, 4, 4) and arrays["tokens"].sharding.spec == PartitionSpec("data")
     np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Record layouts: the chunked layout reads only a clip's chunks and changes no clip.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layout_indexes(tmp_path_factory):
+    """The same 24 videos (3 to 47 frames, 6 variants, 16 fps) in the "whole" layout and chunked
+    by 4 and by 7 frames: {chunk_frames or None: index}."""
+    frames = [3 if i % 6 == 0 else 10 + 2 * i for i in range(24)]
+    videos = _videos(24, frames, FINETUNE_VARIANTS[:6])
+    root = tmp_path_factory.mktemp("layouts")
+    return {c: P.load_index(write_test_store(root / f"c{c}", videos, shards=3, fps=16, pattern="frame_index",
+                                             chunk_frames=c)) for c in (None, 4, 7)}
+
+
+class _CountingReader:
+    """Wraps a RecordReader; records the keys of every read call."""
+
+    def __init__(self, reader):
+        self.reader, self.calls = reader, []
+
+    def read(self, keys):
+        self.calls.append(np.asarray(keys))
+        return self.reader.read(keys)
+
+
+def test_chunked_layout_gives_the_same_clips_as_whole_records(layout_indexes):
+    whole = layout_indexes[None]
+    for chunk, idx in layout_indexes.items():
+        assert (idx.layout, idx.chunk_frames) == (("whole", None) if chunk is None else ("chunked", chunk))
+        for name in ("video_ids", "variants"):
+            assert getattr(idx, name) == getattr(whole, name)
+        np.testing.assert_array_equal(idx.num_frames, whole.num_frames)
+    make = {
+        # relevance range, several variants, clips at step 2 (16 -> 8 fps) and short videos (PAD)
+        "pretrain": lambda idx: P.pretrain_dataset(idx, batch_size=8, clip_len=5, clip_fps=8, seed=3,
+                                                   relevance_range=6, process_index=0, process_count=1),
+        "finetune": lambda idx: P.finetune_dataset(idx, batch_size=8, clip_len=5, seed=4,
+                                                   process_index=1, process_count=2),
+        "test": lambda idx: P.eval_dataset(idx, batch_size=5, clip_len=5, num_clips=4, process_index=0,
+                                           process_count=1),
+    }
+    for kind, build in make.items():
+        reference = build(whole)
+        for chunk in (4, 7):
+            ds = build(layout_indexes[chunk])
+            assert len(ds) == len(reference)
+            for b in range(min(len(ds), 7)):
+                got, want = ds[b], reference[b]
+                assert got.keys() == want.keys()
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key], err_msg=f"{kind} chunk={chunk} batch {b} {key}")
+    # The reference itself is right: test view v = c·K + k holds frames of the released formula.
+    batch = make["test"](whole)[1]
+    for row, v in enumerate(batch["video_index"]):
+        n = int(whole.num_frames[v, 0])
+        for k in range(4):
+            start = _reference_start(n, 5, 1, k, 4)
+            assert batch["tokens"][row, k, :, 0, 0].tolist() == [s if s < n else PAD_ID for s in range(start, start + 5)]
+
+
+def test_a_clip_reads_at_most_two_chunks(layout_indexes):
+    idx = layout_indexes[4]
+    reader = P.ClipReader(idx, clip_len=5, clip_fps=None)
+    reader.source = counting = _CountingReader(reader.source)
+    videos = np.arange(24)
+    columns = np.arange(24) % 6
+    starts = np.full(24, 0)
+    for s in range(0, 40, 3):  # a 5-frame clip spans one or two chunks of 4 frames, never more
+        counting.calls.clear()
+        clips = reader.clips(videos, columns, starts + s)
+        keys = counting.calls[-1]
+        n = idx.num_frames[videos, columns]
+        expected = sum(len({f // 4 for f in range(s, min(s + 5, m))}) for m in n)
+        assert len(keys) == expected <= 2 * 24
+        np.testing.assert_array_equal(clips[n > s + 4, :, 0, 0], np.broadcast_to(s + np.arange(5), ((n > s + 4).sum(), 5)))
+
+
+def test_convert_store_keeps_every_record_and_token(layout_indexes, tmp_path):
+    from vimpac_jax.commands import convert_store as cmd
+
+    old = layout_indexes[None].store_dir
+    new = tmp_path / "converted"
+    assert cmd.main(["--store", old, "--out", str(new), "--chunk-frames", "5"]) == 0
+    before, after = list(token_store.iter_videos(old)), list(token_store.iter_videos(new))
+    assert len(before) == len(after) == json.loads((Path(old) / "metadata.json").read_text())["num_records"]
+    for a, b in zip(before, after):  # same order, same fields, same tokens
+        assert {k: v for k, v in a.items() if k != "tokens"} == {k: v for k, v in b.items() if k != "tokens"}
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    meta = token_store.read_metadata(new)
+    assert (meta["layout"], meta["chunk_frames"]) == ("chunked", 5)
+    idx = P.load_index(new)
+    np.testing.assert_array_equal(idx.num_frames, layout_indexes[None].num_frames)
+    assert P.load_index(new).chunk_frames == 5  # through the cache too
+    # Refusals: a chunked store, an existing --out.
+    assert cmd.main(["--store", str(new), "--out", str(tmp_path / "again")]) == 2
+    assert cmd.main(["--store", old, "--out", str(new)]) == 2
+    assert not (tmp_path / "again").exists()
+
+
+def test_old_layout_names_the_convert_command(layout_indexes, caplog):
+    old = layout_indexes[None].store_dir
+    with caplog.at_level("WARNING"):
+        P.load_index(old)
+    assert f"vimpac convert-store --store {old} --out {old}-chunked" in caplog.text

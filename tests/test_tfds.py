@@ -41,8 +41,7 @@ def tokenize_args(tokenizer, out, *extra) -> list[str]:
 
 
 def read_store(out) -> list[dict]:
-    source = token_store.open_records(out)
-    return [token_store.decode_record(source[i]) for i in range(len(source))]
+    return list(token_store.iter_videos(out))
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,8 @@ def options(tiny_tokenizer, video_dir, out, **kw) -> tk.TokenizeOptions:
 
 def read_store(out) -> dict[tuple[str, str], dict]:
     """{(video_id, variant): record} over every shard; fails on a duplicate."""
-    source = token_store.open_records(out)
     records = {}
-    for i in range(len(source)):
-        rec = token_store.decode_record(source[i])
+    for rec in token_store.iter_videos(out):
         key = (rec["video_id"], rec["variant"])
         assert key not in records, f"duplicate record {key}"
         records[key] = rec
@@ -380,3 +378,25 @@ def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_p
     assert result.complete and result.counts.videos_ok == 2  # nothing recorded twice
     assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
     assert "process share 0 of 1" in refused[0]
+
+
+def test_store_has_the_chunked_layout(full_store):
+    """`vimpac tokenize` writes header + chunk records (token_store's "chunked" layout)."""
+    from vimpac_jax.data import pipelines
+
+    out, _ = full_store
+    meta = token_store.read_metadata(out)
+    assert (meta["layout"], meta["chunk_frames"]) == ("chunked", token_store.DEFAULT_CHUNK_FRAMES)
+    scanned = token_store.scan_headers(out)
+    assert [h["chunks"] for _, h in scanned] == [-(-h["shape"][0] // meta["chunk_frames"]) for _, h in scanned]
+    index = pipelines.load_index(out)
+    assert index.layout == "chunked" and index.num_videos == len(read_store(out))
+
+
+def test_a_complete_store_of_the_old_layout_is_refused_with_the_convert_command(tmp_path):
+    identity = {"tokenizer": {"kind": "vq"}, "fps": 2.0, "chunk_frames": token_store.DEFAULT_CHUNK_FRAMES}
+    old = {k: v for k, v in identity.items() if k != "chunk_frames"}  # format 1 had no chunk_frames
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / token_store.METADATA_FILE).write_text(json.dumps({**old, "complete": True}))
+    with pytest.raises(tk.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
+        tk.check_out_dir(tmp_path / "old", identity)

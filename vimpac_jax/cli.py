@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": ("vimpac_jax.commands.predict", "classify video files with a fine-tuned model (top classes per video)"),
     "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
+    "convert-store": ("vimpac_jax.commands.convert_store", "rewrite an old-layout token store in the chunked layout"),
     "export-tfds": ("vimpac_jax.commands.export_tfds", "write token stores as a TFDS dataset (ArrayRecord)"),
     "export": ("vimpac_jax.commands.export", "export a model: released PyTorch layout, safetensors, StableHLO"),
     "sweep": ("vimpac_jax.commands.sweep", "expand a config sweep into runs, launch them, summarise their metrics"),

@@ -7,8 +7,9 @@ prepared beforehand (e.g. `ucf101:train`, with --data-dir; needs `pip install 'v
 --source-fps where the dataset does not record its frame rate). Each video is decoded at --fps,
 its shorter side resized to --resize (default --size; the 'finetune' sets also use 1.25x that),
 cropped to --size squares (the --variants set: pretrain = 1 view, finetune = 12,
-finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards of records
-{tokens int16 [frames, h, w], label, video_id, fps, variant}, errors.txt (videos that could not
+finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards holding,
+per (video, variant), a header {label, video_id, fps, variant, shape} and its tokens int16 [frames, h, w]
+in records of --chunk-frames frames (so a clip reads only its chunks), errors.txt (videos that could not
 be decoded, with the reason) and metadata.json, written last, once the store is complete.
 
 Killed runs resume where they stopped when started again with the same options. On several hosts
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-options", default=None,
                    help="ArrayRecordWriter options (default 'group_size:1': one record per chunk, for random "
                         "reads; append ',uncompressed' to trade disk for faster reads)")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="frames per token record (default 16): a clip reads at most two records when it "
+                        "spans at most chunk-frames + 1 stored frames")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tokenizer compute dtype")
     p.add_argument("--process-index", type=int, default=None, help="this host's index (default jax.process_index())")
     p.add_argument("--process-count", type=int, default=None, help="number of hosts (default jax.process_count())")
@@ -73,7 +77,8 @@ def main(argv) -> int:
         dtype=args.dtype, process_index=args.process_index, process_count=args.process_count,
         progress_interval=args.progress_interval, tfds=args.tfds, tfds_data_dir=args.data_dir,
         source_fps=args.source_fps,
-        **({} if args.shard_options is None else {"shard_options": args.shard_options}))
+        **({} if args.shard_options is None else {"shard_options": args.shard_options}),
+        **({} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}))
     if args.distributed:
         import jax
 

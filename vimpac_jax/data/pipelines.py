@@ -1,23 +1,27 @@
 """grain input pipelines over the token store (reference §6, §8): pre-training, fine-tuning, test.
 
-Every pipeline is a `grain.MapDataset` of per-process batches, built the same way:
+Every pipeline is a `grain.MapDataset` of per-process batches, one element per batch:
 
-    range(num_videos).repeat(num_epochs)
-      -> map_with_index(sample)    # position g -> (epoch, video) -> read record(s), cut clips
-      -> [process_index::process_count] -> batch(batch_size)
+    range(num_batches) -> map(make_batch)   # batch b of process p -> positions -> videos, draws,
+                                            # the records holding the clips' frames -> clips
+
+so the per-example work is vectorized over the batch and its records are read together (one
+`ArrayRecordReader.read` per shard, see `token_store.RecordReader`).
 
 Determinism. The training order is a permutation of the videos per epoch drawn from
 `default_rng((seed, epoch))` (`EpochOrder`; not grain's `shuffle`, whose index shuffle costs
-milliseconds per element on datasets under ~1000 videos, ~40 µs above). The clip sampling of an
-example uses `default_rng((seed, epoch, video))`, so what a video yields in an epoch does not
-depend on the order, the worker count or the number of processes. Sharding cuts the shuffled
-global stream into per-process batches of B and gives process p every P-th of them, starting at
-p: process p's batch b is rows [p·B, (p+1)·B) of global batch b, the contiguous block that
-`jax.make_array_from_process_local_data` places for process p. The global array is therefore
-exactly the batch b a single process with batch size B·P would read, row for row (the masks and
-keys of a step go by row, so the order matters, not only the set). Each process's iterator
-state is grain's (`get_state`/`set_state`), saved with `grain.checkpoint.CheckpointSave` in the
-same orbax checkpoint as the model (see `make_iterator`).
+milliseconds per element on datasets under ~1000 videos, ~40 µs above); the same generator then
+draws the epoch's uniforms, one row per video, from which an example's variant and clip starts
+are computed. So what a video yields in an epoch depends on (seed, epoch, video) only, not on
+the order, the batch, the worker count or the number of processes, and no generator is built per
+example. Sharding cuts the shuffled global stream into per-process batches of B and gives
+process p every P-th of them, starting at p: process p's batch b is rows [p·B, (p+1)·B) of
+global batch b, the contiguous block that `jax.make_array_from_process_local_data` places for
+process p. The global array is therefore exactly the batch b a single process with batch size
+B·P would read, row for row (the masks and keys of a step go by row, so the order matters, not
+only the set). Each process's iterator state is grain's (`get_state`/`set_state`: the next batch
+index), saved with `grain.checkpoint.CheckpointSave` in the same orbax checkpoint as the model
+(see `make_iterator`).
 
 Every process opens every shard and reads records by global index (ArrayRecord is random
 access), so the number of shard files places no constraint on the number of hosts; what must
@@ -29,7 +33,8 @@ Start indices follow the released `get_start_end_idx`, which treats a video of n
 n + step - 1 long so that the last stored frame can be reached: delta = max(n + step - 1 - T·step, 0),
 a random start is uniform on [0, delta], test clip k of K starts at int(delta·k / max(K - 1, 1))
 (K == 1 gives the first clip, not the middle one). A clip shorter than T frames is padded at the
-end with PAD.
+end with PAD. The record layout (`token_store`: whole videos or chunks of C frames) changes
+which records are read, never a clip.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +58,7 @@ from vimpac_jax.data import token_store
 log = logging.getLogger(__name__)
 
 INDEX_CACHE_FILE = "record_index.npz"
-_INDEX_CACHE_VERSION = 1
+_INDEX_CACHE_VERSION = 2
 _VARIANT_NAME = re.compile(r"^r(\d+)_(start|center|end)_(flip|noflip)$")
 
 
@@ -65,10 +71,13 @@ _VARIANT_NAME = re.compile(r"^r(\d+)_(start|center|end)_(flip|noflip)$")
 class StoreIndex:
     """Records of a token store grouped by video. V videos (sorted by id), C variants.
 
-    records:    int64 [V, C]  global record index of (video, variant) in `open_records` order
-    num_frames: int64 [V, C]  stored frames of that record
+    records:    int64 [V, C]  global index (shards in metadata order) of the first record holding
+                              tokens of (video, variant): its only record in the "whole" layout,
+                              its chunk 0 in the "chunked" one (see `token_store`)
+    num_frames: int64 [V, C]  stored frames of that (video, variant)
     labels:     int64 [V]     class label, -1 for an unlabelled video
     fps:        float64 [V]   stored frame rate
+    layout, chunk_frames: the store's record layout (chunk_frames None for "whole")
     """
 
     store_dir: str
@@ -79,10 +88,19 @@ class StoreIndex:
     labels: np.ndarray
     fps: np.ndarray
     grid: tuple[int, int]
+    layout: str = token_store.WHOLE_LAYOUT
+    chunk_frames: Optional[int] = None
 
     @property
     def num_videos(self) -> int:
         return len(self.video_ids)
+
+    @property
+    def frames_per_record(self) -> int:
+        """Frames of a token record: frame f is in record records[v, c] + f // this."""
+        if self.chunk_frames is not None:
+            return self.chunk_frames
+        return max(int(self.num_frames.max(initial=0)), 1)
 
     def select_variants(self, names: Optional[Sequence[str]]) -> "StoreIndex":
         """The same videos restricted to the variants ``names`` (in that order); None keeps all."""
@@ -119,25 +137,6 @@ def _cache_key(store_dir: Path, shard_paths: list[str]) -> str:
     return f"v{_INDEX_CACHE_VERSION}:{digest.hexdigest()}"
 
 
-def _read_headers(source, chunk: int = 256) -> list[dict[str, Any]]:
-    """decode_header of every record, in record order, with progress for big stores."""
-    n = len(source)
-    headers: list[dict[str, Any]] = []
-    t0 = last = time.monotonic()
-    for lo in range(0, n, chunk):
-        keys = list(range(lo, min(lo + chunk, n)))
-        # __getitems__ reads a chunk with parallel readers, one per shard.
-        records = source.__getitems__(keys) if hasattr(source, "__getitems__") else [source[k] for k in keys]
-        headers.extend(token_store.decode_header(r) for r in records)
-        now = time.monotonic()
-        if now - last > 10:
-            rate = len(headers) / (now - t0)
-            log.info("indexing %s: %d/%d records, %.0f records/s, ETA %.0f s",
-                     getattr(source, "paths", "store"), len(headers), n, rate, (n - len(headers)) / rate)
-            last = now
-    return headers
-
-
 def _variant_order(meta: dict[str, Any], seen: list[str]) -> tuple[str, ...]:
     """The metadata's variant order when it lists them (names or {'name': ...}); else first seen."""
     listed = []
@@ -150,9 +149,12 @@ def _variant_order(meta: dict[str, Any], seen: list[str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _index_from_headers(store_dir: str, meta: dict, headers: list[dict[str, Any]]) -> StoreIndex:
-    if not headers:
+def _index_from_headers(store_dir: str, meta: dict, scanned: list[tuple[int, dict[str, Any]]]) -> StoreIndex:
+    """scanned: `token_store.scan_headers` (first token record, header) per stored (video, variant)."""
+    if not scanned:
         raise ValueError(f"token store {store_dir} holds no records (empty split)")
+    firsts = np.array([first for first, _ in scanned], np.int64)
+    headers = [h for _, h in scanned]
     grids = {tuple(h["shape"][1:]) for h in headers}
     if len(grids) != 1:
         raise ValueError(f"token store {store_dir}: records have different token grids {sorted(grids)}")
@@ -173,16 +175,18 @@ def _index_from_headers(store_dir: str, meta: dict, headers: list[dict[str, Any]
         log.warning("token store %s: %d videos lack some variants and are skipped, e.g. %s",
                     store_dir, len(incomplete), incomplete[:5])
     video_ids = tuple(sorted(set(by_video) - set(incomplete)))
-    records = np.array([[by_video[v][c] for c in variants] for v in video_ids], np.int64).reshape(-1, len(variants))
-    num_frames = np.array([h["shape"][0] for h in headers], np.int64)[records]
-    first = records[:, 0] if len(video_ids) else np.zeros(0, np.int64)
+    rows = np.array([[by_video[v][c] for c in variants] for v in video_ids], np.int64).reshape(-1, len(variants))
+    num_frames = np.array([h["shape"][0] for h in headers], np.int64)[rows]
+    first = rows[:, 0] if len(video_ids) else np.zeros(0, np.int64)
     labels = np.array([-1 if headers[r]["label"] is None else int(headers[r]["label"]) for r in first], np.int64)
-    for v, row, label in zip(video_ids, records, labels):
+    for v, row, label in zip(video_ids, rows, labels):
         if any((headers[r]["label"] if headers[r]["label"] is not None else -1) != label for r in row):
             raise ValueError(f"token store {store_dir}: video {v!r} has different labels across variants")
     fps = np.array([float(headers[r]["fps"]) for r in first], np.float64)
-    return StoreIndex(store_dir=str(store_dir), video_ids=video_ids, variants=variants, records=records,
-                      num_frames=num_frames, labels=labels, fps=fps, grid=tuple(next(iter(grids))))
+    layout, chunk_frames = token_store.store_layout(meta)
+    return StoreIndex(store_dir=str(store_dir), video_ids=video_ids, variants=variants, records=firsts[rows],
+                      num_frames=num_frames, labels=labels, fps=fps, grid=tuple(next(iter(grids))),
+                      layout=layout, chunk_frames=chunk_frames)
 
 
 def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
@@ -193,7 +197,8 @@ def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
             np.savez(f, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
                      variants=np.array(index.variants, dtype=str), records=index.records,
                      num_frames=index.num_frames, labels=index.labels, fps=index.fps,
-                     grid=np.array(index.grid, np.int64))
+                     grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
+                     chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
         os.replace(tmp, path)
     except OSError as e:  # a read-only store: index again next time
         log.warning("could not cache the record index at %s: %s", path, e)
@@ -209,7 +214,8 @@ def _load_cache(path: Path, key: str, store_dir: str) -> Optional[StoreIndex]:
             return StoreIndex(store_dir=store_dir, video_ids=tuple(str(v) for v in z["video_ids"]),
                               variants=tuple(str(v) for v in z["variants"]), records=z["records"],
                               num_frames=z["num_frames"], labels=z["labels"], fps=z["fps"],
-                              grid=tuple(int(g) for g in z["grid"]))
+                              grid=tuple(int(g) for g in z["grid"]), layout=str(z["layout"]),
+                              chunk_frames=None if int(z["chunk_frames"]) < 0 else int(z["chunk_frames"]))
     except (OSError, KeyError, ValueError) as e:
         log.warning("ignoring unreadable record index cache %s: %s", path, e)
         return None
@@ -219,20 +225,34 @@ def load_index(store_dir, *, cache: bool = True) -> StoreIndex:
     """Index a complete token store: one pass over the record headers, cached in the store.
 
     The cache (`record_index.npz`, next to metadata.json) is keyed by metadata.json's bytes and
-    the shard sizes, so a re-written store is indexed again. Reading headers reads whole records
-    (ArrayRecord has no partial reads), hence the cache.
+    the shard sizes, so a re-written store is indexed again. A "whole"-layout store is read (its
+    headers are read with whole records, ArrayRecord has no partial reads, and every clip reads a
+    whole video), with a warning naming the command that converts it.
     """
     store = Path(store_dir)
     meta = token_store.read_metadata(store)
     paths = token_store.shard_paths(store)
     key = _cache_key(store, paths)
+    layout, _ = token_store.store_layout(meta)
+    if layout == token_store.WHOLE_LAYOUT:
+        log.warning("token store %s has the 'whole' record layout: every clip reads its whole video; "
+                    "convert it once with `%s`", store, token_store.convert_command(store))
     cache_path = store / INDEX_CACHE_FILE
     if cache:
         index = _load_cache(cache_path, key, str(store))
         if index is not None:
             return index
-    headers = _read_headers(token_store.open_records(store))
-    index = _index_from_headers(str(store), meta, headers)
+    t0 = last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last > 10:
+            log.info("indexing %s: %d/%d records, ETA %.0f s", store, done, total,
+                     (total - done) * (now - t0) / max(done, 1))
+            last = now
+
+    index = _index_from_headers(str(store), meta, token_store.scan_headers(store, progress=progress))
     if cache:
         _save_cache(cache_path, key, index)
     return index
@@ -254,9 +274,10 @@ def frame_step(store_fps: float, clip_fps: Optional[float]) -> int:
     return max(int(store_fps / clip_fps), 1)
 
 
-def max_start(num_frames: int, clip_len: int, step: int) -> int:
-    """delta: the largest start index of a clip (0 when the video is shorter than a clip)."""
-    return max(num_frames + step - 1 - clip_len * step, 0)
+def max_start(num_frames, clip_len: int, step):
+    """delta: the largest start index of a clip (0 when the video is shorter than a clip);
+    elementwise for arrays of num_frames / step."""
+    return np.maximum(num_frames + step - 1 - clip_len * step, 0)
 
 
 def random_start(rng: np.random.Generator, delta: int, bound: Optional[tuple[int, int]] = None) -> int:
@@ -267,7 +288,7 @@ def random_start(rng: np.random.Generator, delta: int, bound: Optional[tuple[int
     else:
         hi = max(min(bound[1], delta), 0)
         lo = min(max(0, bound[0]), hi)
-    return int(rng.integers(lo, hi + 1))
+    return int(_uniform_ints(rng.random(), lo, hi))
 
 
 def pair_starts(rng: np.random.Generator, delta: int, relevance_range: Optional[int] = None) -> tuple[int, int]:
@@ -286,8 +307,12 @@ def eval_clip_starts(num_frames: int, clip_len: int, step: int, num_clips: int) 
     an integer)."""
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-    delta = max_start(num_frames, clip_len, step)
-    return np.arange(num_clips, dtype=np.int64) * delta // max(num_clips - 1, 1)
+    return _spaced_starts(max_start(num_frames, clip_len, step), np.arange(num_clips, dtype=np.int64), num_clips)
+
+
+def _spaced_starts(delta, k, num_clips: int):
+    """Start of test clip k of K over [0, delta] (elementwise): int(delta·k / max(K - 1, 1))."""
+    return k * delta // max(num_clips - 1, 1)
 
 
 def take_clip(tokens: np.ndarray, start: int, clip_len: int, step: int, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -315,108 +340,193 @@ def test_views(crops: Sequence[np.ndarray], clip_len: int, step: int, num_clips:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-example transforms (picklable, so that grain worker processes can run them).
+# Batch transforms (picklable, so that grain worker processes can run them): one call makes one
+# per-process batch, with the draws of all its examples vectorized and its records read together.
 # ----------------------------------------------------------------------------------------------
 
 
+def _uniform_ints(u: np.ndarray, lo, hi) -> np.ndarray:
+    """u float64 in [0, 1) -> int64 uniform on [lo, hi] (inclusive; elementwise bounds).
+    floor(u·n) with 53-bit u: each value's probability is 1/n to within n·2^-53."""
+    lo = np.asarray(lo, np.int64)
+    return lo + np.minimum((u * (np.asarray(hi, np.int64) - lo + 1)).astype(np.int64), np.asarray(hi) - lo)
+
+
+def pair_starts_batch(u1: np.ndarray, u2: np.ndarray, delta: np.ndarray,
+                      relevance_range: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """`pair_starts` for N examples at once from uniforms u1, u2 float [N] and delta int [N]."""
+    s1 = _uniform_ints(u1, 0, delta)
+    if relevance_range is None:
+        return s1, _uniform_ints(u2, 0, delta)
+    hi = np.maximum(np.minimum(s1 + relevance_range, delta), 0)
+    lo = np.minimum(np.maximum(0, s1 - relevance_range), hi)
+    return s1, _uniform_ints(u2, lo, hi)
+
+
 class EpochOrder:
-    """Position g of the repeated stream -> (epoch, video): epoch = g // V, video = the
-    (g mod V)-th entry of a permutation drawn from default_rng((seed, epoch)). Keeps the
-    permutations of the last two epochs (V int64 each)."""
+    """Position g of the repeated stream -> (epoch, video) and the video's uniforms for that epoch.
+
+    epoch = g // V, video = the (g mod V)-th entry of a permutation drawn from
+    default_rng((seed, epoch)); the same generator then draws uniforms [V, NUM_DRAWS] float64,
+    row v for video v. So what a video draws in an epoch depends on (seed, epoch, video) only,
+    not on the batch, the worker count or the number of processes, and no generator is built per
+    example. Keeps the draws of the last two epochs ((1 + NUM_DRAWS)·V 8-byte values each)."""
+
+    NUM_DRAWS = 3  # variant column, first start, second start
 
     def __init__(self, num_videos: int, seed: int):
         self.num_videos, self.seed = int(num_videos), int(seed)
-        self._perms: dict[int, np.ndarray] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_perms": {}}  # workers rebuild theirs
+        return {**self.__dict__, "_epochs": {}}  # workers rebuild theirs
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permutation int64 [V], uniforms float64 [V, NUM_DRAWS]) of one epoch."""
+        drawn = self._epochs.get(epoch)
+        if drawn is None:
+            rng = np.random.default_rng((self.seed, epoch))
+            drawn = (rng.permutation(self.num_videos), rng.random((self.num_videos, self.NUM_DRAWS)))
+            # Replace the dict rather than mutate it: reader threads never see it change size.
+            # Two threads may both draw an epoch; they draw the same values.
+            kept = dict(list(self._epochs.items())[-1:])
+            kept[epoch] = drawn
+            self._epochs = kept
+        return drawn
 
     def permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_videos)
-            # Replace the dict rather than mutate it: reader threads never see it change size.
-            # Two threads may both draw an epoch's permutation; they draw the same one.
-            kept = dict(list(self._perms.items())[-1:])
-            kept[epoch] = perm
-            self._perms = kept
-        return perm
+        return self.epoch(epoch)[0]
 
     def __call__(self, position: int) -> tuple[int, int]:
         epoch, i = divmod(int(position), self.num_videos)
         return epoch, int(self.permutation(epoch)[i])
 
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions int [N] -> (videos int64 [N], uniforms float64 [N, NUM_DRAWS])."""
+        epochs, rows = np.divmod(np.asarray(positions, np.int64), self.num_videos)
+        videos = np.empty(len(rows), np.int64)
+        draws = np.empty((len(rows), self.NUM_DRAWS))
+        for e in np.unique(epochs):  # at most two epochs in a batch (a batch is <= one epoch)
+            sel = epochs == e
+            perm, uniforms = self.epoch(int(e))
+            videos[sel] = perm[rows[sel]]
+            draws[sel] = uniforms[videos[sel]]
+        return videos, draws
 
-class _Sampler:
-    """Shared state of the transforms: the index, the record source, the clip geometry and, for
-    training, the epoch order."""
 
-    def __init__(self, index: StoreIndex, *, clip_len: int, clip_fps: Optional[float], seed: int):
+class ClipReader:
+    """Cuts clips out of a store, reading only the records that hold their frames.
+
+    Frame f of (video v, variant c) is in record records[v, c] + f // R with R the index's
+    `frames_per_record` (the chunk length; a whole video for the "whole" layout), at row f mod R.
+    """
+
+    def __init__(self, index: StoreIndex, *, clip_len: int, clip_fps: Optional[float]):
         if clip_len < 1:
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
         self.records = index.records
+        self.num_frames = index.num_frames
         self.labels = index.labels
         self.grid = index.grid
         self.num_videos = index.num_videos
         self.clip_len = clip_len
+        self.chunked = index.layout == token_store.CHUNKED_LAYOUT
+        self.frames_per_record = index.frames_per_record
         fps_values, which = np.unique(index.fps, return_inverse=True)
         self.steps = np.array([frame_step(f, clip_fps) for f in fps_values], np.int64)[which].reshape(-1)
-        self.seed = int(seed)
-        self.order = EpochOrder(index.num_videos, seed)
-        self.source = token_store.open_records(index.store_dir)
+        self.source = token_store.RecordReader(token_store.shard_paths(index.store_dir))
 
-    def example(self, position: int) -> tuple[int, np.random.Generator]:
-        """Training position -> (video, its RNG for this epoch)."""
-        epoch, video = self.order(position)
-        return video, np.random.default_rng((self.seed, epoch, video))
+    def _decode(self, record: bytes) -> np.ndarray:
+        if not self.chunked:
+            return token_store.decode_record(record)["tokens"]
+        return np.frombuffer(record, "<i2").reshape((-1,) + self.grid)
 
-    def tokens(self, video: int, column: int) -> np.ndarray:
-        """int16 [n, h, w] of one stored (video, variant)."""
-        return token_store.decode_record(self.source[int(self.records[video, column])])["tokens"]
+    def clips(self, videos: np.ndarray, columns: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """int [N] each -> int32 [N, clip_len, h, w]: frames start, start + step, ... of each
+        (video, variant), PAD past the video's end (`take_clip` for N clips at once)."""
+        steps = self.steps[videos]
+        frames = starts[:, None] + steps[:, None] * np.arange(self.clip_len)  # [N, T]
+        valid = frames < self.num_frames[videos, columns][:, None]
+        record_of = frames // self.frames_per_record
+        keys = self.records[videos, columns][:, None] + record_of
+        unique, where = np.unique(keys[valid], return_inverse=True)
+        chunks = [self._decode(r) for r in self.source.read(unique)]
+        offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)
+        out = np.full((len(videos), self.clip_len) + self.grid, PAD_ID, np.int32)
+        if chunks:
+            rows = offsets[where] + (frames - record_of * self.frames_per_record)[valid]
+            out[valid] = np.concatenate(chunks)[rows]
+        return out
 
 
-class _PretrainSample(_Sampler):
-    def __init__(self, index, *, relevance_range: Optional[int], **kw):
-        super().__init__(index, **kw)
+class _TrainBatch:
+    """Per-process batch b of a training stream: global positions [(b·P + p)·B, +B)."""
+
+    def __init__(self, reader: ClipReader, *, seed: int, batch_size: int, process_index: int, process_count: int):
+        self.reader = reader
+        self.order = EpochOrder(reader.num_videos, seed)
+        self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+
+    def examples(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(videos int64 [B], variant columns int64 [B], the remaining uniforms float64 [B, 2])."""
+        first = (int(batch) * self.process_count + self.process_index) * self.batch_size
+        videos, u = self.order.lookup(first + np.arange(self.batch_size))
+        columns = _uniform_ints(u[:, 0], 0, self.reader.records.shape[1] - 1)
+        return videos, columns, u[:, 1:]
+
+    def deltas(self, videos: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        r = self.reader
+        return max_start(r.num_frames[videos, columns], r.clip_len, r.steps[videos])
+
+
+class _PretrainBatch(_TrainBatch):
+    def __init__(self, reader, *, relevance_range: Optional[int], **kw):
+        super().__init__(reader, **kw)
         self.relevance_range = relevance_range
 
-    def __call__(self, position: int, _) -> dict[str, np.ndarray]:
-        video, rng = self.example(position)
-        column = int(rng.integers(self.records.shape[1]))
-        tokens = self.tokens(video, column)
-        step = int(self.steps[video])
-        starts = pair_starts(rng, max_start(len(tokens), self.clip_len, step), self.relevance_range)
-        out = np.empty((2, self.clip_len) + self.grid, np.int32)
-        for i, s in enumerate(starts):
-            take_clip(tokens, s, self.clip_len, step, out=out[i])
-        return {"tokens": out}
+    def __call__(self, batch: int) -> dict[str, np.ndarray]:
+        videos, columns, u = self.examples(batch)
+        s1, s2 = pair_starts_batch(u[:, 0], u[:, 1], self.deltas(videos, columns), self.relevance_range)
+        clips = self.reader.clips(np.repeat(videos, 2), np.repeat(columns, 2), np.stack([s1, s2], 1).reshape(-1))
+        return {"tokens": clips.reshape((len(videos), 2) + clips.shape[1:])}
 
 
-class _FinetuneSample(_Sampler):
-    def __call__(self, position: int, _) -> dict[str, np.ndarray]:
-        video, rng = self.example(position)
-        column = int(rng.integers(self.records.shape[1]))
-        tokens = self.tokens(video, column)
-        step = int(self.steps[video])
-        start = random_start(rng, max_start(len(tokens), self.clip_len, step))
-        return {"tokens": take_clip(tokens, start, self.clip_len, step), "label": np.int32(self.labels[video])}
+class _FinetuneBatch(_TrainBatch):
+    def __call__(self, batch: int) -> dict[str, np.ndarray]:
+        videos, columns, u = self.examples(batch)
+        starts = _uniform_ints(u[:, 0], 0, self.deltas(videos, columns))
+        return {"tokens": self.reader.clips(videos, columns, starts),
+                "label": self.reader.labels[videos].astype(np.int32)}
 
 
-class _EvalSample(_Sampler):
-    def __init__(self, index, *, num_clips: int, **kw):
-        super().__init__(index, **kw)
-        self.num_clips = num_clips
+class _EvalBatch:
+    """Per-process batch b of the test stream: videos [(b·P + p)·B, +B) of the padded list."""
 
-    def __call__(self, video: int) -> dict[str, np.ndarray]:
-        num_views = self.records.shape[1] * self.num_clips
-        out = np.zeros((num_views, self.clip_len) + self.grid, np.int32)
-        if video >= self.num_videos:
-            # Padding example: code 0 rather than PAD, so no attention line is all-PAD (NaN).
-            return {"tokens": out, "label": np.int32(-1), "video_index": np.int32(-1), "valid": np.bool_(False)}
-        crops = [self.tokens(video, c) for c in range(self.records.shape[1])]
-        test_views(crops, self.clip_len, int(self.steps[video]), self.num_clips, out=out)
-        return {"tokens": out, "label": np.int32(self.labels[video]), "video_index": np.int32(video),
-                "valid": np.bool_(True)}
+    def __init__(self, reader: ClipReader, *, num_clips: int, batch_size: int, process_index: int,
+                 process_count: int):
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        self.reader, self.num_clips = reader, num_clips
+        self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+
+    def __call__(self, batch: int) -> dict[str, np.ndarray]:
+        r, K = self.reader, self.num_clips
+        crops = r.records.shape[1]
+        first = (int(batch) * self.process_count + self.process_index) * self.batch_size
+        videos = first + np.arange(self.batch_size)
+        valid = videos < r.num_videos
+        # Padding examples: code 0 rather than PAD, so no attention line is all-PAD (NaN).
+        out = np.zeros((self.batch_size, crops * K, r.clip_len) + r.grid, np.int32)
+        real = videos[valid]
+        if len(real):
+            # Views crop-major, as the released code: v = c·K + k; starts as `eval_clip_starts`.
+            v = np.repeat(real, crops * K)
+            c = np.tile(np.repeat(np.arange(crops), K), len(real))
+            k = np.tile(np.arange(K), crops * len(real))
+            starts = _spaced_starts(max_start(r.num_frames[v, c], r.clip_len, r.steps[v]), k, K)
+            out[valid] = r.clips(v, c, starts).reshape((len(real), crops * K, r.clip_len) + r.grid)
+        return {"tokens": out, "label": np.where(valid, r.labels[np.minimum(videos, r.num_videos - 1)], -1).astype(np.int32),
+                "video_index": np.where(valid, videos, -1).astype(np.int32), "valid": valid}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,17 +562,14 @@ def _check_split(index: StoreIndex, process_count: int, batch_size: int, *, trai
                          f"fine-tuning and test need labels")
 
 
-def _train_stream(index: StoreIndex, sample, *, batch_size: int, num_epochs: Optional[int],
-                  process_index: int, process_count: int):
+def _train_stream(index: StoreIndex, make_batch: _TrainBatch, *, num_epochs: Optional[int]):
     import grain
 
-    ds = grain.MapDataset.range(index.num_videos).repeat(num_epochs).map_with_index(sample)
-    global_batch = batch_size * process_count
-    if num_epochs is not None:
-        # Same number of batches on every process (else collectives hang): drop the global tail.
-        ds = ds[:len(ds) // global_batch * global_batch]
-    # Process p takes per-process batches p, p + P, ...: rows [p·B, (p+1)·B) of each global batch.
-    return ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+    global_batch = make_batch.batch_size * make_batch.process_count
+    # Same number of batches on every process (else collectives hang): the global tail is dropped.
+    # Process p's batch b is rows [p·B, (p+1)·B) of global batch b (see `_TrainBatch`).
+    num_batches = (sys.maxsize if num_epochs is None else num_epochs * index.num_videos) // global_batch
+    return grain.MapDataset.range(num_batches).map(make_batch)
 
 
 def pretrain_dataset(
@@ -491,9 +598,10 @@ def pretrain_dataset(
     _check_split(index, pc, batch_size, training=True, labels=False)
     if relevance_range is not None and relevance_range < 0:
         raise ValueError(f"relevance_range must be >= 0, got {relevance_range}")
-    sample = _PretrainSample(index, relevance_range=relevance_range, clip_len=clip_len, clip_fps=clip_fps, seed=seed)
-    return _train_stream(index, sample, batch_size=batch_size, num_epochs=num_epochs,
-                         process_index=pi, process_count=pc)
+    make_batch = _PretrainBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps),
+                                relevance_range=relevance_range, seed=seed, batch_size=batch_size,
+                                process_index=pi, process_count=pc)
+    return _train_stream(index, make_batch, num_epochs=num_epochs)
 
 
 def finetune_dataset(
@@ -515,9 +623,9 @@ def finetune_dataset(
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants)
     _check_split(index, pc, batch_size, training=True, labels=True)
-    sample = _FinetuneSample(index, clip_len=clip_len, clip_fps=clip_fps, seed=seed)
-    return _train_stream(index, sample, batch_size=batch_size, num_epochs=num_epochs,
-                         process_index=pi, process_count=pc)
+    make_batch = _FinetuneBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), seed=seed,
+                                batch_size=batch_size, process_index=pi, process_count=pc)
+    return _train_stream(index, make_batch, num_epochs=num_epochs)
 
 
 def eval_dataset(
@@ -544,11 +652,11 @@ def eval_dataset(
     _check_split(index, pc, batch_size, training=False, labels=True)
     import grain
 
-    sample = _EvalSample(index, num_clips=num_clips, clip_len=clip_len, clip_fps=clip_fps, seed=0)
+    make_batch = _EvalBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), num_clips=num_clips,
+                            batch_size=batch_size, process_index=pi, process_count=pc)
     global_batch = batch_size * pc
-    padded = -(-index.num_videos // global_batch) * global_batch
-    ds = grain.MapDataset.range(padded).map(sample)
-    return ds.batch(batch_size)[pi::pc]  # contiguous per-process blocks, as in `_train_stream`
+    # Contiguous per-process blocks of each padded global batch, as in `_train_stream`.
+    return grain.MapDataset.range(-(-index.num_videos // global_batch)).map(make_batch)
 
 
 def steps_per_epoch(index: StoreIndex, global_batch_size: int) -> int:

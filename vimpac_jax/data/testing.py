@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vimpac_jax.constants import NUM_CODES
-from vimpac_jax.data.token_store import METADATA_FILE, SHARDS_DIR, encode_record
+from vimpac_jax.data.token_store import CHUNKED_LAYOUT, METADATA_FILE, SHARDS_DIR, encode_record, encode_video_records
 
 DEFAULT_VARIANTS = ("r128_center_noflip",)
 PATTERNS = ("random", "frame_index")
@@ -48,6 +48,7 @@ def write_test_store(
     seed: int = 0,
     pattern: str = "random",
     options: str = "group_size:1",
+    chunk_frames: int | None = None,
 ) -> Path:
     """Write a complete token store to ``store_dir`` (created; must not hold a store yet).
 
@@ -57,7 +58,9 @@ def write_test_store(
       to the same shard, videos are dealt to shards round-robin (so ``shards`` > len(videos)
       leaves some shards empty, as a real job can).
     options: ArrayRecord writer options; the default is what `vimpac tokenize` writes (one record
-      per chunk, default compression).
+      per ArrayRecord chunk, default compression).
+    chunk_frames: None writes the "whole" layout (one record per (video, variant), format 1);
+      an int writes the "chunked" layout `vimpac tokenize` writes, with that many frames a record.
     Returns the store path.
     """
     if pattern not in PATTERNS:
@@ -90,15 +93,21 @@ def write_test_store(
                 if variant not in all_variants:
                     all_variants.append(variant)
                 tokens = _video_tokens(rng, pattern, n, grid, vpos, pos)
-                writers[pos % shards].write(encode_record(tokens, video_id=str(video["video_id"]),
-                                                          label=video.get("label"), fps=fps, variant=variant))
+                fields = dict(video_id=str(video["video_id"]), label=video.get("label"), fps=fps, variant=variant)
+                if chunk_frames is None:
+                    writers[pos % shards].write(encode_record(tokens, **fields))
+                else:
+                    for record in encode_video_records(tokens, chunk_frames=chunk_frames, **fields):
+                        writers[pos % shards].write(record)
                 num_records += 1
     finally:
         for writer in writers:
             writer.close()
     meta = {"complete": True, "shards": names, "fps": float(fps), "variants": all_variants,
             "grid": [h, w], "num_videos": len(videos), "num_records": num_records,
-            "tokenizer": {"kind": "test", "pattern": pattern, "seed": seed}}
+            "tokenizer": {"kind": "test", "pattern": pattern, "seed": seed}, "shard_options": options}
+    if chunk_frames is not None:
+        meta.update(layout=CHUNKED_LAYOUT, chunk_frames=int(chunk_frames))
     (store / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return store
 

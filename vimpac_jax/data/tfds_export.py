@@ -85,18 +85,15 @@ def _common(metas: Mapping[str, dict], key: str) -> Any:
 
 
 def _first_token_hw(store) -> tuple[int, int]:
-    source = token_store.open_records(store)
-    if len(source) == 0:
+    first = next(token_store.iter_videos(store), None)
+    if first is None:
         raise ValueError(f"token store {store} holds no records (every video failed?): nothing to export")
-    shape = token_store.decode_header(source[0])["shape"]
-    return int(shape[1]), int(shape[2])
+    return tuple(int(n) for n in first["tokens"].shape[1:])
 
 
 def store_examples(store, token_hw: tuple[int, int]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(key, example) for every record of a store, in its order (keys 0, 1, ...)."""
-    source = token_store.open_records(store)
-    for i in range(len(source)):
-        rec = token_store.decode_record(source[i])
+    for i, rec in enumerate(token_store.iter_videos(store)):
         if tuple(rec["tokens"].shape[1:]) != tuple(token_hw):
             raise ValueError(f"token store {store}: record {i} ({rec['video_id']!r}) has tokens "
                              f"{rec['tokens'].shape}, not [frames, {token_hw[0]}, {token_hw[1]}]")

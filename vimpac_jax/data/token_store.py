@@ -8,15 +8,28 @@ Layout of a store directory:
   shards/*.array_record
   errors.txt      one line per video that could not be decoded: `path<TAB>reason`
 
-A record is `uint32 header length | JSON header | token bytes`: the header holds video_id,
-label, fps, variant, shape and dtype; the tokens are int16 [frames, h, w], row-major. Nothing in
-a record is pickled, so a store from elsewhere is safe to read.
+Two record layouts, named by metadata.json's "layout" (absent: "whole", stores of format 1):
+
+  "whole"    one record per (video, variant): `uint32 header length | JSON header | token bytes`;
+             the header holds video_id, label, fps, variant, shape and dtype; the tokens are
+             int16 [frames, h, w], row-major. A clip reads (and decompresses) the whole video.
+  "chunked"  per (video, variant) a header record (the same JSON header, no token bytes, plus
+             "chunk_frames" C and "chunks" = ceil(frames / C)) followed by that many chunk records
+             of raw int16 [<= C, h, w] bytes: frames [k·C, (k+1)·C) of the video, the last one
+             shorter. A (video, variant)'s records are consecutive in one shard, so frame f lives
+             in record first_chunk + f // C, and a clip spanning at most C + 1 frames costs at
+             most two small reads whatever the video's length. C is metadata's "chunk_frames".
+
+Nothing in a record is pickled, so a store from elsewhere is safe to read. `convert_store`
+(`vimpac convert-store`) rewrites a "whole" store as a "chunked" one.
 """
 
 import json
+import shutil
 import struct
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +37,13 @@ METADATA_FILE = "metadata.json"
 ERRORS_FILE = "errors.txt"
 SHARDS_DIR = "shards"
 _HEADER_LEN = struct.Struct("<I")
+WHOLE_LAYOUT = "whole"
+CHUNKED_LAYOUT = "chunked"
+# Frames per chunk record that `vimpac tokenize` writes: a pre-training clip (T=5 at step 1)
+# spans 5 frames, so most clips read one chunk; see benchmarks/RESULTS.md for the measurement.
+DEFAULT_CHUNK_FRAMES = 16
+# Reader options as grain's ArrayRecordDataSource: no read-ahead (reads are random).
+_READER_OPTIONS = "readahead_buffer_size:0"
 
 
 def encode_record(tokens: np.ndarray, *, video_id: str, label: Optional[int], fps: float, variant: str) -> bytes:
@@ -32,6 +52,21 @@ def encode_record(tokens: np.ndarray, *, video_id: str, label: Optional[int], fp
     header = json.dumps({"video_id": video_id, "label": None if label is None else int(label), "fps": float(fps),
                          "variant": variant, "shape": list(tokens.shape), "dtype": "<i2"}).encode()
     return _HEADER_LEN.pack(len(header)) + header + tokens.tobytes()
+
+
+def encode_video_records(tokens: np.ndarray, *, video_id: str, label: Optional[int], fps: float, variant: str,
+                         chunk_frames: int) -> list[bytes]:
+    """tokens int [frames, h, w] -> the "chunked" layout's records of one (video, variant):
+    [header, chunk 0, ..., chunk ceil(frames / chunk_frames) - 1]."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    tokens = np.ascontiguousarray(tokens, dtype="<i2")
+    chunks = -(-len(tokens) // chunk_frames)
+    header = json.dumps({"video_id": video_id, "label": None if label is None else int(label), "fps": float(fps),
+                         "variant": variant, "shape": list(tokens.shape), "dtype": "<i2",
+                         "chunk_frames": int(chunk_frames), "chunks": chunks}).encode()
+    return [_HEADER_LEN.pack(len(header)) + header] + [
+        tokens[k * chunk_frames:(k + 1) * chunk_frames].tobytes() for k in range(chunks)]
 
 
 def decode_header(record: bytes) -> dict[str, Any]:
@@ -80,3 +115,175 @@ def open_records(store_dir):
     if not paths:
         raise ValueError(f"token store {store_dir} has no shards (no video was tokenized)")
     return grain.ArrayRecordDataSource(paths)
+
+
+def store_layout(meta: dict[str, Any]) -> tuple[str, Optional[int]]:
+    """(layout, chunk_frames) of a store's metadata; chunk_frames is None for "whole"."""
+    layout = meta.get("layout", WHOLE_LAYOUT)
+    if layout == WHOLE_LAYOUT:
+        return layout, None
+    if layout == CHUNKED_LAYOUT and isinstance(meta.get("chunk_frames"), int) and meta["chunk_frames"] >= 1:
+        return layout, int(meta["chunk_frames"])
+    raise ValueError(f"token store metadata: unknown layout {layout!r} / chunk_frames {meta.get('chunk_frames')!r} "
+                     f"(expected {WHOLE_LAYOUT!r}, or {CHUNKED_LAYOUT!r} with an integer chunk_frames >= 1)")
+
+
+def convert_command(store_dir) -> str:
+    """The one command that rewrites a "whole" store in the chunked layout."""
+    return f"vimpac convert-store --store {store_dir} --out {Path(store_dir)}-chunked"
+
+
+class RecordReader:
+    """Random access to a store's records by global index (shards in metadata order), reading
+    many records per call with one `ArrayRecordReader.read(positions)` per shard (cheaper than
+    grain's ArrayRecordDataSource.__getitems__, which starts a thread pool on every call).
+    Picklable: readers are opened lazily in each process."""
+
+    def __init__(self, paths: Sequence[str]):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        self.paths = list(paths)
+        counts = []
+        for p in self.paths:
+            reader = ArrayRecordReader(p, _READER_OPTIONS)
+            counts.append(reader.num_records())
+            reader.close()
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._readers: list = [None] * len(self.paths)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self):
+        return {"paths": self.paths, "starts": self.starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._readers = [None] * len(self.paths)
+        self._lock = threading.Lock()
+
+    def _reader(self, shard: int):
+        reader = self._readers[shard]
+        if reader is None:
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            with self._lock:
+                if self._readers[shard] is None:
+                    self._readers[shard] = ArrayRecordReader(self.paths[shard], _READER_OPTIONS,
+                                                             file_reader_buffer_size=32768)
+                reader = self._readers[shard]
+        return reader
+
+    def read(self, keys) -> list[bytes]:
+        """Records of the global indices ``keys`` (int [N]), in that order."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        if len(keys) and (keys.min() < 0 or keys.max() >= len(self)):
+            raise IndexError(f"record index out of range [0, {len(self)}): {keys.min()}..{keys.max()}")
+        shards = np.searchsorted(self.starts, keys, side="right") - 1
+        out: list[bytes] = [b""] * len(keys)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            records = self._reader(int(shard)).read((keys[rows] - self.starts[shard]).tolist())
+            for row, record in zip(rows.tolist(), records):
+                out[row] = record
+        return out
+
+
+def scan_headers(store_dir, reader: Optional[RecordReader] = None, progress=None) -> list[tuple[int, dict[str, Any]]]:
+    """(global index of the first token record, header) of every (video, variant), in store order.
+
+    "whole": every record, index = its own. "chunked": a walk over the header records only
+    (each says how many chunks follow), so indexing reads 1 / (chunks + 1) of the records.
+    """
+    layout, _ = store_layout(read_metadata(store_dir))
+    reader = reader or RecordReader(shard_paths(store_dir))
+    out: list[tuple[int, dict[str, Any]]] = []
+    n = len(reader)
+    if layout == WHOLE_LAYOUT:
+        for lo in range(0, n, 256):
+            keys = np.arange(lo, min(lo + 256, n))
+            out.extend((int(k), decode_header(r)) for k, r in zip(keys, reader.read(keys)))
+            if progress is not None:
+                progress(len(out), n)
+        return out
+    pos = 0
+    while pos < n:
+        header = decode_header(reader.read([pos])[0])
+        if "chunks" not in header:
+            raise ValueError(f"token store {store_dir}: record {pos} is not a chunked-layout header "
+                             f"(video {header.get('video_id')!r})")
+        out.append((pos + 1, header))
+        pos += 1 + int(header["chunks"])
+        if progress is not None:
+            progress(pos, n)
+    if pos != n:
+        raise ValueError(f"token store {store_dir}: the last video's chunks run past the end of the shards")
+    return out
+
+
+def iter_videos(store_dir) -> Iterator[dict[str, Any]]:
+    """Every stored (video, variant) in store order, as `decode_record` gives it (whole tokens
+    int16 [frames, h, w]), whatever the layout."""
+    layout, _ = store_layout(read_metadata(store_dir))
+    reader = RecordReader(shard_paths(store_dir))
+    for first, header in scan_headers(store_dir, reader):
+        if layout == WHOLE_LAYOUT:
+            yield decode_record(reader.read([first])[0])
+            continue
+        chunks = reader.read(np.arange(first, first + int(header["chunks"])))
+        shape = tuple(header.pop("shape"))
+        tokens = np.frombuffer(b"".join(chunks), dtype=header.pop("dtype"))
+        if tokens.size != int(np.prod(shape)):
+            raise ValueError(f"corrupt chunks for {header.get('video_id')!r}: {tokens.size} values for shape {shape}")
+        header.pop("chunks"), header.pop("chunk_frames")
+        yield {**header, "tokens": tokens.reshape(shape)}
+
+
+def convert_store(store_dir, out_dir, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                  options: Optional[str] = None) -> dict[str, Any]:
+    """Rewrite a complete "whole" store as a "chunked" one at ``out_dir`` (published only when
+    complete): the same shards (names, videos, order), errors.txt and metadata (plus layout,
+    chunk_frames, shard_options). Returns the new metadata. options: ArrayRecord writer options
+    (default: the source's "shard_options", else tokenize's default)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from vimpac_jax.io_utils import atomic_directory
+
+    src = Path(store_dir)
+    meta = read_metadata(src)
+    layout, _ = store_layout(meta)
+    if layout != WHOLE_LAYOUT:
+        raise ValueError(f"token store {src} is already in the {layout!r} layout")
+    if chunk_frames < 1:
+        raise ValueError(f"--chunk-frames must be >= 1, got {chunk_frames}")
+    options = options or meta.get("shard_options") or "group_size:1"
+    paths = shard_paths(src)
+    videos = records = 0
+    with atomic_directory(out_dir) as tmp:
+        (tmp / SHARDS_DIR).mkdir()
+        for name, path in zip(meta["shards"], paths):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            reader = RecordReader([path])
+            writer = ArrayRecordWriter(str(tmp / name), options)
+            try:
+                for lo in range(0, len(reader), 64):
+                    for record in reader.read(np.arange(lo, min(lo + 64, len(reader)))):
+                        rec = decode_record(record)
+                        for r in encode_video_records(rec["tokens"], video_id=rec["video_id"], label=rec["label"],
+                                                      fps=rec["fps"], variant=rec["variant"],
+                                                      chunk_frames=chunk_frames):
+                            writer.write(r)
+                        videos += 1
+            finally:
+                writer.close()
+            records += len(reader)
+        for extra in (ERRORS_FILE,):
+            if (src / extra).is_file():
+                shutil.copyfile(src / extra, tmp / extra)
+        new_meta = {**meta, "layout": CHUNKED_LAYOUT, "chunk_frames": int(chunk_frames), "shard_options": options,
+                    "converted_from": str(src.absolute())}
+        if videos != records:
+            raise RuntimeError(f"converted {videos} of {records} records of {src}")
+        (tmp / METADATA_FILE).write_text(json.dumps(new_meta, indent=1, sort_keys=True) + "\n")
+    return new_meta

@@ -4,12 +4,12 @@ Pipeline (one process per host; each host takes the videos [i::n] of the list):
   decode_many (worker processes: PyAV decode at --fps, resize, crop/flip into the variants)
     -> FrameBatcher (frames of many videos packed into full batches, sharded over the local
        devices, two batches in flight so the host prepares one while the devices run the other)
-    -> ShardWriter (one record per (video, variant), see token_store.encode_record, into
-       ArrayRecord shards of --shard-size videos).
+    -> ShardWriter (per (video, variant) a header record and its chunk records of --chunk-frames
+       frames, see token_store.encode_video_records, into ArrayRecord shards of --shard-size videos).
 
 Store layout (see `vimpac_jax.data.token_store`):
-  shards/p{process:03d}-{seq:06d}.array_record   records of whole videos (every variant of a video
-                                                 lands in the same shard)
+  shards/p{process:03d}-{seq:06d}.array_record   "chunked" records of whole videos (every variant of
+                                                 a video lands in the same shard)
   progress/config.json                           what the store is made of (its identity)
   progress/process-{process:03d}.jsonl           the journal of one process
   progress/process-{process:03d}.lock            held by the job writing that share (pid, host)
@@ -29,7 +29,8 @@ and then metadata.json with "complete": true, both by atomic rename: a store wit
 is unfinished, whatever else it holds.
 
 Counts: `frames` is the number of tokenized frames, all variants included (a video of F sampled
-frames with 12 variants adds 12·F); `records` the number of (video, variant) records.
+frames with 12 variants adds 12·F); `records` the number of (video, variant) pairs (each is a
+header record and its chunk records).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class TokenizeOptions:
     batch_size: int | None = None  # frames per device step over all local devices
     shard_size: int = 256  # videos per shard
     shard_options: str = SHARD_OPTIONS  # ArrayRecordWriter options (e.g. add ",uncompressed")
+    chunk_frames: int = token_store.DEFAULT_CHUNK_FRAMES  # frames per token record (part of the identity)
     dtype: str = "float32"  # tokenizer compute dtype (part of the store's identity)
     process_index: int | None = None  # default jax.process_index()
     process_count: int | None = None  # default jax.process_count()
@@ -176,11 +178,13 @@ def store_identity(tokenizer_identity: dict, opts: TokenizeOptions, variants: Se
         "max_seconds": opts.max_seconds,
         "max_frames": opts.max_frames,
         "videos": {"count": len(items), "sha256": items_sha256(items)},
+        "chunk_frames": int(opts.chunk_frames),
     }
 
 
 IDENTITY_KEYS = ("tokenizer", "fps", "size", "resize", "variant_set", "variants", "sampling", "max_seconds",
-                 "max_frames", "videos", "source_fps")  # source_fps: --tfds only (absent = None for files)
+                 "max_frames", "videos", "source_fps",  # source_fps: --tfds only (absent = None for files)
+                 "chunk_frames")  # absent in stores of the "whole" layout (vimpac convert-store)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -216,6 +220,9 @@ def check_out_dir(out: Path, identity: dict) -> dict | None:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         diff = _differences(meta, identity)
+        if diff == ["chunk_frames"] and meta.get("complete") and token_store.store_layout(meta)[1] is None:
+            raise StoreError(f"--out {out} holds a complete token store of the old 'whole' record layout; "
+                             f"convert it with `{token_store.convert_command(out)}`, or use another --out")
         if diff:
             raise StoreError(f"--out {out} holds a token store made with another configuration (differs in: "
                              f"{', '.join(diff)}); use another --out or delete it")
@@ -446,12 +453,14 @@ class ShardWriter:
         self._writes = self._commits = 0
         self._crash = _crash_hook()
 
-    def add_video(self, item: annotations.VideoItem, records: Sequence[bytes], frames: int) -> None:
+    def add_video(self, item: annotations.VideoItem, records: Sequence[Sequence[bytes]], frames: int) -> None:
+        """records: per (video, variant) its records (header and chunks), written consecutively."""
         if self._writer is None:
             self._name = _shard_name(self.process_index, self.seq)
             self._writer = self._writer_cls(str(self.out / self._name), self.options)
-        for record in records:
-            self._writer.write(record)
+        for group in records:
+            for record in group:
+                self._writer.write(record)
         self._videos.append([item.video_id, int(frames), len(records)])
         self._writes += 1
         if self._crash == ("write", self._writes):
@@ -598,6 +607,8 @@ def check_options(opts: TokenizeOptions) -> None:
         raise ValueError(f"--max-frames must be >= 1, got {opts.max_frames}")
     if opts.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {opts.shard_size}")
+    if opts.chunk_frames < 1:
+        raise ValueError(f"--chunk-frames must be >= 1, got {opts.chunk_frames}")
     if opts.workers is not None and opts.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {opts.workers}")
     if opts.batch_size is not None and opts.batch_size < 1:
@@ -679,6 +690,7 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
                   "tokenizer_dir": os.path.abspath(opts.tokenizer),
                   "source": os.path.abspath(opts.videos) if source is None else f"tfds:{opts.tfds}",
                   "process_count": pc, "shard_options": opts.shard_options,
+                  "layout": token_store.CHUNKED_LAYOUT,
                   **({} if source is None else {"tfds": source.metadata()})}
 
     # One job per process share: a second `vimpac tokenize` on this --out and share would record
@@ -736,8 +748,9 @@ def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[i
     def write(index: int, tokens: np.ndarray) -> None:
         item = todo[index]
         per = len(tokens) // n_var  # every variant has the same frames (one decode, several crops)
-        records = [token_store.encode_record(tokens[k * per:(k + 1) * per], video_id=item.video_id,
-                                             label=item.label, fps=opts.fps, variant=v.name)
+        records = [token_store.encode_video_records(tokens[k * per:(k + 1) * per], video_id=item.video_id,
+                                                    label=item.label, fps=opts.fps, variant=v.name,
+                                                    chunk_frames=opts.chunk_frames)
                    for k, v in enumerate(variants)]
         writer.add_video(item, records, len(tokens))
         progress.update(videos=1, frames=len(tokens))
