@@ -2,7 +2,7 @@
 
 Every pipeline is a `grain.MapDataset` of per-process batches, built the same way:
 
-    range(num_videos).repeat(num_epochs)
+    range(num_videos).repeat(num_epochs)   # training: range(L), L = whole global batches per epoch
       -> map_with_index(sample)    # position g -> (epoch, video) -> read record(s), cut clips
       -> [process_index::process_count] -> batch(batch_size)
 
@@ -307,12 +307,14 @@ def take_clip(tokens: np.ndarray, start: int, clip_len: int, step: int, out: Opt
 
 
 class EpochOrder:
-    """Position g of the repeated stream -> (epoch, video): epoch = g // V, video = the
-    (g mod V)-th entry of a permutation drawn from default_rng((seed, epoch)). Keeps the
+    """Position g of the repeated stream -> (epoch, video): epoch = g // L, video = the
+    (g mod L)-th entry of a permutation drawn from default_rng((seed, epoch)), where L
+    (`epoch_length`, default V) is how many videos of each epoch are read. Keeps the
     permutations of the last two epochs (V int64 each)."""
 
-    def __init__(self, num_videos: int, seed: int):
+    def __init__(self, num_videos: int, seed: int, epoch_length: Optional[int] = None):
         self.num_videos, self.seed = int(num_videos), int(seed)
+        self.epoch_length = self.num_videos if epoch_length is None else int(epoch_length)
         self._perms: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
@@ -330,7 +332,7 @@ class EpochOrder:
         return perm
 
     def __call__(self, position: int) -> tuple[int, int]:
-        epoch, i = divmod(int(position), self.num_videos)
+        epoch, i = divmod(int(position), self.epoch_length)
         return epoch, int(self.permutation(epoch)[i])
 
 
@@ -446,11 +448,13 @@ def _train_stream(index: StoreIndex, sample, *, batch_size: int, num_epochs: Opt
                   process_index: int, process_count: int):
     import grain
 
-    ds = grain.MapDataset.range(index.num_videos).repeat(num_epochs).map_with_index(sample)
     global_batch = batch_size * process_count
-    if num_epochs is not None:
-        # Same number of batches on every process (else collectives hang): drop the global tail.
-        ds = ds[:len(ds) // global_batch * global_batch]
+    # Each epoch's tail (fewer videos than a global batch) is not read, as the released
+    # loaders' drop_last: no batch holds a video twice (a clip would be its own negative in the
+    # NCE loss), and every process runs the same number of batches (else collectives hang).
+    sample.order = EpochOrder(index.num_videos, sample.seed, epoch_length=steps_per_epoch(index, global_batch)
+                              * global_batch)
+    ds = grain.MapDataset.range(sample.order.epoch_length).repeat(num_epochs).map_with_index(sample)
     # Process p takes per-process batches p, p + P, ...: rows [p·B, (p+1)·B) of each global batch.
     return ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
 
@@ -473,8 +477,8 @@ def pretrain_dataset(
     Yields {'tokens': int32 [batch_size, 2, clip_len, h, w]} per process (batch_size is per
     process). Both clips come from one stored variant, chosen at random when there are several.
     relevance_range: max |start1 - start2| in stored frames (None: unbounded).
-    num_epochs None repeats forever; otherwise the stream ends after that many epochs, less the
-    last incomplete global batch.
+    num_epochs None repeats forever; otherwise the stream ends after that many epochs. Every
+    epoch drops its last incomplete global batch (drop_last).
     """
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants)
