@@ -90,7 +90,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
     config.pretrain = pretrain_config()
     config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0))
-    config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=20, temperature=0.07,
+    # The released kNN monitor (vimpac/knn_monitor.py): k = 200, temperature 0.07; labelled stores
+    # (UCF101 train / val). every: steps between kNN evaluations; 0 = with every evaluation
+    # (train.eval_every) and at the end.
+    config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=200, temperature=0.07,
                                                 every=0, batch_size=32))
     return config
 

@@ -392,9 +392,10 @@ class _FinetuneSample(_Sampler):
 
 
 class _EvalSample(_Sampler):
-    def __init__(self, index, *, num_clips: int, **kw):
+    def __init__(self, index, *, num_clips: int, clip_seed: Optional[int] = None, **kw):
         super().__init__(index, **kw)
         self.num_clips = num_clips
+        self.clip_seed = clip_seed
 
     def __call__(self, video: int) -> dict[str, np.ndarray]:
         num_views = self.records.shape[1] * self.num_clips
@@ -405,7 +406,12 @@ class _EvalSample(_Sampler):
         step = int(self.steps[video])
         for c in range(self.records.shape[1]):  # crop-major, as the released code: v = c·K + k
             tokens = self.tokens(video, c)
-            for k, s in enumerate(eval_clip_starts(len(tokens), self.clip_len, step, self.num_clips)):
+            if self.clip_seed is None:
+                starts = eval_clip_starts(len(tokens), self.clip_len, step, self.num_clips)
+            else:
+                rng = np.random.default_rng((self.clip_seed, video, c))
+                starts = [random_start(rng, max_start(len(tokens), self.clip_len, step)) for _ in range(self.num_clips)]
+            for k, s in enumerate(starts):
                 take_clip(tokens, int(s), self.clip_len, step, out=out[c * self.num_clips + k])
         return {"tokens": out, "label": np.int32(self.labels[video]), "video_index": np.int32(video),
                 "valid": np.bool_(True)}
@@ -522,6 +528,7 @@ def eval_dataset(
     num_clips: int = 10,
     clip_fps: Optional[float] = None,
     variants: Optional[Sequence[str]] = None,
+    clip_seed: Optional[int] = None,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
@@ -532,13 +539,15 @@ def eval_dataset(
     The video list is padded with invalid examples to a multiple of batch_size·process_count, so
     all processes run the same number of batches and every video is counted exactly once.
     variants: the crops; default `default_test_variants(index.variants)`.
+    clip_seed: None for the test's spaced clips; an int for K random clips per crop instead, drawn
+    from default_rng((clip_seed, video, crop)) (the released kNN monitor's `is_train` sampling).
     """
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants if variants is not None else default_test_variants(index.variants))
     _check_split(index, pc, batch_size, training=False, labels=True)
     import grain
 
-    sample = _EvalSample(index, num_clips=num_clips, clip_len=clip_len, clip_fps=clip_fps, seed=0)
+    sample = _EvalSample(index, num_clips=num_clips, clip_seed=clip_seed, clip_len=clip_len, clip_fps=clip_fps, seed=0)
     global_batch = batch_size * pc
     padded = -(-index.num_videos // global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(sample)
