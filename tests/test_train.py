@@ -98,11 +98,13 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert "init_from:" in out.stderr and "missing: params/classifier/dense/kernel" in out.stderr
     saved = json.loads((ft / "eval_results.json").read_text())
     assert saved["num_videos"] == 7 and len((ft / "predictions.csv").read_text().splitlines()) == 8
+    assert np.isfinite(saved["loss"]) and saved["loss"] > 0  # mean cross entropy over views
 
-    ev = vimpac("evaluate", "--workdir", ft, "--clips", 3, "--crops", 1, env=env)
-    assert "| top-1 |" in ev.stdout
+    ev = vimpac("evaluate", "--workdir", ft, "--clips", "2,3", "--crops", 1, env=env)  # the released --last-test-clips
+    assert "| top-1 |" in ev.stdout and "| 2 clips x 1 crops | 3 clips x 1 crops |" in ev.stdout
     again = json.loads((ft / "eval_results.json").read_text())
     assert again["num_clips"] == 3 and again["crops"] == ["r32_center_noflip"] and again["num_videos"] == 7
+    assert sorted(again["by_clips"]) == ["2", "3"] and again["by_clips"]["3"]["top1"] == again["top1"]
     predictions = (ft / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(p.split(",")[0] for p in predictions) == [f"val{i}" for i in range(7)]  # each once
 

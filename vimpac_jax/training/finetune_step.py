@@ -80,6 +80,15 @@ def make_eval_step(model_cfg, mesh: Optional[jax.sharding.Mesh] = None):
     return jax.jit(fn, out_shardings=shd.replicated(mesh))
 
 
+def view_cross_entropy(logits, labels):
+    """Per-video mean over its views of the cross entropy: logits [B, V, C], labels int [B] -> [B]."""
+    import numpy as np
+    from scipy.special import log_softmax
+
+    log_probs = log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return -log_probs[np.arange(len(log_probs)), :, np.asarray(labels)].mean(axis=1)
+
+
 def accuracy_report(probs, labels, class_names: Optional[list] = None) -> dict[str, Any]:
     """Top-1/top-5 and per-class accuracy (%) from averaged scores probs [N, C], labels [N]."""
     import numpy as np

@@ -24,7 +24,7 @@ from vimpac_jax import checkpoints
 from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step
+from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step, view_cross_entropy
 from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step
 
 
@@ -240,7 +240,7 @@ class FinetuneTask(_StoreTask):
             return {}
         result = evaluate_classifier(self.config, self.mesh, self.eval_index, state.params, num_clips=num_clips,
                                      crops=crops)
-        return result if full else {"top1": result["top1"], "top5": result["top5"]}
+        return result if full else {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
 def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
@@ -257,7 +257,9 @@ def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explic
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
                         crops: Optional[str] = None) -> dict[str, Any]:
-    """The multi-view test: softmax scores averaged over K clips x C crops per video."""
+    """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
+    the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
+    video's views, then over videos."""
     model_cfg = config.model.to_dict()
     k = int(num_clips or config.data.eval_clips)
     crops = crops if crops is not None else config.get("eval_crops", "three")
@@ -270,20 +272,22 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
     eval_step = make_eval_step(model_cfg, mesh)
     sharding = shd.batch_sharding(mesh)
-    probs, labels, videos = [], [], []
+    probs, losses, labels, videos = [], [], [], []
     for local in pipelines.make_iterator(dataset, workers=0):
         batch = pipelines.global_batch(local, sharding)
         out = eval_step(params, {}, batch["tokens"])
         valid = shd.to_host(batch["valid"], mesh)
+        label = shd.to_host(batch["label"], mesh)[valid]
         probs.append(np.asarray(out["probs"])[valid])
-        labels.append(shd.to_host(batch["label"], mesh)[valid])
+        losses.append(view_cross_entropy(np.asarray(out["logits"])[valid], label))
+        labels.append(label)
         videos.append(shd.to_host(batch["video_index"], mesh)[valid])
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
                            f"the split has {index.num_videos}")
     report = accuracy_report(probs, labels, config.get("class_names", None))
-    report.update(num_clips=k, crops=variants, predictions=[
+    report.update(loss=float(np.concatenate(losses).mean()), num_clips=k, crops=variants, predictions=[
         {"video_id": index.video_ids[v], "label": int(l), "prediction": int(p.argmax()), "score": float(p.max())}
         for v, l, p in zip(videos, labels, probs)])
     return report
