@@ -92,7 +92,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
     # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
     config.pretrain.eval_batch_size = 0
-    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+    # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
+    # data.batch_size videos from that many forward/backward passes (Large-Half at T=10, 256 px).
+    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1))
     # The released kNN monitor (vimpac/knn_monitor.py): k = 200, temperature 0.07; labelled stores
     # (UCF101 train / val). every: steps between kNN evaluations; 0 = with every evaluation
     # (train.eval_every) and at the end.

@@ -214,8 +214,15 @@ class FinetuneTask(_StoreTask):
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = int(config.data.batch_size)
+        micro_batches = int(config.finetune.micro_batches)
+        shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+        if micro_batches < 1 or int(config.data.batch_size) % (micro_batches * shards):
+            raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
+                             f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
+                             f"the {shards} data x fsdp devices")
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
-                                       label_smoothing=float(config.finetune.label_smoothing), mesh=mesh)
+                                       label_smoothing=float(config.finetune.label_smoothing),
+                                       micro_batches=micro_batches, mesh=mesh)
         num_classes = int(self.model_cfg["num_classes"])
         if num_classes <= 0:
             raise ValueError("config.model.num_classes must be > 0 for fine-tuning")
