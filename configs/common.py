@@ -51,7 +51,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     """`config.data`: token stores and sampling (see vimpac_jax/data/pipelines.py)."""
     d = ml_collections.ConfigDict(dict(
         train_store="",              # a token store written by `vimpac tokenize`
-        eval_store="",               # held-out split (fine-tuning); '' = no evaluation
+        eval_store="",               # held-out split (pre-training: validation; fine-tuning: the test); '' = none
         batch_size=1024,             # global batch, in videos, of one optimizer update
         clip_fps=ml_collections.FieldReference(None, field_type=float),  # None = stored fps
         relevance_range=ml_collections.FieldReference(None, field_type=int),  # pre-training
@@ -92,8 +92,16 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config.init_from_allow_mismatch = False
     config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
     config.pretrain = pretrain_config()
-    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0))
-    config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=20, temperature=0.07,
+    # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
+    # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
+    config.pretrain.eval_batch_size = 0
+    # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
+    # data.batch_size videos from that many forward/backward passes (Large-Half at T=10, 256 px).
+    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1))
+    # The released kNN monitor (vimpac/knn_monitor.py): k = 200, temperature 0.07; labelled stores
+    # (UCF101 train / val). every: steps between kNN evaluations; 0 = with every evaluation
+    # (train.eval_every) and at the end.
+    config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=200, temperature=0.07,
                                                 every=0, batch_size=32))
     return config
 

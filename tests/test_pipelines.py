@@ -276,6 +276,17 @@ def test_same_seed_same_batches_and_epochs_reshuffle(finetune_index):
     assert order(a, 0).tolist() != order(c, 0).tolist()  # another seed, another order
 
 
+def test_each_epoch_drops_its_tail_so_no_batch_repeats_a_video(finetune_index):
+    """drop_last per epoch: 24 videos in global batches of 5 read 20 per epoch, never mixing two
+    epochs in a batch (a video twice in a batch is its own NCE negative)."""
+    ds = P.finetune_dataset(finetune_index, batch_size=5, clip_len=5, seed=2, process_index=0, process_count=1)
+    order = P.EpochOrder(24, seed=2)
+    for epoch in range(3):
+        batches = [ds[4 * epoch + b]["tokens"][:, 0, 0, 2] for b in range(4)]
+        assert all(len(set(b.tolist())) == 5 for b in batches)
+        assert np.concatenate(batches).tolist() == order.permutation(epoch)[:20].tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes.
 # ---------------------------------------------------------------------------------------------

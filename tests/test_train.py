@@ -69,13 +69,23 @@ def latest_state(workdir):
 
 def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     pre = tmp_path / "pre"
+    # Validation every 4 steps on the held-out store, the kNN monitor every 5: steps 4, 5, 8, and both at 10.
     out = vimpac("train", *pretrain_args(stores, extra=[f"--config.knn.train_store={stores / 'train'}",
-                                                       f"--config.knn.eval_store={stores / 'val'}"]),
+                                                       f"--config.knn.eval_store={stores / 'val'}",
+                                                       f"--config.data.eval_store={stores / 'val'}",
+                                                       "--config.train.eval_every=4", "--config.knn.every=5"]),
                  "--workdir", pre, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == 10 and np.isfinite(result["total_loss"]) and 0 <= result["eval_knn_top1"] <= 100
+    assert result["eval_knn_top1"] <= result["eval_knn_top5"] <= 100
     assert (pre / "config.json").is_file() and list((pre / "tensorboard").glob("events.out.tfevents.*"))
     logged = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval/knn_top1" in r] == [5, 10]
+    validation = [r for r in logged if "eval/mlm_loss" in r]
+    assert [r["step"] for r in validation] == [4, 8, 10]
+    for r in validation:
+        assert all(np.isfinite(r[f"eval/{name}"]) for name in ("mlm_loss", "nce_loss", "total_loss"))
+        assert 0 <= r["eval/mask_accuracy"] <= 1 and 0 < r["eval/mask_ratio"] < 1
     for name in ("train/total_loss", "train/mlm_loss", "train/nce_loss", "train/mask_accuracy", "train/mask_ratio",
                  "train/pad_ratio", "train/grad_norm", "train/learning_rate", "train/steps_per_second",
                  "train/items_per_second"):
@@ -87,11 +97,13 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert "init_from:" in out.stderr and "missing: params/classifier/dense/kernel" in out.stderr
     saved = json.loads((ft / "eval_results.json").read_text())
     assert saved["num_videos"] == 7 and len((ft / "predictions.csv").read_text().splitlines()) == 8
+    assert np.isfinite(saved["loss"]) and saved["loss"] > 0  # mean cross entropy over views
 
-    ev = vimpac("evaluate", "--workdir", ft, "--clips", 3, "--crops", 1, env=env)
-    assert "| top-1 |" in ev.stdout
+    ev = vimpac("evaluate", "--workdir", ft, "--clips", "2,3", "--crops", 1, env=env)  # the released --last-test-clips
+    assert "| top-1 |" in ev.stdout and "| 2 clips x 1 crops | 3 clips x 1 crops |" in ev.stdout
     again = json.loads((ft / "eval_results.json").read_text())
     assert again["num_clips"] == 3 and again["crops"] == ["r32_center_noflip"] and again["num_videos"] == 7
+    assert sorted(again["by_clips"]) == ["2", "3"] and again["by_clips"]["3"]["top1"] == again["top1"]
     predictions = (ft / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(p.split(",")[0] for p in predictions) == [f"val{i}" for i in range(7)]  # each once
 

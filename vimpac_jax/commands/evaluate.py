@@ -1,8 +1,10 @@
-"""`vimpac evaluate --workdir DIR [--clips K] [--crops C]`: the multi-view test of a fine-tuned run.
+"""`vimpac evaluate --workdir DIR [--clips K[,K...]] [--crops C]`: the multi-view test of a fine-tuned run.
 
 Softmax scores are averaged per video over K clips x C crops (default: the config's, 10 x 3;
-SSV2 uses the center crop only). Writes eval_results.json (top-1, top-5, per-class accuracy)
-and predictions.csv to the workdir, and prints a table.
+SSV2 uses the center crop only). Writes eval_results.json (top-1, top-5, the eval loss,
+per-class accuracy) and predictions.csv to the workdir, and prints a table. Several K in one
+call (`--clips 2,5,10`, the released `--last-test-clips`) test each in turn: the files hold the
+last K's results, and eval_results.json also `by_clips` {K: top1, top5, loss, mean class accuracy}.
 """
 
 import argparse
@@ -41,18 +43,32 @@ def restore_params(workdir: Path, config, mesh):
     return step, state
 
 
-def format_table(result: dict) -> str:
-    lines = [f"| metric | value |", "|---|---|", f"| top-1 | {result['top1']:.2f} |", f"| top-5 | {result['top5']:.2f} |",
-             f"| mean class accuracy | {result['mean_class_accuracy']:.2f} |", f"| videos | {result['num_videos']} |",
-             f"| views per video | {result['num_clips']} clips x {len(result['crops'])} crops |"]
+def format_table(results: list[dict]) -> str:
+    """One column per tested K."""
+    rows = [("top-1", "top1", ".2f"), ("top-5", "top5", ".2f"), ("loss", "loss", ".4f"),
+            ("mean class accuracy", "mean_class_accuracy", ".2f"), ("videos", "num_videos", "d")]
+    lines = ["| metric | " + " | ".join(f"{r['num_clips']} clips x {len(r['crops'])} crops" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    lines += [f"| {label} | " + " | ".join(format(r[key], fmt) for r in results) + " |" for label, key, fmt in rows]
     return "\n".join(lines)
+
+
+def parse_clips(value: str) -> list[int]:
+    try:
+        clips = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        clips = []
+    if not clips or min(clips) < 1:
+        raise ValueError(f"--clips must be positive integers separated by commas (e.g. 2,5,10), got {value!r}")
+    return clips
 
 
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="vimpac evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--clips", type=int, default=None, help="K clips per crop (default: config.data.eval_clips)")
+    parser.add_argument("--clips", default=None,
+                        help="K clips per crop, or several K to test in turn (2,5,10); default: config.data.eval_clips")
     parser.add_argument("--crops", default=None, help="3 (the three no-flip crops) or 1 / center")
     parser.add_argument("--eval-store", default=None, help="another held-out token store (default: the config's)")
     args = parser.parse_args(argv)
@@ -64,6 +80,7 @@ def main(argv) -> int:
         store = args.eval_store or config.data.eval_store
         if not store:
             raise ValueError("no held-out split: the run's config.data.eval_store is empty; pass --eval-store")
+        clips = [None] if args.clips is None else parse_clips(args.clips)
         if args.crops not in (None, "3", "1", "center", "three"):
             raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
         from vimpac_jax.launch.distributed import maybe_initialize
@@ -82,12 +99,15 @@ def main(argv) -> int:
         print(f"vimpac evaluate: error: {e}", file=sys.stderr)
         return 2
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
-    result = evaluate_classifier(config, mesh, index, state.params, num_clips=args.clips, crops=crops)
-    result["step"] = step
+    results = [evaluate_classifier(config, mesh, index, state.params, num_clips=k, crops=crops) for k in clips]
+    result = dict(results[-1], step=step)
+    if len(results) > 1:
+        result["by_clips"] = {str(r["num_clips"]): {key: r[key] for key in ("top1", "top5", "loss", "mean_class_accuracy")}
+                              for r in results}
     import jax
 
     if jax.process_index() == 0:
         write_eval_results(workdir, result)
-        print(format_table(result))
+        print(format_table(results))
         print(f"wrote {workdir / 'eval_results.json'} and {workdir / 'predictions.csv'}")
     return 0

@@ -366,16 +366,19 @@ def pair_starts_batch(u1: np.ndarray, u2: np.ndarray, delta: np.ndarray,
 class EpochOrder:
     """Position g of the repeated stream -> (epoch, video) and the video's uniforms for that epoch.
 
-    epoch = g // V, video = the (g mod V)-th entry of a permutation drawn from
-    default_rng((seed, epoch)); the same generator then draws uniforms [V, NUM_DRAWS] float64,
-    row v for video v. So what a video draws in an epoch depends on (seed, epoch, video) only,
-    not on the batch, the worker count or the number of processes, and no generator is built per
-    example. Keeps the draws of the last two epochs ((1 + NUM_DRAWS)·V 8-byte values each)."""
+    epoch = g // L, video = the (g mod L)-th entry of a permutation drawn from
+    default_rng((seed, epoch)), where L (`epoch_length`, default V) is how many videos of each
+    epoch are read (training streams: whole global batches only, the released drop_last); the
+    same generator then draws uniforms [V, NUM_DRAWS] float64, row v for video v. So what a video
+    draws in an epoch depends on (seed, epoch, video) only, not on the batch, the worker count or
+    the number of processes, and no generator is built per example. Keeps the draws of the last
+    two epochs ((1 + NUM_DRAWS)·V 8-byte values each)."""
 
     NUM_DRAWS = 3  # variant column, first start, second start
 
-    def __init__(self, num_videos: int, seed: int):
+    def __init__(self, num_videos: int, seed: int, epoch_length: Optional[int] = None):
         self.num_videos, self.seed = int(num_videos), int(seed)
+        self.epoch_length = self.num_videos if epoch_length is None else int(epoch_length)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self):
@@ -398,12 +401,12 @@ class EpochOrder:
         return self.epoch(epoch)[0]
 
     def __call__(self, position: int) -> tuple[int, int]:
-        epoch, i = divmod(int(position), self.num_videos)
+        epoch, i = divmod(int(position), self.epoch_length)
         return epoch, int(self.permutation(epoch)[i])
 
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """positions int [N] -> (videos int64 [N], uniforms float64 [N, NUM_DRAWS])."""
-        epochs, rows = np.divmod(np.asarray(positions, np.int64), self.num_videos)
+        epochs, rows = np.divmod(np.asarray(positions, np.int64), self.epoch_length)
         videos = np.empty(len(rows), np.int64)
         draws = np.empty((len(rows), self.NUM_DRAWS))
         for e in np.unique(epochs):  # at most two epochs in a batch (a batch is <= one epoch)
@@ -503,10 +506,10 @@ class _EvalBatch:
     """Per-process batch b of the test stream: videos [(b·P + p)·B, +B) of the padded list."""
 
     def __init__(self, reader: ClipReader, *, num_clips: int, batch_size: int, process_index: int,
-                 process_count: int):
+                 process_count: int, clip_seed: Optional[int] = None):
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-        self.reader, self.num_clips = reader, num_clips
+        self.reader, self.num_clips, self.clip_seed = reader, num_clips, clip_seed
         self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
@@ -523,7 +526,11 @@ class _EvalBatch:
             v = np.repeat(real, crops * K)
             c = np.tile(np.repeat(np.arange(crops), K), len(real))
             k = np.tile(np.arange(K), crops * len(real))
-            starts = _spaced_starts(max_start(r.num_frames[v, c], r.clip_len, r.steps[v]), k, K)
+            delta = max_start(r.num_frames[v, c], r.clip_len, r.steps[v])
+            if self.clip_seed is None:
+                starts = _spaced_starts(delta, k, K)
+            else:  # K uniform random clips per crop, the same at every call (the kNN monitor)
+                starts = _uniform_ints(np.random.default_rng((self.clip_seed, int(batch))).random(len(v)), 0, delta)
             out[valid] = r.clips(v, c, starts).reshape((len(real), crops * K, r.clip_len) + r.grid)
         return {"tokens": out, "label": np.where(valid, r.labels[np.minimum(videos, r.num_videos - 1)], -1).astype(np.int32),
                 "video_index": np.where(valid, videos, -1).astype(np.int32), "valid": valid}
@@ -566,9 +573,13 @@ def _train_stream(index: StoreIndex, make_batch: _TrainBatch, *, num_epochs: Opt
     import grain
 
     global_batch = make_batch.batch_size * make_batch.process_count
-    # Same number of batches on every process (else collectives hang): the global tail is dropped.
-    # Process p's batch b is rows [p·B, (p+1)·B) of global batch b (see `_TrainBatch`).
-    num_batches = (sys.maxsize if num_epochs is None else num_epochs * index.num_videos) // global_batch
+    # Each epoch's tail (fewer videos than a global batch) is not read, as the released loaders'
+    # drop_last: no batch holds a video twice (a clip would be its own negative in the NCE loss),
+    # no batch mixes two epochs, and every process runs the same number of batches (else
+    # collectives hang). Process p's batch b is rows [p·B, (p+1)·B) of global batch b.
+    batches_per_epoch = steps_per_epoch(index, global_batch)
+    make_batch.order.epoch_length = batches_per_epoch * global_batch
+    num_batches = sys.maxsize if num_epochs is None else num_epochs * batches_per_epoch
     return grain.MapDataset.range(num_batches).map(make_batch)
 
 
@@ -590,8 +601,8 @@ def pretrain_dataset(
     Yields {'tokens': int32 [batch_size, 2, clip_len, h, w]} per process (batch_size is per
     process). Both clips come from one stored variant, chosen at random when there are several.
     relevance_range: max |start1 - start2| in stored frames (None: unbounded).
-    num_epochs None repeats forever; otherwise the stream ends after that many epochs, less the
-    last incomplete global batch.
+    num_epochs None repeats forever; otherwise the stream ends after that many epochs. Every
+    epoch drops its last incomplete global batch (drop_last).
     """
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants)
@@ -636,6 +647,7 @@ def eval_dataset(
     num_clips: int = 10,
     clip_fps: Optional[float] = None,
     variants: Optional[Sequence[str]] = None,
+    clip_seed: Optional[int] = None,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
@@ -646,6 +658,9 @@ def eval_dataset(
     The video list is padded with invalid examples to a multiple of batch_size·process_count, so
     all processes run the same number of batches and every video is counted exactly once.
     variants: the crops; default `default_test_variants(index.variants)`.
+    clip_seed: None for the test's spaced clips; an int for K uniform random clips per crop instead,
+    drawn from default_rng((clip_seed, batch)) (the released kNN monitor's `is_train` sampling),
+    so the same clips at every call with the same batch size.
     """
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants if variants is not None else default_test_variants(index.variants))
@@ -653,7 +668,7 @@ def eval_dataset(
     import grain
 
     make_batch = _EvalBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), num_clips=num_clips,
-                            batch_size=batch_size, process_index=pi, process_count=pc)
+                            batch_size=batch_size, process_index=pi, process_count=pc, clip_seed=clip_seed)
     global_batch = batch_size * pc
     # Contiguous per-process blocks of each padded global batch, as in `_train_stream`.
     return grain.MapDataset.range(-(-index.num_videos // global_batch)).map(make_batch)

@@ -56,7 +56,7 @@ class VQTokenizerTask:
     def global_batch(self, local: dict):
         return pipelines.global_batch(local, self.batch_sharding)["images"]
 
-    def evaluate(self, state, *, full: bool = False) -> dict:
+    def evaluate(self, state, *, step=None, full: bool = False) -> dict:
         """PSNR and codebook usage on (up to) 256 pool frames; at the end, also saves the tokenizer."""
         frames = vq_data.sample_frames(self.pool.frames, 256, seed=int(self.config.seed) + 1)
         params = jax.device_get(state.tokenizer_params())

@@ -15,7 +15,7 @@ from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.model import build_model
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.optimizer import applied_learning_rate, make_optimizer
-from vimpac_jax.training.pretrain_step import TrainState, train_state_shardings
+from vimpac_jax.training.pretrain_step import TrainState, split_micro_batches, train_state_shardings
 
 
 def classification_loss(logits, labels, label_smoothing: float = 0.0):
@@ -28,20 +28,41 @@ def classification_loss(logits, labels, label_smoothing: float = 0.0):
 
 
 def finetune_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *, model, tx, schedule,
-                        label_smoothing: float) -> tuple[TrainState, dict]:
-    """batch: tokens int [B, T, H, W], label int [B]. One AdamW update; metrics are scalars."""
+                        label_smoothing: float, micro_batches: int = 1) -> tuple[TrainState, dict]:
+    """batch: tokens int [B, T, H, W], label int [B]. One AdamW update; metrics are scalars.
+
+    micro_batches k > 1: gradient accumulation (the released `--gradient_accumulation`). The
+    batch is cut into k strided micro-batches of B/k videos (`split_micro_batches`); the summed
+    gradients of (micro-batch mean loss) / k are the gradient of the batch's mean loss, so with
+    dropout off an update equals the k = 1 update up to float rounding. Micro-batch i draws its
+    dropout from fold_in(key, i).
+    """
     tokens, labels = batch["tokens"], batch["label"]
 
-    def loss_fn(params):
-        out = model.apply({"params": params}, tokens, train=True, rngs={"dropout": key})
-        return classification_loss(out["logits"], labels, label_smoothing), out["logits"]
+    def loss_fn(params, micro_tokens, micro_labels, dropout_key):
+        out = model.apply({"params": params}, micro_tokens, train=True, rngs={"dropout": dropout_key})
+        loss = classification_loss(out["logits"], micro_labels, label_smoothing) / micro_batches
+        return loss, (jnp.argmax(out["logits"], -1) == micro_labels).sum()
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, correct), grads = grad_fn(state.params, tokens, labels, key)
+    else:
+        def body(carry, xs):
+            grad_sum, loss_sum, correct_sum = carry
+            i, micro_tokens, micro_labels = xs
+            (loss, correct), grads = grad_fn(state.params, micro_tokens, micro_labels, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, correct_sum + correct), None
+
+        carry = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        xs = (jnp.arange(micro_batches), split_micro_batches(tokens, micro_batches),
+              split_micro_batches(labels, micro_batches))
+        (grads, loss, correct), _ = jax.lax.scan(body, carry, xs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = dict(
         loss=loss,
-        accuracy=(jnp.argmax(logits, -1) == labels).mean(),
-        grad_norm=optax.global_norm(grads),
+        accuracy=correct / labels.shape[0],
+        grad_norm=optax.tree.norm(grads),
         learning_rate=applied_learning_rate(schedule, state.opt_state),  # from the optimizer's count
         pad_ratio=(tokens == PAD_ID).mean(),
     )
@@ -50,13 +71,13 @@ def finetune_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: 
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def make_finetune_step(model_cfg, optim_cfg, *, label_smoothing: float = 0.0,
+def make_finetune_step(model_cfg, optim_cfg, *, label_smoothing: float = 0.0, micro_batches: int = 1,
                        mesh: Optional[jax.sharding.Mesh] = None):
     """Jitted `(state, batch, key) -> (state, metrics)` with explicit shardings; state donated."""
     mesh = shd.make_mesh() if mesh is None else mesh
     tx, schedule = make_optimizer(optim_cfg)
     step = functools.partial(finetune_train_step, model=build_model(model_cfg), tx=tx, schedule=schedule,
-                             label_smoothing=float(label_smoothing))
+                             label_smoothing=float(label_smoothing), micro_batches=int(micro_batches))
     state_sh = train_state_shardings(model_cfg, optim_cfg, mesh)
     return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
@@ -84,6 +105,15 @@ def make_eval_step(model_cfg, mesh: Optional[jax.sharding.Mesh] = None):
     mesh = shd.make_mesh() if mesh is None else mesh
     fn = functools.partial(multiview_scores, model=build_model(model_cfg))
     return jax.jit(fn, out_shardings=shd.replicated(mesh))
+
+
+def view_cross_entropy(logits, labels):
+    """Per-video mean over its views of the cross entropy: logits [B, V, C], labels int [B] -> [B]."""
+    import numpy as np
+    from scipy.special import log_softmax
+
+    log_probs = log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return -log_probs[np.arange(len(log_probs)), :, np.asarray(labels)].mean(axis=1)
 
 
 def accuracy_report(probs, labels, class_names: Optional[list] = None) -> dict[str, Any]:

@@ -463,3 +463,45 @@ def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sh
                              mesh=mesh)
     return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out validation (the released `Trainer.evaluate` of vimpac/pretrain.py).
+
+def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *, model, pretrain_cfg,
+                       model_cfg, max_masked: int, mesh=None) -> dict:
+    """The objective on one held-out batch, in eval mode (no dropout, BatchNorm's running
+    statistics), with no update. batch['tokens']: int [B, 2, T, H, W]; key: the masks.
+
+    Returns float32 scalars named as the training metrics: total_loss (weighted), mlm_loss,
+    nce_loss (InfoNCE over the batch's 2B clips), mask_accuracy, mask_ratio.
+    """
+    tokens = batch["tokens"]
+    _check_batch(tokens, model_cfg, 1, mesh)
+    masked = mask_batch(tokens, key, pretrain_cfg, max_masked)
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    out = model.apply(variables, _constrain(views_major(masked["inputs"]), mesh),
+                      _constrain(views_major(masked["positions"]), mesh), train=False)
+    mlm, count, correct = mlm_loss(out["mlm_logits"], views_major(masked["labels"]))
+    nce = info_nce(out["cls_proj"])
+    metrics = dict(
+        total_loss=_get(pretrain_cfg, "mlm_weight", 1.0) * mlm + _get(pretrain_cfg, "nce_weight", 1.0) * nce,
+        mlm_loss=mlm,
+        nce_loss=nce,
+        mask_accuracy=correct / jnp.maximum(count, 1),
+        mask_ratio=masked["num_masked"].sum() / math.prod(tokens.shape),
+    )
+    return {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+
+
+def make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
+                            rules=shd.LOGICAL_AXIS_RULES):
+    """`eval_step(state, batch, key) -> metrics`, jitted with the shardings of `make_pretrain_step`
+    (the state is read, not donated); metrics come back replicated."""
+    check_pretrain_config(pretrain_cfg)
+    mesh = shd.make_mesh() if mesh is None else mesh
+    step = functools.partial(pretrain_eval_step, model=build_model(model_cfg), pretrain_cfg=pretrain_cfg,
+                             model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg), mesh=mesh)
+    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
+                   out_shardings=shd.replicated(mesh))

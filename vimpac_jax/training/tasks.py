@@ -8,7 +8,9 @@ A task is built from the config and the mesh and exposes:
   global_batch(local) -> dict of global arrays
   step(state, batch, key) -> (state, metrics)  jitted; metrics are replicated scalars
   loss_name                                    the metric shown in the progress line
-  evaluate(state) -> dict of scalars           periodic/final evaluation (may be empty)
+  evaluation_due(step) -> bool                 whether `evaluate(state, step=step)` has work at this step
+  evaluate(state, step=, full=) -> dict        periodic (what is due at `step`) or final (`full`: all)
+                                               evaluation; scalars (may be empty)
 """
 
 import json
@@ -24,8 +26,8 @@ from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step
-from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_step
+from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step, view_cross_entropy
+from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step
 
 
 def _variants(value: Optional[str]) -> Optional[list[str]]:
@@ -139,6 +141,10 @@ class _StoreTask:
     def global_batch(self, local: dict) -> dict:
         return pipelines.global_batch(local, self.batch_sharding)
 
+    def evaluation_due(self, step: int) -> bool:
+        every = int(self.config.train.eval_every)
+        return bool(every) and step % every == 0
+
     def iterator(self):
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
 
@@ -180,11 +186,52 @@ class PretrainTask(_StoreTask):
         _check_mlm_codes(self.model_cfg, config.data.train_store, "train_store")
         _check_mlm_codes(self.model_cfg, config.data.eval_store, "eval_store")
         self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.eval_index = None
+        if config.data.eval_store:
+            self._init_validation(config, mesh)
         self.knn = None
         if config.knn.train_store and config.knn.eval_store:
             from vimpac_jax.training.knn import KnnMonitor
 
             self.knn = KnnMonitor(config, mesh)
+        self.knn_every = int(config.knn.every)
+        if self.knn_every < 0:
+            raise ValueError(f"config.knn.every={self.knn_every} must be >= 0 (0: with every evaluation)")
+
+    def _init_validation(self, config, mesh):
+        """Held-out validation as the released pre-training script: two clips per video of the
+        center crop (`only_one_aug`), masked and scored in eval mode, batches of 1.5x the
+        micro-batch (`bs_per_gpu * 1.5`) unless config.pretrain.eval_batch_size says otherwise."""
+        index = pipelines.load_index(config.data.eval_store)
+        check_store_fits(index, self.model_cfg, "eval_store")
+        shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
+        size = int(config.pretrain.get("eval_batch_size", 0)) or int(
+            1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
+        self.eval_batch = -(-size // shards) * shards  # whole batches over the devices and processes
+        if index.num_videos < self.eval_batch:
+            raise ValueError(f"config.data.eval_store={config.data.eval_store} holds {index.num_videos} videos, fewer "
+                             f"than one validation batch of {self.eval_batch} (config.pretrain.eval_batch_size)")
+        self.eval_index = index.select_variants(eval_variant_names(index, "center", None))
+        self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+
+    def validate(self, state) -> dict:
+        """Mean over the held-out batches of the eval step's metrics (the released averaging);
+        the same clips and masks at every evaluation. The last N mod B videos are not read."""
+        c = self.config
+        dataset = pipelines.pretrain_dataset(
+            self.eval_index, batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
+            seed=int(c.seed), clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range, num_epochs=1)
+        mask_key = jax.random.key(int(c.seed) + 1)
+        totals: dict[str, float] = {}
+        for i, local in enumerate(pipelines.make_iterator(dataset, workers=0)):
+            metrics = jax.device_get(self.eval_step(state, self.global_batch(local), jax.random.fold_in(mask_key, i)))
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return {name: total / len(dataset) for name, total in totals.items()}
+
+    def evaluation_due(self, step: int) -> bool:
+        return super().evaluation_due(step) or bool(self.knn is not None and self.knn_every
+                                                     and step % self.knn_every == 0)
 
     def dataset(self):
         c = self.config
@@ -193,16 +240,29 @@ class PretrainTask(_StoreTask):
             clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range,
             variants=_variants(c.data.train_variants))
 
-    def evaluate(self, state, *, full: bool = False) -> dict:
-        return {} if self.knn is None else self.knn(state.params)
+    def evaluate(self, state, *, step: Optional[int] = None, full: bool = False) -> dict:
+        """Validation (config.data.eval_store) every train.eval_every steps, the kNN monitor every
+        knn.every steps (0: with validation); both at the end (`full`)."""
+        periodic = full or super().evaluation_due(step)
+        result = self.validate(state) if self.eval_index is not None and periodic else {}
+        if self.knn is not None and (full or (step % self.knn_every == 0 if self.knn_every else periodic)):
+            result.update(self.knn(state.params))
+        return result
 
 
 class FinetuneTask(_StoreTask):
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = int(config.data.batch_size)
+        micro_batches = int(config.finetune.micro_batches)
+        shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+        if micro_batches < 1 or int(config.data.batch_size) % (micro_batches * shards):
+            raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
+                             f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
+                             f"the {shards} data x fsdp devices")
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
-                                       label_smoothing=float(config.finetune.label_smoothing), mesh=mesh)
+                                       label_smoothing=float(config.finetune.label_smoothing),
+                                       micro_batches=micro_batches, mesh=mesh)
         num_classes = int(self.model_cfg["num_classes"])
         if num_classes <= 0:
             raise ValueError("config.model.num_classes must be > 0 for fine-tuning")
@@ -221,13 +281,13 @@ class FinetuneTask(_StoreTask):
             self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
             clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants))
 
-    def evaluate(self, state, *, num_clips: Optional[int] = None, crops: Optional[str] = None,
-                 full: bool = False) -> dict:
+    def evaluate(self, state, *, step: Optional[int] = None, num_clips: Optional[int] = None,
+                 crops: Optional[str] = None, full: bool = False) -> dict:
         if self.eval_index is None:
             return {}
         result = evaluate_classifier(self.config, self.mesh, self.eval_index, state.params, num_clips=num_clips,
                                      crops=crops)
-        return result if full else {"top1": result["top1"], "top5": result["top5"]}
+        return result if full else {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
 def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
@@ -249,7 +309,9 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
                         crops: Optional[str] = None) -> dict[str, Any]:
-    """The multi-view test: softmax scores averaged over K clips x C crops per video."""
+    """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
+    the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
+    video's views, then over videos."""
     model_cfg = config.model.to_dict()
     k = int(num_clips or config.data.eval_clips)
     crops = crops if crops is not None else config.get("eval_crops", "three")
@@ -262,20 +324,22 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
     eval_step = make_eval_step(model_cfg, mesh)
     sharding = shd.batch_sharding(mesh)
-    probs, labels, videos = [], [], []
+    probs, losses, labels, videos = [], [], [], []
     for local in pipelines.make_iterator(dataset, workers=0):
         batch = pipelines.global_batch(local, sharding)
         out = eval_step(params, {}, batch["tokens"])
         valid = shd.to_host(batch["valid"], mesh)
+        label = shd.to_host(batch["label"], mesh)[valid]
         probs.append(np.asarray(out["probs"])[valid])
-        labels.append(shd.to_host(batch["label"], mesh)[valid])
+        losses.append(view_cross_entropy(np.asarray(out["logits"])[valid], label))
+        labels.append(label)
         videos.append(shd.to_host(batch["video_index"], mesh)[valid])
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
                            f"the split has {index.num_videos}")
     report = accuracy_report(probs, labels, config.get("class_names", None))
-    report.update(num_clips=k, crops=variants, predictions=[
+    report.update(loss=float(np.concatenate(losses).mean()), num_clips=k, crops=variants, predictions=[
         {"video_id": index.video_ids[v], "label": int(l), "prediction": int(p.argmax()), "score": float(p.max())}
         for v, l, p in zip(videos, labels, probs)])
     return report

@@ -36,7 +36,7 @@ def exit_code(result: dict) -> int:
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
-                      "train.eval_every", "data.workers", "knn.every")
+                      "train.eval_every", "data.workers", "knn.every", "pretrain.eval_batch_size")
 
 
 WORKDIR_LOCK = ".lock"  # held by process 0 of the run in the workdir (pid and host inside)
@@ -142,6 +142,14 @@ def make_task(config, mesh, log=_log):
     return TASKS[config.task](config, mesh, log=log)
 
 
+def _evaluation_due(task, step: int, eval_every: int) -> bool:
+    """The task's own schedule (pre-training: validation and the kNN monitor), else every
+    `train.eval_every` steps."""
+    if hasattr(task, "evaluation_due"):
+        return task.evaluation_due(step)
+    return bool(eval_every) and step % eval_every == 0
+
+
 def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the final metrics and evaluation.
@@ -215,8 +223,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                 if must_save:
                     checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
                                        force=step == total)
-                if eval_every and step % eval_every == 0 and step < total:
-                    writer.write(step, task.evaluate(state), prefix="eval/")
+                if step < total and _evaluation_due(task, step, eval_every):
+                    writer.write(step, task.evaluate(state, step=step), prefix="eval/")
                 if on_step is not None:
                     on_step(step)
                 if preemption.agreed():  # the same step on every process: the save is collective
