@@ -252,9 +252,10 @@ def test_classifier_api_reuses_its_compilation_and_matches_the_stored_tokens(smo
     # decoding + tokenizing the file here is what `vimpac tokenize` stored.
     index = pipelines.load_index(workdir / "tokens" / "val")
     video = [Path(v).name for v in index.video_ids].index(Path(paths[0]).stem)
-    source = token_store.open_records(index.store_dir)
-    stored = [token_store.decode_record(source[int(index.records[video, index.variants.index(v.name)])])["tokens"]
-              for v in clf.protocol.crops]
+    video_id = index.video_ids[video]
+    by_variant = {r["variant"]: r["tokens"] for r in token_store.iter_videos(index.store_dir)
+                  if r["video_id"] == video_id}
+    stored = [by_variant[v.name] for v in clf.protocol.crops]
     views = pipelines.test_views(stored, clf.protocol.clip_len, clf.protocol.clip_step, clf.protocol.num_clips)
 
     traces = []

@@ -252,7 +252,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
 
     coordinator, workdir = f"127.0.0.1:{free_port()}", tmp_path / "w"
     args = train_args(stores / "random", workdir, "--config.train.num_steps=100000",
-                      "--config.train.checkpoint_every=100000")
+                      "--config.optim.schedule_steps=100000", "--config.train.checkpoint_every=100000")
     procs = [start(args, cpu_env(4, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2",
                                  VIMPAC_PROCESS_ID=str(i))) for i in range(2)]
     deadline = time.monotonic() + 2 * RUN_TIMEOUT  # compiling, then 3 steps
