@@ -467,8 +467,10 @@ class _TrainBatch:
 
     def __init__(self, reader: ClipReader, *, seed: int, batch_size: int, process_index: int, process_count: int):
         self.reader = reader
-        self.order = EpochOrder(reader.num_videos, seed)
         self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+        # Each epoch reads whole global batches only (the released drop_last, see `_train_stream`).
+        global_batch = batch_size * process_count
+        self.order = EpochOrder(reader.num_videos, seed, epoch_length=(reader.num_videos // global_batch) * global_batch)
 
     def examples(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(videos int64 [B], variant columns int64 [B], the remaining uniforms float64 [B, 2])."""
@@ -577,9 +579,7 @@ def _train_stream(index: StoreIndex, make_batch: _TrainBatch, *, num_epochs: Opt
     # drop_last: no batch holds a video twice (a clip would be its own negative in the NCE loss),
     # no batch mixes two epochs, and every process runs the same number of batches (else
     # collectives hang). Process p's batch b is rows [p·B, (p+1)·B) of global batch b.
-    batches_per_epoch = steps_per_epoch(index, global_batch)
-    make_batch.order.epoch_length = batches_per_epoch * global_batch
-    num_batches = sys.maxsize if num_epochs is None else num_epochs * batches_per_epoch
+    num_batches = sys.maxsize if num_epochs is None else num_epochs * steps_per_epoch(index, global_batch)
     return grain.MapDataset.range(num_batches).map(make_batch)
 
 
