@@ -1,14 +1,44 @@
-"""Publishing a directory only when it is complete (temporary name, then rename); exclusive
-locks on a workdir or a store."""
+"""Publishing a file or a directory only when it is complete (temporary name, then rename);
+exclusive locks on a workdir or a store."""
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
+
+    A unique temporary name beside `path` (hosts sharing a file system may write the same file at
+    the same moment), fsync, then rename(2), which is atomic within a file system.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path, text: str) -> None:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, obj: Any, *, indent: int = 1, sort_keys: bool = True) -> None:
+    """`write_text_atomic` of `obj` as JSON with a trailing newline."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 @contextlib.contextmanager
