@@ -6,6 +6,7 @@ copy of [CLS] prepended (line length 1 + |A|). The new [CLS] is the mean of its 
 over all lines, as in TimeSformer and the released code. PAD tokens are excluded as keys.
 """
 
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from vimpac_jax.models.common import dense, layer_norm
+from vimpac_jax.models.common import Dropout, apply_dropout_mask, dense, layer_norm
 from vimpac_jax.models.layout import AXES
 
 
@@ -52,6 +53,21 @@ def attend(q, k, v, key_is_pad, *, dropout_rate: float, deterministic: bool,
     if (deterministic or dropout_rate == 0.0) and q.dtype != jnp.float64:
         mask = None if key_is_pad is None else ~key_is_pad[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    keep = None
+    if not (deterministic or dropout_rate == 0.0):
+        b, s, h, _ = q.shape
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, h, s, k.shape[1]))
+    return _attention_core(q, k, v, key_is_pad, keep, 1.0 - dropout_rate)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5,))
+def _attention_core(q, k, v, key_is_pad, keep, keep_prob: float):
+    """softmax(q k^T / sqrt(d)) (dropped where not `keep`) @ v; [B', S, heads, head_dim].
+
+    Recomputed in the backward pass from its inputs (q, k, v and the boolean masks), as flash
+    attention does: at lines of 6-17 tokens the scores cost 0.6% of the FLOPs, and the backward
+    then keeps no [B', heads, S, S] float32 scores, probabilities or masks (saved-residual bytes
+    in benchmarks/RESULTS.md)."""
     scale = q.shape[-1] ** -0.5
     # The dot's output in the compute dtype (f32 accumulation inside), then the softmax in f32
     # (float64 under a float64 run): so the backward's dq, dk dots take compute-dtype operands,
@@ -61,9 +77,8 @@ def attend(q, k, v, key_is_pad, *, dropout_rate: float, deterministic: bool,
     if key_is_pad is not None:
         scores = jnp.where(key_is_pad[:, None, None, :], jnp.finfo(score_dtype).min, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    if not (deterministic or dropout_rate == 0.0):
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    if keep is not None:
+        probs = apply_dropout_mask(probs, keep, keep_prob)
     probs = probs.astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -155,7 +170,7 @@ class AttentionBlock(nn.Module):
         att_cls = jnp.concatenate([o[0] for o in outs], axis=-1)
         att_x = checkpoint_name(jnp.concatenate([o[1] for o in outs], axis=-1), "attention")
         out = dense(self.hidden_dim, ("heads", "embed"), name="out", dtype=self.dtype, std=self.out_init_std)
-        drop = nn.Dropout(self.dropout)
+        drop = Dropout(self.dropout)
         new_cls = drop(out(att_cls), deterministic=deterministic) + cls
         new_x = drop(out(att_x), deterministic=deterministic) + x
         if not self.pre_ln:

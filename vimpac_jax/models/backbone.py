@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vimpac_jax.constants import PAD_ID, VOCAB_SIZE
 from vimpac_jax.models.attention import AttentionBlock
-from vimpac_jax.models.common import INIT_STD, dense, gelu, layer_norm, normal_init
+from vimpac_jax.models.common import INIT_STD, Dropout, dense, gelu, layer_norm, normal_init
 from vimpac_jax.models.layout import parse_layout
 
 POS_EMB_KINDS = ("default", "temporal_separation", "hw_separation")
@@ -72,7 +72,7 @@ class Mlp(nn.Module):
         # GELU and proj recomputed together: the backward keeps the GELU input [.., m] only, not
         # also its output (proj's input); the recomputed proj matmul is dead code and dropped.
         y = nn.remat(lambda proj, y: proj(gelu(y)))(proj, y)
-        return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        return Dropout(self.dropout)(y, deterministic=deterministic)
 
 
 class TransformerLayer(nn.Module):
@@ -205,7 +205,7 @@ class VideoTransformer(nn.Module):
             self.ln_post = layer_norm(name="ln_post", dtype=self.dtype)
         else:
             self.ln_pre = layer_norm(name="ln_pre", dtype=self.dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def embedding_table(self) -> jax.Array:
         """The token embedding [V, D], shared with the MLM output layer."""

@@ -5,6 +5,8 @@ Every parameter is created through these helpers so that its logical axes ('embe
 mesh axes in one place, and the model code never mentions the mesh.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,3 +58,43 @@ def gelu(x):
     """The exact (erf) GELU of torch.nn.GELU, not the tanh approximation; keeps only x for the
     backward pass (see above)."""
     return nn.gelu(x, approximate=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def apply_dropout_mask(x, keep, keep_prob: float):
+    """x [...] -> x / keep_prob where `keep` (bool, broadcastable to x), else 0.
+
+    The backward keeps the boolean mask only (1 byte per element, as torch's dropout). Autodiff of
+    the same `select` would also keep the broadcast zeros operand: a full tensor in the compute
+    dtype per dropout site (saved-residual bytes in benchmarks/RESULTS.md)."""
+    return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+def _apply_dropout_mask_fwd(x, keep, keep_prob):
+    return apply_dropout_mask(x, keep, keep_prob), keep
+
+
+def _apply_dropout_mask_bwd(keep_prob, keep, g):
+    return apply_dropout_mask(g, keep, keep_prob), None
+
+
+apply_dropout_mask.defvjp(_apply_dropout_mask_fwd, _apply_dropout_mask_bwd)
+
+
+class Dropout(nn.Module):
+    """`flax.linen.Dropout` with the same bits (same name, rng stream and `bernoulli` draw) and
+    values, but a backward that keeps only the mask (`apply_dropout_mask`).
+
+    `__call__(x [...], deterministic) -> [...]`."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=x.shape)
+        return apply_dropout_mask(x, keep, keep_prob)

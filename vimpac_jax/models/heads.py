@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vimpac_jax.models.common import dense, gelu, layer_norm
+from vimpac_jax.models.common import Dropout, dense, gelu, layer_norm
 
 # Bias of the vocabulary's padding columns (`MLMHead(vocab_multiple > 1)`): exp() of it is 0 in
 # float32, so a softmax over the padded row equals the softmax over the real columns.
@@ -123,7 +123,7 @@ class ClassifierHead(nn.Module):
 
     @nn.compact
     def __call__(self, cls: jax.Array, *, deterministic: bool):
-        cls = nn.Dropout(self.last_dropout)(cls, deterministic=deterministic)
+        cls = Dropout(self.last_dropout)(cls, deterministic=deterministic)
         logits = dense(self.num_classes, ("embed", "classes"), name="dense", dtype=self.dtype,
                        zero_init=True)(cls)
         return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
