@@ -91,22 +91,19 @@ class TransformerLayer(nn.Module):
     implementation: Optional[str] = None
 
     @nn.compact
-    def __call__(self, cls, x, key_is_pad, deterministic: bool):
+    def __call__(self, seq, key_is_pad, deterministic: bool):
+        """seq [B, 1 + T*H*W, D] ([CLS] first), key_is_pad [B, T, H, W] -> [B, 1 + T*H*W, D]."""
         for i, attentions in enumerate(self.blocks):
-            cls, x = AttentionBlock(
+            seq = AttentionBlock(
                 attentions, self.hidden_dim, self.num_heads, self.attention_dim, self.pre_ln,
                 self.dropout, self.attention_dropout, self.out_init_std, self.dtype,
                 self.implementation, name=f"attn_{i}",
-            )(cls, x, key_is_pad, deterministic=deterministic)
+            )(seq, key_is_pad, deterministic=deterministic)
         mlp = Mlp(self.hidden_dim, self.mlp_dim, self.dropout, self.out_init_std, self.dtype, name="mlp")
         ln = layer_norm(name="ln", dtype=self.dtype)
         if self.pre_ln:
-            cls = cls + mlp(ln(cls), deterministic=deterministic)
-            x = x + mlp(ln(x), deterministic=deterministic)
-        else:
-            cls = ln(cls + mlp(cls, deterministic=deterministic))
-            x = ln(x + mlp(x, deterministic=deterministic))
-        return cls, x
+            return seq + mlp(ln(seq), deterministic=deterministic)
+        return ln(seq + mlp(seq, deterministic=deterministic))
 
 
 # Activations a `save:` remat policy can keep (checkpoint_name in attention.py and Mlp).
@@ -193,7 +190,7 @@ class VideoTransformer(nn.Module):
         recompute, policy = remat_policy(self.remat)
         layer_cls = TransformerLayer
         if recompute:
-            layer_cls = nn.remat(TransformerLayer, static_argnums=(4,), policy=policy)
+            layer_cls = nn.remat(TransformerLayer, static_argnums=(3,), policy=policy)
         self.layers = [
             layer_cls(blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
                       self.pre_ln, self.dropout, self.attention_dropout, out_std, self.dtype,
@@ -216,16 +213,19 @@ class VideoTransformer(nn.Module):
         if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens must be [B, T, H, W] with (T, H, W) = {expected}, got shape {tokens.shape}")
         key_is_pad = tokens == PAD_ID
+        b, d = tokens.shape[0], self.hidden_dim
         x = self.token_embed(tokens).astype(self.dtype)
-        cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (tokens.shape[0], self.hidden_dim))
         cls_pos, grid_pos = self.pos_embed()
-        cls, x = cls + cls_pos.astype(self.dtype), x + grid_pos.astype(self.dtype)
+        cls = self.cls_token.astype(self.dtype) + cls_pos.astype(self.dtype)
+        x = x + grid_pos.astype(self.dtype)
+        # [CLS] rides as row 0 of the token sequence: every dense, LayerNorm and dropout of the
+        # layers runs once on both (attention.py says how it joins the lines).
+        seq = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x.reshape(b, -1, d)], axis=1)
         if not self.pre_ln:
-            cls, x = self.ln_pre(cls), self.ln_pre(x)
-        cls = self.drop(cls, deterministic=deterministic)
-        x = self.drop(x, deterministic=deterministic)
+            seq = self.ln_pre(seq)
+        seq = self.drop(seq, deterministic=deterministic)
         for layer in self.layers:
-            cls, x = layer(cls, x, key_is_pad, deterministic)
+            seq = layer(seq, key_is_pad, deterministic)
         if self.pre_ln:
-            cls, x = self.ln_post(cls), self.ln_post(x)
-        return cls, x
+            seq = self.ln_post(seq)
+        return seq[:, 0], seq[:, 1:].reshape(*tokens.shape, d)
