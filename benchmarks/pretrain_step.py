@@ -164,7 +164,8 @@ def _parse(argv):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
     p.add_argument("--remat", default="none", help="model.remat policy: none, full, dots, dots_no_batch, save:<names>")
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"),
-                   help="jax.nn.dot_product_attention implementation (default: jax picks)")
+                   help="without dropout, jax.nn.dot_product_attention with this implementation (lines with "
+                        "[CLS] prepended); default: the einsum line attention of models/attention.py")
     p.add_argument("--attention-dropout", type=float, default=None,
                    help="default: the preset's (0.1); > 0 needs the probabilities, so the einsum path runs")
     p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation inside the step")
@@ -245,6 +246,13 @@ def clips_per_step(args) -> int:
     return args.batch_size * (1 if args.task == "finetune" else 2)
 
 
+def _nbytes(x) -> int:
+    """Bytes of an array shape; a PRNG key array (a remat'd layer keeps its dropout key) by its key data."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.eval_shape(jax.random.key_data, x)
+    return x.size * jnp.dtype(x.dtype).itemsize
+
+
 def saved_residual_bytes(args, videos: int) -> int:
     """Bytes of the residuals the loss's VJP keeps for `videos` videos (traced, not run)."""
     model_cfg, optim_cfg, pretrain_cfg = configs(args)
@@ -268,7 +276,7 @@ def saved_residual_bytes(args, videos: int) -> int:
         return jax.vjp(loss, params)[1]
 
     vjp = jax.eval_shape(residuals, state.params, state.batch_stats, batch, jax.random.key(0))
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(vjp))
+    return sum(_nbytes(x) for x in jax.tree.leaves(vjp))
 
 
 def memory_report(args) -> dict:
@@ -358,8 +366,8 @@ def run(args) -> dict:
 
 def report(args, r) -> str:
     cfg = r["model_cfg"]
-    attention = ("einsum (attention dropout > 0)" if cfg["attention_dropout"] > 0
-                 else f"jax.nn.dot_product_attention({cfg['attention_impl'] or 'auto'})")
+    attention = ("einsum lines" if cfg["attention_dropout"] > 0 or not cfg["attention_impl"]
+                 else f"jax.nn.dot_product_attention({cfg['attention_impl']})")
     mem = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r["peak_bytes"] is not None else "n/a (backend keeps no statistics)"
     frac = f"{100 * r['peak_fraction']:.1f}%" if r["peak_fraction"] is not None else "n/a"
     sheet = f", {100 * r['sheet_fraction']:.1f}% of the sheet's {r['sheet_tflops']:g}" if r["sheet_fraction"] else ""
@@ -395,7 +403,8 @@ def results_section(args, r) -> str:
     today = datetime.date.today().isoformat()
     mem = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] is not None else "n/a"
     frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "n/a"
-    attention = "einsum+dropout" if cfg["attention_dropout"] > 0 else (cfg["attention_impl"] or "dpa auto")
+    attention = ("einsum+dropout" if cfg["attention_dropout"] > 0
+                 else f"dpa {cfg['attention_impl']}" if cfg["attention_impl"] else "einsum")
     title = "Fine-tuning step" if args.task == "finetune" else "Pre-training step"
     lines = [f"## {title} (`benchmarks/pretrain_step.py`), {today}", "",
              f"Device: {device_name()}; jax {jax.__version__}; mesh {r['mesh']}; random tokens already on the "
