@@ -4,7 +4,11 @@ process, within a time budget (for one call on an H200; `benchmarks/gpu_checks.s
 "Before" is the same code with the new switches off (`--before`, config overrides; no
 monkeypatching): per-clip K slots, no vocabulary padding, threefry dropout bits, the token
 lookup in the compute dtype. "After" is the released defaults of `configs/common.py` and
-`pretrain_config()`. Every run is `benchmarks/pretrain_step.py`'s `run()`; runs are ordered by
+`pretrain_config()`. The layers' changes have no switch (a dropout that keeps only its mask,
+the attention scores recomputed in the backward, [CLS] as row 0 of one stream and not copied
+into the lines, one q/k/v matmul per block: same values, so nothing to select): both columns
+run them, and the step without them is 023e0eb's, measured in benchmarks/RESULTS.md (Small, 128
+clips: 255 clips/s on an H200). Every run is `benchmarks/pretrain_step.py`'s `run()`; runs are ordered by
 importance and a run is skipped (and listed) when the budget left is below its estimate, so a
 slow compile cannot eat the rest. Also: micro-benchmarks of the scatters the changes remove
 (bf16 scatter-add with the MASK row's duplicates against f32 and against unique indices), and

@@ -203,3 +203,24 @@ def test_remat_policy_rejects_unknown_names():
         build_model(dict(TINY, remat="save:nonsense")).init(jax.random.key(0), jnp.asarray(tokens_for(TINY)))
     with pytest.raises(ValueError, match="model.remat"):
         build_model(dict(TINY, remat="sometimes")).init(jax.random.key(0), jnp.asarray(tokens_for(TINY)))
+
+
+def test_dropout_has_flax_bits_and_keeps_only_its_mask():
+    """models.common.Dropout: the values and gradient of flax's nn.Dropout with the same rng,
+    and its backward keeps one boolean mask (no zeros tensor, no copy of the input)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from vimpac_jax.models.common import Dropout
+    x = jax.random.normal(jax.random.key(0), (4, 64), jnp.bfloat16)
+    rngs = {"dropout": jax.random.key(1)}
+
+    def loss(module):
+        return lambda x: module.apply({}, x, deterministic=False, rngs=rngs).astype(jnp.float32).sum()
+
+    ours, ref = Dropout(0.25), flax.linen.Dropout(0.25)
+    out = ours.apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(out, ref.apply({}, x, deterministic=False, rngs=rngs))
+    assert 0 < int((out == 0).sum()) < out.size
+    np.testing.assert_array_equal(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x))
+    saved = [aval for aval, why in saved_residuals(loss(ours), x) if "argument" not in why]
+    assert [(a.dtype, a.shape) for a in saved] == [(jnp.bool_, x.shape)]
