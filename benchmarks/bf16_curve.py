@@ -40,7 +40,8 @@ LOSSES = ("train/total_loss", "train/mlm_loss", "train/nce_loss")
 
 def run(config_arg: str, store: Path, workdir: Path, dtype: str, steps: int, extra: list) -> dict:
     config = load_config(["--config", config_arg, f"--config.data.train_store={store}",
-                          f"--config.train.num_steps={steps}", "--config.train.log_every=1",
+                          f"--config.train.num_steps={steps}", f"--config.optim.schedule_steps={steps}",
+                          "--config.train.log_every=1",
                           f"--config.train.checkpoint_every={steps}", f"--config.model.dtype={dtype}", *extra])
     start = time.perf_counter()
     train(config, workdir)

@@ -6,9 +6,10 @@ monkeypatching): per-clip K slots, no vocabulary padding, threefry dropout bits,
 lookup in the compute dtype. "After" is the released defaults of `configs/common.py` and
 `pretrain_config()`. The layers' changes have no switch (a dropout that keeps only its mask,
 the attention scores recomputed in the backward, [CLS] as row 0 of one stream and not copied
-into the lines, one q/k/v matmul per block: same values, so nothing to select): both columns
-run them, and the step without them is 023e0eb's, measured in benchmarks/RESULTS.md (Small, 128
-clips: 255 clips/s on an H200). Every run is `benchmarks/pretrain_step.py`'s `run()`; runs are ordered by
+into the lines, one q/k/v matmul per block, the bf16 LayerNorm backward from its output: the
+same function up to rounding and which dropout bits land where): both columns run them; the
+step without them is 023e0eb's, measured in benchmarks/RESULTS.md (Small, 128 clips: 255
+clips/s on an H200). Every run is `benchmarks/pretrain_step.py`'s `run()`; runs are ordered by
 importance and a run is skipped (and listed) when the budget left is below its estimate, so a
 slow compile cannot eat the rest. Also: micro-benchmarks of the scatters the changes remove
 (bf16 scatter-add with the MASK row's duplicates against f32 and against unique indices), and

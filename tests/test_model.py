@@ -224,3 +224,31 @@ def test_dropout_has_flax_bits_and_keeps_only_its_mask():
     np.testing.assert_array_equal(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x))
     saved = [aval for aval, why in saved_residuals(loss(ours), x) if "argument" not in why]
     assert [(a.dtype, a.shape) for a in saved] == [(jnp.bool_, x.shape)]
+
+
+def test_bf16_layer_norm_backward_from_its_output():
+    """models.common.layer_norm in bf16: flax's LayerNorm values; gradients within bf16 rounding
+    of the float32 LayerNorm's; the backward keeps the output and float32 row statistics, not
+    the input."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from vimpac_jax.models.common import LN_EPS, layer_norm
+    x = (3 * jax.random.normal(jax.random.key(0), (8, 16, 64)) + 1).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    params = {"params": {"scale": 1 + 0.3 * jax.random.normal(jax.random.key(2), (64,)),
+                         "bias": 0.1 * jax.random.normal(jax.random.key(3), (64,))}}
+    ours, ref = layer_norm(name="ln", dtype=jnp.bfloat16), flax.linen.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+    y = ours.apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(y), np.float32(ref.apply(params, x).astype(jnp.bfloat16)), atol=0.04)
+
+    def loss(module, x):
+        return lambda p, x: (module.apply(p, x).astype(jnp.float32) * g).sum()
+
+    got = jax.grad(loss(ours, x), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(ref, x), argnums=(0, 1))(params, x.astype(jnp.float32))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.linalg.norm(np.float32(a) - b) / np.linalg.norm(b) < 1e-2
+    saved = [aval for aval, why in saved_residuals(lambda x: loss(ours, x)(params, x), x)
+             if "argument" not in why and "common.py" in why]  # the LayerNorm's own, not the loss's
+    assert sorted((str(a.dtype), a.shape) for a in saved if a.size > 1) == [("bfloat16", x.shape), ("float32", (8, 16, 1))]

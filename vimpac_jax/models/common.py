@@ -41,8 +41,67 @@ def dense(features: int, axes: tuple, *, name: str, dtype=jnp.float32, use_bias:
 _RecomputedLayerNorm = nn.remat(nn.LayerNorm)
 
 
-def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
-    # eps 1e-12 as BERT and the released code; statistics are computed in float32 by flax.
+def _layer_norm_forward(x, scale, bias, dtype):
+    """flax's LayerNorm arithmetic (float32 statistics, its fast variance) -> (y [..., D] in
+    `dtype`, 1/std [..., 1] float32)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, (xf * xf).mean(-1, keepdims=True) - mean * mean)
+    rstd = jax.lax.rsqrt(var + LN_EPS)
+    return ((xf - mean) * (rstd * scale) + bias).astype(dtype), rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _output_saving_layer_norm(x, scale, bias, dtype):
+    return _layer_norm_forward(x, scale, bias, dtype)[0]
+
+
+def _output_saving_layer_norm_fwd(x, scale, bias, dtype):
+    y, rstd = _layer_norm_forward(x, scale, bias, dtype)
+    return y, (y, scale, bias, rstd, jnp.zeros((), x.dtype))
+
+
+def _output_saving_layer_norm_bwd(dtype, res, g):
+    y, scale, bias, rstd, x_like = res
+    g = g.astype(jnp.float32)
+    centred_scaled = y.astype(jnp.float32) - bias  # = x_hat * scale
+    x_hat = centred_scaled / scale
+    g_hat = g * scale
+    dx = rstd * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g * centred_scaled).mean(-1, keepdims=True))
+    rows = tuple(range(g.ndim - 1))
+    return dx.astype(x_like.dtype), (g * x_hat).sum(rows), g.sum(rows)
+
+
+_output_saving_layer_norm.defvjp(_output_saving_layer_norm_fwd, _output_saving_layer_norm_bwd)
+
+
+class OutputSavingLayerNorm(nn.Module):
+    """flax's LayerNorm (same parameters, names and forward) whose backward is computed from its
+    OUTPUT y and the float32 row statistics: x_hat = (y - bias) / scale (as apex's
+    memory-efficient LayerNorm). The output is kept anyway as the next matmul's input, so the
+    LayerNorm adds only [..., 1] float32 to the saved activations instead of its input. Used for
+    narrow compute dtypes (bf16, f16), where y carries the precision the backward had from the
+    recomputed input too; a scale entry of exactly 0 would make its feature's gradient undefined."""
+
+    epsilon: float = LN_EPS
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,),
+                           jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (d,),
+                          jnp.float32)
+        return _output_saving_layer_norm(x, scale, bias, self.dtype)
+
+
+def layer_norm(*, name: str, dtype=jnp.float32) -> nn.Module:
+    """LayerNorm, eps 1e-12 as BERT and the released code; statistics in float32 (flax). In a
+    compute dtype narrower than float32 the backward works from the output
+    (`OutputSavingLayerNorm`); otherwise it recomputes from the input (see above)."""
+    if jnp.dtype(dtype).itemsize < 4:
+        return OutputSavingLayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
     return _RecomputedLayerNorm(
         epsilon=LN_EPS,
         dtype=dtype,
