@@ -223,14 +223,14 @@ def test_missing_processes_fail_with_a_named_timeout(tmp_path):
     ({"VIMPAC_INIT_TIMEOUT": "soon"}, "VIMPAC_INIT_TIMEOUT"),
 ])
 def test_bad_settings_are_named(env, message):
-    from vimpac_jax.launch.distributed import DistributedSetupError, settings_from_env
+    from vimpac_jax.runtime.distributed import DistributedSetupError, settings_from_env
 
     with pytest.raises(DistributedSetupError, match=message):
         settings_from_env(env)
 
 
 def test_settings_sources():
-    from vimpac_jax.launch.distributed import settings_from_env
+    from vimpac_jax.runtime.distributed import settings_from_env
 
     assert settings_from_env({}) is None
     explicit = settings_from_env({"VIMPAC_COORDINATOR": "10.0.0.2:8476", "VIMPAC_NUM_PROCESSES": "4",

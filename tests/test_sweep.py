@@ -20,7 +20,7 @@ import pytest
 from conftest import run_vimpac
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
-from vimpac_jax.launch import sweep as sw
+from vimpac_jax import sweeps as sw
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "configs" / "sweeps"
@@ -242,7 +242,7 @@ def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     sweep_file = tmp_path / "with_failure.py"
     # mask_blocks=0 loads as a config (an int) but `vimpac train` rejects it: run 0 fails, run 1
     # (the runlocal default, compiled already by the test above) must still run.
-    sweep_file.write_text("from vimpac_jax.launch.sweep import sweep\n\n"
+    sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
                           "def get_sweep():\n    return sweep('pretrain.mask_blocks', [0, 2])\n")
     root = tmp_path / "fail"
     result = vimpac("sweep", *base_args(store), "--sweep", sweep_file, "--workdir", root, env=env)

@@ -12,7 +12,7 @@ axes) would need --config.model.num_heads=3 and is not part of the table.
       --sweep configs/sweeps/layouts.py --workdir sweeps/layouts
 """
 
-from vimpac_jax.launch.sweep import sweep
+from vimpac_jax.sweeps import sweep
 
 
 def get_sweep():

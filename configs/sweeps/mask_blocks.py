@@ -12,7 +12,7 @@ the paper's; only the trend is meaningful there.
       --sweep configs/sweeps/mask_blocks.py --workdir sweeps/mask_blocks
 """
 
-from vimpac_jax.launch.sweep import sweep
+from vimpac_jax.sweeps import sweep
 
 
 def get_sweep():

@@ -11,7 +11,7 @@ shows is better with block masking.
       --sweep configs/sweeps/masking.py --workdir sweeps/masking
 """
 
-from vimpac_jax.launch.sweep import chain, fixed, product
+from vimpac_jax.sweeps import chain, fixed, product
 
 
 def get_sweep():

@@ -10,7 +10,7 @@ and, after fine-tuning each run, the downstream accuracy the table reports.
       --sweep configs/sweeps/nce_weight.py --workdir sweeps/nce_weight
 """
 
-from vimpac_jax.launch.sweep import sweep
+from vimpac_jax.sweeps import sweep
 
 
 def get_sweep():

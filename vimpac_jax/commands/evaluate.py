@@ -83,7 +83,7 @@ def main(argv) -> int:
         clips = [None] if args.clips is None else parse_clips(args.clips)
         if args.crops not in (None, "3", "1", "center", "three"):
             raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
-        from vimpac_jax.launch.distributed import maybe_initialize
+        from vimpac_jax.runtime.distributed import maybe_initialize
 
         maybe_initialize()
         from vimpac_jax.data import pipelines

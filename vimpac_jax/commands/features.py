@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax import checkpoints
-from vimpac_jax.launch.distributed import maybe_initialize
+from vimpac_jax.runtime.distributed import maybe_initialize
 from vimpac_jax.models.model import build_model
 
 

@@ -1,7 +1,7 @@
 """`vimpac sweep --config CONFIG --sweep SWEEP.py --workdir DIR [--launcher local|print|slurm|tpu]`.
 
 Expands SWEEP.py's `get_sweep()` (a list of {config field: value} overrides, built with
-`vimpac_jax.launch.sweep`'s sweep/product/zipit/chain) into runs DIR/<index>_<name>/, each a
+`vimpac_jax.sweeps`'s sweep/product/zipit/chain) into runs DIR/<index>_<name>/, each a
 `vimpac train --config CONFIG [--config.FIELD=VALUE ...] --workdir DIR/<run>`. Every run's
 config is loaded first, so a misspelt field fails before anything runs.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import split_config_args
-from vimpac_jax.launch import sweep as sw
+from vimpac_jax import sweeps as sw
 
 
 def _parser() -> argparse.ArgumentParser:

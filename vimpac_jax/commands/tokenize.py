@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from vimpac_jax.data import video_decode as vd
-from vimpac_jax.launch.distributed import maybe_initialize
+from vimpac_jax.runtime.distributed import maybe_initialize
 
 
 def _parser() -> argparse.ArgumentParser:

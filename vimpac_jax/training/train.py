@@ -159,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     """
     workdir = Path(workdir)
     # Multi-host: every process must run the same config; checked before anything compiles.
-    from vimpac_jax.launch.distributed import check_same_config
+    from vimpac_jax.runtime.distributed import check_same_config
     check_same_config(config)
     # One run per workdir: a second one would delete the first one's in-flight checkpoints.
     lock = (io_utils.exclusive_lock(workdir / WORKDIR_LOCK, f"workdir {workdir}") if jax.process_index() == 0

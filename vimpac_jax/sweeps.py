@@ -4,7 +4,7 @@ A sweep file is a Python file with `get_sweep()` returning a list of override di
 run, `{config field: value}`. It builds them with the combinators below, which follow the
 `hyper` library that big_vision's `get_hyper(hyper)` uses (sweep / product / zipit / chain):
 
-    from vimpac_jax.launch.sweep import chain, fixed, product, sweep, zipit
+    from vimpac_jax.sweeps import chain, fixed, product, sweep, zipit
 
     def get_sweep():
         return product(sweep("pretrain.nce_weight", [0.0, 1.0]),
@@ -295,7 +295,7 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
 
 
 # The project's multi-host SLURM launcher (coordinator from the allocation, one process per GPU).
-SLURM_GPU_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm_gpu.sbatch"
+SLURM_GPU_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "slurm_gpu.sbatch"
 
 SLURM_TEMPLATE = """#!/bin/bash
 # Written by `vimpac sweep --launcher slurm`: one array task per run of the sweep. Each task runs
