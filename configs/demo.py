@@ -9,13 +9,9 @@ Variants: `stage=tokenizer|pretrain|finetune`, `preset=default|full|smoke`.
 `vimpac demo` fills in the data paths; everything else is here.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import tokenizer as tokenizer_configs  # noqa: E402
-from vimpac_jax.config_utils import parse_arg  # noqa: E402
+from vimpac_jax.config_utils import parse_arg
+from vimpac_jax.configs import common
+from vimpac_jax.configs import tokenizer as tokenizer_configs
 
 PRESETS = {
     # frame size, clip frames, clip fps, model, steps (tokenizer / pretrain / finetune), batches

@@ -6,12 +6,8 @@ split=1|2|3 (UCF101, HMDB51), runlocal. Example:
       --config.init_from=PRETRAIN_WORKDIR --config.data.train_store=S --config.data.eval_store=E
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from vimpac_jax.config_utils import parse_arg  # noqa: E402
+from vimpac_jax.config_utils import parse_arg
+from vimpac_jax.configs import common
 
 # Table 4 (fine-tune) epochs and class counts (Table 5); SSV2 flips nothing (left/right matters).
 DATASETS = {

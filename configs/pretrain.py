@@ -9,12 +9,8 @@ Variants (comma-separated, big_vision style):
 Example: vimpac train --config configs/pretrain.py:small --workdir W --config.data.train_store=S
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from vimpac_jax.config_utils import parse_arg  # noqa: E402
+from vimpac_jax.config_utils import parse_arg
+from vimpac_jax.configs import common
 
 PRESETS = ("tiny", "small", "base", "large_half")
 

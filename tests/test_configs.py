@@ -80,3 +80,33 @@ def test_two_stage_recipe_is_one_schedule_and_the_papers_negatives():
     an = config("pretrain.py:small,analysis")
     assert an.data.batch_size // an.pretrain.micro_batches == 64 and an.optim.schedule_epochs is None
     assert schedule_length(an.optim, steps_per_epoch, 10 * steps_per_epoch) == 10 * steps_per_epoch
+
+
+def test_configs_are_modules_of_the_package_and_edit_no_import_path():
+    import sys
+
+    from vimpac_jax.configs import pretrain
+
+    before = list(sys.path)
+    c = config("pretrain.py:small")
+    assert sys.path == before  # the config files import each other as vimpac_jax.configs.*
+    assert pretrain.get_config("small").to_dict() == c.to_dict()
+
+
+def test_config_paths_resolve_under_the_cwd_first_then_to_the_installed_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the installed ones answer to the same names
+    assert config_path_model("configs/pretrain.py:small") == (6, 512)
+    assert load_config(["--config=configs/finetune.py:dataset=ssv2"]).model.num_classes == 174
+    # A file under the working directory comes first.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pretrain.py").write_text(
+        "from vimpac_jax.configs import pretrain\n\n"
+        "def get_config(arg=None):\n    c = pretrain.get_config(arg)\n    c.model.num_layers = 3\n    return c\n")
+    assert config_path_model("configs/pretrain.py:small") == (3, 512)
+    with pytest.raises(ValueError, match=r"configs/nope.py not found .*configs/pretrain.py"):
+        load_config(["--config", "configs/nope.py:small"])
+
+
+def config_path_model(spec):
+    m = load_config(["--config", spec]).model
+    return m.num_layers, m.hidden_dim

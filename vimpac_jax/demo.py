@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 # Pre-training variants of the ablation: the loss weights of config.pretrain.
 PRETRAIN_VARIANTS = {
     "mask_only": {"pretrain.mlm_weight": 1.0, "pretrain.nce_weight": 0.0},
@@ -36,9 +35,9 @@ def _log(message: str) -> None:
 
 
 def demo_config(stage: str, preset: str, overrides: dict):
-    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.config_utils import installed_config, load_config
 
-    args = ["--config", str(REPO / "configs" / f"demo.py:stage={stage},preset={preset}")]
+    args = ["--config", f"{installed_config('demo.py')}:stage={stage},preset={preset}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return load_config(args)
 

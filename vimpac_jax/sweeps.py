@@ -32,6 +32,7 @@ import shlex
 import signal
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -294,8 +295,14 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
     return codes
 
 
+def launcher_script(name: str) -> Path:
+    """The shell launcher NAME (`slurm_gpu.sbatch`, `local.sh`, `tpu_pod.sh`) as installed: package
+    data of `vimpac_jax.launch`, the repository's top-level launch/ (setup.py)."""
+    return Path(str(resources.files("vimpac_jax.launch").joinpath(name)))  # setuptools installs unzipped
+
+
 # The project's multi-host SLURM launcher (coordinator from the allocation, one process per GPU).
-SLURM_GPU_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "slurm_gpu.sbatch"
+SLURM_GPU_SCRIPT = "slurm_gpu.sbatch"  # in launch/
 
 SLURM_TEMPLATE = """#!/bin/bash
 # Written by `vimpac sweep --launcher slurm`: one array task per run of the sweep. Each task runs
@@ -332,8 +339,9 @@ def write_slurm(runs: Sequence[Run], commands: Sequence[Sequence[str]], root: Pa
                 sbatch_options: Sequence[str] = ()) -> Path:
     """ROOT/sweep.sbatch (an array job over the runs) and ROOT/commands.txt (one command a line).
 
-    Each task runs its command with `bash launch/slurm_gpu.sbatch COMMAND` (multi-process over
-    the task's allocation) where that script exists, else with a plain `srun COMMAND`.
+    Each task runs its command with `bash .../vimpac_jax/launch/slurm_gpu.sbatch COMMAND` (the
+    installed launcher: multi-process over the task's allocation) where that script exists, else
+    with a plain `srun COMMAND`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -341,7 +349,8 @@ def write_slurm(runs: Sequence[Run], commands: Sequence[Sequence[str]], root: Pa
         write_run_files(run, command)
     commands_file = root / "commands.txt"
     commands_file.write_text("".join(shlex.join(c) + "\n" for c in commands))
-    runner = f"bash {shlex.quote(str(SLURM_GPU_SCRIPT))}" if SLURM_GPU_SCRIPT.is_file() else "srun"
+    launcher = launcher_script(SLURM_GPU_SCRIPT)
+    runner = f"bash {shlex.quote(str(launcher))}" if launcher.is_file() else "srun"
     script = root / "sweep.sbatch"
     script.write_text(SLURM_TEMPLATE.format(
         job_name=f"vimpac-sweep-{root.name}", last=len(runs) - 1, preempted=exit_codes.PREEMPTED, root=shlex.quote(str(root)), runner=runner,

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from vimpac_jax import exit_codes
-from vimpac_jax.config_utils import split_config_args
+from vimpac_jax.config_utils import resolve_config_path, split_config_args
 from vimpac_jax import sweeps as sw
 
 
@@ -76,7 +76,7 @@ def main(argv) -> int:
         config, base = sw.split_base_config(config_args)
         # Local and SLURM runs write here: absolute paths. print/tpu keep DIR as given (a gs:// URL).
         run_root = root.absolute() if args.launcher in ("local", "slurm") else args.workdir
-        runs = sw.expand(sw.load_sweep(args.sweep), run_root)
+        runs = sw.expand(sw.load_sweep(resolve_config_path(args.sweep)), run_root)  # configs/sweeps/: installed too
         sw.check_configs(config, base, runs)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac sweep: error: {e}", file=sys.stderr)
