@@ -16,11 +16,12 @@ import pytest
 
 pytest.importorskip("av")
 
+from installed_copy import installed_vimpac  # noqa: E402
 from vimpac_jax import visualize  # noqa: E402
 from vimpac_jax.commands import visualize as visualize_cmd  # noqa: E402
 from vimpac_jax.data import video_decode as vd  # noqa: E402
 from vimpac_jax.data.demo_data import PRESETS as DATA_PRESETS  # noqa: E402
-from vimpac_jax.demo import FIGURE_VIDEOS, format_ablation, format_table, run_ablation, run_demo  # noqa: E402
+from vimpac_jax.demo import FIGURE_VIDEOS, format_ablation, format_table, run_ablation  # noqa: E402
 from vimpac_jax.export.source import load_exportable  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
@@ -28,8 +29,13 @@ from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """`vimpac demo --preset smoke` of a non-editable install, run from outside the checkout
+    (tests/installed_copy.py): the chain's one run also tests the installed configs."""
+    installed, cwd = installed_vimpac(tmp_path_factory), tmp_path_factory.mktemp("cwd")
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_demo(workdir, preset="smoke", seed=0)
+    result = installed.run("demo", "--preset", "smoke", "--seed", "0", "--workdir", workdir, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads((workdir / "demo_summary.json").read_text())
 
 
 @pytest.mark.slow
