@@ -110,3 +110,31 @@ def test_config_paths_resolve_under_the_cwd_first_then_to_the_installed_configs(
 def config_path_model(spec):
     m = load_config(["--config", spec]).model
     return m.num_layers, m.hidden_dim
+
+
+def test_build_model_variants_are_the_configs_model_sizes():
+    from vimpac_jax.models.config import MODEL_PRESETS
+    from vimpac_jax.models.model import build_model
+
+    # The paper's Small at T=5, 128 px: the variant's defaults are the pre-training config's model.
+    assert build_model(variant="small") == build_model(config("pretrain.py:small").model)
+    assert build_model(variant="small") != build_model(variant="base")
+    model = build_model(variant="base", num_layers=3, clip_len=2)
+    assert (model.backbone.num_layers, model.backbone.hidden_dim, model.backbone.clip_len) == (3, 768, 2)
+    assert set(MODEL_PRESETS) == {"tiny", "small", "base", "large_half"}
+    with pytest.raises(ValueError, match="large_half"):
+        build_model(variant="huge")
+
+
+def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
+    from vimpac_jax.models.config import model_config
+    from vimpac_jax.models.model import build_model
+    from vimpac_jax.training import optimizer as opt
+
+    full = model_config("tiny", clip_len=2, height=2, width=2)
+    old = {k: full[k] for k in ("num_layers", "hidden_dim", "num_heads", "clip_len", "height", "width")}
+    assert build_model(old) == build_model(dict(old, proj_hidden_dim=2048))  # model_config's default
+    assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
+    with pytest.raises(KeyError, match="height"):
+        build_model({k: v for k, v in old.items() if k != "height"})
+    assert opt.warmup_steps(dict(total_steps=1000)) == 1000 * opt.optim_config().warmup  # 0.05, stated once
