@@ -138,3 +138,42 @@ def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
     with pytest.raises(KeyError, match="height"):
         build_model({k: v for k, v in old.items() if k != "height"})
     assert opt.warmup_steps(dict(total_steps=1000)) == 1000 * opt.optim_config().warmup  # 0.05, stated once
+
+
+def _rules_with(**changes):
+    from vimpac_jax.training import sharding as shd
+
+    return repr(tuple((name, changes.get(name, axes)) for name, axes in shd.LOGICAL_AXIS_RULES))
+
+
+def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_path, monkeypatch):
+    import flax.linen as nn
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from vimpac_jax.training import pretrain_step as ps
+    from vimpac_jax.training import sharding as shd
+    from vimpac_jax.training import train as train_lib
+
+    base = config("pretrain.py:runlocal")
+    assert shd.logical_axis_rules(base.mesh) == shd.LOGICAL_AXIS_RULES  # the default table
+    # The MLP hidden over fsdp instead of tensor, the model width replicated.
+    changed = config("pretrain.py:runlocal", f"--config.mesh.logical_axis_rules={_rules_with(mlp='fsdp', embed=None)}")
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def fc_kernel_spec(cfg):
+        with nn.logical_axis_rules(shd.logical_axis_rules(cfg.mesh)):
+            sh = ps.train_state_shardings(cfg.model.to_dict(), cfg.optim.to_dict(), mesh)
+        return sh.params["backbone"]["layer_0"]["mlp"]["fc"]["kernel"].spec
+
+    assert fc_kernel_spec(base) == P("fsdp", "tensor")
+    assert fc_kernel_spec(changed) == P(None, "fsdp")
+    # `vimpac train` makes the config's rules the active ones for the whole run.
+    seen = []
+    monkeypatch.setattr(train_lib, "_train_locked", lambda *a, **k: seen.append(shd.active_rules()) or {})
+    train_lib.train(changed, tmp_path / "run")
+    assert seen == [shd.logical_axis_rules(changed.mesh)] and dict(seen[0])["mlp"] == "fsdp"
+    assert shd.active_rules() == shd.LOGICAL_AXIS_RULES  # and only for the run
+    with pytest.raises(ValueError, match=r"config.mesh.logical_axis_rules: rule 'mlp' maps to 'model'"):
+        shd.logical_axis_rules(config("pretrain.py:runlocal",
+                                      f"--config.mesh.logical_axis_rules={_rules_with(mlp='model')}").mesh)

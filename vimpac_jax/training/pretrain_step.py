@@ -257,7 +257,7 @@ def abstract_train_state(model_cfg, optim_cfg) -> TrainState:
                           jax.random.key(0))
 
 
-def train_state_shardings(model_cfg, optim_cfg, mesh, rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+def train_state_shardings(model_cfg, optim_cfg, mesh, rules=None) -> TrainState:
     """NamedShardings of every leaf of the TrainState: parameters by the logical-axis rules,
     Adam moments like their parameters, counters and BatchNorm statistics replicated."""
     model = build_model(model_cfg)
@@ -273,7 +273,7 @@ def train_state_shardings(model_cfg, optim_cfg, mesh, rules=shd.LOGICAL_AXIS_RUL
 
 
 def init_train_state(model_cfg, optim_cfg, key: jax.Array, mesh: Optional[jax.sharding.Mesh] = None,
-                     rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+                     rules=None) -> TrainState:
     """A fresh TrainState whose arrays are created directly in their shardings (never whole on
     one device). `mesh` defaults to all devices on 'data'."""
     mesh = shd.make_mesh() if mesh is None else mesh
@@ -442,7 +442,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
 
 
 def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                       rules=shd.LOGICAL_AXIS_RULES):
+                       rules=None):
     """`pretrain_step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
 
     state: a TrainState laid out as `train_state_shardings` (what `init_train_state` returns);
@@ -491,7 +491,7 @@ def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: j
 
 
 def make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                            rules=shd.LOGICAL_AXIS_RULES):
+                            rules=None):
     """`eval_step(state, batch, key) -> metrics`, jitted with the shardings of `make_pretrain_step`
     (the state is read, not donated); metrics come back replicated."""
     check_pretrain_config(pretrain_cfg)

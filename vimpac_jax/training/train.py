@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -164,7 +165,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     # One run per workdir: a second one would delete the first one's in-flight checkpoints.
     lock = (io_utils.exclusive_lock(workdir / WORKDIR_LOCK, f"workdir {workdir}") if jax.process_index() == 0
             else contextlib.nullcontext())
-    with lock:
+    # The run's logical-axis rules (config.mesh.logical_axis_rules; checked here, before anything
+    # compiles) are the active ones for every sharding computed below (sharding.active_rules).
+    rules = shd.logical_axis_rules(config.mesh)
+    with lock, nn.logical_axis_rules(rules):
         return _train_locked(config, workdir, stop_after=stop_after, on_step=on_step)
 
 
