@@ -53,8 +53,8 @@ def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip
             raise ValueError(
                 f"config.data.{field}={index.store_dir} holds frames at {float(fps):g} fps, which cannot give clips "
                 f"at config.data.clip_fps={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
-                f"tokenize the videos again with `vimpac tokenize --fps 16` (the released rate of the downstream sets, "
-                f"a multiple of 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
+                f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
+                f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
 
 
 def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
