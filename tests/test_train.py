@@ -193,8 +193,9 @@ def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, env
     """vimpac_a is T=3, 4x4 tokens; fine-tune it at T=4 on 6x6 tokens: tables are interpolated."""
     vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
     videos = [dict(video_id=f"v{i}", num_frames=6, label=i % 2, variants=VARIANTS) for i in range(8)]
-    write_test_store(tmp_path / "train6", videos, grid=(6, 6))
-    write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3)
+    # HMDB51's preset samples clips at 4 fps (configs/finetune.py): stores at that rate, every frame.
+    write_test_store(tmp_path / "train6", videos, grid=(6, 6), fps=4.0)
+    write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3, fps=4.0)
     out = vimpac("train", "--config", "configs/finetune.py:dataset=hmdb51,runlocal",
                  "--config.model.num_layers=2", "--config.model.hidden_dim=128", "--config.model.clip_len=4",
                  "--config.model.height=6", "--config.model.width=6", "--config.model.num_classes=2",

@@ -16,7 +16,7 @@ The model source W is one of
                           token store's metadata.json; a `tokenizer` passed anyway must be that one.
   a model checkpoint      `vimpac convert official` (a released fine-tuned model): the tokenizer
                           must be given; the released protocol is used (reference §8: 10 clips x 3
-                          crops, frames of 8 x the token grid, 2 fps as configs/finetune.py).
+                          crops, frames of 8 x the token grid, 2 fps: the released scripts' --frame-rate 2).
   a StableHLO directory   `vimpac export --format stablehlo`: as a model checkpoint.
 A given tokenizer must make the model's token grid at that frame size and have the model's number
 of codes, else the load is refused naming both.

@@ -34,11 +34,56 @@ def _variants(value: Optional[str]) -> Optional[list[str]]:
     return None if not value else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str) -> None:
+def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None) -> None:
+    """The store's token grid is the model's, and its frame rate gives clips at `clip_fps`
+    (config.data.clip_fps) exactly: a whole multiple of it, so that a clip keeps every
+    (store fps / clip fps)-th stored frame (the released `max(int(16 / frame_rate), 1)`, read
+    from a 16-fps store; configs/finetune.py). Checked before anything compiles."""
     grid = (int(model_cfg["height"]), int(model_cfg["width"]))
     if tuple(index.grid) != grid:
         raise ValueError(f"config.data.{field}={index.store_dir}: tokens are {index.grid[0]}x{index.grid[1]} "
                          f"per frame, the model expects {grid[0]}x{grid[1]} (config.model.height/width)")
+    if clip_fps is None:
+        return
+    if clip_fps <= 0:
+        raise ValueError(f"config.data.clip_fps={clip_fps} must be > 0 (or None: every stored frame)")
+    for fps in np.unique(index.fps):
+        ratio = float(fps) / float(clip_fps)
+        if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(
+                f"config.data.{field}={index.store_dir} holds frames at {float(fps):g} fps, which cannot give clips "
+                f"at config.data.clip_fps={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
+                f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
+                f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
+
+
+def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
+    """The training variants (after config.data.train_variants) must be of config.variant_set,
+    the set `vimpac tokenize --variants` stores for the dataset (configs/finetune.py). A flipped
+    clip where the set has none (SSV2: left/right is in its labels, Appendix C.1) is refused
+    before compiling. Variants whose names do not follow `video_decode.Variant.name` are judged
+    by the store's recorded `variant_set`."""
+    if not variant_set:
+        return
+    from vimpac_jax.data import video_decode as vd
+
+    if variant_set not in vd.VARIANT_SETS:
+        raise ValueError(f"config.variant_set={variant_set!r} must be one of {sorted(vd.VARIANT_SETS)}")
+    if True in vd.VARIANT_SETS[variant_set].flips:
+        return
+    if any(v.endswith(("_flip", "_noflip")) for v in index.variants):
+        flipped = [v for v in index.variants if v.endswith("_flip")]
+    else:
+        stored_set = token_store.read_metadata(index.store_dir).get("variant_set")
+        flips = stored_set in vd.VARIANT_SETS and True in vd.VARIANT_SETS[stored_set].flips
+        flipped = list(index.variants) if flips else []
+    if flipped:
+        noflip = [v for v in index.variants if v not in flipped]
+        select = f", or train on its unflipped ones with --config.data.train_variants={','.join(noflip)}" if noflip else ""
+        raise ValueError(
+            f"config.data.{field}={index.store_dir} holds flipped variants ({', '.join(flipped[:4])}"
+            f"{', ...' if len(flipped) > 4 else ''}), but config.variant_set={variant_set!r} flips nothing (a mirror "
+            f"changes this dataset's labels): tokenize it with `vimpac tokenize ... --variants {variant_set}`{select}")
 
 
 def load_init_source(path: str) -> tuple[dict, dict]:
@@ -93,7 +138,7 @@ class _StoreTask:
         if not config.data.train_store:
             raise ValueError("config.data.train_store is required (a token store from `vimpac tokenize`)")
         self.index = pipelines.load_index(config.data.train_store)
-        check_store_fits(self.index, self.model_cfg, "train_store")
+        check_store_fits(self.index, self.model_cfg, "train_store", clip_fps=config.data.clip_fps)
         self.process_count = jax.process_count()
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
@@ -203,7 +248,7 @@ class PretrainTask(_StoreTask):
         center crop (`only_one_aug`), masked and scored in eval mode, batches of 1.5x the
         micro-batch (`bs_per_gpu * 1.5`) unless config.pretrain.eval_batch_size says otherwise."""
         index = pipelines.load_index(config.data.eval_store)
-        check_store_fits(index, self.model_cfg, "eval_store")
+        check_store_fits(index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
         size = int(config.pretrain.get("eval_batch_size", 0)) or int(
             1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
@@ -260,6 +305,8 @@ class FinetuneTask(_StoreTask):
             raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
                              f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
                              f"the {shards} data x fsdp devices")
+        check_variant_set(self.index.select_variants(_variants(config.data.train_variants)),
+                          config.get("variant_set"))
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
                                        label_smoothing=float(config.finetune.label_smoothing),
                                        micro_batches=micro_batches, mesh=mesh)
@@ -273,7 +320,7 @@ class FinetuneTask(_StoreTask):
         self.eval_index = None
         if config.data.eval_store:
             self.eval_index = pipelines.load_index(config.data.eval_store)
-            check_store_fits(self.eval_index, self.model_cfg, "eval_store")
+            check_store_fits(self.eval_index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
 
     def dataset(self):
         c = self.config
