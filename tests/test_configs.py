@@ -272,3 +272,23 @@ def test_ssv2_never_trains_on_flipped_clips(tmp_path):
     finetune_task(tmp_path, "ssv2", fps=16.0, variants=flipping, overrides=["--config.data.train_variants=r32_center_noflip"])
     finetune_task(tmp_path / "noflip", "ssv2", fps=16.0)
     finetune_task(tmp_path, "diving48", fps=16.0, variants=flipping)  # flips are fine where a mirror keeps the label
+
+
+def test_the_tokenizer_task_has_the_blocks_of_the_others():
+    from vimpac_jax.configs import common
+    from vimpac_jax.tokenizer import vq_task
+
+    c = config("tokenizer.py:tiny")
+    assert {"model", "optim", "data", "train", "tokenizer", "mesh", "seed"} <= set(c.keys())
+    assert set(c.train.keys()) == set(common.train_config().keys()) - {"epochs"}  # the loop's own fields
+    assert (c.data.batch_size, c.data.workers, c.data.size) == (16, 4, 32)
+    # What the VQ training state is built from: the preset's values under their new names.
+    assert vq_task.state_config(c)["train"] == dict(
+        lr=3e-3, num_steps=300, warmup_steps=20, b1=0.9, b2=0.99, grad_clip=1.0, flatten_optimizer=True,
+        commitment_beta=0.25, ema_decay=0.99, epsilon=1e-5, restart_threshold=1.0)
+    assert vq_task.state_config(config("tokenizer.py:tiny", "--config.optim.warmup=0.1"))["train"]["warmup_steps"] == 30
+    assert vq_task.state_config(c)["tokenizer"]["codebook_size"] == 64
+    with pytest.raises(ValueError, match=r"optim.warmup=400.0 must be in \[0, train.num_steps=300\]"):
+        vq_task.check_config(config("tokenizer.py:tiny", "--config.optim.warmup=400"))
+    with pytest.raises(ValueError, match="tokenizer.ema_decay=1.0"):
+        vq_task.check_config(config("tokenizer.py:tiny", "--config.tokenizer.ema_decay=1.0"))

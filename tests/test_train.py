@@ -225,7 +225,7 @@ def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):
     data = Path(spec.origin).parent / "datasets" / "data"
     (tmp_path / "videos.txt").write_text(f"{data / 'bikes.mp4'}\n{data / 'carphone_pristine.mp4'}\n")
     out = vimpac("train", "--config", "configs/tokenizer.py:tiny,runlocal",
-                 f"--config.train.data.videos={tmp_path / 'videos.txt'}", "--workdir", tmp_path / "tok", env=env)
+                 f"--config.data.videos={tmp_path / 'videos.txt'}", "--workdir", tmp_path / "tok", env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == 20 and 0 < result["eval_codes_used"] <= 1 and result["eval_psnr"] > 0
     assert "frames/s" in out.stderr

@@ -72,7 +72,7 @@ def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float
     tok_dir = workdir / "tokenizer_run"
     if not (tok_dir / "tokenizer" / "tokenizer.json").is_file():
         _log(f"2/6 training the VQ tokenizer on frames of {TOKENIZER_VIDEOS} videos of the unlabelled pool")
-        train(demo_config("tokenizer", preset, {"seed": seed, "train.data.videos": lists["tokenizer"]}), tok_dir)
+        train(demo_config("tokenizer", preset, {"seed": seed, "data.videos": lists["tokenizer"]}), tok_dir)
     timings["tokenizer"] = time.monotonic() - t0
 
     size, fps = meta["size"], demo_config("pretrain", preset, {}).data.clip_fps

@@ -229,7 +229,7 @@ class VQTokenizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration. The model block (`config.tokenizer` in configs/tokenizer.py, and "config" in
+# Configuration. The model block (`config.model` in configs/tokenizer.py, and "config" in
 # tokenizer.json) is a flat mapping of MODEL_FIELDS.
 
 MODEL_FIELDS = ("codebook_size", "embedding_dim", "widths", "n_blk_per_group", "channels")
