@@ -43,7 +43,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path[0] = _ROOT
-sys.path.insert(1, os.path.join(_ROOT, "configs"))
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -57,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402  (configs/common.py)
+from vimpac_jax.configs import common  # noqa: E402
 from vimpac_jax.models.layout import parse_layout  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.training import finetune_step as fs  # noqa: E402
