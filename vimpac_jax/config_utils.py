@@ -125,15 +125,15 @@ def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     Every element of argv must be one of those; raises ValueError with the flag's name otherwise.
     """
     fv = flags.FlagValues()
+    argv = ["vimpac", *_resolve_config_flag(argv)]  # ValueError naming a config file that is not there
     try:
-        argv = ["vimpac", *_resolve_config_flag(argv)]
         # sys_argv: ml_collections registers the --config.FIELD override flags it finds there
         # (default: the process's sys.argv, which is not what a caller passes in).
         config_flags.DEFINE_config_file("config", None, "config file, FILE.py[:ARG]", flag_values=fv,
                                         lock_config=True, sys_argv=argv)
         fv(argv)
     except ModuleNotFoundError as e:
-        if (e.name or "").startswith("vimpac_jax.configs"):
+        if e.name == "vimpac_jax.configs":  # the package itself, not a module a config file names
             raise ValueError(NOT_INSTALLED) from e
         raise
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
