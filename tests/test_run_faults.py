@@ -163,3 +163,77 @@ def jax_tree_scale(tree, factor):
     import jax
 
     return jax.tree.map(lambda x: x * factor, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# data.workers changed on resume (a RESUME_FREE_FIELDS field).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrain_store(tmp_path_factory):
+    from vimpac_jax.data.testing import write_test_store
+
+    videos = [dict(video_id=f"v{i}", label=i % 3, num_frames=9, variants=["r128_center_noflip"]) for i in range(6)]
+    return write_test_store(tmp_path_factory.mktemp("workers") / "store", videos, shards=2, pattern="frame_index")
+
+
+def test_the_data_iterator_resumes_under_another_worker_count(pretrain_store, tmp_path):
+    """A state saved at 0 workers restores at 2 and back, through the orbax checkpoint that
+    training writes, and continues with the batches an uninterrupted run reads."""
+    import numpy as np
+
+    from vimpac_jax.data import pipelines as P
+    from vimpac_jax.training import checkpointing
+
+    ds = P.pretrain_dataset(P.load_index(pretrain_store), batch_size=2, clip_len=5, seed=3, process_index=0,
+                            process_count=1)
+    expected = [ds[b]["tokens"] for b in range(9)]  # 3 batches per epoch: crosses two epoch boundaries
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"w": np.zeros(2, np.float32)}
+
+    def save(step, iterator):
+        checkpointing.save(manager, step, state, iterator, {"step": step}, force=True)
+        manager.wait_until_finished()
+
+    def restore(iterator):
+        step, _, _ = checkpointing.restore_latest(manager, state, iterator, log=pytest.fail)
+        return step
+
+    serial = P.make_iterator(ds, workers=0, read_threads=1)
+    got = [next(serial)["tokens"] for _ in range(4)]
+    save(4, serial)
+    parallel = P.make_iterator(ds, workers=2, read_threads=1)
+    try:
+        assert restore(parallel) == 4
+        got += [next(parallel)["tokens"] for _ in range(3)]
+        save(7, parallel)
+    finally:
+        parallel.close()
+    serial = P.make_iterator(ds, workers=0, read_threads=1)
+    assert restore(serial) == 7
+    got += [next(serial)["tokens"] for _ in range(2)]
+    assert len(got) == len(expected)
+    for b, (a, e) in enumerate(zip(got, expected)):
+        np.testing.assert_array_equal(a, e, err_msg=f"batch {b}")
+
+
+def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
+    """grain's own states (written before the state was the batch count): 0 workers' prefetch
+    index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""
+    import numpy as np
+
+    from vimpac_jax.data import pipelines as P
+
+    ds = P.pretrain_dataset(P.load_index(pretrain_store), batch_size=2, clip_len=5, seed=3, process_index=0,
+                            process_count=1)
+    two_workers = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+                   "iterators_in_use_states": [{"next_index": 3}, {"next_index": 2}], "exhausted": [0, 0],
+                   "future_states": {}}
+    for state in ({"next_index": 5}, two_workers):
+        it = P.make_iterator(ds, workers=0, read_threads=1)
+        it.set_state(state)
+        np.testing.assert_array_equal(next(it)["tokens"], ds[5]["tokens"])
+        assert it.get_state() == {"next_batch": 6}
+    with pytest.raises(ValueError, match="unknown data iterator state"):
+        P.make_iterator(ds, workers=0).set_state({"something": 1})
