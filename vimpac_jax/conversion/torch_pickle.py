@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -336,12 +337,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # Reading archives
 
 
+# What a truncated or garbled archive or pickle raises (TypeError: an allowed stand-in called
+# with arguments of the wrong kind).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, TypeError)
+
+
 def _unpickle_zip(path, allowed: dict[str, Any]) -> Any:
-    """Unpickle `<top>/data.pkl` of a torch zip archive with the given allow-list."""
+    """Unpickle `<top>/data.pkl` of a torch zip archive with the given allow-list; a damaged
+    archive or pickle is a ValueError naming the file."""
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch zip-format file (the legacy pre-1.6 tar/pickle "
                          "format is not supported; re-save it with a recent torch)")
+    try:
+        return _unpickle_archive(path, allowed)
+    except _DAMAGED as e:
+        raise ValueError(f"{path}: damaged file ({type(e).__name__}: {e})") from e
+
+
+def _unpickle_archive(path: str, allowed: dict[str, Any]) -> Any:
     with zipfile.ZipFile(path) as archive:
         pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
@@ -440,8 +454,11 @@ def load_plain_pickle(path) -> Any:
     Used for the released `args.pickle`. Any other global is refused.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(f, source=path, allowed=_PLAIN_GLOBALS).load()
+    try:
+        with open(path, "rb") as f:
+            obj = _RestrictedUnpickler(f, source=path, allowed=_PLAIN_GLOBALS).load()
+    except _DAMAGED as e:
+        raise ValueError(f"{path}: damaged file ({type(e).__name__}: {e})") from e
     return _finalize(obj, path)
 
 
