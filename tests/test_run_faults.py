@@ -1,5 +1,6 @@
 """Faults around a training run: a full or hung disk under the metrics writer, stop signals,
-exit codes, locks. In-process and without compiling where the fault allows it."""
+exit codes, locks, the data iterator resumed under another worker count; bad input refused
+before any work, as one error line. In-process and without compiling where the fault allows it."""
 
 import errno
 import json
@@ -9,10 +10,13 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from vimpac_jax.training import metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _in_thread(fn, timeout):
@@ -244,9 +248,6 @@ def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store
 # is made to fail the test).
 # ---------------------------------------------------------------------------------------------
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def short_store(tmp_path_factory):
     """8 labelled videos of 2-3 frames (4x4 tokens), shorter than the runlocal clips (T=3 at
@@ -331,7 +332,7 @@ def test_evaluate_refuses_zero_clips(short_store, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}}))
     for clips in ("0", "2,0", "x"):
         assert evaluate.main(["--workdir", str(tmp_path), "--clips", clips]) == 2
-        assert f"--clips must be positive integers" in capsys.readouterr().err
+        assert "--clips must be positive integers" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
