@@ -299,7 +299,8 @@ def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_source(golden_a,
              (run, tmp_path / "runs", "holds the source"), (run, run / "checkpoints" / "export", "lies inside"),
              (tmp_path / "link", run / "export", "lies inside"), (ckpt, ckpt, "is the source")]
     for source, out, words in cases:
-        rc = export_command.main(["--workdir", str(source), "--format", "safetensors", "--out", str(out), "--overwrite"])
+        rc = export_command.main(["--workdir", str(source), "--format", "safetensors", "--out", str(out),
+                                  "--overwrite"])
         assert rc == 1
         err = capsys.readouterr().err
         assert words in err and f"--out {out}" in err, err

@@ -371,7 +371,8 @@ def test_a_sweep_file_with_an_error_is_named_with_its_line(tmp_path, capsys):
     cases = {"syntax.py": ("def get_sweep(:\n    return []\n", "line 1: invalid syntax"),
              "name.py": ("X = 1\n\ndef get_sweep():\n    return [{'seed': Y}]\n", "line 4: NameError: name 'Y'"),
              "combinator.py": ("from vimpac_jax.launch.sweep import sweep\n\ndef get_sweep():\n"
-                               "    return sweep('seed', [])\n", "line 4: ValueError: sweep('seed', ...) has no values")}
+                               "    return sweep('seed', [])\n",
+                               "line 4: ValueError: sweep('seed', ...) has no values")}
     for name, (text, words) in cases.items():
         (tmp_path / name).write_text(text)
         rc, err = _cli(capsys, "sweep", "--sweep", tmp_path / name, "--config", REPO / "configs/pretrain.py:runlocal",
@@ -386,7 +387,8 @@ def test_outputs_in_missing_directories_and_bad_counts_are_refused_before_the_wo
     cases = [("features", "--checkpoint", tmp_path / "ck", "--tokens", tmp_path / "t.npy", "--out", missing / "f.npz"),
              ("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--images", tmp_path / "i.npy",
               "--out", missing / "t.npz"),
-             ("visualize", "--workdir", tmp_path / "run", "--videos", tmp_path / "list.txt", "--out", missing / "f.png")]
+             ("visualize", "--workdir", tmp_path / "run", "--videos", tmp_path / "list.txt",
+              "--out", missing / "f.png")]
     for argv in cases:
         rc, err = _cli(capsys, *argv)
         assert rc == 2 and f"error: --out {missing}" in err and "does not exist" in err, (argv[0], err)
