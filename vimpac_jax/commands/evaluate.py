@@ -28,6 +28,7 @@ def restore_params(workdir: Path, config, mesh):
 
     import orbax.checkpoint as ocp
 
+    from vimpac_jax.training import checkpointing
     from vimpac_jax.training.pretrain_step import abstract_train_state, train_state_shardings
 
     model_cfg = config.model.to_dict()
@@ -36,10 +37,11 @@ def restore_params(workdir: Path, config, mesh):
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_train_state(model_cfg, optim_cfg), shardings)
     manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints")
-    step = manager.latest_step()
-    if step is None:
+    # The latest step that restores (a damaged one is skipped with a warning; none: an error).
+    restored = checkpointing.restore_latest(manager, abstract, None)
+    if restored is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    step, state, _ = restored
     return step, state
 
 

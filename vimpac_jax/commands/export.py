@@ -6,7 +6,7 @@ step). PATH becomes a directory:
   safetensors  model.safetensors + model_config.json
   stablehlo    model.stablehlo + signature.json: the inference function, weights included,
                symbolic batch size; served with jax.export.deserialize, no vimpac code
-PATH is written under a temporary name and renamed when complete.
+PATH is written under a temporary name and renamed when complete; it must lie outside DIR.
 """
 
 import argparse
@@ -53,9 +53,20 @@ def _platforms(text: str) -> list[str]:
     return platforms
 
 
+def check_out_apart(source, out) -> None:
+    """--out must neither be, hold nor lie inside the source (symlinks resolved): `--overwrite`
+    removes OUT, which would delete the checkpoint or the training run being exported."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
+        where = "is" if dst == src else "holds" if src.is_relative_to(dst) else "lies inside"
+        raise ExportError(f"--out {out} {where} the source --workdir {source} ({src}); "
+                          f"write the export somewhere else")
+
+
 def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_out_apart(args.workdir, args.out)
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"--out {args.out} already exists; choose another or pass --overwrite")
         kind = source_kind(args.workdir)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vimpac_jax.cli import check_output_file
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -47,6 +49,7 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         # Check the input before loading the network: a wrong file should fail in milliseconds.
+        check_output_file(args.out)
         source = args.images if args.action == "encode" else args.tokens
         array = _load_array(source, "--images" if args.action == "encode" else "--tokens")
         if args.batch_size is not None and args.batch_size < 1:

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from vimpac_jax.cli import check_output_file
+
 DEMO_PRETRAIN, DEMO_TOKENIZER = "pretrain", Path("tokenizer_run") / "tokenizer"
 
 
@@ -78,6 +80,7 @@ def main(argv) -> int:
 def run(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise VisualizeError(f"--out {args.out}: expected a .png file name")
+    check_output_file(args.out)
     for flag in ("num_videos", "scale"):
         if getattr(args, flag) < 1:
             raise VisualizeError(f"--{flag.replace('_', '-')} must be >= 1")

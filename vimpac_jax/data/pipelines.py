@@ -19,9 +19,9 @@ process p every P-th of them, starting at p: process p's batch b is rows [p·B, 
 global batch b, the contiguous block that `jax.make_array_from_process_local_data` places for
 process p. The global array is therefore exactly the batch b a single process with batch size
 B·P would read, row for row (the masks and keys of a step go by row, so the order matters, not
-only the set). Each process's iterator state is grain's (`get_state`/`set_state`: the next batch
-index), saved with `grain.checkpoint.CheckpointSave` in the same orbax checkpoint as the model
-(see `make_iterator`).
+only the set). Each process's iterator state is the index of its next batch (`make_iterator`;
+the same at any worker count), saved with `grain.checkpoint.CheckpointSave` in the same orbax
+checkpoint as the model.
 
 Every process opens every shard and reads records by global index (ArrayRecord is random
 access), so the number of shard files places no constraint on the number of hosts; what must
@@ -40,6 +40,7 @@ which records are read, never a clip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -681,12 +682,13 @@ def steps_per_epoch(index: StoreIndex, global_batch_size: int) -> int:
 
 def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch: Optional[int] = None,
                   worker_buffer_size: int = 2):
-    """A checkpointable iterator over a pipeline (grain.DatasetIterator).
+    """A checkpointable iterator over a pipeline (a grain.MapDataset of batches).
 
     An element of the pipelines is a whole batch, made by one thread: read_threads batches are
     made in parallel, and prefetch (default 2 x read_threads) bounds the batches held ahead.
     workers > 0 runs this in that many processes (mp_prefetch), each with its own threads.
-    A restored state needs the same worker count. Save/restore it with orbax:
+    The state is the number of batches read (`_BatchIterator`), so a state restores under
+    another worker count. Save/restore it with orbax:
         mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it)))
         mngr.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(it)))
     """
@@ -695,10 +697,72 @@ def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch:
     if workers > 0:
         _mark_flags_parsed()
     prefetch = 2 * read_threads if prefetch is None else prefetch
-    ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    if workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer_size))
-    return iter(ds)
+
+    def start_at(batch: int):
+        ds = dataset[batch:] if batch else dataset
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+        if workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                             per_worker_buffer_size=worker_buffer_size))
+        return iter(ds)
+
+    return _batch_iterator_class()(start_at)
+
+
+@functools.cache
+def _batch_iterator_class():
+    """`_BatchIterator`, defined on first use: grain is imported only by programs that read data."""
+    import grain
+
+    class _BatchIterator(grain.DatasetIterator):
+        """Batches of a pipeline from `start_at(b)` (grain's iterator from batch b on); the state
+        is {"next_batch": b}. Batch b is the same whatever the worker count (the pipelines are
+        MapDatasets of batches, see the module docstring), while grain's own iterator states
+        differ in kind with it (a prefetch index at 0 workers, an interleave of per-worker
+        states at N), so a run can be resumed with another `data.workers`."""
+
+        def __init__(self, start_at):
+            super().__init__()
+            self._start_at, self._next_batch = start_at, 0
+            self._iterator = start_at(0)
+
+        def __next__(self):
+            batch = next(self._iterator)
+            self._next_batch += 1
+            return batch
+
+        def get_state(self) -> dict:
+            return {"next_batch": self._next_batch}
+
+        def set_state(self, state: dict) -> None:
+            batch = _next_batch_of(state)
+            self._iterator.close()
+            self._iterator, self._next_batch = self._start_at(batch), batch
+
+        def start_prefetch(self) -> None:
+            self._iterator.start_prefetch()
+
+        def close(self) -> None:
+            self._iterator.close()
+            super().close()
+
+    return _BatchIterator
+
+
+def _next_batch_of(state: dict) -> int:
+    """The next batch index of an iterator state: ours, or grain's own (checkpoints written before
+    the state was ours): {"next_index": b} at 0 workers; at N workers an interleave of the N
+    workers' states, worker w reading batches w, w + N, ... of which it has passed next_index."""
+    if "next_batch" in state:
+        return int(state["next_batch"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    workers = state.get("iterators_in_use_states")
+    if isinstance(workers, list) and workers and all(isinstance(w, dict) and "next_index" in w for w in workers):
+        batch = sum(int(w["next_index"]) for w in workers)
+        if int(state.get("next_index_in_cycle", batch % len(workers))) == batch % len(workers):
+            return batch
+    raise ValueError(f"unknown data iterator state {str(state)[:200]}: not written by this version's pipelines")
 
 
 def _mark_flags_parsed() -> None:

@@ -32,6 +32,7 @@ import shlex
 import signal
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -139,11 +140,22 @@ def load_sweep(path: str | os.PathLike) -> list[Overrides]:
         raise FileNotFoundError(f"sweep file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_vimpac_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    get_sweep: Callable[[], Any] | None = getattr(module, "get_sweep", None)
-    if not callable(get_sweep):
-        raise ValueError(f"sweep file {path} defines no get_sweep() function")
-    return validate_overrides(get_sweep(), source=str(path))
+    try:
+        spec.loader.exec_module(module)
+        get_sweep: Callable[[], Any] | None = getattr(module, "get_sweep", None)
+        if not callable(get_sweep):
+            raise ValueError(f"sweep file {path} defines no get_sweep() function")
+        overrides = get_sweep()
+    except SyntaxError as e:
+        raise ValueError(f"sweep file {path}, line {e.lineno}: {e.msg}: {(e.text or '').strip()}") from e
+    except Exception as e:  # noqa: BLE001 - the user's code: its error, where it happened, as one line
+        if isinstance(e, ValueError) and str(e).startswith(f"sweep file {path} "):
+            raise
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                 if Path(f.filename).resolve() == path.resolve()]
+        where = f", line {lines[-1]}" if lines else ""
+        raise ValueError(f"sweep file {path}{where}: {type(e).__name__}: {e}") from e
+    return validate_overrides(overrides, source=str(path))
 
 
 def format_value(value: Any) -> str:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from vimpac_jax import checkpoints
+from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
 from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import optimizer as optimizer_lib
@@ -34,20 +35,61 @@ def _variants(value: Optional[str]) -> Optional[list[str]]:
     return None if not value else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def check_run_config(config) -> None:
+    """Raises ValueError naming every field of a training config out of its range: the loop's
+    step counts (`config.train`) for every task; data and model fields for pre-training and
+    fine-tuning. Reads no data: it runs before anything is written to the workdir or compiled."""
+    problems = []
+
+    def need(ok: bool, field: str, value, expected: str) -> None:
+        if not ok:
+            problems.append(f"config.{field}={value!r} must be {expected}")
+
+    t = config.train
+    for name, low, expected in (("log_every", 1, ">= 1"), ("checkpoint_every", 1, ">= 1"),
+                                ("keep_checkpoints", 1, ">= 1"), ("eval_every", 0, ">= 0 (0: at the end only)"),
+                                ("num_steps", 0, ">= 0 (0: from train.epochs)")):
+        if name in t:
+            need(int(t[name]) >= low, f"train.{name}", t[name], expected)
+    if "progress_seconds" in t:
+        need(float(t.progress_seconds) >= 0, "train.progress_seconds", t.progress_seconds, ">= 0")
+    if "epochs" in t and not int(t.get("num_steps", 0)):
+        need(float(t.epochs) > 0, "train.epochs", t.epochs, "> 0 (or set train.num_steps)")
+    if config.task in TASKS:
+        d, m = config.data, config.model
+        for name in ("batch_size", "eval_batch_size", "eval_clips"):
+            need(int(d[name]) >= 1, f"data.{name}", d[name], ">= 1")
+        need(int(d.workers) >= 0, "data.workers", d.workers, ">= 0 (0: in this process)")
+        for name in ("dropout", "attention_dropout", "last_dropout"):
+            if name in m:  # a probability of dropping: 1 would drop everything
+                need(0.0 <= float(m[name]) < 1.0, f"model.{name}", m[name], "in [0, 1)")
+        need(int(m.clip_len) >= 1, "model.clip_len", m.clip_len, ">= 1")
+        # The special ids (PAD, MASK, ...) follow the codes: the table must hold them.
+        need(int(m.vocab_size) >= VOCAB_SIZE, "model.vocab_size", m.vocab_size,
+             f">= {VOCAB_SIZE} ({NUM_CODES} codes, then the special ids up to MASK_ID={MASK_ID})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None) -> None:
-    """The store's token grid is the model's, and its frame rate gives clips at `clip_fps`
+    """The store's tokens fit the model: the h x w grid; codes the embedding holds (from its
+    tokenizer's vocabulary in the metadata); a frame rate that gives clips at `clip_fps`
     (config.data.clip_fps) exactly: a whole multiple of it, so that a clip keeps every
     (store fps / clip fps)-th stored frame (the released `max(int(16 / frame_rate), 1)`, read
-    from a 16-fps store; configs/finetune.py). Checked before anything compiles."""
+    from a 16-fps store; configs/finetune.py); and clips that are not all padding. Checked
+    before anything compiles."""
     grid = (int(model_cfg["height"]), int(model_cfg["width"]))
     if tuple(index.grid) != grid:
         raise ValueError(f"config.data.{field}={index.store_dir}: tokens are {index.grid[0]}x{index.grid[1]} "
                          f"per frame, the model expects {grid[0]}x{grid[1]} (config.model.height/width)")
-    if clip_fps is None:
-        return
-    if clip_fps <= 0:
+    codes = ((token_store.read_metadata(index.store_dir).get("tokenizer") or {}).get("config") or {}).get("vocab_size")
+    if codes is not None and int(codes) > min(NUM_CODES, int(model_cfg["vocab_size"])):
+        raise ValueError(f"config.data.{field}={index.store_dir}: its tokenizer has {int(codes)} codes, more than "
+                         f"the model's {NUM_CODES} (ids from {NUM_CODES} on are the special ids; "
+                         f"config.model.vocab_size={model_cfg['vocab_size']})")
+    if clip_fps is not None and clip_fps <= 0:
         raise ValueError(f"config.data.clip_fps={clip_fps} must be > 0 (or None: every stored frame)")
-    for fps in np.unique(index.fps):
+    for fps in (np.unique(index.fps) if clip_fps is not None else ()):
         ratio = float(fps) / float(clip_fps)
         if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
             raise ValueError(
@@ -56,6 +98,14 @@ def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip
                 f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
                 f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
 
+    clip_len = int(model_cfg["clip_len"])
+    steps = np.array([pipelines.frame_step(f, clip_fps) for f in index.fps], np.int64)
+    frames = -(-index.num_frames // steps[:, None])  # [V, C] frames at the clip rate
+    if index.num_videos and frames.max() < clip_len:
+        rate = "" if clip_fps is None else f" at config.data.clip_fps={clip_fps}"
+        raise ValueError(f"config.model.clip_len={clip_len} is longer than every video of config.data.{field}="
+                         f"{index.store_dir}: the longest has {int(frames.max())} frames{rate}, so every clip "
+                         f"would be mostly padding; lower config.model.clip_len (or config.data.clip_fps)")
 
 def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
     """The training variants (after config.data.train_variants) must be of config.variant_set,
@@ -95,11 +145,14 @@ def load_init_source(path: str) -> tuple[dict, dict]:
     if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
         import orbax.checkpoint as ocp
 
+        from vimpac_jax.training import checkpointing
+
         manager = ocp.CheckpointManager(p.absolute() / "checkpoints")
-        step = manager.latest_step()
-        if step is None:
+        # The latest step that restores, as saved (a damaged one is skipped; none: an error).
+        latest = checkpointing.restore_latest(manager, None, None)
+        if latest is None:
             raise FileNotFoundError(f"config.init_from={path}: the workdir has no complete checkpoint")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        restored = latest[1]
         config = json.loads((p / "config.json").read_text())
         return config["model"], {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}),
                                  "opt_state": restored.get("opt_state")}

@@ -170,6 +170,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
                   on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
+    from vimpac_jax.training.tasks import check_run_config
+
+    check_run_config(config)  # the fields' ranges, before the workdir is written
     save_config(config, workdir)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
