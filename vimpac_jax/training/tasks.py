@@ -97,7 +97,6 @@ def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip
                 f"at config.data.clip_fps={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
                 f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
                 f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
-
     clip_len = int(model_cfg["clip_len"])
     steps = np.array([pipelines.frame_step(f, clip_fps) for f in index.fps], np.int64)
     frames = -(-index.num_frames // steps[:, None])  # [V, C] frames at the clip rate
@@ -106,6 +105,7 @@ def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip
         raise ValueError(f"config.model.clip_len={clip_len} is longer than every video of config.data.{field}="
                          f"{index.store_dir}: the longest has {int(frames.max())} frames{rate}, so every clip "
                          f"would be mostly padding; lower config.model.clip_len (or config.data.clip_fps)")
+
 
 def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
     """The training variants (after config.data.train_variants) must be of config.variant_set,
