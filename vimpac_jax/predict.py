@@ -189,7 +189,7 @@ class Classifier:
         frames of many videos share the tokenizer's device batches, and the views of up to
         `batch_size` videos go to the model at once. progress: a `data.tokenize.Progress`.
         """
-        from vimpac_jax.data.tokenize import FrameBatcher
+        from vimpac_jax.tokenize.job import FrameBatcher
 
         paths = [os.fspath(p) for p in paths]
         p, tok = self.protocol, self.tokenizer

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def _expand(videos, log) -> list[str]:
     """Arguments -> video paths: a file that is a video stays itself; list files and directories
     are read with `vimpac tokenize`'s reader; a missing path stays, to be reported as missing."""
-    from vimpac_jax.data.tokenize import read_items
+    from vimpac_jax.tokenize.job import read_items
 
     paths = []
     for v in videos:
@@ -77,7 +77,7 @@ def main(argv) -> int:
     except (lib.PredictError, FileNotFoundError) as e:
         print(f"vimpac predict: error: {e}", file=sys.stderr)
         return 2
-    from vimpac_jax.data.tokenize import Progress, _write_json_atomic
+    from vimpac_jax.tokenize.job import Progress, _write_json_atomic
 
     workers = args.workers
     if workers is None:

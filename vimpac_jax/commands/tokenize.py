@@ -68,7 +68,7 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     if not args.distributed:  # --distributed: jax.distributed.initialize() below; else VIMPAC_*/SLURM/TPU
         maybe_initialize()
-    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+    from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
 
     opts = TokenizeOptions(
         tokenizer=args.tokenizer, videos=args.videos, out=args.out, fps=args.fps, size=args.size, resize=args.resize,

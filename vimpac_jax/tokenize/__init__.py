@@ -1,0 +1,1 @@
+"""`vimpac tokenize`: a video collection -> a resumable token store (see `job`)."""
