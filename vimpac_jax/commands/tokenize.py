@@ -7,7 +7,7 @@ prepared beforehand (e.g. `ucf101:train`, with --data-dir; needs `pip install 'v
 --source-fps where the dataset does not record its frame rate). Each video is decoded at --fps,
 its shorter side resized to --resize (default --size; the 'finetune' sets also use 1.25x that),
 cropped to --size squares (the --variants set: pretrain = 1 view, finetune = 12,
-finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards holding,
+finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/tokenize/job.py): ArrayRecord shards holding,
 per (video, variant), a header {label, video_id, fps, variant, shape} and its tokens int16 [frames, h, w]
 in records of --chunk-frames frames (so a clip reads only its chunks), errors.txt (videos that could not
 be decoded, with the reason) and metadata.json, written last, once the store is complete.
