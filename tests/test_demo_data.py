@@ -1,4 +1,4 @@
-"""The generated motion dataset (vimpac_jax/data/demo_data.py, `vimpac demo-data`).
+"""The generated motion dataset (vimpac_jax/demo/data.py, `vimpac demo-data`).
 
 Checks that the files are real videos the project's decoder reads, that the lists are mmaction2
 lists the project's readers read, that generation is reproducible, and that the dataset is
