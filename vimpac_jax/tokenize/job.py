@@ -39,6 +39,7 @@ header record and its chunk records).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -273,7 +274,7 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
         if todo:
             _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
                  Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval),
-                 decode_many=vd.decode_many if source is None else source.decode_many)
+                 decode_many=_decode_files if source is None else source.decode_many)
             processed += len(todo)
         if not _repair_duplicates(out, pi, log):  # another job may have written this store meanwhile
             break
@@ -285,6 +286,11 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
     print(f"tokenize: this process's share is done; {left} video(s) of other processes are not yet; "
           "the last process to finish marks the store complete", file=log)
     return TokenizeResult(summarize(read_all_journals(out)).counts(), False, processed)
+
+
+# A video file cut short (a libav error, or fewer frames than its index lists) is a failure
+# listed in errors.txt, not a shorter video in the store.
+_decode_files = functools.partial(vd.decode_many, allow_partial=False)
 
 
 def _repair_duplicates(out: Path, pi: int, log: TextIO) -> bool:
@@ -305,7 +311,7 @@ def _repair_duplicates(out: Path, pi: int, log: TextIO) -> bool:
 
 def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[int, int],
          todo: Sequence[annotations.VideoItem], out: Path, process_index: int, next_seq: int,
-         progress: Progress, decode_many: Callable = vd.decode_many) -> None:
+         progress: Progress, decode_many: Callable = _decode_files) -> None:
     """decode_many: `video_decode.decode_many` or a source's equivalent (`TfdsVideoSource.decode_many`)."""
     workers = max(1, (os.cpu_count() or 2) - 1) if opts.workers is None else opts.workers
     writer = ShardWriter(out, process_index, opts.shard_size, next_seq, opts.shard_options)
@@ -323,8 +329,8 @@ def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[i
         progress.update(videos=1, frames=len(tokens))
 
     try:
-        results = decode_many([it.path for it in todo], opts.fps, variants, workers,
-                                 max_seconds=opts.max_seconds, max_frames=opts.max_frames, sampling=opts.sampling)
+        results = decode_many([it.path for it in todo], opts.fps, variants, workers, max_seconds=opts.max_seconds,
+                              max_frames=opts.max_frames, sampling=opts.sampling)
         for index, _, result in results:
             if isinstance(result, vd.VideoDecodeError):
                 writer.add_failure(todo[index], result.reason)
