@@ -1,6 +1,6 @@
 """`vimpac demo-data --out DIR [--preset default|full] [--seed S] [--workers N] [--force]`.
 
-Generates the built-in motion dataset (vimpac_jax/data/demo_data.py): 8 classes (move
+Generates the built-in motion dataset (vimpac_jax/demo/data.py): 8 classes (move
 left/right/up/down, rotate cw/ccw, grow, shrink) that a single frame cannot tell apart, as H.264
 mp4 files with mmaction2 lists: pool.txt (unlabelled, for pre-training), train.txt and val.txt
 (`path label`, class-balanced), classes.txt, dataset.json, README.txt. List paths are relative
