@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         kind="vq", channels=3, dtype="float32", **spec["model"]))
 
     # Field names shared with the other tasks' `config.train` (configs/common.py:train_config)
-    # are read by the training loop; the rest by vimpac_jax.tokenizer.vq.init_state.
+    # are read by the training loop; the rest by vimpac_jax.tokenizer.vq_train.init_state.
     config.train = ml_collections.ConfigDict(dict(
         b1=0.9, b2=0.99, grad_clip=1.0,
         flatten_optimizer=True,  # Adam on one raveled vector: fast to compile; replicated params

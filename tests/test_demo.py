@@ -19,8 +19,8 @@ pytest.importorskip("av")
 from vimpac_jax import visualize  # noqa: E402
 from vimpac_jax.commands import visualize as visualize_cmd  # noqa: E402
 from vimpac_jax.data import video_decode as vd  # noqa: E402
-from vimpac_jax.data.demo_data import PRESETS as DATA_PRESETS  # noqa: E402
-from vimpac_jax.demo import FIGURE_VIDEOS, format_ablation, format_table, run_ablation, run_demo  # noqa: E402
+from vimpac_jax.demo.data import PRESETS as DATA_PRESETS  # noqa: E402
+from vimpac_jax.demo.chain import FIGURE_VIDEOS, format_ablation, format_table, run_ablation, run_demo  # noqa: E402
 from vimpac_jax.export.source import load_exportable  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
@@ -132,7 +132,7 @@ def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, c
 def test_ablation_runs_every_variant_with_its_losses(smoke, monkeypatch):
     """The orchestration of run_ablation (which runs, with which loss weights, initialised from
     what); training itself is the smoke chain's, so it is stubbed here to keep the suite short."""
-    import vimpac_jax.demo as demo
+    import vimpac_jax.demo.chain as demo
 
     workdir, _ = smoke
     calls = []
@@ -306,7 +306,7 @@ def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
 def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     import vimpac_jax
     from vimpac_jax.commands import export as export_cmd
-    from vimpac_jax.data.testing import write_random_vq_tokenizer
+    from vimpac_jax.tokenizer.testing import write_random_vq_tokenizer
     from vimpac_jax.predict import PredictError
 
     workdir, _ = smoke

@@ -32,7 +32,7 @@ COMMANDS = {
     "train": ("vimpac_jax.commands.train", "train a tokenizer, pre-train or fine-tune (config picks the task)"),
     "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
     "predict": ("vimpac_jax.commands.predict", "classify video files with a fine-tuned model (top classes per video)"),
-    "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
+    "codes": ("vimpac_jax.commands.codes", "encode images to codes / decode codes to images with a tokenizer directory"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
     "convert-store": ("vimpac_jax.commands.convert_store", "rewrite an old-layout token store in the chunked layout"),
     "export-tfds": ("vimpac_jax.commands.export_tfds", "write token stores as a TFDS dataset (ArrayRecord)"),

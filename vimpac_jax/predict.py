@@ -6,7 +6,7 @@
 
 A video goes through the chain of `vimpac tokenize` + `vimpac evaluate`, with the same code:
 decoding at the store's fps into its test crops (`data/video_decode.py` Variants), the run's
-tokenizer (`tokenizer/interface.py`, frames of many videos batched by `data/tokenize.FrameBatcher`
+tokenizer (`tokenizer/interface.py`, frames of many videos batched by `tokenize/batcher.FrameBatcher`
 and sharded over the local devices), K uniformly spaced clips per crop (`data/pipelines.test_views`),
 softmax scores averaged over the K x C views (`training/finetune_step.average_over_views`).
 
@@ -187,9 +187,9 @@ class Classifier:
 
         Decoding runs in `workers` processes (`video_decode.decode_many`; 0 = this process), the
         frames of many videos share the tokenizer's device batches, and the views of up to
-        `batch_size` videos go to the model at once. progress: a `data.tokenize.Progress`.
+        `batch_size` videos go to the model at once. progress: a `tokenize.progress.Progress`.
         """
-        from vimpac_jax.data.tokenize import FrameBatcher
+        from vimpac_jax.tokenize.batcher import FrameBatcher
 
         paths = [os.fspath(p) for p in paths]
         p, tok = self.protocol, self.tokenizer

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def _expand(videos, log) -> list[str]:
     """Arguments -> video paths: a file that is a video stays itself; list files and directories
     are read with `vimpac tokenize`'s reader; a missing path stays, to be reported as missing."""
-    from vimpac_jax.data.tokenize import read_items
+    from vimpac_jax.tokenize.lists import read_items
 
     paths = []
     for v in videos:
@@ -77,7 +77,8 @@ def main(argv) -> int:
     except (lib.PredictError, FileNotFoundError) as e:
         print(f"vimpac predict: error: {e}", file=sys.stderr)
         return 2
-    from vimpac_jax.data.tokenize import Progress, _write_json_atomic
+    from vimpac_jax.io_utils import write_json_atomic
+    from vimpac_jax.tokenize.progress import Progress
 
     workers = args.workers
     if workers is None:
@@ -98,7 +99,7 @@ def main(argv) -> int:
     for result in failed:
         print(f"vimpac predict: skipped {result.path}: {result.error}", file=sys.stderr)
     if args.json:
-        _write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
+        write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
     print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"
           + (f"; wrote {args.json}" if args.json else ""))
     return 1 if failed else 0

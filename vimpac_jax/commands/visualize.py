@@ -49,7 +49,7 @@ def _train_store_tokenizer_hash(run_config: dict) -> str | None:
 
 def read_video_paths(videos: str, video_root: str | None) -> list[str]:
     """Paths of a list or directory, read as `vimpac tokenize --videos` reads them."""
-    from vimpac_jax.data.tokenize import read_items
+    from vimpac_jax.tokenize.lists import read_items
 
     try:
         return [item.path for item in read_items(videos, video_root)[0]]

@@ -1,7 +1,7 @@
 """The VQ tokenizer as a task of the shared training program (`vimpac train`, task 'tokenizer').
 
 Frames are decoded once into a pool (`vq_data`), batches come from a checkpointable grain
-iterator, the step is `vq.train_step` jitted with the batch split over devices and the (small)
+iterator, the step is `vq_train.train_step` jitted with the batch split over devices and the (small)
 state replicated. At the end the tokenizer directory `workdir/tokenizer` is written, and the
 reconstruction PSNR and codebook usage on held-out pool frames are reported.
 """
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from vimpac_jax.data import pipelines
-from vimpac_jax.tokenizer import vq, vq_data
+from vimpac_jax.tokenizer import vq, vq_data, vq_train
 from vimpac_jax.training import sharding as shd
 
 
@@ -40,11 +40,11 @@ class VQTokenizerTask:
         log(f"frame pool: {len(self.pool)} frames of {len(self.pool.paths) - len(self.pool.skipped)} videos")
         self.replicated = shd.replicated(mesh)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self.step = jax.jit(vq.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        self.step = jax.jit(vq_train.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, key):
-        state = vq.init_state(self.config, key)
+        state = vq_train.init_state(self.config, key)
         return jax.device_put(state, self.replicated)
 
     def iterator(self):

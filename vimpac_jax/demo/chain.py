@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Pre-training variants of the ablation: the loss weights of config.pretrain.
 PRETRAIN_VARIANTS = {
     "mask_only": {"pretrain.mlm_weight": 1.0, "pretrain.nce_weight": 0.0},
@@ -56,8 +56,8 @@ def _absolute_list(list_file: Path, root: Path, out: Path, limit: int | None = N
 
 def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float) -> dict:
     """Stages 1-3, each skipped when complete: dataset, tokenizer, token stores."""
-    from vimpac_jax.data.demo_data import write_demo_dataset
-    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+    from vimpac_jax.demo.data import write_demo_dataset
+    from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
     from vimpac_jax.training.train import train
 
     data = workdir / "data"
