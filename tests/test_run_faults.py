@@ -385,7 +385,7 @@ def test_outputs_in_missing_directories_and_bad_counts_are_refused_before_the_wo
     """Each checked before its inputs are even read (they do not exist here)."""
     missing = tmp_path / "no" / "such"
     cases = [("features", "--checkpoint", tmp_path / "ck", "--tokens", tmp_path / "t.npy", "--out", missing / "f.npz"),
-             ("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--images", tmp_path / "i.npy",
+             ("codes", "encode", "--tokenizer", tmp_path / "tok", "--images", tmp_path / "i.npy",
               "--out", missing / "t.npz"),
              ("visualize", "--workdir", tmp_path / "run", "--videos", tmp_path / "list.txt",
               "--out", missing / "f.png")]
