@@ -187,7 +187,7 @@ class Classifier:
 
         Decoding runs in `workers` processes (`video_decode.decode_many`; 0 = this process), the
         frames of many videos share the tokenizer's device batches, and the views of up to
-        `batch_size` videos go to the model at once. progress: a `data.tokenize.Progress`.
+        `batch_size` videos go to the model at once. progress: a `vimpac_jax.progress.Progress` of videos (`counted` frames).
         """
         from vimpac_jax.data.tokenize import FrameBatcher
 
@@ -208,7 +208,7 @@ class Classifier:
             for index, tokens in done:
                 ready.append((index, self.views_from_tokens(tokens)))
                 if progress is not None:
-                    progress.update(videos=1, frames=len(tokens))
+                    progress.update(add=1, frames=len(tokens))
             while len(ready) >= self.batch_size:
                 score(self.batch_size)
 

@@ -27,7 +27,8 @@ import numpy as np
 from vimpac_jax import exit_codes, io_utils
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.metrics import MetricWriter, Progress
+from vimpac_jax.progress import Progress
+from vimpac_jax.training.metrics import MetricWriter
 
 def exit_code(result: dict) -> int:
     """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
@@ -189,9 +190,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
         _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
     preemption = _Preemption()
     writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
-    progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
-                        start_step=start,
-                        every_seconds=float(config.train.progress_seconds))
+    progress = Progress(total, label="step ", unit="steps", count_unit=False,
+                        per_unit={getattr(task, "items_name", "clips"): task.items_per_step}, start=start,
+                        every_seconds=float(config.train.progress_seconds), enabled=jax.process_index() == 0)
     log_every, eval_every = max(int(config.train.log_every), 1), int(config.train.eval_every)
     last_metrics: dict[str, float] = {}
     window_start, window_step = time.monotonic(), start
@@ -219,7 +220,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                     window_start, window_step = now, step
                     writer.write(step, dict(last_metrics, steps_per_second=rate,
                                             items_per_second=rate * task.items_per_step), prefix="train/")
-                progress.update(step, last_metrics.get(task.loss_name), force=step == total)
+                loss = last_metrics.get(task.loss_name)
+                progress.update(step, note=None if loss is None else f"loss={loss:.4f}", force=step == total)
                 if must_save:
                     checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
                                        force=step == total)
