@@ -7,8 +7,9 @@ config is loaded first, so a misspelt field fails before anything runs.
 
   local  runs them one after another here (output in DIR/<run>/log.txt; a failed run is
          recorded and the next one runs; finished runs are skipped unless --rerun, preempted
-         ones (exit 75) resume), then writes DIR/summary.md and DIR/summary.csv; SIGTERM or
-         Ctrl-C: the running run saves, the sweep stops and exits 75
+         ones (exit 75) resume), then writes DIR/summary.md, DIR/summary.csv and DIR/summary.png
+         (each final metric against the swept value, also in DIR/tensorboard; the plot needs
+         the viz extra); SIGTERM or Ctrl-C: the running run saves, the sweep stops and exits 75
   print  prints the commands
   slurm  writes DIR/sweep.sbatch (an array job, one task per run) and submits it with sbatch
          when sbatch is on PATH; `vimpac sweep --collect DIR` once it is done
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="sweep file defining get_sweep(), e.g. configs/sweeps/nce_weight.py")
     p.add_argument("--workdir", help="sweep directory; run i goes to WORKDIR/<i>_<name>")
     p.add_argument("--launcher", default="local", choices=["local", "print", "slurm", "tpu"])
-    p.add_argument("--collect", metavar="DIR", help="only rebuild DIR/summary.{md,csv} from existing runs")
+    p.add_argument("--collect", metavar="DIR", help="only rebuild DIR/summary.{md,csv,png} from existing runs")
     p.add_argument("--rerun", action="store_true", help="local: also run those that finished before")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="slurm: an #SBATCH option, e.g. --sbatch=--partition=gpu --sbatch=--gres=gpu:8 (repeatable)")
@@ -51,9 +52,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(root: Path) -> None:
+    from vimpac_jax import plots
+
     md, csv_path, rows = sw.write_summary(root)
     print(md.read_text())
-    print(f"wrote {md} and {csv_path}")
+    written = [md, csv_path]
+    try:
+        plot = sw.plot_summary(root, rows)
+    except plots.VizExtraMissing as e:
+        print(f"vimpac sweep: {sw.SUMMARY_PLOT} not drawn: {e}", file=sys.stderr)
+    else:
+        written += [plot] if plot is not None else []
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 def main(argv) -> int:

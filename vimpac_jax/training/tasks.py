@@ -308,10 +308,11 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
 
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
-                        crops: Optional[str] = None) -> dict[str, Any]:
+                        crops: Optional[str] = None, progress=None) -> dict[str, Any]:
     """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
     the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
-    video's views, then over videos."""
+    video's views, then over videos. progress: a `vimpac_jax.progress.Progress` of videos, given
+    the videos of each batch (all processes')."""
     model_cfg = config.model.to_dict()
     k = int(num_clips or config.data.eval_clips)
     crops = crops if crops is not None else config.get("eval_crops", "three")
@@ -334,6 +335,8 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
         losses.append(view_cross_entropy(np.asarray(out["logits"])[valid], label))
         labels.append(label)
         videos.append(shd.to_host(batch["video_index"], mesh)[valid])
+        if progress is not None:
+            progress.update(add=int(valid.sum()))
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
