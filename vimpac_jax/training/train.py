@@ -23,11 +23,12 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from vimpac_jax import exit_codes, io_utils
+from vimpac_jax.progress import Progress
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.progress import Progress
 from vimpac_jax.training.metrics import MetricWriter
 
 def exit_code(result: dict) -> int:
@@ -97,23 +98,13 @@ class _Preemption:
             signal.signal(signum, previous)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write the resolved config to workdir/config.json; a resumed run must match it."""
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        previous = _flatten(json.loads(path.read_text()))
-        now = _flatten(current)
+        previous = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+        now = traverse_util.flatten_dict(current, sep=".")
         changed = sorted(k for k in set(previous) | set(now)
                          if previous.get(k) != now.get(k) and not k.startswith(RESUME_FREE_FIELDS))
         if changed:
@@ -121,9 +112,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
                              f"use a new --workdir or the same config")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        io_utils.write_json_atomic(path, current, indent=2)
 
 
 def _log(message: str) -> None:
@@ -254,8 +243,8 @@ def write_eval_results(workdir: Path, result: dict) -> None:
     """eval_results.json (scores, per-class accuracy) and predictions.csv (one row per video)."""
     predictions = result.get("predictions")
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    (workdir / "eval_results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    io_utils.write_json_atomic(workdir / "eval_results.json", summary, indent=2)
     if predictions:
         lines = ["video_id,label,prediction,score"] + [
             f"{p['video_id']},{p['label']},{p['prediction']},{p['score']:.6f}" for p in predictions]
-        (workdir / "predictions.csv").write_text("\n".join(lines) + "\n")
+        io_utils.write_text_atomic(workdir / "predictions.csv", "\n".join(lines) + "\n")
