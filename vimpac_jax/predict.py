@@ -15,7 +15,7 @@ The model source W is one of
                           rate, class names and the tokenizer come from the run config and its
                           token store's metadata.json; a `tokenizer` passed anyway must be that one.
   a model checkpoint      `vimpac convert official` (a released fine-tuned model): the tokenizer
-                          must be given; the released protocol is used (reference §8: 10 clips x 3
+                          must be given; the released protocol is used (10 clips x 3
                           crops, frames of 8 x the token grid, 2 fps as configs/finetune.py).
   a StableHLO directory   `vimpac export --format stablehlo`: as a model checkpoint.
 A given tokenizer must make the model's token grid at that frame size and have the model's number
@@ -38,12 +38,12 @@ import numpy as np
 from vimpac_jax.data import video_decode as vd
 
 # Protocol of a model that recorded none (a converted released checkpoint, an export): the
-# released test (reference §8) and the clip rate of the released fine-tuning scripts.
+# released test and the clip rate of the released fine-tuning scripts.
 RELEASED_NUM_CLIPS = 10
 RELEASED_CROPS = "three"
 RELEASED_FPS = 2.0
 RELEASED_DOWNSAMPLE = 8  # `conversion/official.py` makes the grid frame_size // 8 (the DALL-E dVAE's)
-NUM_SPECIAL_IDS = 5  # ids after the codes (reference §2): vocab_size = codes + 5
+NUM_SPECIAL_IDS = 5  # ids after the codes (`constants.py`): vocab_size = codes + 5
 STABLEHLO_KINDS = ("stablehlo",)
 
 

@@ -11,7 +11,7 @@ from the pool by a grain pipeline that is a pure function of (seed, step):
     it = pipelines.make_iterator(ds)       # a checkpointable grain iterator
 
 Frames: each video is sampled at `fps`, its shorter side resized to `size` and the center
-square cropped (the pre-training variant, reference §1/§8); at most `max_frames_per_video`
+square cropped (the pre-training variant); at most `max_frames_per_video`
 frames are kept per file, taken from its start (decoding stops there, so long videos are cheap
 and do not dominate the pool). The pool is kept in video order whatever order the workers
 finish in, so it — and every batch — is deterministic. Videos that fail to decode are skipped,
