@@ -45,7 +45,6 @@ import io
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,6 +54,7 @@ from vimpac_jax import io_utils
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.data import token_store
 from vimpac_jax.data.video_decode import Variant
+from vimpac_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +241,12 @@ def load_index(store_dir, *, cache: bool = True) -> StoreIndex:
         index = _load_cache(cache_path, key, str(store))
         if index is not None:
             return index
-    t0 = last = time.monotonic()
+    line = []  # the progress line, made at the first report (which gives the total)
 
     def progress(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last > 10:
-            log.info("indexing %s: %d/%d records, ETA %.0f s", store, done, total,
-                     (total - done) * (now - t0) / max(done, 1))
-            last = now
+        if not line:
+            line.append(Progress(total, label=f"indexing {store}: ", unit="records", every_seconds=10))
+        line[0].update(done)
 
     index = _index_from_headers(str(store), meta, token_store.scan_headers(store, progress=progress))
     if cache:
