@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -491,4 +491,4 @@ def predictions_json(clf: Classifier, results: Sequence[Prediction]) -> dict[str
 
 
 def log(message: str) -> None:
-    print(f"vimpac predict: {message}", file=sys.stderr, flush=True)
+    logging.getLogger(__name__).warning(f"vimpac predict: {message}")

@@ -14,6 +14,7 @@ per line, as for `vimpac tokenize --videos`: mmaction2 lists, .csv) or a directo
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def main(argv) -> int:
             print(lib.format_prediction(result))
     failed = [r for r in results if r.error is not None]
     for result in failed:
-        print(f"vimpac predict: skipped {result.path}: {result.error}", file=sys.stderr)
+        logging.getLogger(__name__).warning(f"vimpac predict: skipped {result.path}: {result.error}")
     if args.json:
         write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
     print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"

@@ -22,6 +22,7 @@ Example:
 """
 
 import argparse
+import logging
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from pathlib import Path
 from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import split_config_args
 from vimpac_jax.launch import sweep as sw
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +63,7 @@ def _print_summary(root: Path) -> None:
     try:
         plot = sw.plot_summary(root, rows)
     except plots.VizExtraMissing as e:
-        print(f"vimpac sweep: {sw.SUMMARY_PLOT} not drawn: {e}", file=sys.stderr)
+        log.warning(f"vimpac sweep: {sw.SUMMARY_PLOT} not drawn: {e}")
     else:
         written += [plot] if plot is not None else []
     print(f"wrote {', '.join(map(str, written))}")
@@ -94,17 +97,16 @@ def main(argv) -> int:
 
     if args.launcher == "local":
         commands = [sw.train_command(config, base, r, [sys.executable, "-m", "vimpac_jax"]) for r in runs]
-        print(f"vimpac sweep: {len(runs)} runs of {args.sweep} under {root}", file=sys.stderr)
-        codes = sw.run_local(runs, commands, rerun=args.rerun, log=lambda s: print(s, file=sys.stderr, flush=True))
+        log.info(f"vimpac sweep: {len(runs)} runs of {args.sweep} under {root}")
+        codes = sw.run_local(runs, commands, rerun=args.rerun, log=log.info)
         _print_summary(root)
         failed = sum(c not in (exit_codes.DONE, exit_codes.PREEMPTED) for c in codes)
         unfinished = len(runs) - sum(c == exit_codes.DONE for c in codes) - failed
         if failed:
-            print(f"vimpac sweep: {failed} of {len(runs)} runs failed (rows marked failed in the summary)",
-                  file=sys.stderr)
+            log.warning(f"vimpac sweep: {failed} of {len(runs)} runs failed (rows marked failed in the summary)")
         if unfinished:
-            print(f"vimpac sweep: {unfinished} of {len(runs)} runs preempted or not started; run the sweep again "
-                  f"to resume them", file=sys.stderr)
+            log.warning(f"vimpac sweep: {unfinished} of {len(runs)} runs preempted or not started; run the sweep "
+                        f"again to resume them")
         return exit_codes.FAILED if failed else exit_codes.PREEMPTED if unfinished else exit_codes.DONE
 
     commands = [sw.train_command(config, base, r, ["vimpac"]) for r in runs]

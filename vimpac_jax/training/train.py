@@ -14,8 +14,8 @@ checkpoints are only saved after a finite loss, so the last one on disk is good.
 
 import contextlib
 import json
+import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -117,7 +117,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(message)
 
 
 def make_task(config, mesh, log=_log):
