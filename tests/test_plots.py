@@ -104,7 +104,7 @@ def test_confusion_matrix_counts_and_image():
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     # Row-normalised "Blues": the full diagonal cell of class a is much darker than the empty (a, b).
     assert image.std() > 10
-    big = plots.confusion_matrix_image(np.eye(100, dtype=np.int64) * 3)  # no names / counts drawn
+    big = plots.confusion_matrix_image(np.eye(61, dtype=np.int64) * 3)  # > 60 classes: no names or counts drawn
     assert big.shape[0] > image.shape[0]
 
 
@@ -162,3 +162,27 @@ def test_sweep_summary_plots_the_swept_value_against_the_final_metrics(tmp_path)
     (events,) = (tmp_path / "tensorboard").iterdir()
     assert [e.summary.value[0].tag for e in _events(events) if e.HasField("summary")] == ["sweep/summary"]
     assert sw.plot_summary(tmp_path / "none", [row(0, 1e-3, status="not finished")]) is None
+
+
+def test_evaluate_without_the_extra_says_which_before_any_work(tmp_path, monkeypatch, capsys):
+    import json
+
+    from vimpac_jax.commands import evaluate
+
+    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(tmp_path / "no")}}))
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "confusion_matrix.png needs Pillow" in err and "vimpac-jax[viz]" in err and "--no-pictures" in err
+
+
+def test_visualize_without_the_extra_says_which_before_any_work(tmp_path, monkeypatch, capsys):
+    from vimpac_jax.commands import visualize as visualize_cmd
+
+    (tmp_path / "list.txt").write_text("a.mp4 0\n")
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    args = ["--workdir", str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--videos", str(tmp_path / "list.txt"),
+            "--out", str(tmp_path / "fig.png")]
+    assert visualize_cmd.main(args) == 2
+    err = capsys.readouterr().err
+    assert "drawing Fig. 5 needs Pillow" in err and "vimpac-jax[viz]" in err and not (tmp_path / "fig.png").exists()

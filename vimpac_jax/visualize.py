@@ -232,6 +232,7 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
     `plots.VizExtraMissing` without Pillow.
     Returns {'out', 'clips', 'frames', 'size', 'skipped', 'mask_blocks', 'masked', 'accuracy'}.
     """
+    plots.require("PIL.Image", "drawing Fig. 5")  # VizExtraMissing, before any work
     import jax
 
     from vimpac_jax.data import video_decode as vd
@@ -240,7 +241,6 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
     from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
 
     run_dir, tokenizer_dir = Path(run_dir), Path(tokenizer_dir)
-    plots.require("PIL.Image", "drawing Fig. 5")  # VizExtraMissing, before any work
     try:
         model_cfg = load_model_config(run_dir)
     except ExportSourceError as e:
