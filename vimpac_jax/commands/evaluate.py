@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ml_collections
 
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+
 
 def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
@@ -93,8 +95,8 @@ def main(argv) -> int:
             from vimpac_jax import plots
 
             try:
-                plots.require("PIL.Image", f"{CONFUSION_MATRIX_FILE}")
-                plots.require("matplotlib", f"{CONFUSION_MATRIX_FILE}")
+                plots.require("PIL.Image", CONFUSION_MATRIX_FILE)
+                plots.require("matplotlib", CONFUSION_MATRIX_FILE)
             except plots.VizExtraMissing as e:
                 raise ValueError(f"{e}; or pass --no-pictures") from None
         from vimpac_jax.launch.distributed import maybe_initialize
@@ -114,10 +116,10 @@ def main(argv) -> int:
         return 2
     import jax
 
-    crops = {"3": "three", None: None}.get(args.crops, args.crops)
     from vimpac_jax.progress import Progress
     from vimpac_jax.training.tasks import eval_variant_names
 
+    crops = {"3": "three", None: None}.get(args.crops, args.crops)
     views = len(eval_variant_names(index, crops if crops is not None else config.get("eval_crops", "three"),
                                    config.data.eval_variants))
     results = []
@@ -141,9 +143,6 @@ def main(argv) -> int:
             written.append(write_confusion_matrix(workdir, result, config, step))
         print(f"wrote {', '.join(map(str, written))}")
     return 0
-
-
-CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
 def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Path:
