@@ -36,7 +36,7 @@ from vimpac_jax.export.torch_format import ExportError, export_torch, released_i
 from vimpac_jax.models.model import abstract_variables, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-# Fields of args.pickle that describe the architecture (reference §12).
+# Fields of args.pickle that describe the architecture (the released `vimpac/param.py`).
 MODEL_ARGS = ("layers", "hid_dim", "model", "pos_emb", "pre_activation", "halve_att", "halve_mlp", "frame_size",
               "clip_len", "vocab_size", "nce_proj_layers", "nce_proj_hid_dim", "dropout", "last_dropout")
 

@@ -220,6 +220,9 @@ def test_variant_sets():
     assert all(v.crop == 128 for v in ft)
     nf = vd.variants_for("finetune_noflip", 256)
     assert len(nf) == 6 and not any(v.flip for v in nf) and {v.resize for v in nf} == {256, 320}
+    # Variant.parse_name reads a name back (the grammar the test-crop choice of pipelines uses).
+    assert all(vd.Variant.parse_name(v.name) == (v.resize, v.position, v.flip) for v in ft + nf)
+    assert [vd.Variant.parse_name(n) for n in ("r128_top_flip", "r128_center_noflip_x", "center")] == [None] * 3
     with pytest.raises(ValueError):
         vd.variants_for("nope", 128)
     with pytest.raises(ValueError):

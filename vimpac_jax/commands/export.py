@@ -11,6 +11,7 @@ PATH is written under a temporary name and renamed when complete; it must lie ou
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def main(argv) -> int:
         print(f"vimpac export: error: {e}", file=sys.stderr)
         return 1
     for warning in summary.get("warnings", []):
-        print(f"vimpac export: warning: {warning}", file=sys.stderr)
+        logging.getLogger(__name__).warning(f"vimpac export: warning: {warning}")
     details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")
     print(f"exported {args.workdir} ({kind}, task={config.get('task', 'pretrain')}) -> {args.out} "
           f"[{args.format}] {details} in {time.time() - start:.1f}s")

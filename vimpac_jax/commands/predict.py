@@ -14,6 +14,7 @@ per line, as for `vimpac tokenize --videos`: mmaction2 lists, .csv) or a directo
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -78,12 +79,13 @@ def main(argv) -> int:
         print(f"vimpac predict: error: {e}", file=sys.stderr)
         return 2
     from vimpac_jax.io_utils import write_json_atomic
-    from vimpac_jax.tokenize.progress import Progress
+    from vimpac_jax.progress import Progress
 
     workers = args.workers
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1) if len(paths) > 4 else 0
-    progress = Progress(len(paths), "predict", sys.stderr, args.progress_interval) if len(paths) > 1 else None
+    progress = Progress(len(paths), label="predict: ", unit="videos", counted=("frames",), failed=True,
+                        every_seconds=args.progress_interval) if len(paths) > 1 else None
     try:
         results = clf.predict_files(paths, top=min(args.top, clf.num_classes), workers=workers, progress=progress)
     finally:
@@ -97,7 +99,7 @@ def main(argv) -> int:
             print(lib.format_prediction(result))
     failed = [r for r in results if r.error is not None]
     for result in failed:
-        print(f"vimpac predict: skipped {result.path}: {result.error}", file=sys.stderr)
+        logging.getLogger(__name__).warning(f"vimpac predict: skipped {result.path}: {result.error}")
     if args.json:
         write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
     print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"

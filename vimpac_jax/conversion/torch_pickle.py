@@ -261,7 +261,8 @@ for _name, _dtype in _STORAGE_DTYPES.items():
 _TENSOR_GLOBALS["torch.UntypedStorage"] = _StorageType("UntypedStorage", np.uint8)
 _TENSOR_GLOBALS["torch.storage.UntypedStorage"] = _StorageType("UntypedStorage", np.uint8)
 
-# Module classes a published DALL-E encoder.pkl / decoder.pkl names (reference §11).
+# Module classes a published DALL-E encoder.pkl / decoder.pkl names (the modules of openai/DALL-E,
+# `dall_e/encoder.py` and `dall_e/decoder.py`, and the torch.nn ones they hold).
 MODULE_CLASSES: tuple[str, ...] = (
     "dall_e.encoder.Encoder",
     "dall_e.encoder.EncoderBlock",

@@ -1,4 +1,4 @@
-"""grain input pipelines over the token store (reference §6, §8): pre-training, fine-tuning, test.
+"""grain input pipelines over the token store (the released `vimpac/data.py`, `video_token_dataset_fps.py`): pre-training, fine-tuning, test.
 
 Every pipeline is a `grain.MapDataset` of per-process batches, one element per batch:
 
@@ -42,25 +42,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import logging
 import os
-import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vimpac_jax import io_utils
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.data import token_store
+from vimpac_jax.data.video_decode import Variant
+from vimpac_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
 INDEX_CACHE_FILE = "record_index.npz"
 _INDEX_CACHE_VERSION = 2
-_VARIANT_NAME = re.compile(r"^r(\d+)_(start|center|end)_(flip|noflip)$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,13 +118,13 @@ class StoreIndex:
 
 
 def default_test_variants(variants: Sequence[str]) -> tuple[str, ...]:
-    """The test crops of reference §8 among stored variant names: no flip, the smallest resize
+    """The test crops (the released `vimpac/data.py`) among stored variant names: no flip, the smallest resize
     (the three crops of a fine-tuning store; the center crop of a pre-training store). Names that
     do not follow `video_decode.Variant.name` are all kept."""
-    parsed = [(_VARIANT_NAME.match(v), v) for v in variants]
-    if not variants or any(m is None for m, _ in parsed):
+    parsed = [(Variant.parse_name(v), v) for v in variants]
+    if not variants or any(p is None for p, _ in parsed):
         return tuple(variants)
-    noflip = [(int(m.group(1)), v) for m, v in parsed if m.group(3) == "noflip"]
+    noflip = [(resize, v) for (resize, _, flip), v in parsed if not flip]
     if not noflip:
         return tuple(variants)
     smallest = min(size for size, _ in noflip)
@@ -191,16 +191,15 @@ def _index_from_headers(store_dir: str, meta: dict, scanned: list[tuple[int, dic
 
 
 def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
-    """Atomic write (tmp + rename): concurrent hosts may race; the last complete file wins."""
+    """Atomic write: concurrent hosts may race; the last complete file wins."""
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
+             variants=np.array(index.variants, dtype=str), records=index.records,
+             num_frames=index.num_frames, labels=index.labels, fps=index.fps,
+             grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
+             chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
-                     variants=np.array(index.variants, dtype=str), records=index.records,
-                     num_frames=index.num_frames, labels=index.labels, fps=index.fps,
-                     grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
-                     chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
-        os.replace(tmp, path)
+        io_utils.write_bytes_atomic(path, buf.getvalue())
     except OSError as e:  # a read-only store: index again next time
         log.warning("could not cache the record index at %s: %s", path, e)
 
@@ -243,15 +242,12 @@ def load_index(store_dir, *, cache: bool = True) -> StoreIndex:
         index = _load_cache(cache_path, key, str(store))
         if index is not None:
             return index
-    t0 = last = time.monotonic()
+    line = []  # the progress line, made at the first report (which gives the total)
 
     def progress(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last > 10:
-            log.info("indexing %s: %d/%d records, ETA %.0f s", store, done, total,
-                     (total - done) * (now - t0) / max(done, 1))
-            last = now
+        if not line:
+            line.append(Progress(total, label=f"indexing {store}: ", unit="records", every_seconds=10))
+        line[0].update(done)
 
     index = _index_from_headers(str(store), meta, token_store.scan_headers(store, progress=progress))
     if cache:
@@ -329,7 +325,7 @@ def take_clip(tokens: np.ndarray, start: int, clip_len: int, step: int, out: Opt
 
 def test_views(crops: Sequence[np.ndarray], clip_len: int, step: int, num_clips: int,
                out: Optional[np.ndarray] = None) -> np.ndarray:
-    """The multi-view test input of one video (reference §8): tokens [n, h, w] of each of C crops
+    """The multi-view test input of one video (`video_token_dataset_fps.py`): tokens [n, h, w] of each of C crops
     -> int32 [C·K, clip_len, h, w], K uniformly spaced clips per crop, crop-major as the released
     code (view v = crop c·K + clip k). `vimpac predict` cuts the views of a video file with this too."""
     if out is None:
@@ -584,8 +580,12 @@ def _train_stream(index: StoreIndex, make_batch: _TrainBatch, *, num_epochs: Opt
     return grain.MapDataset.range(num_batches).map(make_batch)
 
 
-def pretrain_dataset(
+_TRAIN_BATCHES = {"pretrain": _PretrainBatch, "finetune": _FinetuneBatch}
+
+
+def train_dataset(
     index: StoreIndex,
+    task: str,
     *,
     batch_size: int,
     clip_len: int,
@@ -597,46 +597,33 @@ def pretrain_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
-    """Two clips per video for masked-token + contrastive pre-training (reference §6).
+    """The training stream of `task` (per process; batch_size is per process):
 
-    Yields {'tokens': int32 [batch_size, 2, clip_len, h, w]} per process (batch_size is per
-    process). Both clips come from one stored variant, chosen at random when there are several.
-    relevance_range: max |start1 - start2| in stored frames (None: unbounded).
+      'pretrain'  two clips per video for masked-token + contrastive pre-training:
+                  {'tokens': int32 [batch_size, 2, clip_len, h, w]}; both clips come from one
+                  stored variant; relevance_range: max |start1 - start2| in stored frames (None:
+                  unbounded).
+      'finetune'  one random clip of one randomly chosen stored augmentation variant:
+                  {'tokens': int32 [batch_size, clip_len, h, w], 'label': int32 [batch_size]}.
+
+    The variant is drawn at random per example when there are several (`variants` selects them).
     num_epochs None repeats forever; otherwise the stream ends after that many epochs. Every
     epoch drops its last incomplete global batch (drop_last).
     """
+    if task not in _TRAIN_BATCHES:
+        raise ValueError(f"task must be one of {sorted(_TRAIN_BATCHES)}, got {task!r}")
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants)
-    _check_split(index, pc, batch_size, training=True, labels=False)
-    if relevance_range is not None and relevance_range < 0:
-        raise ValueError(f"relevance_range must be >= 0, got {relevance_range}")
-    make_batch = _PretrainBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps),
-                                relevance_range=relevance_range, seed=seed, batch_size=batch_size,
-                                process_index=pi, process_count=pc)
-    return _train_stream(index, make_batch, num_epochs=num_epochs)
-
-
-def finetune_dataset(
-    index: StoreIndex,
-    *,
-    batch_size: int,
-    clip_len: int,
-    seed: int,
-    clip_fps: Optional[float] = None,
-    variants: Optional[Sequence[str]] = None,
-    num_epochs: Optional[int] = None,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-):
-    """One random clip of one randomly chosen stored augmentation variant (reference §8).
-
-    Yields {'tokens': int32 [batch_size, clip_len, h, w], 'label': int32 [batch_size]} per process.
-    """
-    pi, pc = _process(process_index, process_count)
-    index = index.select_variants(variants)
-    _check_split(index, pc, batch_size, training=True, labels=True)
-    make_batch = _FinetuneBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), seed=seed,
-                                batch_size=batch_size, process_index=pi, process_count=pc)
+    _check_split(index, pc, batch_size, training=True, labels=task == "finetune")
+    options = {}
+    if task == "pretrain":
+        if relevance_range is not None and relevance_range < 0:
+            raise ValueError(f"relevance_range must be >= 0, got {relevance_range}")
+        options["relevance_range"] = relevance_range
+    elif relevance_range is not None:
+        raise ValueError("relevance_range is a pre-training option (two clips of one video)")
+    make_batch = _TRAIN_BATCHES[task](ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), seed=seed,
+                                      batch_size=batch_size, process_index=pi, process_count=pc, **options)
     return _train_stream(index, make_batch, num_epochs=num_epochs)
 
 
@@ -652,7 +639,7 @@ def eval_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
-    """Every video once, as K uniformly spaced clips of each of C crops (reference §8).
+    """Every video once, as K uniformly spaced clips of each of C crops (the released test).
 
     Yields per process {'tokens': int32 [batch_size, C·K, clip_len, h, w] (view v = crop c·K + clip k),
     'label': int32 [B], 'video_index': int32 [B] (position in index.video_ids), 'valid': bool [B]}.
@@ -772,10 +759,3 @@ def _mark_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-    """Per-process numpy batch -> global jax.Arrays laid out by ``sharding`` (batch axis first)."""
-    import jax
-
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,8 +1,9 @@
 """Decode video files into uint8 RGB frames at a fixed frame rate (stage 1 of the pipeline).
 
-Reference §1: video -> frames at a fixed fps (2 fps for pre-training), resize the shorter side,
-crop a square at the start / center / end of the longer side, optionally flip. Reference §8:
-pre-training uses one such *variant*, fine-tuning twelve (six for SSV2, which must not flip).
+As the released `video2token/extract_video_tokens.py`: video -> frames at a fixed fps (2 fps for
+pre-training), resize the shorter side, crop a square at the start / center / end of the longer
+side, optionally flip. As the released `vimpac/data.py`: pre-training uses one such *variant*,
+fine-tuning twelve (six for SSV2, which must not flip).
 
 This module must stay importable without JAX: `decode_many` runs `_decode_job` in spawned
 worker processes, and a worker that imported JAX could grab (or fight over) the accelerator
@@ -38,6 +39,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -160,7 +162,7 @@ def hflip(frames: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Variants (reference §8).
+# Variants (the released `vimpac/data.py`).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -185,12 +187,21 @@ class Variant:
         """E.g. 'r160_start_flip'; the crop size is the set's frame size and not repeated."""
         return f"r{self.resize}_{self.position}_{'flip' if self.flip else 'noflip'}"
 
+    @staticmethod
+    def parse_name(name: str) -> tuple[int, str, bool] | None:
+        """The inverse of `name`: (resize, position, flip); None for a name of another form."""
+        m = _VARIANT_NAME.fullmatch(name)
+        return None if m is None else (int(m[1]), m[2], m[3] == "flip")
+
     def apply(self, resized: np.ndarray) -> np.ndarray:
         """Frames already resized to ``self.resize`` [N, H, W, 3] -> [N, crop, crop, 3] (a copy)."""
         out = crop_square(resized, self.crop, self.position)
         if self.flip:
             out = hflip(out)
         return np.ascontiguousarray(out)
+
+
+_VARIANT_NAME = re.compile(rf"r(\d+)_({'|'.join(POSITIONS)})_(flip|noflip)")  # `Variant.name`
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ class VariantSet:
 
 
 VARIANT_SETS: dict[str, VariantSet] = {
-    # Reference §8: pre-training is one view.
+    # Pre-training is one view (`only_one_aug` of the released `vimpac/data.py`).
     "pretrain": VariantSet(scales=(1.0,), positions=("center",), flips=(False,)),
     # Fine-tuning: {S, 1.25·S} x {start, center, end} x {no flip, flip} = 12 views.
     "finetune": VariantSet(scales=(1.0, 1.25), positions=POSITIONS, flips=(False, True)),

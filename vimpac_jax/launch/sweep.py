@@ -36,7 +36,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from vimpac_jax import exit_codes
+from vimpac_jax import exit_codes, io_utils
+from vimpac_jax.progress import format_seconds
 
 Overrides = dict[str, Any]
 SCALARS = (bool, int, float, str)
@@ -299,7 +300,7 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
                 verdict = "preempted (saved; run the sweep again to resume it)"
             else:
                 verdict = f"FAILED (return code {code}, see {run.workdir / LOG_FILE})"
-            log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {eta:.0f} s")
+            log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {format_seconds(eta)}")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -496,15 +497,55 @@ def summary_markdown(rows: Sequence[dict], title: str = "") -> str:
 
 
 def write_summary(root: str | os.PathLike) -> tuple[Path, Path, list[dict]]:
-    """Collects ROOT's runs and writes ROOT/summary.md and ROOT/summary.csv (via temp + rename,
-    so a summary on disk is always a whole one)."""
+    """Collects ROOT's runs and writes ROOT/summary.md and ROOT/summary.csv (atomically, so a
+    summary on disk is always a whole one)."""
     root = Path(root)
     rows = collect(root)
     outputs = []
     for name, text in (("summary.md", summary_markdown(rows, title=f"Sweep {root.name}")),
                        ("summary.csv", summary_csv(rows))):
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)
+        io_utils.write_text_atomic(root / name, text)
         outputs.append(root / name)
     return outputs[0], outputs[1], rows
+
+
+SUMMARY_PLOT = "summary.png"
+PLOT_PANELS = 9  # metrics drawn at most
+
+
+def plot_points(rows: Sequence[dict]) -> tuple[str, list[tuple[Any, dict]], list[str]]:
+    """-> (swept field(s), [(swept value, final metrics)] of the finished runs, metrics to draw).
+
+    The swept value is the field whose value differs between runs (several: their values joined,
+    "a=1, b=2"); the metrics are the final eval/* ones, else the train ones of the summary table."""
+    fields, metrics = _columns(rows)
+    done = [r for r in rows if r["status"] == "ok" and r["metrics"]]
+    varied = [f for f in fields if len({format_value(r["overrides"].get(f)) for r in rows}) > 1] or fields
+    if not done or not varied:
+        return "", [], []
+    if len(varied) == 1:
+        field = varied[0]
+        points = [(r["overrides"].get(field), r["metrics"]) for r in done]
+    else:
+        field = ", ".join(varied)
+        points = [(", ".join(f"{f}={format_value(r['overrides'][f])}" for f in varied if f in r["overrides"]),
+                   r["metrics"]) for r in done]
+    evals = [m for m in metrics if m.startswith("eval/")]
+    shown = evals or [m for m in metrics if m in MARKDOWN_METRICS]
+    return field, points, shown[:PLOT_PANELS]
+
+
+def plot_summary(root: str | os.PathLike, rows: Sequence[dict]) -> Path | None:
+    """ROOT/summary.png: each final metric against the swept value (`plot_points`), also in
+    ROOT/tensorboard (tag `sweep/summary`); None when no finished run has metrics. Needs the viz
+    extra (`plots.VizExtraMissing` otherwise)."""
+    from vimpac_jax import plots
+
+    root = Path(root)
+    field, points, metrics = plot_points(rows)
+    if not points or not metrics:
+        return None
+    image = plots.sweep_plot_image(points, field, metrics, title=f"Sweep {root.name}: final metrics")
+    path = plots.write_png(root / SUMMARY_PLOT, image)
+    plots.write_tensorboard_images(root / "tensorboard", 0, {"sweep/summary": image})
+    return path

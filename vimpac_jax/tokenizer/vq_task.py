@@ -54,7 +54,7 @@ class VQTokenizerTask:
         return pipelines.make_iterator(dataset, workers=0)
 
     def global_batch(self, local: dict):
-        return pipelines.global_batch(local, self.batch_sharding)["images"]
+        return shd.make_global_batch(local, self.mesh)["images"]
 
     def evaluate(self, state, *, step=None, full: bool = False) -> dict:
         """PSNR and codebook usage on (up to) 256 pool frames; at the end, also saves the tokenizer."""

@@ -183,6 +183,7 @@ def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_
 class _StoreTask:
     """Shared by pre-training and fine-tuning: a training store, a mesh, a TrainState."""
 
+    name: str  # the task: "pretrain" | "finetune" (`pipelines.train_dataset`)
     loss_name = "loss"
 
     def __init__(self, config, mesh, *, log):
@@ -206,7 +207,6 @@ class _StoreTask:
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
         self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
         self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)
-        self.batch_sharding = shd.batch_sharding(mesh)
 
     def init_state(self, key) -> TrainState:
         state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh)
@@ -237,11 +237,18 @@ class _StoreTask:
                 f"config.train.epochs/num_steps")
 
     def global_batch(self, local: dict) -> dict:
-        return pipelines.global_batch(local, self.batch_sharding)
+        return shd.make_global_batch(local, self.mesh)
 
     def evaluation_due(self, step: int) -> bool:
         every = int(self.config.train.eval_every)
         return bool(every) and step % every == 0
+
+    def dataset(self):
+        c = self.config
+        return pipelines.train_dataset(
+            self.index, self.name, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
+            clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants),
+            relevance_range=c.data.relevance_range if self.name == "pretrain" else None)
 
     def iterator(self):
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
@@ -276,6 +283,7 @@ def _check_mlm_codes(model_cfg: dict, store: str, field: str = "train_store") ->
 
 
 class PretrainTask(_StoreTask):
+    name = "pretrain"
     loss_name = "total_loss"
 
     def __init__(self, config, mesh, *, log):
@@ -316,8 +324,8 @@ class PretrainTask(_StoreTask):
         """Mean over the held-out batches of the eval step's metrics (the released averaging);
         the same clips and masks at every evaluation. The last N mod B videos are not read."""
         c = self.config
-        dataset = pipelines.pretrain_dataset(
-            self.eval_index, batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
+        dataset = pipelines.train_dataset(
+            self.eval_index, "pretrain", batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
             seed=int(c.seed), clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range, num_epochs=1)
         mask_key = jax.random.key(int(c.seed) + 1)
         totals: dict[str, float] = {}
@@ -331,13 +339,6 @@ class PretrainTask(_StoreTask):
         return super().evaluation_due(step) or bool(self.knn is not None and self.knn_every
                                                      and step % self.knn_every == 0)
 
-    def dataset(self):
-        c = self.config
-        return pipelines.pretrain_dataset(
-            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
-            clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range,
-            variants=_variants(c.data.train_variants))
-
     def evaluate(self, state, *, step: Optional[int] = None, full: bool = False) -> dict:
         """Validation (config.data.eval_store) every train.eval_every steps, the kNN monitor every
         knn.every steps (0: with validation); both at the end (`full`)."""
@@ -349,6 +350,8 @@ class PretrainTask(_StoreTask):
 
 
 class FinetuneTask(_StoreTask):
+    name = "finetune"
+
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = int(config.data.batch_size)
@@ -374,12 +377,6 @@ class FinetuneTask(_StoreTask):
         if config.data.eval_store:
             self.eval_index = pipelines.load_index(config.data.eval_store)
             check_store_fits(self.eval_index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
-
-    def dataset(self):
-        c = self.config
-        return pipelines.finetune_dataset(
-            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
-            clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants))
 
     def evaluate(self, state, *, step: Optional[int] = None, num_clips: Optional[int] = None,
                  crops: Optional[str] = None, full: bool = False) -> dict:
@@ -408,10 +405,11 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
 
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
-                        crops: Optional[str] = None) -> dict[str, Any]:
+                        crops: Optional[str] = None, progress=None) -> dict[str, Any]:
     """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
     the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
-    video's views, then over videos."""
+    video's views, then over videos. progress: a `vimpac_jax.progress.Progress` of videos, given
+    the videos of each batch (all processes')."""
     model_cfg = config.model.to_dict()
     k = int(num_clips or config.data.eval_clips)
     crops = crops if crops is not None else config.get("eval_crops", "three")
@@ -423,10 +421,9 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     dataset = pipelines.eval_dataset(index, batch_size=global_batch // process_count, clip_len=model_cfg["clip_len"],
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
     eval_step = make_eval_step(model_cfg, mesh)
-    sharding = shd.batch_sharding(mesh)
     probs, losses, labels, videos = [], [], [], []
     for local in pipelines.make_iterator(dataset, workers=0):
-        batch = pipelines.global_batch(local, sharding)
+        batch = shd.make_global_batch(local, mesh)
         out = eval_step(params, {}, batch["tokens"])
         valid = shd.to_host(batch["valid"], mesh)
         label = shd.to_host(batch["label"], mesh)[valid]
@@ -434,6 +431,8 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
         losses.append(view_cross_entropy(np.asarray(out["logits"])[valid], label))
         labels.append(label)
         videos.append(shd.to_host(batch["video_index"], mesh)[valid])
+        if progress is not None:
+            progress.update(add=int(valid.sum()))
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
