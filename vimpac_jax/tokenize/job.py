@@ -57,7 +57,7 @@ from vimpac_jax.tokenize.identity import CONFIG_FILE, check_out_dir, store_ident
 from vimpac_jax.tokenize.journal import (PROGRESS_DIR, StoreCounts, StoreError, journal_path, lock_path,
                                          read_all_journals, read_journal, repair_duplicates, summarize)
 from vimpac_jax.tokenize.lists import check_video_root, read_items
-from vimpac_jax.tokenize.progress import Progress
+from vimpac_jax.progress import Progress
 from vimpac_jax.tokenize.shards import (SHARD_OPTIONS, ShardWriter, check_shard_options, next_shard_seq,
                                         remove_unlisted_shards)
 
@@ -273,7 +273,8 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
                   file=log)
         if todo:
             _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
-                 Progress(len(todo), f"tokenize[{pi}/{pc}]", log, opts.progress_interval),
+                 Progress(len(todo), label=f"tokenize[{pi}/{pc}]: ", unit="videos", counted=("frames",), failed=True,
+                          every_seconds=opts.progress_interval, stream=log),
                  decode_many=_decode_files if source is None else source.decode_many)
             processed += len(todo)
         if not _repair_duplicates(out, pi, log):  # another job may have written this store meanwhile
@@ -326,7 +327,7 @@ def _run(opts: TokenizeOptions, tok, variants: Sequence[vd.Variant], hw: tuple[i
                                                     chunk_frames=opts.chunk_frames)
                    for k, v in enumerate(variants)]
         writer.add_video(item, records, len(tokens))
-        progress.update(videos=1, frames=len(tokens))
+        progress.update(add=1, frames=len(tokens))
 
     try:
         results = decode_many([it.path for it in todo], opts.fps, variants, workers, max_seconds=opts.max_seconds,
