@@ -12,7 +12,7 @@ all devices on 'data' unless --mesh says otherwise. Reports:
                    projection head (the formula is printed); recomputation (remat), the static
                    K > masked count, softmax/LayerNorm/element-wise work are not counted;
   % of peak        TFLOP/s / the device's bf16 dense peak, looked up from its device kind in
-                   PEAK_TFLOPS (H100 / H200: 790, the sustained figure of docs/perf-analysis;
+                   PEAK_TFLOPS (H100 / H200: 790, the tensor cores at sustained clocks;
                    NVIDIA's sheet says 989, printed too) or given with --peak-tflops;
   peak memory      device.memory_stats()['peak_bytes_in_use'] where the backend has it (GPU);
   compile time     lowering + XLA compilation of the step.
@@ -67,7 +67,7 @@ from vimpac_jax.training.optimizer import optim_config  # noqa: E402
 
 PRESETS = ("tiny", "small", "base", "large_half")
 # bf16 dense TFLOP/s by device kind (first substring match): (used for % of peak, sheet value).
-# H100 SXM / H200: 790 as docs/perf-analysis.md counts it (the tensor cores at sustained clocks);
+# H100 SXM / H200: 790, the tensor cores at sustained clocks;
 # NVIDIA's data sheets say 989. Others: the sheet value.
 PEAK_TFLOPS = (
     ("H200", 790.0, 989.0), ("H100 PCIe", 756.0, 756.0), ("H100", 790.0, 989.0),

@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(kind="vq", channels=3, dtype="float32", **spec["model"]))
     # Adam (b2 = 0.99, as common for VQ-VAEs) after global-norm clipping; the learning rate warms
     # up over `warmup` updates (< 1: a fraction of train.num_steps, as in optim_config), then
-    # decays to 0 on a cosine (vimpac_jax.tokenizer.vq.make_schedule).
+    # decays to 0 on a cosine (vimpac_jax.tokenizer.vq_train.make_schedule).
     train_spec = spec["train"]
     config.optim = ml_collections.ConfigDict(dict(
         learning_rate=train_spec["learning_rate"], warmup=float(train_spec["warmup"]), b1=0.9, b2=0.99,
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     config.train = common.train_config(num_steps=train_spec["num_steps"], log_every=50, checkpoint_every=1_000)
     del config.train.epochs       # frames have no epochs here: train.num_steps is the length
-    # The task's own block: the VQ objective (vimpac_jax.tokenizer.vq.VQHParams).
+    # The task's own block: the VQ objective (vimpac_jax.tokenizer.vq_train.VQHParams).
     config.tokenizer = ml_collections.ConfigDict(dict(
         commitment_beta=0.25,   # van den Oord et al.'s beta
         ema_decay=0.99,         # codebook EMA decay

@@ -1,4 +1,4 @@
-"""The shipped presets read back as the paper's Tables 3 and 4 (reference §3, §7)."""
+"""The shipped presets read back as the paper's Tables 3 and 4."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Tests of vimpac_jax.training.masking and `vimpac mask-ratio` (reference §5)."""
+"""Tests of vimpac_jax.training.masking and `vimpac mask-ratio` (paper Table 2)."""
 
 import functools
 import re

@@ -161,8 +161,8 @@ def test_each_process_reads_a_disjoint_share(stores):
         return [int(v) for v in batch["tokens"][:, 0, 0, 0, 2]]
 
     def batches(pi, pc, batch_size, n=4):
-        it = iter(pipelines.pretrain_dataset(index, batch_size=batch_size, clip_len=3, seed=0,
-                                             process_index=pi, process_count=pc))
+        it = iter(pipelines.train_dataset(index, "pretrain", batch_size=batch_size, clip_len=3, seed=0,
+                                          process_index=pi, process_count=pc))
         return [video_ids(next(it)) for _ in range(n)]
 
     whole = batches(0, 1, 8)

@@ -9,6 +9,7 @@ Subprocesses share a persistent compilation cache so each program compiles once.
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert sorted(again["by_clips"]) == ["2", "3"] and again["by_clips"]["3"]["top1"] == again["top1"]
     predictions = (ft / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(p.split(",")[0] for p in predictions) == [f"val{i}" for i in range(7)]  # each once
+    # A progress line with an ETA per tested K, and the last K's confusion matrix (PNG + TensorBoard).
+    assert re.search(r"evaluate 3 clips x 1 crops: 7/7 videos, [\d.]+ videos/s, [\d.]+ views/s, ETA", ev.stderr), ev.stderr
+    assert str(ft / "confusion_matrix.png") in ev.stdout and list((ft / "tensorboard").glob("*.images"))
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path):

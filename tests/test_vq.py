@@ -21,7 +21,7 @@ import pytest
 
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.configs import tokenizer as tokenizer_config
-from vimpac_jax.tokenizer import store, vq, vq_data, vq_task
+from vimpac_jax.tokenizer import store, vq, vq_data, vq_task, vq_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,8 @@ def fast_init():
 
 # One compilation each instead of one per primitive in eager mode.
 quantize = jax.jit(vq.quantize)
-ema_update = jax.jit(vq.ema_update)
-restart_dead_codes = jax.jit(vq.restart_dead_codes)
+ema_update = jax.jit(vq_train.ema_update)
+restart_dead_codes = jax.jit(vq_train.restart_dead_codes)
 
 
 def _stats(codebook, cluster_size=None):
@@ -112,7 +112,7 @@ def test_ema_update_matches_hand_computation():
 def test_ema_codebook_moves_to_the_mean_of_its_vectors():
     stats = _stats([[0, 0], [10, 10], [-5, 5]])
     z = jnp.array([[1, 1], [2, 0], [9, 11], [11, 9], [10, 12]], jnp.float32)
-    update = jax.jit(lambda s: vq.ema_update(s, z, vq.quantize(z, s["codebook"])[0], 0.8, 1e-5))
+    update = jax.jit(lambda s: vq_train.ema_update(s, z, vq.quantize(z, s["codebook"])[0], 0.8, 1e-5))
     distances = []
     for _ in range(60):
         stats = update(stats)
@@ -186,9 +186,9 @@ def trained():
     train = (moving_shapes(64, 8, seed=0) * 255).round().astype(np.uint8)
     test = moving_shapes(8, 8, seed=1)
     with fast_init():
-        state = vq.init_state(vq_task.state_config(config), jax.random.key(config.seed))
+        state = vq_train.init_state(vq_task.state_config(config), jax.random.key(config.seed))
     init_params = jax.tree.map(np.asarray, state.params)
-    step = jax.jit(vq.train_step, donate_argnums=0)
+    step = jax.jit(vq_train.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)
     key = jax.random.key(1)
     history = []
@@ -206,7 +206,7 @@ def test_tiny_tokenizer_beats_the_mean_frame(trained):
     tokens, logits = vq.vq_encode(tok, config.model, test)
     recon = vq.vq_decode(tok, config.model, tokens)
     mse = float(jnp.mean((recon - test) ** 2))
-    baseline = float(vq.mean_frame_mse(test))
+    baseline = float(vq_train.mean_frame_mse(test))
     used = len(np.unique(np.asarray(tokens)))
     h = trained["history"]
     print(f"\nheld-out MSE {mse:.4f} vs mean-frame MSE {baseline:.4f}: ratio {mse / baseline:.3f}; "
@@ -400,3 +400,18 @@ def test_frame_dataset_is_a_function_of_seed_and_step():
                                   vq_data.frame_dataset(frames, batch_size=4, seed=7)[0]["images"])
     with pytest.raises(ValueError, match="uint8"):
         vq_data.frame_dataset(frames.astype(np.float32), batch_size=2, seed=0)
+
+
+def test_tokenizer_kinds_do_not_import_the_interface():
+    """`interface.py` builds every kind's backend; the kinds' modules (model, training) never import
+    it back, so there is no import circle between them."""
+    import ast
+
+    tokenizer_dir = Path(vq.__file__).parent
+    for name in ("vq.py", "vq_train.py", "dalle.py"):
+        tree = ast.parse((tokenizer_dir / name).read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "vimpac_jax.tokenizer.interface" not in modules, name
+        assert not any(n.module == "vimpac_jax.tokenizer" and any(a.name == "interface" for a in n.names)
+                       for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), name

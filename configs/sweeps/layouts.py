@@ -1,6 +1,6 @@
 """Attention layouts (paper Table 13): T,H|W (default), T,H,W, TxHxW (joint), T,HxW (divided).
 
-Each layer's attention blocks (reference §3): `T,H|W` temporal then height and width in
+Each layer's attention blocks (the released `vimpac/modeling.py`): `T,H|W` temporal then height and width in
 parallel; `T,H,W` three sequential axial blocks (more parameters, 35.8M for Small); `TxHxW` full
 joint attention (fewest parameters, 23.1M, but quadratic in T*H*W); `T,HxW` TimeSformer's divided
 space-time attention. Look at: train/mlm_loss and train/mask_accuracy per layout,

@@ -2,7 +2,9 @@
 
 Softmax scores are averaged per video over K clips x C crops (default: the config's, 10 x 3;
 SSV2 uses the center crop only). Writes eval_results.json (top-1, top-5, the eval loss,
-per-class accuracy) and predictions.csv to the workdir, and prints a table. Several K in one
+per-class accuracy), predictions.csv and confusion_matrix.png (also in the run's TensorBoard
+log; needs the viz extra, or --no-pictures) to the workdir, and prints a table. Progress (videos
+done, videos/s, views/s, ETA) goes to stderr. Several K in one
 call (`--clips 2,5,10`, the released `--last-test-clips`) test each in turn: the files hold the
 last K's results, and eval_results.json also `by_clips` {K: top1, top5, loss, mean class accuracy}.
 """
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 import ml_collections
+
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
 def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -28,6 +32,7 @@ def restore_params(workdir: Path, config, mesh):
 
     import orbax.checkpoint as ocp
 
+    from vimpac_jax.training import checkpointing
     from vimpac_jax.training.pretrain_step import abstract_train_state, train_state_shardings
 
     model_cfg = config.model.to_dict()
@@ -36,10 +41,11 @@ def restore_params(workdir: Path, config, mesh):
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_train_state(model_cfg, optim_cfg), shardings)
     manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints")
-    step = manager.latest_step()
-    if step is None:
+    # The latest step that restores (a damaged one is skipped with a warning; none: an error).
+    restored = checkpointing.restore_latest(manager, abstract, None)
+    if restored is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    step, state, _ = restored
     return step, state
 
 
@@ -71,6 +77,10 @@ def main(argv) -> int:
                         help="K clips per crop, or several K to test in turn (2,5,10); default: config.data.eval_clips")
     parser.add_argument("--crops", default=None, help="3 (the three no-flip crops) or 1 / center")
     parser.add_argument("--eval-store", default=None, help="another held-out token store (default: the config's)")
+    parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help=f"do not draw {CONFUSION_MATRIX_FILE} (drawing needs the viz extra: pip install "
+                             "'vimpac-jax[viz]')")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     try:
@@ -83,6 +93,14 @@ def main(argv) -> int:
         clips = [None] if args.clips is None else parse_clips(args.clips)
         if args.crops not in (None, "3", "1", "center", "three"):
             raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
+        if not args.no_pictures:
+            from vimpac_jax import plots
+
+            try:
+                plots.require("PIL.Image", CONFUSION_MATRIX_FILE)
+                plots.require("matplotlib", CONFUSION_MATRIX_FILE)
+            except plots.VizExtraMissing as e:
+                raise ValueError(f"{e}; or pass --no-pictures") from None
         from vimpac_jax.runtime.distributed import maybe_initialize
 
         maybe_initialize()
@@ -98,16 +116,48 @@ def main(argv) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac evaluate: error: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    from vimpac_jax.progress import Progress
+    from vimpac_jax.training.tasks import eval_variant_names
+
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
-    results = [evaluate_classifier(config, mesh, index, state.params, num_clips=k, crops=crops) for k in clips]
+    views = len(eval_variant_names(index, crops if crops is not None else config.get("eval_crops", "three"),
+                                   config.data.eval_variants))
+    results = []
+    for k in clips:
+        k = int(k or config.data.eval_clips)
+        progress = Progress(index.num_videos, label=f"evaluate {k} clips x {views} crops: ", unit="videos",
+                            per_unit={"views": k * views}, every_seconds=args.progress_interval,
+                            enabled=jax.process_index() == 0)
+        results.append(evaluate_classifier(config, mesh, index, state.params, num_clips=k, crops=crops,
+                                           progress=progress))
+        progress.close()
     result = dict(results[-1], step=step)
     if len(results) > 1:
         result["by_clips"] = {str(r["num_clips"]): {key: r[key] for key in ("top1", "top5", "loss", "mean_class_accuracy")}
                               for r in results}
-    import jax
-
     if jax.process_index() == 0:
         write_eval_results(workdir, result)
         print(format_table(results))
-        print(f"wrote {workdir / 'eval_results.json'} and {workdir / 'predictions.csv'}")
+        written = [workdir / "eval_results.json", workdir / "predictions.csv"]
+        if not args.no_pictures:
+            written.append(write_confusion_matrix(workdir, result, config, step))
+        print(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Path:
+    """workdir/confusion_matrix.png of the last tested K (rows: true class, normalised), also in
+    the run's TensorBoard log (tag `eval/confusion_matrix` at the checkpoint's step)."""
+    from vimpac_jax import plots
+
+    predictions = result["predictions"]
+    matrix = plots.confusion_matrix([p["label"] for p in predictions], [p["prediction"] for p in predictions],
+                                    int(config.model.num_classes))
+    title = (f"step {step}: top-1 {result['top1']:.2f}%, {result['num_clips']} clips x "
+             f"{len(result['crops'])} crops, {result['num_videos']} videos")
+    image = plots.confusion_matrix_image(matrix, config.get("class_names", None), title=title)
+    path = plots.write_png(workdir / CONFUSION_MATRIX_FILE, image)
+    plots.write_tensorboard_images(workdir / "tensorboard", step, {"eval/confusion_matrix": image})
+    return path

@@ -11,7 +11,7 @@ from the pool by a grain pipeline that is a pure function of (seed, step):
     it = pipelines.make_iterator(ds)       # a checkpointable grain iterator
 
 Frames: each video is sampled at `fps`, its shorter side resized to `size` and the center
-square cropped (the pre-training variant, reference §1/§8); at most `max_frames_per_video`
+square cropped (the pre-training variant); at most `max_frames_per_video`
 frames are kept per file, taken from its start (decoding stops there, so long videos are cheap
 and do not dominate the pool). The pool is kept in video order whatever order the workers
 finish in, so it — and every batch — is deterministic. Videos that fail to decode are skipped,
@@ -28,10 +28,11 @@ import dataclasses
 import glob
 import logging
 import os
-import time
 from typing import Sequence
 
 import numpy as np
+
+from vimpac_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,13 @@ def load_frame_pool(
     by_index: dict[int, np.ndarray] = {}
     skipped: list[tuple[int, str, str]] = []
     used = 0
-    t0 = last = time.monotonic()
+    progress = Progress(len(paths), label="decoding: ", unit="videos", failed=True, every_seconds=progress_every_s)
     results = video_decode.decode_many(paths, fps, [variant], num_workers, max_frames=max_frames_per_video)
     for done, (index, path, result) in enumerate(results, start=1):
         if isinstance(result, Exception):
             log.warning("skipping %s", result)
             skipped.append((index, path, getattr(result, "reason", str(result))))
+            progress.update(failed=1)
         else:
             frames = result[variant.name]
             used += frames.nbytes
@@ -133,12 +135,8 @@ def load_frame_pool(
                     f"decoded frames exceed data.max_pool_gib={max_pool_gib} after {done} of "
                     f"{len(paths)} videos; lower data.fps or max_frames_per_video, or use fewer videos")
             by_index[index] = frames
-        now = time.monotonic()
-        if now - last >= progress_every_s or done == len(paths):
-            rate = done / max(now - t0, 1e-9)
-            log.info("decoded %d/%d videos (%d skipped), %.1f videos/s, ETA %.0f s, %.2f GiB of frames",
-                     done, len(paths), len(skipped), rate, (len(paths) - done) / rate, used / 2 ** 30)
-            last = now
+            progress.update(add=1, note=f"{used / 2 ** 30:.2f} GiB of frames")
+    progress.close()
     if not by_index:
         reasons = "; ".join(f"{p}: {r}" for _, p, r in skipped[:3])
         raise ValueError(f"none of the {len(paths)} videos could be decoded (e.g. {reasons})")

@@ -1,13 +1,13 @@
 """The VQ tokenizer as a task of the shared training program (`vimpac train`, task 'tokenizer').
 
 Frames are decoded once into a pool (`vq_data`), batches come from a checkpointable grain
-iterator, the step is `vq.train_step` jitted with the batch split over devices and the (small)
+iterator, the step is `vq_train.train_step` jitted with the batch split over devices and the (small)
 state replicated. At the end the tokenizer directory `workdir/tokenizer` is written, and the
 reconstruction PSNR and codebook usage on held-out pool frames are reported.
 
 The task reads the blocks every task has (configs/tokenizer.py): `model` (the tokenizer),
 `optim`, `data` (frames and the batch), `train` (length), and its own `tokenizer` block (the VQ
-objective); `state_config` gathers what `vq.init_state` takes from them.
+objective); `state_config` gathers what `vq_train.init_state` takes from them.
 """
 
 from pathlib import Path
@@ -16,14 +16,14 @@ import jax
 import numpy as np
 
 from vimpac_jax.data import pipelines
-from vimpac_jax.tokenizer import vq, vq_data
+from vimpac_jax.tokenizer import vq, vq_data, vq_train
 from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
 
 
 def state_config(config) -> dict:
     """{'tokenizer': the model block, 'train': Adam, schedule and objective fields}, the mapping
-    `vq.init_state` reads, from the task's `model`, `optim`, `tokenizer` and `train` blocks."""
+    `vq_train.init_state` reads, from the task's `model`, `optim`, `tokenizer` and `train` blocks."""
     optim, objective, num_steps = config.optim, config.tokenizer, int(config.train.num_steps)
     return {"tokenizer": config.model, "train": dict(
         lr=float(optim.learning_rate), num_steps=num_steps,
@@ -75,11 +75,11 @@ class VQTokenizerTask:
         log(f"frame pool: {len(self.pool)} frames of {len(self.pool.paths) - len(self.pool.skipped)} videos")
         self.replicated = shd.replicated(mesh)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self.step = jax.jit(vq.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        self.step = jax.jit(vq_train.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, key):
-        state = vq.init_state(state_config(self.config), key)
+        state = vq_train.init_state(state_config(self.config), key)
         return jax.device_put(state, self.replicated)
 
     def iterator(self):
@@ -89,7 +89,7 @@ class VQTokenizerTask:
         return pipelines.make_iterator(dataset, workers=0)
 
     def global_batch(self, local: dict):
-        return pipelines.global_batch(local, self.batch_sharding)["images"]
+        return shd.make_global_batch(local, self.mesh)["images"]
 
     def evaluate(self, state, *, step=None, full: bool = False) -> dict:
         """PSNR and codebook usage on (up to) 256 pool frames; at the end, also saves the tokenizer."""

@@ -10,7 +10,7 @@ process is written, and `latest_step()` only sees finalised steps: a checkpoint 
 a crash is never restored.
 """
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +40,7 @@ class CheckpointRestoreError(ValueError):
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
-                   log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)
+                   log: Callable[[str], None] = logging.getLogger(__name__).warning
                    ) -> Optional[tuple[int, Any, dict]]:
     """-> (step, state, meta) of the latest complete checkpoint that restores, restoring the
     iterator in place; None when there is none. `abstract_state` carries the target shardings.

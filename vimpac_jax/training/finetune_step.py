@@ -1,4 +1,4 @@
-"""Fine-tuning and multi-view evaluation steps of the classifier (reference §7-8).
+"""Fine-tuning and multi-view evaluation steps of the classifier (paper Table 4; the released `vimpac/finetune.py`).
 
 The state is the pre-training step's `TrainState` (step, params, batch_stats, opt_state) built
 for a `task='finetune'` model config; initialisation and shardings come from there too.

@@ -1,4 +1,4 @@
-"""AdamW, learning-rate schedules and gradient clipping for pre-training (reference §7).
+"""AdamW, learning-rate schedules and gradient clipping for pre-training (paper Table 4).
 
 Built from optax pieces: `clip_by_global_norm` -> `adamw` (decoupled weight decay, masked).
 The released trainer uses transformers' AdamW with `get_{linear,cosine,constant}_schedule_with_

@@ -1,4 +1,4 @@
-"""The VIMPAC pre-training step: one jitted pure function of (state, batch, key) (issue 3, part 2).
+"""The VIMPAC pre-training step: one jitted pure function of (state, batch, key).
 
 One update, for a batch of B videos with two clips each:
   1. block masking of all 2B clips with one key (`mask_batch`); a clip's mask depends only on
@@ -70,7 +70,7 @@ def pretrain_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         mlm_weight=1.0,
         nce_weight=1.0,              # alpha; the temperature factor is inside info_nce
-        mask_kind="block",           # 'block' (reference §5) or 'iid'
+        mask_kind="block",           # 'block' (paper Table 2) or 'iid'
         mask_blocks=5,               # 5 for T=5 at 128 px, 6 at 256 px (`vimpac mask-ratio`)
         mask_prob=0.15,              # for mask_kind='iid'
         mask_noise="none",           # 'none' or 'bert' (80/10/10 per box)

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and the shardings of state and batches (issue 3, part 3).
+"""Device mesh, logical-axis rules and the shardings of state and batches.
 
 The model names the axes of every parameter logically ('embed', 'mlp', 'heads', 'vocab', ...;
 see `vimpac_jax.models.common`). `LOGICAL_AXIS_RULES` below is the default mapping of those

@@ -14,8 +14,8 @@ checkpoints are only saved after a finite loss, so the last one on disk is good.
 
 import contextlib
 import json
+import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,11 +24,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from vimpac_jax import exit_codes, io_utils
+from vimpac_jax.progress import Progress
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.metrics import MetricWriter, Progress
+from vimpac_jax.training.metrics import MetricWriter
 
 def exit_code(result: dict) -> int:
     """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
@@ -97,23 +99,13 @@ class _Preemption:
             signal.signal(signum, previous)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write the resolved config to workdir/config.json; a resumed run must match it."""
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        previous = _flatten(json.loads(path.read_text()))
-        now = _flatten(current)
+        previous = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+        now = traverse_util.flatten_dict(current, sep=".")
         changed = sorted(k for k in set(previous) | set(now)
                          if previous.get(k) != now.get(k) and not k.startswith(RESUME_FREE_FIELDS))
         if changed:
@@ -121,14 +113,12 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
                              f"use a new --workdir or the same config")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        io_utils.write_json_atomic(path, current, indent=2)
 
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(message)
 
 
 def make_task(config, mesh, log=_log):
@@ -174,6 +164,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
                   on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
+    from vimpac_jax.training.tasks import check_run_config
+
+    check_run_config(config)  # the fields' ranges, before the workdir is written
     save_config(config, workdir)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
@@ -193,9 +186,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
         _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
     preemption = _Preemption()
     writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
-    progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
-                        start_step=start,
-                        every_seconds=float(config.train.progress_seconds))
+    progress = Progress(total, label="step ", unit="steps", count_unit=False,
+                        per_unit={getattr(task, "items_name", "clips"): task.items_per_step}, start=start,
+                        every_seconds=float(config.train.progress_seconds), enabled=jax.process_index() == 0)
     log_every, eval_every = max(int(config.train.log_every), 1), int(config.train.eval_every)
     last_metrics: dict[str, float] = {}
     window_start, window_step = time.monotonic(), start
@@ -223,7 +216,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                     window_start, window_step = now, step
                     writer.write(step, dict(last_metrics, steps_per_second=rate,
                                             items_per_second=rate * task.items_per_step), prefix="train/")
-                progress.update(step, last_metrics.get(task.loss_name), force=step == total)
+                loss = last_metrics.get(task.loss_name)
+                progress.update(step, note=None if loss is None else f"loss={loss:.4f}", force=step == total)
                 if must_save:
                     checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
                                        force=step == total)
@@ -256,8 +250,8 @@ def write_eval_results(workdir: Path, result: dict) -> None:
     """eval_results.json (scores, per-class accuracy) and predictions.csv (one row per video)."""
     predictions = result.get("predictions")
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    (workdir / "eval_results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    io_utils.write_json_atomic(workdir / "eval_results.json", summary, indent=2)
     if predictions:
         lines = ["video_id,label,prediction,score"] + [
             f"{p['video_id']},{p['label']},{p['prediction']},{p['score']:.6f}" for p in predictions]
-        (workdir / "predictions.csv").write_text("\n".join(lines) + "\n")
+        io_utils.write_text_atomic(workdir / "predictions.csv", "\n".join(lines) + "\n")

@@ -55,8 +55,8 @@ def _absolute_list(list_file: Path, root: Path, out: Path, limit: int | None = N
 
 def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float) -> dict:
     """Stages 1-3, each skipped when complete: dataset, tokenizer, token stores."""
-    from vimpac_jax.data.demo_data import write_demo_dataset
-    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+    from vimpac_jax.demo.data import write_demo_dataset
+    from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
     from vimpac_jax.training.train import train
 
     data = workdir / "data"
@@ -115,15 +115,18 @@ def finetune_and_test(prepared: dict, run_dir: Path, preset: str, seed: int, ini
     return json.loads(results_file.read_text())
 
 
-def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path:
-    """The Fig. 5 reconstruction of a few validation clips (`vimpac visualize`)."""
-    from vimpac_jax.commands import visualize
+def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path | None:
+    """The Fig. 5 reconstruction of a few validation clips (`vimpac visualize`); None (and a
+    line saying why) without the viz extra."""
+    from vimpac_jax.plots import VizExtraMissing
+    from vimpac_jax.visualize import draw_figure
 
-    code = visualize.main(["--workdir", str(pretrain_dir), "--tokenizer", str(prepared["tokenizer"]),
-                           "--videos", str(prepared["lists"]["val"]), "--out", str(out),
-                           "--num-videos", str(FIGURE_VIDEOS)])
-    if code != 0:
-        raise RuntimeError(f"vimpac visualize failed (exit {code}) for {pretrain_dir}")
+    paths = [line.split()[0] for line in prepared["lists"]["val"].read_text().splitlines() if line.strip()]
+    try:
+        draw_figure(pretrain_dir, prepared["tokenizer"], paths, out, num_videos=FIGURE_VIDEOS)
+    except VizExtraMissing as e:
+        _log(f"{out.name} not drawn: {e}")
+        return None
     return out
 
 
