@@ -110,7 +110,9 @@ def run(args) -> int:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: {e}") from None
     if not tokenizer.has_decoder:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
-    run_config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    from vimpac_jax.training import workdir as workdir_lib
+
+    run_config = workdir_lib.read_config_dict(run_dir) if workdir_lib.is_workdir(run_dir) else {}
     expected = _train_store_tokenizer_hash(run_config)
     if expected is not None and expected != tokenizer.weights_sha256:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
