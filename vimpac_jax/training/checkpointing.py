@@ -95,9 +95,11 @@ def _checksum(x: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _checksums_fn(mesh):
+def _checksum_fn(mesh):
+    # One jitted function per leaf shape (jit's own cache): a model's many layers share a few
+    # shapes, so this compiles a few small programs rather than one the size of the state.
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated: readable on every host
-    return jax.jit(lambda leaves: [_checksum(x) for x in leaves], out_shardings=out)
+    return jax.jit(_checksum, out_shardings=out)
 
 
 def array_checksums(tree: Any) -> dict[str, str]:
@@ -107,7 +109,8 @@ def array_checksums(tree: Any) -> dict[str, str]:
     if not flat:
         return {}
     mesh = next((x.sharding.mesh for _, x in flat if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-    sums = jax.device_get(_checksums_fn(mesh)([x for _, x in flat]))
+    fn = _checksum_fn(mesh)
+    sums = jax.device_get([fn(x) for _, x in flat])
     return {name: f"{int(s[0]):08x}-{int(s[1]):08x}" for (name, _), s in zip(flat, sums)}
 
 
