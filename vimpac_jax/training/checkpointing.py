@@ -230,20 +230,16 @@ def restore_collections(checkpoints_dir, collections: Iterable[str], *, sharding
                                          f"(found {keys})")
         wanted = {k: tree[k] for k in collections if k in tree and jax.tree.leaves(tree[k])}
 
-        def target(k, m, s=None):
-            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s) if s is not None else np.zeros(m.shape, m.dtype)
+        def target(m, s=None):
+            return np.zeros(m.shape, m.dtype) if s is None else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
 
-        def restore_arg(s=None):
-            return ocp.ArrayRestoreArgs(sharding=s) if s is not None else ocp.RestoreArgs(restore_type=np.ndarray)
+        def restore_arg(m, s=None):
+            return ocp.RestoreArgs(restore_type=np.ndarray) if s is None else ocp.ArrayRestoreArgs(sharding=s)
 
-        targets, args = {}, {}
-        for k, sub in wanted.items():
-            if k in shardings:
-                targets[k] = jax.tree.map(lambda m, s: target(k, m, s), sub, shardings[k])
-                args[k] = jax.tree.map(lambda _, s: restore_arg(s), sub, shardings[k])
-            else:
-                targets[k] = jax.tree.map(lambda m: target(k, m), sub)
-                args[k] = jax.tree.map(lambda _: restore_arg(), sub)
+        def over(fn):  # fn over every saved array of the wanted fields, with its sharding if given
+            return {k: jax.tree.map(fn, sub, *([shardings[k]] if k in shardings else [])) for k, sub in wanted.items()}
+
+        targets, args = over(target), over(restore_arg)
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=targets, restore_args=args, partial_restore=True)}))[STATE]
         restored = {k: restored[k] if k in shardings else jax.tree.map(np.asarray, restored[k]) for k in restored}
