@@ -38,7 +38,7 @@ STATE, DATA, META = "state", "data", "meta"
 CHECKSUMS = "checksums"  # meta field: {leaf path: "s1-s2"} (`array_checksums`)
 
 
-def _stderr(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -173,7 +173,7 @@ def _newest_first(manager: ocp.CheckpointManager, restore_step: Callable[[int], 
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
-                   log: Callable[[str], None] = _stderr, check_meta: Optional[Callable[[dict], None]] = None,
+                   log: Callable[[str], None] = log_to_stderr, check_meta: Optional[Callable[[dict], None]] = None,
                    keep_going: tuple = ()) -> Optional[tuple[int, Any, dict]]:
     """-> (step, state, meta) of the newest complete checkpoint that restores and matches its
     checksums, restoring the iterator in place; None when there is none. `abstract_state`
@@ -206,7 +206,7 @@ class _SkipOtherItemsWarning(logging.Filter):
 
 
 def restore_collections(checkpoints_dir, collections: Iterable[str], *, shardings: Optional[dict] = None,
-                        log: Callable[[str], None] = _stderr) -> tuple[int, dict, bool]:
+                        log: Callable[[str], None] = log_to_stderr) -> tuple[int, dict, bool]:
     """-> (step, {collection: tree}, verified) of the newest step that restores: only the named
     fields of the saved TrainState ('params', 'batch_stats', 'opt_state'), never the others
     (a partial restore: an export does not read the Adam moments). Trees are numpy arrays, or

@@ -168,13 +168,8 @@ def restore_state(manager, abstract_state: Any, data_iterator: Any, identity: di
         check_meta=lambda meta: check_identity(meta, identity, f"{manager.directory}"))
 
 
-def latest_step(path) -> Optional[int]:
-    """The newest complete step (None: none), whether or not it restores."""
-    return checkpointing.read_only_manager(checkpoints_dir(path)).latest_step()
-
-
 def restore_variables(path, collections: Iterable[str] = ("params", "batch_stats"), *,
-                      shardings: Optional[dict] = None, log: Callable[[str], None] = checkpointing._stderr
+                      shardings: Optional[dict] = None, log: Callable[[str], None] = checkpointing.log_to_stderr
                       ) -> tuple[int, dict]:
     """(step, {collection: tree}) of the newest intact checkpoint of workdir `path`: only the
     named fields of the train state (numpy arrays, or laid out by `shardings`). WorkdirError
