@@ -116,6 +116,7 @@ def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
     wrong_grid = vimpac("train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
                         tmp_path / "w2", check=False)
     assert wrong_grid.returncode == 2 and "4x4" in wrong_grid.stderr and "8x4" in wrong_grid.stderr
+    assert not (tmp_path / "w2" / "config.json").exists()  # a rejected config does not claim the workdir
     missing = vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3", check=False)
     assert missing.returncode == 2 and "train_store" in missing.stderr
     assert time.monotonic() - start < 120  # no compilation happened (a loose bound: import time only)
