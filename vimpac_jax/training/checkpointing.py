@@ -151,24 +151,39 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def _anywhere(flag: bool) -> bool:
+    """Whether `flag` holds on any process: every process takes the same fallback, since the
+    restore of the next step is collective (a file damaged in one host's shards fails there only)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _newest_first(manager: ocp.CheckpointManager, restore_step: Callable[[int], Any],
                   log: Callable[[str], None], keep_going: tuple = ()) -> Optional[tuple[int, Any]]:
-    """(step, restore_step(step)) for the newest step that restores; a step whose restore raises
-    is skipped with a warning naming why (exceptions of the `keep_going` types propagate: they are
-    about the run, not the files); CheckpointRestoreError when none restores; None when there are
-    no steps."""
+    """(step, restore_step(step)) for the newest step that restores on every process; a step
+    whose restore raises is skipped with a warning naming why (exceptions of the `keep_going`
+    types propagate: they are about the run, not the files); CheckpointRestoreError when none
+    restores; None when there are no steps."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
+        error = None
         try:
-            return step, restore_step(step)
+            result = restore_step(step)
         except keep_going:
             raise
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
-            if i + 1 == len(steps):
-                raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, "
-                                             f"step {step}: {_reason(e)}") from e
-            log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({_reason(e)}); "
-                f"falling back to step {steps[i + 1]}")
+            error = e
+        if not _anywhere(error is not None):
+            return step, result
+        reason = _reason(error) if error is not None else "another process could not restore it"
+        if i + 1 == len(steps):
+            raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, "
+                                         f"step {step}: {reason}") from error
+        log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}); "
+            f"falling back to step {steps[i + 1]}")
     return None
 
 
