@@ -419,3 +419,99 @@ def test_evaluate_with_no_checkpoint_that_restores_is_an_error_line(short_store,
     assert _truncate_array_files(tmp_path / "checkpoints" / "1")
     rc, err = _cli(capsys, "evaluate", "--workdir", tmp_path)
     assert rc == 2 and f"vimpac evaluate: error: no checkpoint in {tmp_path / 'checkpoints'} can be restored" in err
+
+
+def _flip_a_bit_of_the_largest_data_file(step_dir):
+    """One bit in the middle of the biggest array data file: zstd decodes it into other numbers
+    (orbax itself restores it without an error)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    big = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    big.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_restored(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing
+    from vimpac_jax.training import workdir as workdir_lib
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "batch_stats": {"b": jnp.ones(3)}}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        manager.wait_until_finished()
+    (tmp_path / "config.json").write_text("{}")
+    intact = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=print)
+    assert intact[0] == 2 and intact[2]["verified"] is True
+    _flip_a_bit_of_the_largest_data_file(tmp_path / "checkpoints" / "2")
+
+    warnings = []
+    step, restored, meta = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None,
+                                                        log=warnings.append)
+    assert step == 1 and meta["verified"] is True
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(4096, dtype=np.float32))
+    assert len(warnings) == 1 and "checkpoints/2 cannot be restored" in warnings[0]
+    assert "checksum mismatch in 1 array(s) (params/w)" in warnings[0] and "falling back to step 1" in warnings[0]
+
+    # The readers of a run (export, evaluate, init_from) skip it the same way.
+    warnings.clear()
+    step, variables = workdir_lib.restore_variables(tmp_path, ("params",), log=warnings.append)
+    assert step == 1 and sorted(variables) == ["params"] and "checksum mismatch" in warnings[0]
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+
+
+def test_checksums_do_not_depend_on_the_sharding_and_catch_any_flipped_bit():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vimpac_jax.training import checkpointing
+
+    x = jax.random.normal(jax.random.key(0), (8, 6), jnp.float32)
+    tree = {"x": x, "h": x.astype(jnp.bfloat16), "i": jnp.arange(5, dtype=jnp.int8), "n": jnp.int32(7)}
+    whole = checkpointing.array_checksums(tree)
+    assert whole == checkpointing.array_checksums(jax.tree.map(np.asarray, tree))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    if len(jax.devices()) > 1 and 8 % len(jax.devices()) == 0:
+        sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+        assert checkpointing.array_checksums(sharded) == whole
+    bits = np.asarray(x).view(np.uint32).copy()
+    for i, k in [(0, 0), (17, 31), (47, 5)]:
+        flipped = bits.copy().reshape(-1)
+        flipped[i] ^= np.uint32(1 << k)
+        got = checkpointing.array_checksums({"x": flipped.view(np.float32).reshape(8, 6)})
+        assert got["x"] != whole["x"], (i, k)
+
+
+def test_a_resume_with_another_seed_or_a_replaced_store_is_refused_naming_it(tmp_path):
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+    from vimpac_jax.training import workdir as workdir_lib
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "metadata.json").write_text('{"complete": true, "num_videos": 3}\n')
+    config = {"seed": 3, "data": {"train_store": str(store), "eval_store": ""}}
+    identity = workdir_lib.run_identity(config)
+    assert identity == {"seed": 3, "stores": {"data.train_store": workdir_lib.store_digest(store)}}
+    manager = checkpointing.make_manager(tmp_path / "w", save_every=1, keep=3)
+    state = {"w": jnp.ones(4)}
+    checkpointing.save(manager, 1, state, None, {"step": 1, **identity})
+    manager.wait_until_finished()
+
+    def resume(cfg):
+        return workdir_lib.restore_state(manager, checkpointing.abstract_like(state), None,
+                                         workdir_lib.run_identity(cfg), log=print)
+
+    assert resume(config)[0] == 1
+    with pytest.raises(workdir_lib.WorkdirError, match="config.seed is 4, the checkpoint's run used 3"):
+        resume(dict(config, seed=4))
+    (store / "metadata.json").write_text('{"complete": true, "num_videos": 4}\n')  # another store, same path
+    with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has "
+                                                       "changed since the checkpoint was written"):
+        resume(config)

@@ -120,6 +120,7 @@ def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
     wrong_grid = vimpac("train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
                         tmp_path / "w2", check=False)
     assert wrong_grid.returncode == 2 and "4x4" in wrong_grid.stderr and "8x4" in wrong_grid.stderr
+    assert not (tmp_path / "w2" / "config.json").exists()  # a rejected config does not claim the workdir
     missing = vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3", check=False)
     assert missing.returncode == 2 and "train_store" in missing.stderr
     assert time.monotonic() - start < 120  # no compilation happened (a loose bound: import time only)
@@ -267,8 +268,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
                           f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=4",
                           "--config.train.log_every=1"])
-    with pytest.raises(train_lib.NonFiniteLossError, match="step 6"):
+    with pytest.raises(train_lib.NonFiniteLossError, match="step 6") as stopped:
         train_lib.train(config, tmp_path / "run")
+    assert "the checkpoint of step 4 in" in str(stopped.value) and "saved after a finite loss" in str(stopped.value)
     step, _ = latest_state(tmp_path / "run")
     assert step == 4  # the checkpoint saved before the loss went bad; none after it
 
@@ -327,3 +329,45 @@ def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, t
     assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
     assert latest_state(tmp_path / "run")[0] == 3
     assert refused and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
+
+
+def test_a_rejected_config_leaves_the_workdir_free_and_a_resume_checks_the_run(stores, tmp_path, monkeypatch):
+    """config.json is written only after every check (here the schedule's, which runs after the
+    state is built); a resume after config.json is deleted checks the seed against the
+    checkpoint, and a store replaced at its path is named. The model's initialisation is traced
+    once for the shardings and once to initialise, whatever else the run builds."""
+    import shutil
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import pretrain_step
+    from vimpac_jax.training import train as train_lib
+    from vimpac_jax.training import workdir as workdir_lib
+
+    shutil.copytree(stores / "pool", tmp_path / "pool")
+    shutil.copytree(stores / "val", tmp_path / "val")
+
+    def config(*extra):
+        return load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                            f"--config.data.train_store={tmp_path / 'pool'}",
+                            f"--config.data.eval_store={tmp_path / 'val'}", "--config.train.num_steps=2",
+                            "--config.train.checkpoint_every=1", *extra])
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="1-update learning-rate schedule"):
+        train_lib.train(config("--config.optim.schedule_steps=1"), run)
+    assert not (run / "config.json").exists()
+
+    traced, real_init = [], pretrain_step.init_variables
+    monkeypatch.setattr(pretrain_step, "init_variables", lambda *a, **k: traced.append(1) or real_init(*a, **k))
+    assert train_lib.train(config(), run)["step"] == 2  # the corrected command, in the same workdir
+    assert len(traced) == 2  # (before: 7, for the shardings of the init, the step and the validation step)
+    assert (run / "config.json").is_file()
+
+    (run / "config.json").unlink()
+    with pytest.raises(workdir_lib.WorkdirError, match="config.seed is 5, the checkpoint's run used 0"):
+        train_lib.train(config("--config.seed=5"), run)
+    assert not (run / "config.json").exists()  # the refused run did not claim the workdir
+    meta = tmp_path / "pool" / "metadata.json"
+    meta.write_text(meta.read_text() + " ")  # rewritten in place: another store for all the run knows
+    with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has changed"):
+        train_lib.train(config(), run)

@@ -315,12 +315,13 @@ def _crop_variants(meta: dict, names: Sequence[str], store: str) -> tuple[vd.Var
 
 def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crops, devices, tok_batch):
     """(protocol, class names, tokenizer) recorded by a fine-tuning run and its token store."""
-    from vimpac_jax.commands.evaluate import load_workdir_config
     from vimpac_jax.data import token_store
     from vimpac_jax.data.pipelines import frame_step
     from vimpac_jax.training.tasks import eval_crop_names
 
-    config = load_workdir_config(path)
+    from vimpac_jax.training import workdir as workdir_lib
+
+    config = workdir_lib.read_config(path)
     store = config.data.eval_store or config.data.train_store
     try:
         meta = token_store.read_metadata(store)
@@ -390,21 +391,16 @@ def _model_scores_fn(path: Path, kind: str, model_config: dict, mesh):
         fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(shd.BATCH_AXES), out_specs=P(shd.BATCH_AXES),
                                    check_vma=False))
         return fn, None
-    from vimpac_jax.export.source import ExportSourceError, load_exportable
+    from vimpac_jax.export.source import ExportSourceError, read_exportable
 
     try:
-        _, variables = load_exportable(path)
+        _, variables, step = read_exportable(path)  # a workdir's newest intact step, and its number
     except ExportSourceError as e:
         raise PredictError(str(e)) from None
     replicated = shd.replicated(mesh)
     params = jax.device_put(variables["params"], replicated)
     batch_stats = jax.device_put(variables.get("batch_stats") or {}, replicated)
     eval_step = make_eval_step(model_config, mesh)
-    step = None
-    if kind == "workdir":
-        import orbax.checkpoint as ocp
-
-        step = ocp.CheckpointManager(path.absolute() / "checkpoints").latest_step()
     return (lambda tokens: eval_step(params, batch_stats, tokens)["probs"]), step
 
 

@@ -214,11 +214,6 @@ def _train_store_tokenizer_hash(run_config: dict) -> Optional[str]:
         return None
 
 
-def _latest_step(run_dir: Path) -> Optional[int]:
-    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-    return max(steps, default=None)
-
-
 def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos: int = 4,
                 mask_blocks: Optional[int] = None, seed: int = 0, scale: int = 4) -> dict:
     """Fig. 5 of the pre-training run (or model checkpoint) `run_dir` on the first `num_videos`
@@ -236,7 +231,7 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
     import jax
 
     from vimpac_jax.data import video_decode as vd
-    from vimpac_jax.export.source import ExportSourceError, load_exportable, load_model_config
+    from vimpac_jax.export.source import ExportSourceError, load_model_config, read_exportable
     from vimpac_jax.models.model import build_model
     from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
 
@@ -254,7 +249,9 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: {e}") from None
     if not tokenizer.has_decoder:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
-    run_config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    from vimpac_jax.training import workdir as workdir_lib
+
+    run_config = workdir_lib.read_config_dict(run_dir) if workdir_lib.is_workdir(run_dir) else {}
     expected = _train_store_tokenizer_hash(run_config)
     if expected is not None and expected != tokenizer.weights_sha256:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
@@ -285,11 +282,10 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
     if not clips:
         raise VisualizeError(f"no usable video among {len(paths)} ({len(skipped)} skipped)")
 
-    _, variables = load_exportable(run_dir)
+    _, variables, step = read_exportable(run_dir)  # step: None for a model checkpoint
     rec = reconstruct(build_model(model_cfg), variables, tokenizer, np.stack(clips), jax.random.key(seed), num_blocks)
     image = figure_image(rec, scale=scale)
     plots.write_png(out, image)
-    step = _latest_step(run_dir) if (run_dir / "config.json").is_file() else None
     if step is not None:
         plots.write_tensorboard_images(run_dir / "tensorboard", step, {"fig5/reconstruction": image})
     accuracy = float((rec.predicted_tokens == rec.tokens)[rec.mask].mean()) if rec.mask.any() else float("nan")

@@ -10,43 +10,21 @@ last K's results, and eval_results.json also `by_clips` {K: top1, top5, loss, me
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-import ml_collections
 
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
-def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def restore_params(workdir: Path, config, mesh):
-    """The latest checkpoint's parameters, laid out on `mesh` like the training state."""
-    import jax
+    """(step, params) of the newest intact checkpoint, laid out on `mesh` like the training
+    state's parameters (the optimizer state is not read)."""
+    from vimpac_jax.training import workdir as workdir_lib
+    from vimpac_jax.training.pretrain_step import param_shardings
 
-    import orbax.checkpoint as ocp
-
-    from vimpac_jax.training import checkpointing
-    from vimpac_jax.training.pretrain_step import abstract_train_state, train_state_shardings
-
-    model_cfg = config.model.to_dict()
-    optim_cfg = dict(config.optim.to_dict(), total_steps=max(int(config.optim.total_steps), 1))
-    shardings = train_state_shardings(model_cfg, optim_cfg, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_train_state(model_cfg, optim_cfg), shardings)
-    manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints")
-    # The latest step that restores (a damaged one is skipped with a warning; none: an error).
-    restored = checkpointing.restore_latest(manager, abstract, None)
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    step, state, _ = restored
-    return step, state
+    shardings = param_shardings(config.model.to_dict(), mesh)
+    step, restored = workdir_lib.restore_variables(workdir, ("params",), shardings={"params": shardings})
+    return step, restored["params"]
 
 
 def format_table(results: list[dict]) -> str:
@@ -83,8 +61,10 @@ def main(argv) -> int:
                              "'vimpac-jax[viz]')")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
+    from vimpac_jax.training import workdir as workdir_lib
+
     try:
-        config = load_workdir_config(workdir)
+        config = workdir_lib.read_config(workdir_lib.require_workdir(workdir))
         if config.task != "finetune":
             raise ValueError(f"{workdir}: evaluate needs a fine-tuning run, this one is task={config.task!r}")
         store = args.eval_store or config.data.eval_store
@@ -112,7 +92,7 @@ def main(argv) -> int:
         index = pipelines.load_index(store)
         check_store_fits(index, config.model, "eval_store", clip_fps=config.data.clip_fps)
         mesh = shd.make_mesh(config.mesh)
-        step, state = restore_params(workdir, config, mesh)
+        step, params = restore_params(workdir, config, mesh)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -130,7 +110,7 @@ def main(argv) -> int:
         progress = Progress(index.num_videos, label=f"evaluate {k} clips x {views} crops: ", unit="videos",
                             per_unit={"views": k * views}, every_seconds=args.progress_interval,
                             enabled=jax.process_index() == 0)
-        results.append(evaluate_classifier(config, mesh, index, state.params, num_clips=k, crops=crops,
+        results.append(evaluate_classifier(config, mesh, index, params, num_clips=k, crops=crops,
                                            progress=progress))
         progress.close()
     result = dict(results[-1], step=step)

@@ -257,28 +257,38 @@ def abstract_train_state(model_cfg, optim_cfg) -> TrainState:
                           jax.random.key(0))
 
 
+def param_shardings(model_cfg, mesh, rules=None):
+    """NamedShardings of the parameters alone, by the logical-axis rules (what a reader of a
+    checkpoint's parameters lays them out with)."""
+    return shd.state_shardings(_boxed_variables(build_model(model_cfg), model_cfg)["params"], mesh, rules)
+
+
 def train_state_shardings(model_cfg, optim_cfg, mesh, rules=None) -> TrainState:
     """NamedShardings of every leaf of the TrainState: parameters by the logical-axis rules,
-    Adam moments like their parameters, counters and BatchNorm statistics replicated."""
-    model = build_model(model_cfg)
+    Adam moments like their parameters, counters and BatchNorm statistics replicated.
+
+    Traces the model's initialisation once: a task computes this once per run and hands it to
+    `init_train_state` and the step builders (`state_shardings=`)."""
+    model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
     boxed = _boxed_variables(model, model_cfg)
     param_sh = shd.state_shardings(boxed["params"], mesh, rules)
-    abstract = abstract_train_state(model_cfg, optim_cfg)
+    opt_state = jax.eval_shape(tx.init, nn.unbox(boxed["params"]))  # the optimizer only, not the model
     return TrainState(
         step=shd.replicated(mesh),
         params=param_sh,
-        batch_stats=jax.tree.map(lambda _: shd.replicated(mesh), abstract.batch_stats),
-        opt_state=shd.shardings_like_params(abstract.opt_state, param_sh, mesh),
+        batch_stats=jax.tree.map(lambda _: shd.replicated(mesh), nn.unbox(boxed.get("batch_stats", {}))),
+        opt_state=shd.shardings_like_params(opt_state, param_sh, mesh),
     )
 
 
 def init_train_state(model_cfg, optim_cfg, key: jax.Array, mesh: Optional[jax.sharding.Mesh] = None,
-                     rules=None) -> TrainState:
+                     rules=None, state_shardings: Optional[TrainState] = None) -> TrainState:
     """A fresh TrainState whose arrays are created directly in their shardings (never whole on
-    one device). `mesh` defaults to all devices on 'data'."""
+    one device). `mesh` defaults to all devices on 'data'; `state_shardings` to
+    `train_state_shardings(model_cfg, optim_cfg, mesh, rules)`."""
     mesh = shd.make_mesh() if mesh is None else mesh
     model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
-    shardings = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    shardings = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     init = functools.partial(_init_state, model=model, model_cfg=model_cfg, tx=tx)
     return jax.jit(init, out_shardings=shardings)(key)
 
@@ -442,18 +452,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
 
 
 def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                       rules=None):
+                       rules=None, state_shardings: Optional[TrainState] = None):
     """`pretrain_step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
 
     state: a TrainState laid out as `train_state_shardings` (what `init_train_state` returns);
     it is donated. batch: {'tokens': int [B, 2, T, H, W], ...} split over ('data', 'fsdp')
     (`sharding.make_global_batch`); key: one PRNG key for the whole update (masking, dropout).
-    Metrics come back replicated.
+    Metrics come back replicated. `state_shardings`: the run's `train_state_shardings`, if known.
     """
     check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     model, tx, schedule = _model_and_tx(model_cfg, optim_cfg)
-    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, pretrain_cfg=pretrain_cfg,
                              model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg),
                              mesh=mesh)
@@ -491,13 +501,13 @@ def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: j
 
 
 def make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                            rules=None):
+                            rules=None, state_shardings: Optional[TrainState] = None):
     """`eval_step(state, batch, key) -> metrics`, jitted with the shardings of `make_pretrain_step`
     (the state is read, not donated); metrics come back replicated."""
     check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     step = functools.partial(pretrain_eval_step, model=build_model(model_cfg), pretrain_cfg=pretrain_cfg,
                              model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg), mesh=mesh)
-    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=shd.replicated(mesh))

@@ -13,11 +13,9 @@ A task is built from the config and the mesh and exposes:
                                                evaluation; scalars (may be empty)
 """
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-import flax
 import jax
 import numpy as np
 
@@ -27,8 +25,10 @@ from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
+from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step, view_cross_entropy
-from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step
+from vimpac_jax.training.pretrain_step import (TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step,
+                                              train_state_shardings)
 
 
 def _variants(value: Optional[str]) -> Optional[list[str]]:
@@ -138,26 +138,20 @@ def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], f
 
 def load_init_source(path: str) -> tuple[dict, dict]:
     """(model config, {'params', 'batch_stats'[, 'opt_state']}) of a model checkpoint or of the
-    latest checkpoint of a training workdir (which also has the optimizer state)."""
+    newest intact checkpoint of a training workdir (which also has the optimizer state)."""
     p = Path(path)
     if checkpoints.is_model_checkpoint(p):
         return checkpoints.load_model(p)
-    if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
-        import orbax.checkpoint as ocp
-
-        from vimpac_jax.training import checkpointing
-
-        manager = ocp.CheckpointManager(p.absolute() / "checkpoints")
-        # The latest step that restores, as saved (a damaged one is skipped; none: an error).
-        latest = checkpointing.restore_latest(manager, None, None)
-        if latest is None:
-            raise FileNotFoundError(f"config.init_from={path}: the workdir has no complete checkpoint")
-        restored = latest[1]
-        config = json.loads((p / "config.json").read_text())
-        return config["model"], {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}),
-                                 "opt_state": restored.get("opt_state")}
+    if workdir_lib.is_workdir(p):
+        try:
+            _, restored = workdir_lib.restore_variables(p, ("params", "batch_stats", "opt_state"))
+        except workdir_lib.WorkdirError as e:
+            raise ValueError(f"config.init_from={path}: {e}") from None
+        return workdir_lib.read_model_config(p), {"params": restored["params"],
+                                                   "batch_stats": restored.get("batch_stats", {}),
+                                                   "opt_state": restored.get("opt_state")}
     raise FileNotFoundError(f"config.init_from={path}: not a model checkpoint (model_config.json) nor a training "
-                            f"workdir (config.json + checkpoints/)")
+                            f"workdir ({workdir_lib.CONFIG_FILE} + {workdir_lib.CHECKPOINTS_DIR}/)")
 
 
 def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_optimizer: bool, log) -> TrainState:
@@ -207,9 +201,12 @@ class _StoreTask:
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
         self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
         self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)
+        # Once per run (it traces the model's initialisation): the layout of the state for its
+        # initialisation, every step and evaluation, and the restore of a checkpoint.
+        self.state_shardings = train_state_shardings(self.model_cfg, self.optim_cfg, mesh)
 
     def init_state(self, key) -> TrainState:
-        state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh)
+        state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh, state_shardings=self.state_shardings)
         if self.config.init_from:
             state = initialise_from(state, self.config.init_from,
                                     allow_mismatch=bool(self.config.init_from_allow_mismatch),
@@ -291,7 +288,8 @@ class PretrainTask(_StoreTask):
         self.items_per_step = 2 * int(config.data.batch_size)  # clips
         _check_mlm_codes(self.model_cfg, config.data.train_store, "train_store")
         _check_mlm_codes(self.model_cfg, config.data.eval_store, "eval_store")
-        self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh,
+                                       state_shardings=self.state_shardings)
         self.eval_index = None
         if config.data.eval_store:
             self._init_validation(config, mesh)
@@ -318,7 +316,8 @@ class PretrainTask(_StoreTask):
             raise ValueError(f"config.data.eval_store={config.data.eval_store} holds {index.num_videos} videos, fewer "
                              f"than one validation batch of {self.eval_batch} (config.pretrain.eval_batch_size)")
         self.eval_index = index.select_variants(eval_variant_names(index, "center", None))
-        self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh,
+                                                 state_shardings=self.state_shardings)
 
     def validate(self, state) -> dict:
         """Mean over the held-out batches of the eval step's metrics (the released averaging);
@@ -365,7 +364,7 @@ class FinetuneTask(_StoreTask):
                           config.get("variant_set"))
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
                                        label_smoothing=float(config.finetune.label_smoothing),
-                                       micro_batches=micro_batches, mesh=mesh)
+                                       micro_batches=micro_batches, mesh=mesh, state_shardings=self.state_shardings)
         num_classes = int(self.model_cfg["num_classes"])
         if num_classes <= 0:
             raise ValueError("config.model.num_classes must be > 0 for fine-tuning")
