@@ -190,7 +190,7 @@ def test_the_data_iterator_resumes_under_another_worker_count(pretrain_store, tm
     from vimpac_jax.data import pipelines as P
     from vimpac_jax.training import checkpointing
 
-    ds = P.pretrain_dataset(P.load_index(pretrain_store), batch_size=2, clip_len=5, seed=3, process_index=0,
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
                             process_count=1)
     expected = [ds[b]["tokens"] for b in range(9)]  # 3 batches per epoch: crosses two epoch boundaries
     manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
@@ -229,7 +229,7 @@ def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store
 
     from vimpac_jax.data import pipelines as P
 
-    ds = P.pretrain_dataset(P.load_index(pretrain_store), batch_size=2, clip_len=5, seed=3, process_index=0,
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
                             process_count=1)
     two_workers = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
                    "iterators_in_use_states": [{"next_index": 3}, {"next_index": 2}], "exhausted": [0, 0],

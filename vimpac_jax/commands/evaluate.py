@@ -64,12 +64,7 @@ def main(argv) -> int:
     from vimpac_jax.training import workdir as workdir_lib
 
     try:
-        config = workdir_lib.read_config(workdir_lib.require_workdir(workdir))
-        if config.task != "finetune":
-            raise ValueError(f"{workdir}: evaluate needs a fine-tuning run, this one is task={config.task!r}")
-        store = args.eval_store or config.data.eval_store
-        if not store:
-            raise ValueError("no held-out split: the run's config.data.eval_store is empty; pass --eval-store")
+        # The flags first, then the run: nothing is read for a command line that cannot run.
         clips = [None] if args.clips is None else parse_clips(args.clips)
         if args.crops not in (None, "3", "1", "center", "three"):
             raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
@@ -81,6 +76,12 @@ def main(argv) -> int:
                 plots.require("matplotlib", CONFUSION_MATRIX_FILE)
             except plots.VizExtraMissing as e:
                 raise ValueError(f"{e}; or pass --no-pictures") from None
+        config = workdir_lib.read_config(workdir_lib.require_workdir(workdir))
+        if config.task != "finetune":
+            raise ValueError(f"{workdir}: evaluate needs a fine-tuning run, this one is task={config.task!r}")
+        store = args.eval_store or config.data.eval_store
+        if not store:
+            raise ValueError("no held-out split: the run's config.data.eval_store is empty; pass --eval-store")
         from vimpac_jax.runtime.distributed import maybe_initialize
 
         maybe_initialize()
