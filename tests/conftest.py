@@ -24,6 +24,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+# The suite's programs are tiny, so compiling is most of their time on CPU: XLA's backend (LLVM)
+# optimisation off compiles in about 30% less CPU time (measured on test_step_traffic,
+# test_finetune, test_vq) and changes no result beyond float rounding. Read by jax when it is
+# imported, here and in every subprocess; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it back on.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("VIMPAC_GOLDEN", REPO.parent / "shared" / "golden"))
 
