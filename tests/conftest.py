@@ -34,6 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("VIMPAC_GOLDEN", REPO.parent / "shared" / "golden"))
 
 
+@pytest.fixture
+def xla_optimized():
+    """XLA's backend optimisation on for one test (see JAX_DISABLE_MOST_OPTIMIZATIONS above), for
+    the few whose run time, not compile time, dominates (large sampled batches): unoptimised
+    code runs those several times slower. Only programs compiled during the test are affected."""
+    import jax
+
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():
