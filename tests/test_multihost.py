@@ -242,6 +242,7 @@ def test_settings_sources():
     assert settings_from_env({"TPU_WORKER_HOSTNAMES": "a,b"}).source == "tpu"
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
     """SLURM or a TPU maintenance event may signal one host first: every process must still save
     (orbax's save is collective) and stop at one agreed step, exiting PREEMPTED."""

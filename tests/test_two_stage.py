@@ -24,6 +24,7 @@ from vimpac_jax.training import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS, STAGE2_STEPS = 10, 4
+pytestmark = pytest.mark.slow  # stage 1 is a real training run (train_lib.train)
 
 
 @pytest.fixture(scope="module")
