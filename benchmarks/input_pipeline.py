@@ -1,8 +1,9 @@
 """Input-pipeline throughput per host: clips/s of the pre-training and test pipelines.
 
 Writes synthetic token stores (random codes, `write_test_store`; one per --frames x --grid x
---layouts) unless --store names one, then times `make_iterator` over `pretrain_dataset` (2 clips
-per video) and `eval_dataset` (crops x num_clips views per video) after a warm-up. Run from the
+--layouts) unless --store names one, then times `make_iterator` over `train_dataset(index,
+"pretrain")` (2 clips per video) and `eval_dataset` (crops x num_clips views per video) after a
+warm-up. Run from the
 repository root:
 
     python benchmarks/input_pipeline.py --frames 120,780 --grid 16,32 --layouts whole,chunked \
@@ -160,9 +161,9 @@ def main(argv=None) -> int:
             for workers in args.workers:
                 for kind in args.pipelines:
                     if kind == "pretrain":
-                        ds = pipelines.pretrain_dataset(index, batch_size=args.batch_size, clip_len=args.clip_len,
-                                                        seed=0, variants=pre_variants, process_index=0,
-                                                        process_count=1)
+                        ds = pipelines.train_dataset(index, "pretrain", batch_size=args.batch_size,
+                                                     clip_len=args.clip_len, seed=0, variants=pre_variants,
+                                                     process_index=0, process_count=1)
                         views, what = 2, f"pretrain T={args.clip_len}, 2 clips/video"
                     else:
                         # Repeated: a finite test set would run dry inside the timing window.

@@ -23,7 +23,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path[0] = _ROOT
-sys.path.insert(1, os.path.join(_ROOT, "configs"))
 
 import argparse  # noqa: E402
 import ast  # noqa: E402
@@ -38,7 +37,8 @@ import jax  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import common  # noqa: E402  (configs/common.py)
+from vimpac_jax.configs import common  # noqa: E402
+from vimpac_jax.models.config import MODEL_PRESETS  # noqa: E402
 from vimpac_jax.models.model import build_model, init_variables  # noqa: E402
 from vimpac_jax.training import pretrain_step as ps  # noqa: E402
 from vimpac_jax.training.masking import IGNORE_LABEL  # noqa: E402
@@ -81,7 +81,7 @@ def lowered_dots(stablehlo_text: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=sorted(common.MODEL_PRESETS))
+    p.add_argument("--preset", default="small", choices=sorted(MODEL_PRESETS))
     p.add_argument("--videos", type=int, default=2, help="videos per step (2 clips each)")
     p.add_argument("--clip-len", type=int, default=5)
     p.add_argument("--frame-size", type=int, default=128)

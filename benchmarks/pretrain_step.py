@@ -12,7 +12,7 @@ all devices on 'data' unless --mesh says otherwise. Reports:
                    projection head (the formula is printed); recomputation (remat), the static
                    K > masked count, softmax/LayerNorm/element-wise work are not counted;
   % of peak        TFLOP/s / the device's bf16 dense peak, looked up from its device kind in
-                   PEAK_TFLOPS (H100 / H200: 790, the sustained figure of docs/perf-analysis;
+                   PEAK_TFLOPS (H100 / H200: 790, the tensor cores at sustained clocks;
                    NVIDIA's sheet says 989, printed too) or given with --peak-tflops;
   peak memory      device.memory_stats()['peak_bytes_in_use'] where the backend has it (GPU);
   compile time     lowering + XLA compilation of the step.
@@ -43,7 +43,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path[0] = _ROOT
-sys.path.insert(1, os.path.join(_ROOT, "configs"))
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -57,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402  (configs/common.py)
+from vimpac_jax.configs import common  # noqa: E402
 from vimpac_jax.models.layout import parse_layout  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.training import finetune_step as fs  # noqa: E402
@@ -68,7 +67,7 @@ from vimpac_jax.training.optimizer import optim_config  # noqa: E402
 
 PRESETS = ("tiny", "small", "base", "large_half")
 # bf16 dense TFLOP/s by device kind (first substring match): (used for % of peak, sheet value).
-# H100 SXM / H200: 790 as docs/perf-analysis.md counts it (the tensor cores at sustained clocks);
+# H100 SXM / H200: 790, the tensor cores at sustained clocks;
 # NVIDIA's data sheets say 989. Others: the sheet value.
 PEAK_TFLOPS = (
     ("H200", 790.0, 989.0), ("H100 PCIe", 756.0, 756.0), ("H100", 790.0, 989.0),

@@ -7,44 +7,17 @@ locked) and bad values before anything compiles.
 
 import ml_collections
 
+from vimpac_jax.models import config as models_config
 from vimpac_jax.training.optimizer import optim_config
 from vimpac_jax.training.pretrain_step import pretrain_config
 from vimpac_jax.training.sharding import mesh_config
 
-# The paper's Table 3 models. Heads = hidden_dim // 64.
-MODEL_PRESETS = {
-    "tiny": dict(num_layers=2, hidden_dim=64, num_heads=2, proj_layers=2, proj_hidden_dim=128),
-    "small": dict(num_layers=6, hidden_dim=512, proj_layers=2, proj_hidden_dim=2048),
-    "base": dict(num_layers=12, hidden_dim=768, proj_layers=2, proj_hidden_dim=4096),
-    "large_half": dict(num_layers=24, hidden_dim=1024, halve_att=True, halve_mlp=True,
-                       proj_layers=3, proj_hidden_dim=4096),
-}
-
-
 def model_config(preset: str, *, task: str = "pretrain", clip_len: int = 5, frame_size: int = 128,
                  num_classes: int = 0) -> ml_collections.ConfigDict:
-    """The `config.model` block read by `vimpac_jax.models.model.build_model`."""
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"model preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
-    m = ml_collections.ConfigDict(dict(
-        task=task,
-        num_layers=0, hidden_dim=0,
-        clip_len=clip_len, height=frame_size // 8, width=frame_size // 8,
-        layout="T,H|W", num_heads=ml_collections.FieldReference(None, field_type=int),
-        pos_emb="hw_separation", pre_ln=False, halve_att=False, halve_mlp=False,
-        dropout=0.1, attention_dropout=0.1, vocab_size=8197,
-        dtype="float32",
-        remat="none",                # backbone.REMAT_POLICIES: none, full, dots, dots_no_batch, save:<names>
-        # token lookup from the float32 table ("compute_dtype": cast the table first, as before)
-        embed_lookup="float32",
-        attention_impl=ml_collections.FieldReference(None, field_type=str),
-        proj_layers=2, proj_hidden_dim=2048, proj_dim=256,
-        # MLM logits over ids [0, mlm_codes) only; None = all vocab_size (the released head).
-        mlm_codes=ml_collections.FieldReference(None, field_type=int),
-        num_classes=num_classes, last_dropout=0.0,
-    ))
-    m.update(MODEL_PRESETS[preset])
-    return m
+    """The `config.model` block: a size of `vimpac_jax.models.config.MODEL_PRESETS` (the paper's
+    Table 3, and `tiny`) at CLIP_LEN frames of FRAME_SIZE px (tokens of 8x8 px)."""
+    return models_config.model_config(preset, task=task, clip_len=clip_len, height=frame_size // 8,
+                                      width=frame_size // 8, num_classes=num_classes)
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:

@@ -9,13 +9,9 @@ Variants: `stage=tokenizer|pretrain|finetune`, `preset=default|full|smoke`.
 `vimpac demo` fills in the data paths; everything else is here.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import tokenizer as tokenizer_configs  # noqa: E402
-from vimpac_jax.config_utils import parse_arg  # noqa: E402
+from vimpac_jax.config_utils import parse_arg
+from vimpac_jax.configs import common
+from vimpac_jax.configs import tokenizer as tokenizer_configs
 
 PRESETS = {
     # frame size, clip frames, clip fps, model, steps (tokenizer / pretrain / finetune), batches
@@ -37,10 +33,11 @@ def get_config(arg: str | None = None):
     p = PRESETS[arg.preset]
     if arg.stage == "tokenizer":
         config = tokenizer_configs.get_config("tiny")
-        config.tokenizer.codebook_size = p["codes"]
-        config.train.update(num_steps=p["tok_steps"], batch_size=p["tok_batch"], log_every=50, checkpoint_every=1000,
-                            warmup_steps=min(20, p["tok_steps"] // 5))
-        config.train.data.update(fps=p["fps"], size=p["size"], max_frames_per_video=16, num_workers=0)
+        config.model.codebook_size = p["codes"]
+        config.train.update(num_steps=p["tok_steps"], log_every=50, checkpoint_every=1000)
+        config.optim.warmup = min(20, p["tok_steps"] // 5)
+        config.data.update(batch_size=p["tok_batch"], fps=p["fps"], size=p["size"], max_frames_per_video=16,
+                           workers=0)
         return config
     if arg.stage not in ("pretrain", "finetune"):
         raise ValueError(f"stage must be tokenizer, pretrain or finetune, got {arg.stage!r}")

@@ -1,20 +1,21 @@
 """VIMPAC pre-training (paper Tables 3 and 4; the released scripts/pretrain/*.sh).
 
 Variants (comma-separated, big_vision style):
-  model=small|base|large_half|tiny   (or just `small`): the paper's models, T=5, 128 px
+  model=small|base|large_half|tiny   (or just `small`): the paper's models, T=5, 128 px; alone,
+                                       stage 1 of the final recipe: epochs [0, 90) of a 100-epoch
+                                       schedule (scripts/pretrain/large.sh), to be followed by stage2
   stage2                             : the second stage, 256 px: epochs [90, 100) of the same
                                        100-epoch schedule, from stage 1's optimizer state, 6 blocks
-  analysis                           : the analysis recipe (10 epochs, lr 1e-3, 10% warm-up)
+                                       (scripts/pretrain/large_frame256cont.sh)
+  analysis                           : the analysis recipe (10 epochs, lr 1e-3, 10% warm-up; one
+                                       10-epoch schedule): scripts/pretrain/small.sh, and every
+                                       analysis of the paper's Appendix F
   runlocal                           : tiny everything, runs on one CPU in seconds
-Example: vimpac train --config configs/pretrain.py:small --workdir W --config.data.train_store=S
+Example: vimpac train --config configs/pretrain.py:small,analysis --workdir W --config.data.train_store=S
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from vimpac_jax.config_utils import parse_arg  # noqa: E402
+from vimpac_jax.config_utils import parse_arg
+from vimpac_jax.configs import common
 
 PRESETS = ("tiny", "small", "base", "large_half")
 

@@ -4,7 +4,7 @@
 #   launch/local.sh [-n N] [--port PORT] [--cpu-devices K] [--log-dir DIR] -- COMMAND [ARGS...]
 #
 # Each process gets VIMPAC_COORDINATOR=127.0.0.1:PORT, VIMPAC_NUM_PROCESSES=N and its own
-# VIMPAC_PROCESS_ID (read by vimpac_jax.launch.distributed.maybe_initialize). --cpu-devices K
+# VIMPAC_PROCESS_ID (read by vimpac_jax.runtime.distributed.maybe_initialize). --cpu-devices K
 # makes each process a CPU "host" with K devices (JAX_PLATFORMS=cpu, XLA_FLAGS), for trying a
 # multi-host run without accelerators. Output goes to DIR/process_<i>.log with --log-dir, else
 # to this terminal. When any process fails the others are stopped (they would otherwise wait

@@ -1,4 +1,4 @@
-"""The shipped presets read back as the paper's Tables 3 and 4 (reference §3, §7)."""
+"""The shipped presets read back as the paper's Tables 3 and 4."""
 
 from pathlib import Path
 
@@ -37,9 +37,23 @@ def test_second_stage_and_analysis_recipes():
     assert (an.optim.learning_rate, an.optim.warmup, an.train.epochs) == (1e-3, 0.1, 10)
 
 
-@pytest.mark.parametrize("dataset,epochs,classes", [("ssv2", 22, 174), ("diving48", 50, 48), ("ucf101", 50, 101),
-                                                    ("hmdb51", 50, 51), ("k400", 30, 400)])
-def test_finetune_presets_match_table_4(dataset, epochs, classes):
+# Table 4 epochs, Table 5 classes and training videos, Appendix C.1 clip rates (2 fps for the
+# longer videos of UCF101 and K400, 4 fps for HMDB51, SSV2, Diving48) and the from-scratch epochs
+# (x4 for the small sets, x1.5 for SSV2 and K400), Table 4's "Number of Updates".
+FINETUNE = {  # dataset: (epochs, classes, clip fps, scratch epochs, train videos, updates)
+    "ssv2": (22, 174, 4.0, 33, 168_913, 29_000),
+    "diving48": (50, 48, 4.0, 200, 15_027, 5_800),
+    "ucf101": (50, 101, 2.0, 200, 9_537, 3_700),
+    "hmdb51": (50, 51, 4.0, 200, 3_570, 1_400),
+    "k400": (30, 400, 2.0, 45, 205_418, 48_000),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(FINETUNE))
+def test_finetune_presets_match_table_4(dataset):
+    from vimpac_jax.data.pipelines import frame_step
+
+    epochs, classes, fps, _, videos, updates = FINETUNE[dataset]
     for model, lr in (("small", 1e-4), ("base", 1e-4), ("large_half", 5e-5)):
         c = config(f"finetune.py:dataset={dataset},model={model}")
         assert c.train.epochs == epochs and c.model.num_classes == classes and c.optim.learning_rate == lr
@@ -47,10 +61,44 @@ def test_finetune_presets_match_table_4(dataset, epochs, classes):
         assert (o.warmup, o.schedule, o.b1, o.b2, o.weight_decay, o.clip_grad_norm) == (0.1, "linear", 0.9, 0.999,
                                                                                           0.01, 1.0)
         assert c.data.batch_size == 128 and c.model.dropout == 0.1 and c.model.last_dropout == 0.0
-        assert c.data.clip_fps == 2.0 and c.data.eval_clips == 10
+        assert c.data.clip_fps == fps and c.data.eval_clips == 10
+        # The README's 16-fps downstream stores: every 8th (2 fps) or 4th (4 fps) stored frame.
+        assert frame_step(16.0, c.data.clip_fps) == {2.0: 8, 4.0: 4}[fps]
         assert (c.model.clip_len, c.model.height) == ((10, 32) if model == "large_half" else (5, 16))
         assert c.variant_set == ("finetune_noflip" if dataset == "ssv2" else "finetune")
         assert c.eval_crops == ("center" if dataset == "ssv2" else "three")
+    # Table 4's update counts (two significant digits) from the epochs and the batch of 128.
+    assert c.train.epochs * (videos // c.data.batch_size) == pytest.approx(updates, rel=0.05)
+
+
+@pytest.mark.parametrize("dataset", sorted(FINETUNE))
+def test_analysis_and_scratch_finetuning_variants(dataset):
+    """Appendix F: analysis fine-tuning at the pre-training shape (T=5, 128 px), tested with 2 clips
+    per crop; Appendix C.1: the no-pre-training baseline trains 4x (small sets) or 1.5x the epochs."""
+    epochs, _, fps, scratch_epochs, _, _ = FINETUNE[dataset]
+    base = config(f"finetune.py:dataset={dataset}")
+    an = config(f"finetune.py:dataset={dataset},analysis")
+    assert (an.model.num_layers, an.model.hidden_dim, an.model.clip_len, an.model.height) == (6, 512, 5, 16)
+    assert an.data.eval_clips == 2 and base.data.eval_clips == 10 and an.train.epochs == epochs
+    assert an.data.clip_fps == fps and an.init_from == ""
+    sc = config(f"finetune.py:dataset={dataset},scratch")
+    assert sc.train.epochs == scratch_epochs and sc.init_from == "" and sc.data.eval_clips == 10
+    assert sc.train.epochs / epochs == (4.0 if dataset in ("ucf101", "hmdb51", "diving48") else 1.5)
+    both = config(f"finetune.py:dataset={dataset},analysis,scratch")  # Table 7's first row
+    assert (both.train.epochs, both.data.eval_clips, both.model.clip_len) == (scratch_epochs, 2, 5)
+    # The analysis shape even for a large model (Table 6 fine-tunes every size at T=5, 128 px).
+    assert config(f"finetune.py:dataset={dataset},model=large_half,analysis").model.clip_len == 5
+
+
+def test_pretrain_update_counts_match_table_4():
+    """Table 4's "Number of Updates": 120K for the 100-epoch recipe, 12K for the analysis one,
+    over HowTo100M's 1,238,791 videos (Table 5) in 1024-video drop-last batches."""
+    per_epoch = 1_238_791 // 1024
+    s1, s2 = config("pretrain.py:large_half"), config("pretrain.py:large_half,stage2")
+    assert (s1.train.epochs + s2.train.epochs) * per_epoch == pytest.approx(120_000, rel=0.05)
+    assert s1.optim.schedule_epochs * per_epoch == pytest.approx(120_000, rel=0.05)
+    an = config("pretrain.py:small,analysis")
+    assert an.train.epochs * per_epoch == pytest.approx(12_000, rel=0.05)
 
 
 def test_runlocal_shrinks_and_unknown_fields_are_rejected():
@@ -80,3 +128,167 @@ def test_two_stage_recipe_is_one_schedule_and_the_papers_negatives():
     an = config("pretrain.py:small,analysis")
     assert an.data.batch_size // an.pretrain.micro_batches == 64 and an.optim.schedule_epochs is None
     assert schedule_length(an.optim, steps_per_epoch, 10 * steps_per_epoch) == 10 * steps_per_epoch
+
+
+def test_configs_are_modules_of_the_package_and_edit_no_import_path():
+    import sys
+
+    from vimpac_jax.configs import pretrain
+
+    before = list(sys.path)
+    c = config("pretrain.py:small")
+    assert sys.path == before  # the config files import each other as vimpac_jax.configs.*
+    assert pretrain.get_config("small").to_dict() == c.to_dict()
+
+
+def test_config_paths_resolve_under_the_cwd_first_then_to_the_installed_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the installed ones answer to the same names
+    assert config_path_model("configs/pretrain.py:small") == (6, 512)
+    assert load_config(["--config=configs/finetune.py:dataset=ssv2"]).model.num_classes == 174
+    # A file under the working directory comes first.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pretrain.py").write_text(
+        "from vimpac_jax.configs import pretrain\n\n"
+        "def get_config(arg=None):\n    c = pretrain.get_config(arg)\n    c.model.num_layers = 3\n    return c\n")
+    assert config_path_model("configs/pretrain.py:small") == (3, 512)
+    with pytest.raises(ValueError, match=r"configs/nope.py not found .*configs/pretrain.py"):
+        load_config(["--config", "configs/nope.py:small"])
+
+
+def config_path_model(spec):
+    m = load_config(["--config", spec]).model
+    return m.num_layers, m.hidden_dim
+
+
+def test_build_model_variants_are_the_configs_model_sizes():
+    from vimpac_jax.models.config import MODEL_PRESETS
+    from vimpac_jax.models.model import build_model
+
+    # The paper's Small at T=5, 128 px: the variant's defaults are the pre-training config's model.
+    assert build_model(variant="small") == build_model(config("pretrain.py:small").model)
+    assert build_model(variant="small") != build_model(variant="base")
+    model = build_model(variant="base", num_layers=3, clip_len=2)
+    assert (model.backbone.num_layers, model.backbone.hidden_dim, model.backbone.clip_len) == (3, 768, 2)
+    assert set(MODEL_PRESETS) == {"tiny", "small", "base", "large_half"}
+    with pytest.raises(ValueError, match="large_half"):
+        build_model(variant="huge")
+
+
+def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
+    from vimpac_jax.models.config import model_config
+    from vimpac_jax.models.model import build_model
+    from vimpac_jax.training import optimizer as opt
+
+    full = model_config("tiny", clip_len=2, height=2, width=2)
+    old = {k: full[k] for k in ("num_layers", "hidden_dim", "num_heads", "clip_len", "height", "width")}
+    assert build_model(old) == build_model(dict(old, proj_hidden_dim=2048))  # model_config's default
+    assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
+    with pytest.raises(KeyError, match="height"):
+        build_model({k: v for k, v in old.items() if k != "height"})
+    assert opt.warmup_steps(dict(total_steps=1000)) == 1000 * opt.optim_config().warmup  # 0.05, stated once
+
+
+def _rules_with(**changes):
+    from vimpac_jax.training import sharding as shd
+
+    return repr(tuple((name, changes.get(name, axes)) for name, axes in shd.LOGICAL_AXIS_RULES))
+
+
+def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_path, monkeypatch):
+    import flax.linen as nn
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from vimpac_jax.training import pretrain_step as ps
+    from vimpac_jax.training import sharding as shd
+    from vimpac_jax.training import train as train_lib
+
+    base = config("pretrain.py:runlocal")
+    assert shd.logical_axis_rules(base.mesh) == shd.LOGICAL_AXIS_RULES  # the default table
+    # The MLP hidden over fsdp instead of tensor, the model width replicated.
+    changed = config("pretrain.py:runlocal", f"--config.mesh.logical_axis_rules={_rules_with(mlp='fsdp', embed=None)}")
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def fc_kernel_spec(cfg):
+        with nn.logical_axis_rules(shd.logical_axis_rules(cfg.mesh)):
+            sh = ps.train_state_shardings(cfg.model.to_dict(), cfg.optim.to_dict(), mesh)
+        return sh.params["backbone"]["layer_0"]["mlp"]["fc"]["kernel"].spec
+
+    assert fc_kernel_spec(base) == P("fsdp", "tensor")
+    assert fc_kernel_spec(changed) == P(None, "fsdp")
+    # `vimpac train` makes the config's rules the active ones for the whole run.
+    seen = []
+    monkeypatch.setattr(train_lib, "_train_locked", lambda *a, **k: seen.append(shd.active_rules()) or {})
+    train_lib.train(changed, tmp_path / "run")
+    assert seen == [shd.logical_axis_rules(changed.mesh)] and dict(seen[0])["mlp"] == "fsdp"
+    assert shd.active_rules() == shd.LOGICAL_AXIS_RULES  # and only for the run
+    with pytest.raises(ValueError, match=r"config.mesh.logical_axis_rules: rule 'mlp' maps to 'model'"):
+        shd.logical_axis_rules(config("pretrain.py:runlocal",
+                                      f"--config.mesh.logical_axis_rules={_rules_with(mlp='model')}").mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the presets require of a store, checked before anything compiles (vimpac_jax/training/tasks.py).
+
+
+def finetune_task(tmp_path, dataset, *, fps, variants=("r32_center_noflip",), eval_fps=None, overrides=()):
+    from vimpac_jax.data.testing import write_test_store
+    from vimpac_jax.training import sharding as shd
+    from vimpac_jax.training.tasks import FinetuneTask
+
+    videos = [dict(video_id=f"v{i}", num_frames=12, label=i % 3, variants=variants) for i in range(4)]
+
+    def store(name, fps):
+        path = tmp_path / name
+        return path if path.exists() else write_test_store(path, videos, fps=fps, chunk_frames=4)
+
+    flags = [f"--config.data.train_store={store(f'train_{dataset}_{fps}', fps)}"]
+    if eval_fps is not None:
+        flags.append(f"--config.data.eval_store={store(f'val_{eval_fps}', eval_fps)}")
+    c = config(f"finetune.py:dataset={dataset},runlocal", *flags, *overrides)
+    return FinetuneTask(c, shd.make_mesh(), log=lambda *a: None)
+
+
+def test_store_fps_must_give_the_presets_clip_rate(tmp_path):
+    # HMDB51 clips are 4 fps: a 2-fps store cannot make them, a 6-fps store only at 6/int(1.5) = 6 fps.
+    for fps in (2.0, 6.0):
+        with pytest.raises(ValueError, match=rf"train_{'hmdb51'}_{fps}.* holds frames at {fps:g} fps.*"
+                                             r"config\.data\.clip_fps=4.*--fps 16"):
+            finetune_task(tmp_path, "hmdb51", fps=fps)
+    task = finetune_task(tmp_path, "hmdb51", fps=16.0)  # the README's downstream rate: every 4th frame
+    assert task.dataset()[0]["tokens"].shape == (4, 3, 4, 4)  # a batch of runlocal's 3-frame clips
+    assert task.config.data.clip_fps == 4.0
+    with pytest.raises(ValueError, match=r"config\.data\.eval_store=.*val_2\.0 holds frames at 2 fps"):
+        finetune_task(tmp_path, "hmdb51", fps=16.0, eval_fps=2.0)
+    finetune_task(tmp_path, "ucf101", fps=2.0)  # UCF101's 2 fps from a 2-fps store: every frame
+
+
+def test_ssv2_never_trains_on_flipped_clips(tmp_path):
+    flipping = ("r32_center_noflip", "r32_center_flip")
+    with pytest.raises(ValueError, match=r"train_ssv2_16\.0 holds flipped variants \(r32_center_flip\).*"
+                                         r"--variants finetune_noflip.*train_variants=r32_center_noflip"):
+        finetune_task(tmp_path, "ssv2", fps=16.0, variants=flipping)
+    # The unflipped variants of the same store, selected, train; a store of them only as well.
+    finetune_task(tmp_path, "ssv2", fps=16.0, variants=flipping, overrides=["--config.data.train_variants=r32_center_noflip"])
+    finetune_task(tmp_path / "noflip", "ssv2", fps=16.0)
+    finetune_task(tmp_path, "diving48", fps=16.0, variants=flipping)  # flips are fine where a mirror keeps the label
+
+
+def test_the_tokenizer_task_has_the_blocks_of_the_others():
+    from vimpac_jax.configs import common
+    from vimpac_jax.tokenizer import vq_task
+
+    c = config("tokenizer.py:tiny")
+    assert {"model", "optim", "data", "train", "tokenizer", "mesh", "seed"} <= set(c.keys())
+    assert set(c.train.keys()) == set(common.train_config().keys()) - {"epochs"}  # the loop's own fields
+    assert (c.data.batch_size, c.data.workers, c.data.size) == (16, 4, 32)
+    # What the VQ training state is built from: the preset's values under their new names.
+    assert vq_task.state_config(c)["train"] == dict(
+        lr=3e-3, num_steps=300, warmup_steps=20, b1=0.9, b2=0.99, grad_clip=1.0, flatten_optimizer=True,
+        commitment_beta=0.25, ema_decay=0.99, epsilon=1e-5, restart_threshold=1.0)
+    assert vq_task.state_config(config("tokenizer.py:tiny", "--config.optim.warmup=0.1"))["train"]["warmup_steps"] == 30
+    assert vq_task.state_config(c)["tokenizer"]["codebook_size"] == 64
+    with pytest.raises(ValueError, match=r"optim.warmup=400.0 must be in \[0, train.num_steps=300\]"):
+        vq_task.check_config(config("tokenizer.py:tiny", "--config.optim.warmup=400"))
+    with pytest.raises(ValueError, match="tokenizer.ema_decay=1.0"):
+        vq_task.check_config(config("tokenizer.py:tiny", "--config.tokenizer.ema_decay=1.0"))

@@ -16,11 +16,12 @@ import pytest
 
 pytest.importorskip("av")
 
-from vimpac_jax import visualize  # noqa: E402
+from installed_copy import installed_vimpac  # noqa: E402
+from vimpac_jax import plots, visualize  # noqa: E402
 from vimpac_jax.commands import visualize as visualize_cmd  # noqa: E402
 from vimpac_jax.data import video_decode as vd  # noqa: E402
-from vimpac_jax.data.demo_data import PRESETS as DATA_PRESETS  # noqa: E402
-from vimpac_jax.demo import FIGURE_VIDEOS, format_ablation, format_table, run_ablation, run_demo  # noqa: E402
+from vimpac_jax.demo.data import PRESETS as DATA_PRESETS  # noqa: E402
+from vimpac_jax.demo.chain import FIGURE_VIDEOS, format_ablation, format_table, run_ablation  # noqa: E402
 from vimpac_jax.export.source import load_exportable  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
@@ -28,8 +29,13 @@ from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """`vimpac demo --preset smoke` of a non-editable install, run from outside the checkout
+    (tests/installed_copy.py): the chain's one run also tests the installed configs."""
+    installed, cwd = installed_vimpac(tmp_path_factory), tmp_path_factory.mktemp("cwd")
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_demo(workdir, preset="smoke", seed=0)
+    result = installed.run("demo", "--preset", "smoke", "--seed", "0", "--workdir", workdir, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads((workdir / "demo_summary.json").read_text())
 
 
 @pytest.mark.slow
@@ -88,18 +94,15 @@ def test_reconstruction_differs_from_the_masked_input_exactly_where_masked(smoke
 @pytest.mark.slow
 def test_demo_figure_is_the_reconstruction_of_the_first_val_clips(smoke):
     workdir, _ = smoke
-    image = visualize.decode_png((workdir / "reconstruction.png").read_bytes())
+    image = plots.read_png(workdir / "reconstruction.png")
     model, variables, tokenizer, frames = _figure_inputs(workdir, FIGURE_VIDEOS)
     blocks = json.loads((workdir / "pretrain" / "config.json").read_text())["pretrain"]["mask_blocks"]
     rec = visualize.reconstruct(model, variables, tokenizer, frames, jax.random.key(0), blocks)
     np.testing.assert_array_equal(image, visualize.figure_image(rec))
     size, t = frames.shape[2], frames.shape[1]
-    assert image.shape == (FIGURE_VIDEOS * (4 * 4 * size + 3 * 2) + (FIGURE_VIDEOS - 1) * 8, t * 4 * size + (t - 1) * 2, 3)
-
-
-def test_png_round_trip():
-    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(visualize.decode_png(visualize.encode_png(image)), image)
+    margin = visualize.figure_layout(rec).margin  # the row labels' column
+    assert image.shape == (FIGURE_VIDEOS * (4 * 4 * size + 3 * 2) + (FIGURE_VIDEOS - 1) * 8,
+                           margin + t * 4 * size + (t - 1) * 2, 3)
 
 
 @pytest.mark.slow
@@ -114,7 +117,7 @@ def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, c
     assert visualize_cmd.main(["--workdir", str(workdir), "--videos", str(videos), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert f"skipped {bad}" in captured.err and "2 clips" in captured.out
-    assert visualize.decode_png(out.read_bytes()).shape[0] == 2 * (4 * 4 * 16 + 3 * 2) + 8
+    assert plots.read_png(out).shape[0] == 2 * (4 * 4 * 16 + 3 * 2) + 8
 
     def refused(args, words):
         assert visualize_cmd.main(args) == 2
@@ -132,7 +135,7 @@ def test_visualize_cli_skips_bad_videos_and_refuses_bad_input(smoke, tmp_path, c
 def test_ablation_runs_every_variant_with_its_losses(smoke, monkeypatch):
     """The orchestration of run_ablation (which runs, with which loss weights, initialised from
     what); training itself is the smoke chain's, so it is stubbed here to keep the suite short."""
-    import vimpac_jax.demo as demo
+    import vimpac_jax.demo.chain as demo
 
     workdir, _ = smoke
     calls = []
@@ -306,7 +309,7 @@ def test_predict_lists_and_skips_bad_files(smoke, tmp_path, capsys):
 def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     import vimpac_jax
     from vimpac_jax.commands import export as export_cmd
-    from vimpac_jax.data.testing import write_random_vq_tokenizer
+    from vimpac_jax.tokenizer.testing import write_random_vq_tokenizer
     from vimpac_jax.predict import PredictError
 
     workdir, _ = smoke

@@ -1,4 +1,4 @@
-"""The generated motion dataset (vimpac_jax/data/demo_data.py, `vimpac demo-data`).
+"""The generated motion dataset (vimpac_jax/demo/data.py, `vimpac demo-data`).
 
 Checks that the files are real videos the project's decoder reads, that the lists are mmaction2
 lists the project's readers read, that generation is reproducible, and that the dataset is
@@ -17,7 +17,8 @@ import pytest
 
 pytest.importorskip("av")
 
-from vimpac_jax.data import annotations, demo_data as dd, video_decode as vd  # noqa: E402
+from vimpac_jax.data import annotations, video_decode as vd  # noqa: E402
+from vimpac_jax.demo import data as dd  # noqa: E402
 
 COUNTS = {"pool": 16, "train": 48, "val": 16}  # train and val: multiples of the 8 classes
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]  # (class, its time-reversed opposite)

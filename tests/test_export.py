@@ -36,7 +36,7 @@ from vimpac_jax.export.torch_format import ExportError, export_torch, released_i
 from vimpac_jax.models.model import abstract_variables, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-# Fields of args.pickle that describe the architecture (reference §12).
+# Fields of args.pickle that describe the architecture (the released `vimpac/param.py`).
 MODEL_ARGS = ("layers", "hid_dim", "model", "pos_emb", "pre_activation", "halve_att", "halve_mlp", "frame_size",
               "clip_len", "vocab_size", "nce_proj_layers", "nce_proj_hid_dim", "dropout", "last_dropout")
 
@@ -284,6 +284,28 @@ def test_export_command_errors(golden_a, tmp_path, capsys):
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_source(golden_a, tmp_path, capsys):
+    """--overwrite removes OUT: with OUT the run's workdir (or above or inside it, or a symlink
+    to it) that would delete the run; refused before anything is read or removed."""
+    ckpt, _, _ = golden_a
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints").mkdir()
+    (tmp_path / "link").symlink_to(run)
+    cases = [(run, run, "is the source"), (run, tmp_path / "link", "is the source"),
+             (run, tmp_path / "runs", "holds the source"), (run, run / "checkpoints" / "export", "lies inside"),
+             (tmp_path / "link", run / "export", "lies inside"), (ckpt, ckpt, "is the source")]
+    for source, out, words in cases:
+        rc = export_command.main(["--workdir", str(source), "--format", "safetensors", "--out", str(out),
+                                  "--overwrite"])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert words in err and f"--out {out}" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]  # the run is intact
+    assert (ckpt / "model_config.json").is_file()
 
 
 FRESH_SERVER = textwrap.dedent("""

@@ -8,6 +8,8 @@ Gradients are checked against the released model run in float64: tightly (1e-10)
 float64 step, with a bound set by the released float32 noise for our float32 step.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,21 @@ def train_mode_outputs(cfg, variables, expected):
     return total, aux, grads
 
 
+@pytest.fixture(scope="module")
+def train_mode(case):
+    """train_mode_outputs of the case, computed once for the losses' and the gradients' tests."""
+    name, cfg, variables, expected = case
+    return train_mode_outputs(cfg, variables, expected)
+
+
+def apply_jit(cfg, *args, **kwargs):
+    """build_model(cfg).apply(*args, **kwargs) as one compiled program, not op by op."""
+    return jax.jit(functools.partial(build_model(cfg).apply, **kwargs))(*args)
+
+
 def test_eval_outputs(case):
     name, cfg, variables, expected = case
-    out = build_model(cfg).apply(variables, jnp.asarray(expected["input_codes"]), train=False)
+    out = apply_jit(cfg, variables, jnp.asarray(expected["input_codes"]), train=False)
     assert rel_err(out["cls"], expected["eval_cls"]) < 1e-5
     assert rel_err(out["hiddens"], expected["eval_hiddens"]) < 1e-5
     assert rel_err(out["cls_proj"], expected["eval_cls_proj"]) < 1e-5
@@ -73,7 +87,7 @@ def test_mlm_logits_at_chosen_positions_only(case):
     k = int(scored.sum(1).max())
     positions = np.stack([np.pad(np.flatnonzero(r), (0, k - r.sum())) for r in scored])
     valid = np.arange(k)[None] < scored.sum(1)[:, None]
-    out = build_model(cfg).apply(variables, jnp.asarray(expected["input_codes"]), jnp.asarray(positions))
+    out = apply_jit(cfg, variables, jnp.asarray(expected["input_codes"]), jnp.asarray(positions))
     assert out["mlm_logits"].shape == (len(scored), k, cfg["vocab_size"])
     assert rel_err(np.asarray(out["mlm_logits"])[valid], expected["eval_mlm_logits_at_labels"]) < 1e-5
 
@@ -82,13 +96,13 @@ def test_finetuned_logits(golden_dir, name="vimpac_a"):
     for name in CASES:
         cfg, variables, expected = load_case(golden_dir, name, "finetuned")
         assert cfg["task"] == "finetune" and cfg["num_classes"] == 7
-        out = build_model(cfg).apply(variables, jnp.asarray(expected["input_codes"]), train=False)
+        out = apply_jit(cfg, variables, jnp.asarray(expected["input_codes"]), train=False)
         assert rel_err(out["logits"], expected["logits"]) < 1e-5, name
 
 
-def test_train_mode_losses(case):
+def test_train_mode_losses(case, train_mode):
     name, cfg, variables, expected = case
-    total, (mlm, nce, proj), _ = train_mode_outputs(cfg, variables, expected)
+    total, (mlm, nce, proj), _ = train_mode
     assert rel_err(mlm, expected["train_mlm_loss"]) < 1e-5
     assert rel_err(nce, expected["train_nce_loss"]) < 1e-5
     assert rel_err(total, expected["train_total_loss"]) < 1e-5
@@ -150,7 +164,7 @@ def test_float64_step_is_the_released_function(case, golden_dir):
     assert max(errors) < 1e-10, max(errors)
 
 
-def test_train_mode_gradients(case, golden_dir):
+def test_train_mode_gradients(case, golden_dir, train_mode):
     """Our float32 gradients against the released function in float64 (grads_f64.npz).
 
     The golden batch is ill-conditioned (see test_train_mode_losses): the released code's own
@@ -160,7 +174,7 @@ def test_train_mode_gradients(case, golden_dir):
     1.2e-4.) Comparing with the float32 grads.npz instead would add the golden's own noise.
     """
     name, cfg, variables, expected = case
-    _, _, grads = train_mode_outputs(cfg, variables, expected)
+    _, _, grads = train_mode
     errors = gradient_errors(cfg, grads, dict(np.load(golden_dir / name / "grads_f64.npz")), zero_bound=1e-5)
     assert max(errors) < 1e-3, max(errors)
     assert np.median(errors) < 2 * RELEASED_FLOAT32_NOISE[name], np.median(errors)

@@ -3,7 +3,7 @@
 The stand-ins (written into a temporary bin/ directory) record their argv to a log and, where
 the real tool would start processes on hosts (srun, `gcloud ... ssh --worker=all`), start them
 locally. The command they run is a tiny multi-process JAX program that joins the run through the
-VIMPAC_* variables the launcher set (vimpac_jax.launch.distributed.maybe_initialize) and
+VIMPAC_* variables the launcher set (vimpac_jax.runtime.distributed.maybe_initialize) and
 all-gathers the process ids over JAX's CPU collectives, so each test checks both what would be
 sent and that the processes really form one run.
 """
@@ -25,7 +25,7 @@ TIMEOUT = 120  # a launcher that hangs fails the test
 PROGRAM = textwrap.dedent("""
     import jax, numpy as np
     from jax.experimental import multihost_utils
-    from vimpac_jax.launch.distributed import maybe_initialize
+    from vimpac_jax.runtime.distributed import maybe_initialize
     assert maybe_initialize(), "no VIMPAC_COORDINATOR in the environment"
     ids = multihost_utils.process_allgather(np.int32(jax.process_index()))
     import os, vimpac_jax
@@ -192,7 +192,7 @@ def test_tpu_pod_creates_installs_and_runs_on_all_workers(standins, tmp_path):
     imported = sorted(line.split()[1] for line in out.stdout.splitlines() if line.startswith("FROM"))
     assert imported == [str(tmp_path / w / "vimpac" / "vimpac_jax" / "__init__.py") for w in ("worker0", "worker1")]
     for w in ("worker0", "worker1"):
-        assert (tmp_path / w / "vimpac" / "vimpac_jax" / "launch" / "distributed.py").is_file()
+        assert (tmp_path / w / "vimpac" / "vimpac_jax" / "runtime" / "distributed.py").is_file()
         assert (tmp_path / w / "vimpac" / "launch" / "tpu_pod.sh").is_file()
 
     # Second time: the slice exists, so it is reused, not created again.

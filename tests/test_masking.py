@@ -1,4 +1,4 @@
-"""Tests of vimpac_jax.training.masking and `vimpac mask-ratio` (reference §5)."""
+"""Tests of vimpac_jax.training.masking and `vimpac mask-ratio` (paper Table 2)."""
 
 import functools
 import re
@@ -46,6 +46,7 @@ def test_expected_ratio_matches_table2(t, side):
 
 
 @pytest.mark.parametrize("t, side", list(TABLE2))
+@pytest.mark.usefixtures("xla_optimized")  # 12,000 sampled clips: run time, not compile time
 def test_sampled_ratio_matches_table2(t, side):
     # 12000 clips, per-clip std 5-6 points: standard error about 0.05 points. One compilation
     # per shape (batch 1000 as in the CLI, whose test then reuses the (5, 16, 16) one).

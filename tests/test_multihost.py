@@ -161,8 +161,8 @@ def test_each_process_reads_a_disjoint_share(stores):
         return [int(v) for v in batch["tokens"][:, 0, 0, 0, 2]]
 
     def batches(pi, pc, batch_size, n=4):
-        it = iter(pipelines.pretrain_dataset(index, batch_size=batch_size, clip_len=3, seed=0,
-                                             process_index=pi, process_count=pc))
+        it = iter(pipelines.train_dataset(index, "pretrain", batch_size=batch_size, clip_len=3, seed=0,
+                                          process_index=pi, process_count=pc))
         return [video_ids(next(it)) for _ in range(n)]
 
     whole = batches(0, 1, 8)
@@ -223,14 +223,14 @@ def test_missing_processes_fail_with_a_named_timeout(tmp_path):
     ({"VIMPAC_INIT_TIMEOUT": "soon"}, "VIMPAC_INIT_TIMEOUT"),
 ])
 def test_bad_settings_are_named(env, message):
-    from vimpac_jax.launch.distributed import DistributedSetupError, settings_from_env
+    from vimpac_jax.runtime.distributed import DistributedSetupError, settings_from_env
 
     with pytest.raises(DistributedSetupError, match=message):
         settings_from_env(env)
 
 
 def test_settings_sources():
-    from vimpac_jax.launch.distributed import settings_from_env
+    from vimpac_jax.runtime.distributed import settings_from_env
 
     assert settings_from_env({}) is None
     explicit = settings_from_env({"VIMPAC_COORDINATOR": "10.0.0.2:8476", "VIMPAC_NUM_PROCESSES": "4",
@@ -242,6 +242,7 @@ def test_settings_sources():
     assert settings_from_env({"TPU_WORKER_HOSTNAMES": "a,b"}).source == "tpu"
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
     """SLURM or a TPU maintenance event may signal one host first: every process must still save
     (orbax's save is collective) and stop at one agreed step, exiting PREEMPTED."""

@@ -115,7 +115,7 @@ def test_pair_starts_uniform_and_independent():
 
 def test_pretrain_pipeline_starts_uniform_independent(pretrain_index):
     """Through the pipeline (reads, shuffle, per-(seed, epoch, video) RNG): 8 videos x 500 epochs."""
-    ds = P.pretrain_dataset(pretrain_index, batch_size=8, clip_len=5, seed=1, process_index=0, process_count=1)
+    ds = P.train_dataset(pretrain_index, "pretrain", batch_size=8, clip_len=5, seed=1, process_index=0, process_count=1)
     first = _first_frames(ds, 500)
     assert first.shape == (4000, 2)
     assert _chi2(np.bincount(first[:, 0], minlength=10)) < CHI2_999[9]
@@ -138,8 +138,8 @@ def test_relevance_range_is_respected(pretrain_index):
         seen = set(pairs[pairs[:, 0] == s1, 1].tolist())
         assert seen == set(range(max(0, s1 - 2), min(9, s1 + 2) + 1))
     assert set(np.ptp([P.pair_starts(rng, 9, relevance_range=0) for _ in range(50)], axis=1)) == {0}
-    ds = P.pretrain_dataset(pretrain_index, batch_size=8, clip_len=5, seed=2, relevance_range=3,
-                            process_index=0, process_count=1)
+    ds = P.train_dataset(pretrain_index, "pretrain", batch_size=8, clip_len=5, seed=2, relevance_range=3,
+                         process_index=0, process_count=1)
     first = _first_frames(ds, 100)
     assert np.abs(first[:, 0] - first[:, 1]).max() == 3
 
@@ -148,7 +148,7 @@ def test_clip_frame_rate_steps_over_stored_frames(tmp_path):
     """16 fps store, 4 fps clips: step 4, as the released code's max(int(16 / 4), 1)."""
     store = write_test_store(tmp_path / "s", _videos(4, 40), fps=16, pattern="frame_index")
     idx = P.load_index(store)
-    ds = P.pretrain_dataset(idx, batch_size=4, clip_len=5, clip_fps=4, seed=0, process_index=0, process_count=1)
+    ds = P.train_dataset(idx, "pretrain", batch_size=4, clip_len=5, clip_fps=4, seed=0, process_index=0, process_count=1)
     frames = np.concatenate([ds[i]["tokens"][:, :, :, 0, 0] for i in range(50)]).reshape(-1, 5)
     np.testing.assert_array_equal(frames, frames[:, :1] + 4 * np.arange(5))
     # delta = 40 + 3 - 20 = 23; the last start reaches the last stored frame (23 + 16 = 39).
@@ -161,7 +161,7 @@ def test_clip_frame_rate_steps_over_stored_frames(tmp_path):
 def test_short_videos_are_padded_at_the_end(tmp_path):
     store = write_test_store(tmp_path / "s", _videos(2, [3, 6]), pattern="frame_index")
     idx = P.load_index(store)
-    ds = P.pretrain_dataset(idx, batch_size=2, clip_len=5, seed=0, process_index=0, process_count=1)
+    ds = P.train_dataset(idx, "pretrain", batch_size=2, clip_len=5, seed=0, process_index=0, process_count=1)
     batch = ds[0]["tokens"]
     for example in batch:
         video = example[0, 0, 0, 2]
@@ -199,7 +199,7 @@ def test_eval_clip_starts_match_reference():
                 for num_clips in (1, 2, 3, 5, 10):
                     expected = [_reference_start(n, clip_len, step, k, num_clips) for k in range(num_clips)]
                     assert P.eval_clip_starts(n, clip_len, step, num_clips).tolist() == expected
-    # Reference §8 at step 1: (n - clip)·k/(K - 1).
+    # The released test clips at step 1: (n - clip)·k/(K - 1).
     assert P.eval_clip_starts(20, 5, 1, 4).tolist() == [0, 5, 10, 15]
     assert P.eval_clip_starts(3, 5, 1, 10).tolist() == [0] * 10  # shorter than a clip
     assert P.eval_clip_starts(30, 5, 1, 1).tolist() == [0]  # K == 1: first clip, as released
@@ -249,7 +249,7 @@ def test_eval_pipeline_center_crop_only(finetune_index):
 
 def test_finetune_variant_choice_covers_all_variants(finetune_index):
     idx = finetune_index
-    ds = P.finetune_dataset(idx, batch_size=8, clip_len=5, seed=3, process_index=0, process_count=1)
+    ds = P.train_dataset(idx, "finetune", batch_size=8, clip_len=5, seed=3, process_index=0, process_count=1)
     batches = [ds[i] for i in range(150)]  # 1200 examples, 50 epochs
     tokens = np.concatenate([b["tokens"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
@@ -265,7 +265,7 @@ def test_finetune_variant_choice_covers_all_variants(finetune_index):
 
 
 def test_same_seed_same_batches_and_epochs_reshuffle(finetune_index):
-    make = lambda seed: P.finetune_dataset(finetune_index, batch_size=8, clip_len=5, seed=seed,
+    make = lambda seed: P.train_dataset(finetune_index, "finetune", batch_size=8, clip_len=5, seed=seed,
                                           process_index=0, process_count=1)
     a, b, c = make(5), make(5), make(6)
     for i in range(6):
@@ -279,7 +279,7 @@ def test_same_seed_same_batches_and_epochs_reshuffle(finetune_index):
 def test_each_epoch_drops_its_tail_so_no_batch_repeats_a_video(finetune_index):
     """drop_last per epoch: 24 videos in global batches of 5 read 20 per epoch, never mixing two
     epochs in a batch (a video twice in a batch is its own NCE negative)."""
-    ds = P.finetune_dataset(finetune_index, batch_size=5, clip_len=5, seed=2, process_index=0, process_count=1)
+    ds = P.train_dataset(finetune_index, "finetune", batch_size=5, clip_len=5, seed=2, process_index=0, process_count=1)
     order = P.EpochOrder(24, seed=2)
     for epoch in range(3):
         batches = [ds[4 * epoch + b]["tokens"][:, 0, 0, 2] for b in range(4)]
@@ -297,8 +297,8 @@ def test_processes_read_disjoint_complete_shares(finetune_index):
     for count in (2, 3):
         shares = []
         for p in range(count):
-            ds = P.finetune_dataset(idx, batch_size=4, clip_len=5, seed=0, num_epochs=1,
-                                    process_index=p, process_count=count)
+            ds = P.train_dataset(idx, "finetune", batch_size=4, clip_len=5, seed=0, num_epochs=1,
+                                 process_index=p, process_count=count)
             shares.append(np.concatenate([ds[i]["tokens"][:, 0, 0, 2] for i in range(len(ds))]).tolist())
         assert len({len(s) for s in shares}) == 1  # same number of batches everywhere
         union = sorted(v for s in shares for v in s)
@@ -310,8 +310,10 @@ def test_processes_read_disjoint_complete_shares(finetune_index):
 
 
 def test_process_batches_are_contiguous_blocks_of_the_single_process_stream(pretrain_index):
-    single = P.pretrain_dataset(pretrain_index, batch_size=4, clip_len=5, seed=7, process_index=0, process_count=1)
-    parts = [P.pretrain_dataset(pretrain_index, batch_size=2, clip_len=5, seed=7, process_index=p, process_count=2)
+    single = P.train_dataset(pretrain_index, "pretrain", batch_size=4, clip_len=5, seed=7, process_index=0,
+                             process_count=1)
+    parts = [P.train_dataset(pretrain_index, "pretrain", batch_size=2, clip_len=5, seed=7, process_index=p,
+                             process_count=2)
              for p in range(2)]
     for b in range(5):  # crosses epoch boundaries (8 videos = 2 global batches)
         merged = np.empty_like(single[b]["tokens"])
@@ -342,8 +344,8 @@ def _take(it, n):
 
 
 def test_iterator_restored_mid_epoch_continues_the_same_sequence(finetune_index):
-    make = lambda: P.make_iterator(P.finetune_dataset(finetune_index, batch_size=5, clip_len=5, seed=11,
-                                                      process_index=0, process_count=1), read_threads=2)
+    make = lambda: P.make_iterator(P.train_dataset(finetune_index, "finetune", batch_size=5, clip_len=5, seed=11,
+                                                   process_index=0, process_count=1), read_threads=2)
     reference = make()
     _take(reference, 7)  # 35 examples: inside the second epoch of 24 videos
     state = reference.get_state()
@@ -355,8 +357,8 @@ def test_iterator_restored_mid_epoch_continues_the_same_sequence(finetune_index)
 
 
 def test_iterator_round_trip_through_orbax_checkpoint(pretrain_index, tmp_path):
-    make = lambda: P.make_iterator(P.pretrain_dataset(pretrain_index, batch_size=3, clip_len=5, seed=4,
-                                                      process_index=0, process_count=1), read_threads=2)
+    make = lambda: P.make_iterator(P.train_dataset(pretrain_index, "pretrain", batch_size=3, clip_len=5, seed=4,
+                                                   process_index=0, process_count=1), read_threads=2)
     model_state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(5, np.int32)}
     it = make()
     _take(it, 5)
@@ -377,7 +379,7 @@ def test_iterator_round_trip_through_orbax_checkpoint(pretrain_index, tmp_path):
 
 
 def test_worker_processes_give_the_same_batches(pretrain_index):
-    ds = P.pretrain_dataset(pretrain_index, batch_size=2, clip_len=5, seed=9, process_index=0, process_count=1)
+    ds = P.train_dataset(pretrain_index, "pretrain", batch_size=2, clip_len=5, seed=9, process_index=0, process_count=1)
     it = P.make_iterator(ds, workers=2, read_threads=1)
     try:
         got = _take(it, 4)
@@ -403,15 +405,20 @@ def test_errors_name_the_problem(tmp_path, finetune_index):
     with pytest.raises(ValueError, match="fewer than the 3 processes"):
         P.eval_dataset(few, batch_size=1, clip_len=5, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        P.pretrain_dataset(few, batch_size=3, clip_len=5, seed=0, process_index=0, process_count=1)
+        P.train_dataset(few, "pretrain", batch_size=3, clip_len=5, seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="process_index"):
-        P.pretrain_dataset(few, batch_size=1, clip_len=5, seed=0, process_index=2, process_count=2)
+        P.train_dataset(few, "pretrain", batch_size=1, clip_len=5, seed=0, process_index=2, process_count=2)
     unlabelled = P.load_index(write_test_store(tmp_path / "nolabel", _videos(4, 6, label=False)))
     with pytest.raises(ValueError, match="unlabelled"):
-        P.finetune_dataset(unlabelled, batch_size=2, clip_len=5, seed=0, process_index=0, process_count=1)
+        P.train_dataset(unlabelled, "finetune", batch_size=2, clip_len=5, seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="unknown variants"):
-        P.finetune_dataset(finetune_index, batch_size=2, clip_len=5, seed=0, variants=["r999_center_noflip"],
-                           process_index=0, process_count=1)
+        P.train_dataset(finetune_index, "finetune", batch_size=2, clip_len=5, seed=0, variants=["r999_center_noflip"],
+                        process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="task must be one of"):
+        P.train_dataset(finetune_index, "test", batch_size=2, clip_len=5, seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="relevance_range is a pre-training option"):
+        P.train_dataset(finetune_index, "finetune", batch_size=2, clip_len=5, seed=0, relevance_range=2,
+                        process_index=0, process_count=1)
     meta_path = tmp_path / "few" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "complete": False}))
@@ -432,12 +439,14 @@ def test_videos_missing_a_variant_are_skipped(tmp_path, caplog):
 
 def test_global_batch_builds_sharded_arrays(pretrain_index):
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch = P.pretrain_dataset(pretrain_index, batch_size=4, clip_len=5, seed=0, process_index=0, process_count=1)[0]
-    arrays = P.global_batch(batch, NamedSharding(mesh, PartitionSpec("data")))
-    assert arrays["tokens"].shape == (4, 2, 5, 4, 4) and arrays["tokens"].sharding.spec == PartitionSpec("data")
+    from vimpac_jax.training import sharding as shd
+
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    batch = P.train_dataset(pretrain_index, "pretrain", batch_size=4, clip_len=5, seed=0, process_index=0,
+                            process_count=1)[0]
+    arrays = shd.make_global_batch(batch, mesh)
+    assert arrays["tokens"].shape == (4, 2, 5, 4, 4) and arrays["tokens"].sharding == shd.batch_sharding(mesh)
     np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
 
 
@@ -477,10 +486,10 @@ def test_chunked_layout_gives_the_same_clips_as_whole_records(layout_indexes):
         np.testing.assert_array_equal(idx.num_frames, whole.num_frames)
     make = {
         # relevance range, several variants, clips at step 2 (16 -> 8 fps) and short videos (PAD)
-        "pretrain": lambda idx: P.pretrain_dataset(idx, batch_size=8, clip_len=5, clip_fps=8, seed=3,
-                                                   relevance_range=6, process_index=0, process_count=1),
-        "finetune": lambda idx: P.finetune_dataset(idx, batch_size=8, clip_len=5, seed=4,
-                                                   process_index=1, process_count=2),
+        "pretrain": lambda idx: P.train_dataset(idx, "pretrain", batch_size=8, clip_len=5, clip_fps=8, seed=3,
+                                                relevance_range=6, process_index=0, process_count=1),
+        "finetune": lambda idx: P.train_dataset(idx, "finetune", batch_size=8, clip_len=5, seed=4,
+                                                process_index=1, process_count=2),
         "test": lambda idx: P.eval_dataset(idx, batch_size=5, clip_len=5, num_clips=4, process_index=0,
                                            process_count=1),
     }

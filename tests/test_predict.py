@@ -22,8 +22,8 @@ def released(golden_dir, tmp_path_factory):
     """(converted checkpoint, a tokenizer of 8192 codes, one of 512 codes, a generated video)."""
     from vimpac_jax.conversion import dalle as dalle_conversion
     from vimpac_jax.conversion.official import convert_official
-    from vimpac_jax.data import demo_data
-    from vimpac_jax.data.testing import write_random_vq_tokenizer
+    from vimpac_jax.demo import data as demo_data
+    from vimpac_jax.tokenizer.testing import write_random_vq_tokenizer
 
     root = tmp_path_factory.mktemp("released")
     convert_official(golden_dir / "vimpac_a" / "finetuned", root / "ckpt")

@@ -1,4 +1,4 @@
-"""The pre-training step, its sharding and its optimizer (issue 3, parts 2-3).
+"""The pre-training step, its sharding and its optimizer.
 
 The multi-device checks need 8 simulated CPU devices, which must be set before jax initialises;
 other test modules initialise jax first, so they run in two worker processes

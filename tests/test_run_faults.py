@@ -1,5 +1,6 @@
 """Faults around a training run: a full or hung disk under the metrics writer, stop signals,
-exit codes, locks. In-process and without compiling where the fault allows it."""
+exit codes, locks, the data iterator resumed under another worker count; bad input refused
+before any work, as one error line. In-process and without compiling where the fault allows it."""
 
 import errno
 import json
@@ -9,10 +10,13 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from vimpac_jax.training import metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _in_thread(fn, timeout):
@@ -163,3 +167,351 @@ def jax_tree_scale(tree, factor):
     import jax
 
     return jax.tree.map(lambda x: x * factor, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# data.workers changed on resume (a RESUME_FREE_FIELDS field).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrain_store(tmp_path_factory):
+    from vimpac_jax.data.testing import write_test_store
+
+    videos = [dict(video_id=f"v{i}", label=i % 3, num_frames=9, variants=["r128_center_noflip"]) for i in range(6)]
+    return write_test_store(tmp_path_factory.mktemp("workers") / "store", videos, shards=2, pattern="frame_index")
+
+
+def test_the_data_iterator_resumes_under_another_worker_count(pretrain_store, tmp_path):
+    """A state saved at 0 workers restores at 2 and back, through the orbax checkpoint that
+    training writes, and continues with the batches an uninterrupted run reads."""
+    import numpy as np
+
+    from vimpac_jax.data import pipelines as P
+    from vimpac_jax.training import checkpointing
+
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
+                            process_count=1)
+    expected = [ds[b]["tokens"] for b in range(9)]  # 3 batches per epoch: crosses two epoch boundaries
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"w": np.zeros(2, np.float32)}
+
+    def save(step, iterator):
+        checkpointing.save(manager, step, state, iterator, {"step": step}, force=True)
+        manager.wait_until_finished()
+
+    def restore(iterator):
+        step, _, _ = checkpointing.restore_latest(manager, state, iterator, log=pytest.fail)
+        return step
+
+    serial = P.make_iterator(ds, workers=0, read_threads=1)
+    got = [next(serial)["tokens"] for _ in range(4)]
+    save(4, serial)
+    parallel = P.make_iterator(ds, workers=2, read_threads=1)
+    try:
+        assert restore(parallel) == 4
+        got += [next(parallel)["tokens"] for _ in range(3)]
+        save(7, parallel)
+    finally:
+        parallel.close()
+    serial = P.make_iterator(ds, workers=0, read_threads=1)
+    assert restore(serial) == 7
+    got += [next(serial)["tokens"] for _ in range(2)]
+    assert len(got) == len(expected)
+    for b, (a, e) in enumerate(zip(got, expected)):
+        np.testing.assert_array_equal(a, e, err_msg=f"batch {b}")
+
+
+def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
+    """grain's own states (written before the state was the batch count): 0 workers' prefetch
+    index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""
+    import numpy as np
+
+    from vimpac_jax.data import pipelines as P
+
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
+                            process_count=1)
+    two_workers = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+                   "iterators_in_use_states": [{"next_index": 3}, {"next_index": 2}], "exhausted": [0, 0],
+                   "future_states": {}}
+    for state in ({"next_index": 5}, two_workers):
+        it = P.make_iterator(ds, workers=0, read_threads=1)
+        it.set_state(state)
+        np.testing.assert_array_equal(next(it)["tokens"], ds[5]["tokens"])
+        assert it.get_state() == {"next_batch": 6}
+    with pytest.raises(ValueError, match="unknown data iterator state"):
+        P.make_iterator(ds, workers=0).set_state({"something": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: an error naming the field before anything compiles (in process; compiling the step
+# is made to fail the test).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_store(tmp_path_factory):
+    """8 labelled videos of 2-3 frames (4x4 tokens), shorter than the runlocal clips (T=3 at
+    most); and 8 of 6 frames."""
+    from vimpac_jax.data.testing import write_test_store
+
+    root = tmp_path_factory.mktemp("bad_input")
+    short = [dict(video_id=f"s{i}", label=i % 2, num_frames=2 + i % 2) for i in range(8)]
+    longer = [dict(video_id=f"l{i}", label=i % 2, num_frames=6) for i in range(8)]
+    return write_test_store(root / "short", short), write_test_store(root / "long", longer)
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    from vimpac_jax.training import tasks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the step was built: the check came too late")
+
+    monkeypatch.setattr(tasks, "make_pretrain_step", refuse)
+    monkeypatch.setattr(tasks, "make_finetune_step", refuse)
+
+
+def _train(store, workdir, *overrides, task="pretrain"):
+    from vimpac_jax.commands import train as train_command
+
+    config = "pretrain.py:runlocal" if task == "pretrain" else "finetune.py:dataset=ucf101,runlocal"
+    return train_command.main(["--config", str(REPO / "configs" / config), f"--config.data.train_store={store}",
+                               "--config.train.num_steps=2", *overrides, "--workdir", str(workdir)])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.train.checkpoint_every=0", "config.train.checkpoint_every=0 must be >= 1"),
+    ("--config.train.keep_checkpoints=-1", "config.train.keep_checkpoints=-1 must be >= 1"),
+    ("--config.train.log_every=0", "config.train.log_every=0 must be >= 1"),
+    ("--config.train.num_steps=-3", "config.train.num_steps=-3 must be >= 0"),
+    ("--config.model.dropout=2.0", "config.model.dropout=2.0 must be in [0, 1)"),
+    ("--config.model.attention_dropout=1.0", "config.model.attention_dropout=1.0 must be in [0, 1)"),
+    ("--config.model.vocab_size=512", "config.model.vocab_size=512 must be >= 8197"),
+    ("--config.data.eval_clips=0", "config.data.eval_clips=0 must be >= 1"),
+])
+def test_out_of_range_fields_are_named_before_the_workdir_is_written(short_store, tmp_path, capsys, no_compiling,
+                                                                      override, words):
+    _, store = short_store
+    assert _train(store, tmp_path / "w", override) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_clip_len_longer_than_every_video_is_refused(short_store, tmp_path, capsys, no_compiling):
+    short, longer = short_store
+    with pytest.raises(AssertionError, match="the step was built"):  # past the checks, to the step:
+        _train(short, tmp_path / "a")  # runlocal clips are 3 frames, some videos 3: allowed
+    assert "clip_len" not in capsys.readouterr().err
+    assert _train(longer, tmp_path / "b", "--config.model.clip_len=8") == 2
+    err = capsys.readouterr().err
+    assert "config.model.clip_len=8 is longer than every video of config.data.train_store" in err
+    assert "the longest has 6 frames" in err
+    # At half the stored rate the 6-frame videos give 3 clip frames: a 4-frame clip is refused.
+    assert _train(longer, tmp_path / "c", "--config.model.clip_len=4", "--config.data.clip_fps=1.0",
+                  task="finetune") == 2
+    assert "the longest has 3 frames at config.data.clip_fps=1.0" in capsys.readouterr().err
+
+
+def test_a_store_with_more_codes_than_the_model_holds_is_refused(short_store, tmp_path, capsys, no_compiling):
+    import shutil
+
+    _, longer = short_store
+    store = tmp_path / "store"
+    shutil.copytree(longer, store)
+    meta = json.loads((store / "metadata.json").read_text())
+    meta["tokenizer"] = {"kind": "vq", "config": {"vocab_size": 16384}}
+    (store / "metadata.json").write_text(json.dumps(meta))
+    assert _train(store, tmp_path / "w") == 2
+    assert "its tokenizer has 16384 codes, more than the model's 8192" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_zero_clips(short_store, tmp_path, capsys):
+    from vimpac_jax.commands import evaluate
+
+    _, store = short_store
+    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}}))
+    for clips in ("0", "2,0", "x"):
+        assert evaluate.main(["--workdir", str(tmp_path), "--clips", clips]) == 2
+        assert "--clips must be positive integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# `error:` lines, not tracebacks (`vimpac_jax.cli` maps rejected input to exit code 2).
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv):
+    from vimpac_jax import cli
+
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_convert_official_on_files_that_are_not_torch_zips(tmp_path, capsys):
+    import pickle
+    import zipfile
+
+    src = tmp_path / "released"
+    src.mkdir()
+    (src / "args.pickle").write_bytes(pickle.dumps({"model": "vimpac"}, protocol=2))
+    (src / "classifier.pt").write_bytes(b"these are not the weights")
+    rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
+    assert rc == 1 and f"error: {src / 'classifier.pt'}: not a torch zip-format file" in err
+    with zipfile.ZipFile(src / "classifier.pt", "w") as z:  # a zip whose pickle is cut short
+        z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2)[:-3])
+    rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
+    assert rc == 1 and "classifier.pt: damaged file" in err
+    (src / "args.pickle").write_bytes(b"\x80\x02}q")  # a truncated plain pickle
+    rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
+    assert rc == 1 and "args.pickle: damaged file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_file_with_an_error_is_named_with_its_line(tmp_path, capsys):
+    cases = {"syntax.py": ("def get_sweep(:\n    return []\n", "line 1: invalid syntax"),
+             "name.py": ("X = 1\n\ndef get_sweep():\n    return [{'seed': Y}]\n", "line 4: NameError: name 'Y'"),
+             "combinator.py": ("from vimpac_jax.sweeps import sweep\n\ndef get_sweep():\n"
+                               "    return sweep('seed', [])\n",
+                               "line 4: ValueError: sweep('seed', ...) has no values")}
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        rc, err = _cli(capsys, "sweep", "--sweep", tmp_path / name, "--config", REPO / "configs/pretrain.py:runlocal",
+                       "--workdir", tmp_path / "runs")
+        assert rc == 2 and f"vimpac sweep: error: sweep file {tmp_path / name}, {words}" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_outputs_in_missing_directories_and_bad_counts_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """Each checked before its inputs are even read (they do not exist here)."""
+    missing = tmp_path / "no" / "such"
+    cases = [("features", "--checkpoint", tmp_path / "ck", "--tokens", tmp_path / "t.npy", "--out", missing / "f.npz"),
+             ("codes", "encode", "--tokenizer", tmp_path / "tok", "--images", tmp_path / "i.npy",
+              "--out", missing / "t.npz"),
+             ("visualize", "--workdir", tmp_path / "run", "--videos", tmp_path / "list.txt",
+              "--out", missing / "f.png")]
+    for argv in cases:
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and f"error: --out {missing}" in err and "does not exist" in err, (argv[0], err)
+    rc, err = _cli(capsys, "features", "--checkpoint", tmp_path, "--tokens", tmp_path / "t.npy", "--out", tmp_path)
+    assert rc == 2 and "is a directory" in err
+    with pytest.raises(SystemExit) as exited:  # argparse's own error line
+        _cli(capsys, "features", "--checkpoint", tmp_path, "--tokens", "t.npy", "--out", "f.npz", "--batch-size", "0")
+    assert exited.value.code == 2
+    assert "argument --batch-size: expected a positive integer, got '0'" in capsys.readouterr().err
+    monkeypatch.setenv("VIMPAC_TRACEBACK", "1")  # for debugging: the traceback instead of the line
+    with pytest.raises(ValueError, match="does not exist"):
+        _cli(capsys, *cases[2])
+
+
+def test_evaluate_with_no_checkpoint_that_restores_is_an_error_line(short_store, tmp_path, capsys):
+    import numpy as np
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import checkpointing
+
+    _, store = short_store
+    config = load_config(["--config", str(REPO / "configs/finetune.py:dataset=ucf101,runlocal"),
+                          f"--config.data.eval_store={store}"])
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=2)
+    checkpointing.save(manager, 1, {"w": np.arange(4096, dtype=np.float32)}, None, {"step": 1})
+    manager.wait_until_finished()
+    assert _truncate_array_files(tmp_path / "checkpoints" / "1")
+    rc, err = _cli(capsys, "evaluate", "--workdir", tmp_path)
+    assert rc == 2 and f"vimpac evaluate: error: no checkpoint in {tmp_path / 'checkpoints'} can be restored" in err
+
+
+def _flip_a_bit_of_the_largest_data_file(step_dir):
+    """One bit in the middle of the biggest array data file: zstd decodes it into other numbers
+    (orbax itself restores it without an error)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    big = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    big.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_restored(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing
+    from vimpac_jax.training import workdir as workdir_lib
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "batch_stats": {"b": jnp.ones(3)}}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        manager.wait_until_finished()
+    (tmp_path / "config.json").write_text("{}")
+    intact = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=print)
+    assert intact[0] == 2 and intact[2]["verified"] is True
+    _flip_a_bit_of_the_largest_data_file(tmp_path / "checkpoints" / "2")
+
+    warnings = []
+    step, restored, meta = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None,
+                                                        log=warnings.append)
+    assert step == 1 and meta["verified"] is True
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(4096, dtype=np.float32))
+    assert len(warnings) == 1 and "checkpoints/2 cannot be restored" in warnings[0]
+    assert "checksum mismatch in 1 array(s) (params/w)" in warnings[0] and "falling back to step 1" in warnings[0]
+
+    # The readers of a run (export, evaluate, init_from) skip it the same way.
+    warnings.clear()
+    step, variables = workdir_lib.restore_variables(tmp_path, ("params",), log=warnings.append)
+    assert step == 1 and sorted(variables) == ["params"] and "checksum mismatch" in warnings[0]
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+
+
+def test_checksums_do_not_depend_on_the_sharding_and_catch_any_flipped_bit():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vimpac_jax.training import checkpointing
+
+    x = jax.random.normal(jax.random.key(0), (8, 6), jnp.float32)
+    tree = {"x": x, "h": x.astype(jnp.bfloat16), "i": jnp.arange(5, dtype=jnp.int8), "n": jnp.int32(7)}
+    whole = checkpointing.array_checksums(tree)
+    assert whole == checkpointing.array_checksums(jax.tree.map(np.asarray, tree))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    if len(jax.devices()) > 1 and 8 % len(jax.devices()) == 0:
+        sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+        assert checkpointing.array_checksums(sharded) == whole
+    bits = np.asarray(x).view(np.uint32).copy()
+    for i, k in [(0, 0), (17, 31), (47, 5)]:
+        flipped = bits.copy().reshape(-1)
+        flipped[i] ^= np.uint32(1 << k)
+        got = checkpointing.array_checksums({"x": flipped.view(np.float32).reshape(8, 6)})
+        assert got["x"] != whole["x"], (i, k)
+
+
+def test_a_resume_with_another_seed_or_a_replaced_store_is_refused_naming_it(tmp_path):
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+    from vimpac_jax.training import workdir as workdir_lib
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "metadata.json").write_text('{"complete": true, "num_videos": 3}\n')
+    config = {"seed": 3, "data": {"train_store": str(store), "eval_store": ""}}
+    identity = workdir_lib.run_identity(config)
+    assert identity == {"seed": 3, "stores": {"data.train_store": workdir_lib.store_digest(store)}}
+    manager = checkpointing.make_manager(tmp_path / "w", save_every=1, keep=3)
+    state = {"w": jnp.ones(4)}
+    checkpointing.save(manager, 1, state, None, {"step": 1, **identity})
+    manager.wait_until_finished()
+
+    def resume(cfg):
+        return workdir_lib.restore_state(manager, checkpointing.abstract_like(state), None,
+                                         workdir_lib.run_identity(cfg), log=print)
+
+    assert resume(config)[0] == 1
+    with pytest.raises(workdir_lib.WorkdirError, match="config.seed is 4, the checkpoint's run used 3"):
+        resume(dict(config, seed=4))
+    (store / "metadata.json").write_text('{"complete": true, "num_videos": 4}\n')  # another store, same path
+    with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has "
+                                                       "changed since the checkpoint was written"):
+        resume(config)

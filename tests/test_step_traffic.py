@@ -41,14 +41,15 @@ def test_pack_micro_batch_keeps_the_first_scored_and_drops_the_rest():
     positions = jnp.asarray([[1, 4, 0, 2], [0, 3, 5, 1], [2, 0, 1, 3], [7, 6, 0, 1]], jnp.int32)
     labels = jnp.asarray([[10, 11, -100, -100], [12, 13, 14, -100], [15, -100, -100, -100],
                           [16, 17, 18, 19]], jnp.int32)
-    packed, packed_labels = ps.pack_micro_batch(positions, labels, clip_tokens=8, groups=2, bound=4)
+    pack = jax.jit(ps.pack_micro_batch, static_argnames=("clip_tokens", "groups", "bound"))  # not op by op
+    packed, packed_labels = pack(positions, labels, clip_tokens=8, groups=2, bound=4)
     # group 0 = clips 0, 1 (5 scored, bound 4: the 5th, clip 1's position 5, is dropped)
     np.testing.assert_array_equal(packed[0], [1, 4, 8, 11])
     np.testing.assert_array_equal(packed_labels[0], [10, 11, 12, 13])
     # group 1 = clips 2, 3 (5 scored too): first four in order
     np.testing.assert_array_equal(packed[1], [2, 15, 14, 8])
     np.testing.assert_array_equal(packed_labels[1], [15, 16, 17, 18])
-    packed, packed_labels = ps.pack_micro_batch(positions, labels, clip_tokens=8, groups=2, bound=6)
+    packed, packed_labels = pack(positions, labels, clip_tokens=8, groups=2, bound=6)
     np.testing.assert_array_equal(packed_labels[0], [10, 11, 12, 13, 14, -100])
     assert len(set(np.asarray(packed[0]).tolist())) == 6  # padding from unscored entries: distinct
 
@@ -57,8 +58,11 @@ def test_pack_micro_batch_keeps_the_first_scored_and_drops_the_rest():
 def tiny_step_inputs():
     model_cfg, _, pretrain_cfg = worker.tiny_configs()
     model = build_model(model_cfg)
-    variables = flax.linen.unbox(model.init({"params": jax.random.key(0)}, jnp.zeros((2, 2, 4, 4), jnp.int32)))
-    params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), variables["params"])
+    # jit throughout this module: one compilation each instead of op-by-op dispatch (which
+    # compiles every distinct primitive on its own: most of these tests' time on CPU).
+    variables = flax.linen.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, jnp.zeros((2, 2, 4, 4), jnp.int32)))
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), p))(
+        variables["params"])
     tokens = jnp.asarray(worker.tiny_tokens())
     return model_cfg, pretrain_cfg, model, params, variables.get("batch_stats", {}), tokens
 
@@ -71,7 +75,7 @@ def _mlm_sum_and_grad(inputs, pretrain_cfg, masked, mesh=None):
                                      pretrain_cfg=dict(pretrain_cfg, mlm_weight=1.0, nce_weight=0.0),
                                      total_scored=1, num_micro=1)
         return aux["mlm"], aux["correct"]
-    (mlm, correct), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # jit: no op-by-op dispatch
+    (mlm, correct), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return float(mlm), float(correct), grads
 
 
@@ -81,7 +85,8 @@ def test_packed_positions_and_padded_vocabulary_give_the_released_loss(tiny_step
     model_cfg, pretrain_cfg, model, params, stats, tokens = tiny_step_inputs
     clip_cfg = dict(pretrain_cfg, mlm_positions="clip", mlm_vocab_multiple=1, max_masked=0)
     packed_cfg = dict(pretrain_cfg, mlm_positions="micro_batch", mlm_vocab_multiple=64, max_masked=0)
-    masked = ps.mask_batch(tokens, jax.random.key(4), clip_cfg, ps.resolve_max_masked(packed_cfg, model_cfg))
+    max_masked = ps.resolve_max_masked(packed_cfg, model_cfg)
+    masked = jax.jit(lambda t, k: ps.mask_batch(t, k, clip_cfg, max_masked))(tokens, jax.random.key(4))
     assert int((masked["labels"] != IGNORE_LABEL).sum()) == int(masked["num_masked"].sum())  # nothing dropped
     ref = _mlm_sum_and_grad((model, params, stats), clip_cfg, masked)
     got = _mlm_sum_and_grad((model, params, stats), packed_cfg, masked)
@@ -98,7 +103,7 @@ def test_micro_batch_beyond_the_bound_drops_its_last_positions(tiny_step_inputs)
     model_cfg, pretrain_cfg, model, params, stats, tokens = tiny_step_inputs
     cfg = dict(pretrain_cfg, mlm_positions="micro_batch", packed_quantile=0.01, max_masked=0)
     per_clip = ps.resolve_max_masked(cfg, model_cfg)
-    masked = ps.mask_batch(tokens, jax.random.key(4), cfg, per_clip)
+    masked = jax.jit(lambda t, k: ps.mask_batch(t, k, cfg, per_clip))(tokens, jax.random.key(4))
     bound = ps.packed_masked_bound(cfg, (2, 4, 4), 16, per_clip)
     scored = int((masked["labels"] != IGNORE_LABEL).sum())
     assert bound < scored  # the micro-batch overflows
@@ -106,8 +111,9 @@ def test_micro_batch_beyond_the_bound_drops_its_last_positions(tiny_step_inputs)
     mlm, _, _ = _mlm_sum_and_grad((model, params, stats), cfg, masked)
     # Reference: logits at every position, labels kept for the first `bound` scored positions.
     inputs = ps.views_major(masked["inputs"])
-    logits = model.apply({"params": params, "batch_stats": stats}, inputs, train=True,
-                         rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])[0]["mlm_logits"]
+    logits = jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                              rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]))(
+        params, inputs)[0]["mlm_logits"]
     full_labels = np.full(inputs.shape, IGNORE_LABEL, np.int32).reshape(16, -1)
     pos, lab = np.asarray(ps.views_major(masked["positions"])), np.asarray(ps.views_major(masked["labels"]))
     for c in range(16):
@@ -124,9 +130,9 @@ def test_padded_vocabulary_columns_vanish_from_the_softmax():
     h = jax.random.normal(jax.random.key(0), (3, 16))
     table = jax.random.normal(jax.random.key(1), (8197, 16))
     head = MLMHead(hidden_dim=16, vocab_size=8197)
-    variables = head.init(jax.random.key(2), h, table)
-    plain = head.apply(variables, h, table)
-    padded = head.apply(variables, h, table, vocab_multiple=64)
+    variables = jax.jit(head.init)(jax.random.key(2), h, table)
+    plain = jax.jit(head.apply)(variables, h, table)
+    padded = jax.jit(lambda v, h, t: head.apply(v, h, t, vocab_multiple=64))(variables, h, table)
     assert plain.shape == (3, 8197) and padded.shape == (3, 8256)
     np.testing.assert_allclose(padded[:, :8197], plain, rtol=1e-5, atol=1e-5)  # GEMM shapes differ
     assert (padded[:, 8197:] == PAD_LOGIT).all()
@@ -159,8 +165,8 @@ def test_float32_token_lookup_same_values_float32_gradient_scatter():
     outs, jaxprs = {}, {}
     for lookup in ("float32", "compute_dtype"):
         model = build_model(dict(cfg, embed_lookup=lookup))
-        variables = flax.linen.unbox(model.init({"params": jax.random.key(0)}, tokens))
-        outs[lookup] = model.apply(variables, tokens)["hiddens"]
+        variables = flax.linen.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, tokens))
+        outs[lookup] = jax.jit(model.apply)(variables, tokens)["hiddens"]
         grad = jax.grad(lambda p: model.apply({**variables, "params": p}, tokens)["hiddens"].astype(jnp.float32).sum())
         jaxprs[lookup] = str(jax.make_jaxpr(grad)(variables["params"]))
     np.testing.assert_array_equal(outs["float32"], outs["compute_dtype"])

@@ -20,15 +20,17 @@ import pytest
 from conftest import run_vimpac
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
-from vimpac_jax.launch import sweep as sw
+from vimpac_jax import sweeps as sw
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "configs" / "sweeps"
 RUNLOCAL = "configs/pretrain.py:runlocal"
 EXPECTED = {
-    "mask_blocks": [{"pretrain.mask_blocks": b} for b in (4, 5, 6)],
+    # The mask-then-predict analyses (Tables 8, 9, 15) run with the contrastive loss off (alpha = 0).
+    "mask_blocks": [{"pretrain.mask_blocks": b, "pretrain.nce_weight": 0.0} for b in (4, 5, 6)],
     "nce_weight": [{"pretrain.nce_weight": a} for a in (0.0, 0.5, 1.0, 2.0)],
-    "masking": [{"pretrain.mask_kind": "block"}, {"pretrain.mask_kind": "iid", "pretrain.mask_prob": 0.15}],
+    "masking": [{"pretrain.mask_kind": "block", "pretrain.nce_weight": 0.0},
+                {"pretrain.mask_kind": "iid", "pretrain.mask_prob": 0.145, "pretrain.nce_weight": 0.0}],
     "layouts": [{"model.layout": layout} for layout in ("T,H|W", "T,H,W", "TxHxW", "T,HxW")],
 }
 
@@ -54,10 +56,11 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+    """The subprocesses' environment: ours, with conftest's session-wide compilation cache (one
+    directory for both xdist workers, so a program compiled by either is compiled once)."""
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return dict(os.environ)
 
 
 def base_args(store):
@@ -166,7 +169,7 @@ def test_slurm_and_tpu_launchers(store, tmp_path, capsys, monkeypatch):
     assert f"bash {REPO / 'launch' / 'slurm_gpu.sbatch'}" in script  # the multi-host launcher runs each task
     commands = (root / "commands.txt").read_text().splitlines()
     assert len(commands) == 2 and "--config.pretrain.mask_kind=iid" in commands[1]
-    assert json.loads((root / "01_mask_kind=iid_mask_prob=0.15" / "overrides.json").read_text())["overrides"] == \
+    assert json.loads((root / "01_mask_kind=iid_mask_prob=0.145_nce_weight=0.0" / "overrides.json").read_text())["overrides"] == \
         EXPECTED["masking"][1]
     rows = sw.collect(root)  # submitted, not run yet: reported, not dropped
     assert [r["status"] for r in rows] == ["not finished", "not finished"]
@@ -182,7 +185,7 @@ def test_slurm_and_tpu_launchers(store, tmp_path, capsys, monkeypatch):
     task_env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="1")
     task = subprocess.run(["bash", str(root / "sweep.sbatch")], env=task_env, capture_output=True, text=True)
     assert task.returncode == 3, task.stderr
-    run_dir = root / "01_mask_kind=iid_mask_prob=0.15"
+    run_dir = root / "01_mask_kind=iid_mask_prob=0.145_nce_weight=0.0"
     log = (run_dir / "log.txt").read_text()
     assert "ran: train --config" in log and "--config.pretrain.mask_kind=iid" in log and "process=0 of 1" in log
     assert [r["status"] for r in sw.collect(root)] == ["not finished", "failed (rc=3)"]
@@ -212,13 +215,13 @@ def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2/2]" in result.stderr and "ETA" in result.stderr
     rows = read_csv(root / "summary.csv")
-    assert [r["run"] for r in rows] == ["00_mask_kind=block", "01_mask_kind=iid_mask_prob=0.15"]
+    assert [r["run"] for r in rows] == ["00_mask_kind=block_nce_weight=0.0", "01_mask_kind=iid_mask_prob=0.145_nce_weight=0.0"]
     for row in rows:
         assert row["status"] == "ok" and row["returncode"] == "0" and row["step"] == "2"
         for metric in ("train/total_loss", "train/mlm_loss", "train/nce_loss", "train/mask_accuracy",
                        "train/mask_ratio"):
             assert float(row[metric]) == float(row[metric])  # a number, not NaN or blank
-    assert [r["pretrain.mask_kind"] for r in rows] == ["block", "iid"] and rows[1]["pretrain.mask_prob"] == "0.15"
+    assert [r["pretrain.mask_kind"] for r in rows] == ["block", "iid"] and rows[1]["pretrain.mask_prob"] == "0.145"
     # The row's numbers are the run's last logged train metrics.
     logged = [json.loads(ln) for ln in (root / rows[1]["run"] / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if "train/total_loss" in r][-1]
@@ -242,7 +245,7 @@ def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     sweep_file = tmp_path / "with_failure.py"
     # mask_blocks=0 loads as a config (an int) but `vimpac train` rejects it: run 0 fails, run 1
     # (the runlocal default, compiled already by the test above) must still run.
-    sweep_file.write_text("from vimpac_jax.launch.sweep import sweep\n\n"
+    sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
                           "def get_sweep():\n    return sweep('pretrain.mask_blocks', [0, 2])\n")
     root = tmp_path / "fail"
     result = vimpac("sweep", *base_args(store), "--sweep", sweep_file, "--workdir", root, env=env)
@@ -291,7 +294,7 @@ def test_preempted_runs_are_resumed_not_done(tmp_path, monkeypatch):
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(sw, "SLURM_GPU_SCRIPT", tmp_path / "absent")  # each task runs `srun COMMAND`
+    monkeypatch.setattr(sw, "launcher_script", lambda name: tmp_path / "absent")  # each task runs `srun COMMAND`
     (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
     (bin_dir / "srun").chmod(0o755)
     runs = sw.expand([{"seed": 0}], tmp_path / "slurm")

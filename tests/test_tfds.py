@@ -21,7 +21,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from vimpac_jax import cli  # noqa: E402
 from vimpac_jax.data import tfds_export, tfds_source, token_store  # noqa: E402
-from vimpac_jax.data import tokenize as tk  # noqa: E402
+from vimpac_jax.tokenize import job as tk  # noqa: E402
 from vimpac_jax.data import video_decode as vd  # noqa: E402
 from vimpac_jax.data.testing import write_test_store  # noqa: E402
 from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
@@ -317,7 +317,7 @@ def test_export_killed_midway_leaves_no_dataset(tmp_path, monkeypatch):
 
 
 def test_importing_the_package_does_not_import_tensorflow():
-    code = ("import sys, vimpac_jax.cli, vimpac_jax.data.tokenize, vimpac_jax.data.tfds_source, "
+    code = ("import sys, vimpac_jax.cli, vimpac_jax.tokenize.job, vimpac_jax.data.tfds_source, "
             "vimpac_jax.data.tfds_export, vimpac_jax.commands.tokenize, vimpac_jax.commands.export_tfds\n"
             "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'tensorflow_datasets'))]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

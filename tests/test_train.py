@@ -9,6 +9,7 @@ Subprocesses share a persistent compilation cache so each program compiles once.
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,10 +40,11 @@ def stores(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+    """The subprocesses' environment: ours, with conftest's session-wide compilation cache (one
+    directory for both xdist workers, so a program compiled by either is compiled once)."""
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return dict(os.environ)
 
 
 vimpac = functools.partial(run_vimpac, check=True)
@@ -106,6 +108,9 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert sorted(again["by_clips"]) == ["2", "3"] and again["by_clips"]["3"]["top1"] == again["top1"]
     predictions = (ft / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(p.split(",")[0] for p in predictions) == [f"val{i}" for i in range(7)]  # each once
+    # A progress line with an ETA per tested K, and the last K's confusion matrix (PNG + TensorBoard).
+    assert re.search(r"evaluate 3 clips x 1 crops: 7/7 videos, [\d.]+ videos/s, [\d.]+ views/s, ETA", ev.stderr), ev.stderr
+    assert str(ft / "confusion_matrix.png") in ev.stdout and list((ft / "tensorboard").glob("*.images"))
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
@@ -116,6 +121,7 @@ def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
     wrong_grid = vimpac("train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
                         tmp_path / "w2", check=False)
     assert wrong_grid.returncode == 2 and "4x4" in wrong_grid.stderr and "8x4" in wrong_grid.stderr
+    assert not (tmp_path / "w2" / "config.json").exists()  # a rejected config does not claim the workdir
     missing = vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3", check=False)
     assert missing.returncode == 2 and "train_store" in missing.stderr
     assert time.monotonic() - start < 120  # no compilation happened (a loose bound: import time only)
@@ -193,8 +199,9 @@ def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, env
     """vimpac_a is T=3, 4x4 tokens; fine-tune it at T=4 on 6x6 tokens: tables are interpolated."""
     vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
     videos = [dict(video_id=f"v{i}", num_frames=6, label=i % 2, variants=VARIANTS) for i in range(8)]
-    write_test_store(tmp_path / "train6", videos, grid=(6, 6))
-    write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3)
+    # HMDB51's preset samples clips at 4 fps (configs/finetune.py): stores at that rate, every frame.
+    write_test_store(tmp_path / "train6", videos, grid=(6, 6), fps=4.0)
+    write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3, fps=4.0)
     out = vimpac("train", "--config", "configs/finetune.py:dataset=hmdb51,runlocal",
                  "--config.model.num_layers=2", "--config.model.hidden_dim=128", "--config.model.clip_len=4",
                  "--config.model.height=6", "--config.model.width=6", "--config.model.num_classes=2",
@@ -224,7 +231,7 @@ def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):
     data = Path(spec.origin).parent / "datasets" / "data"
     (tmp_path / "videos.txt").write_text(f"{data / 'bikes.mp4'}\n{data / 'carphone_pristine.mp4'}\n")
     out = vimpac("train", "--config", "configs/tokenizer.py:tiny,runlocal",
-                 f"--config.train.data.videos={tmp_path / 'videos.txt'}", "--workdir", tmp_path / "tok", env=env)
+                 f"--config.data.videos={tmp_path / 'videos.txt'}", "--workdir", tmp_path / "tok", env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == 20 and 0 < result["eval_codes_used"] <= 1 and result["eval_psnr"] > 0
     assert "frames/s" in out.stderr
@@ -262,8 +269,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
                           f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=4",
                           "--config.train.log_every=1"])
-    with pytest.raises(train_lib.NonFiniteLossError, match="step 6"):
+    with pytest.raises(train_lib.NonFiniteLossError, match="step 6") as stopped:
         train_lib.train(config, tmp_path / "run")
+    assert "the checkpoint of step 4 in" in str(stopped.value) and "saved after a finite loss" in str(stopped.value)
     step, _ = latest_state(tmp_path / "run")
     assert step == 4  # the checkpoint saved before the loss went bad; none after it
 
@@ -322,3 +330,45 @@ def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, t
     assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
     assert latest_state(tmp_path / "run")[0] == 3
     assert refused and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
+
+
+def test_a_rejected_config_leaves_the_workdir_free_and_a_resume_checks_the_run(stores, tmp_path, monkeypatch):
+    """config.json is written only after every check (here the schedule's, which runs after the
+    state is built); a resume after config.json is deleted checks the seed against the
+    checkpoint, and a store replaced at its path is named. The model's initialisation is traced
+    once for the shardings and once to initialise, whatever else the run builds."""
+    import shutil
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import pretrain_step
+    from vimpac_jax.training import train as train_lib
+    from vimpac_jax.training import workdir as workdir_lib
+
+    shutil.copytree(stores / "pool", tmp_path / "pool")
+    shutil.copytree(stores / "val", tmp_path / "val")
+
+    def config(*extra):
+        return load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                            f"--config.data.train_store={tmp_path / 'pool'}",
+                            f"--config.data.eval_store={tmp_path / 'val'}", "--config.train.num_steps=2",
+                            "--config.train.checkpoint_every=1", *extra])
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="1-update learning-rate schedule"):
+        train_lib.train(config("--config.optim.schedule_steps=1"), run)
+    assert not (run / "config.json").exists()
+
+    traced, real_init = [], pretrain_step.init_variables
+    monkeypatch.setattr(pretrain_step, "init_variables", lambda *a, **k: traced.append(1) or real_init(*a, **k))
+    assert train_lib.train(config(), run)["step"] == 2  # the corrected command, in the same workdir
+    assert len(traced) == 2  # (before: 7, for the shardings of the init, the step and the validation step)
+    assert (run / "config.json").is_file()
+
+    (run / "config.json").unlink()
+    with pytest.raises(workdir_lib.WorkdirError, match="config.seed is 5, the checkpoint's run used 0"):
+        train_lib.train(config("--config.seed=5"), run)
+    assert not (run / "config.json").exists()  # the refused run did not claim the workdir
+    meta = tmp_path / "pool" / "metadata.json"
+    meta.write_text(meta.read_text() + " ")  # rewritten in place: another store for all the run knows
+    with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has changed"):
+        train_lib.train(config(), run)

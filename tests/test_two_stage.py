@@ -8,6 +8,7 @@ parameter update itself (AdamW moves a bias, which has no weight decay, by
 -lr * mu_hat / (sqrt(nu_hat) + eps)), not from the number the step logs.
 """
 
+import shlex
 from pathlib import Path
 
 import jax
@@ -23,10 +24,11 @@ from vimpac_jax.training import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS, STAGE2_STEPS = 10, 4
+pytestmark = pytest.mark.slow  # stage 1 is a real training run (train_lib.train)
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(tmp_path_factory):  # a training run: the tests that use it are slow
     """A token store and a finished stage 1 in a workdir."""
     root = tmp_path_factory.mktemp("two_stage")
     videos = [dict(video_id=f"v{i:02d}", num_frames=4 + i % 4) for i in range(16)]
@@ -69,6 +71,7 @@ def _at(tree, path):
     return np.asarray(tree, np.float64)
 
 
+@pytest.mark.slow
 def test_stage2_continues_the_schedule_and_logs_the_applied_rate(stage1):
     config = stage2_config(stage1)
     messages = []
@@ -94,9 +97,56 @@ def test_stage2_continues_the_schedule_and_logs_the_applied_rate(stage1):
     assert change > 1e-4  # stage 2 trains (the bug: ~1e-10, a learning rate of 0 past the schedule's end)
 
 
+@pytest.mark.slow
 def test_stage2_past_the_end_of_its_schedule_is_an_error(stage1):
     """A stage-2 schedule as long as stage 2 alone would start past its end (rate 0 throughout)."""
     config = stage2_config(stage1, "--config.optim.schedule_steps=4")
     task = train_lib.make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
     with pytest.raises(ValueError, match=r"updates \[10, 14\) of a 4-update.*schedule_epochs"):
         task.init_state(jax.random.key(0))
+
+
+def readme_commands(program: str, command: str) -> list[list[str]]:
+    """The README's `vimpac COMMAND ...` lines of its bash blocks, as argv (continuations joined,
+    comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("bash")]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [argv for argv in (shlex.split(line, comments=True) for line in lines) if argv[:2] == [program, command]]
+
+
+def test_readme_commands_are_the_released_recipe():
+    """The README's pre-training commands: scripts/pretrain/small.sh is the analysis recipe;
+    large.sh + large_frame256cont.sh are stage 1 then stage 2 of one 100-epoch schedule, stage 2
+    at 256 px from stage 1's workdir. Its downstream stores are tokenized at 16 fps, a multiple of
+    every preset's clip rate (configs/finetune.py), SSV2's without flips."""
+    trains = {}
+    for argv in readme_commands("vimpac", "train"):
+        spec = argv[argv.index("--config") + 1]
+        if spec.startswith("configs/pretrain.py"):
+            flags = [a for a in argv[2:] if a.startswith("--config.")]
+            trains[spec.split(":")[1]] = (load_config(["--config", str(REPO / spec), *flags]),
+                                          argv[argv.index("--workdir") + 1])
+    assert set(trains) == {"small,analysis", "large_half", "large_half,stage2"}
+    small = trains["small,analysis"][0]
+    assert (small.train.epochs, small.optim.learning_rate, small.optim.warmup) == (10, 1e-3, 0.1)  # small.sh
+    (s1, s1_dir), (s2, _) = trains["large_half"], trains["large_half,stage2"]
+    assert s2.init_from == s1_dir and s2.init_from_optimizer  # --resume: the optimizer and the schedule
+    assert s1.optim.schedule_epochs == s2.optim.schedule_epochs == s1.train.epochs + s2.train.epochs == 100
+    assert (s1.train.epochs, s1.model.height, s2.model.height) == (90, 16, 32)
+
+    stores = {}
+    for argv in readme_commands("vimpac", "tokenize"):
+        stores[argv[argv.index("--out") + 1]] = argv
+    sizes = {out: int(a[a.index("--size") + 1]) for out, a in stores.items()}
+    assert sizes[s1.data.train_store] == 128 and sizes[s2.data.train_store] == 256
+    rates = {d: load_config(["--config", str(REPO / f"configs/finetune.py:dataset={d}")]).data.clip_fps
+             for d in ("ssv2", "diving48", "ucf101", "hmdb51", "k400")}
+    assert set(rates.values()) == {2.0, 4.0}
+    downstream = {out: a for out, a in stores.items() if "--variants" in a}
+    assert downstream and any("ssv2" in out for out in downstream)
+    for out, argv in downstream.items():
+        fps = float(argv[argv.index("--fps") + 1])
+        assert fps == 16 and all(fps % rate == 0 for rate in rates.values()), out  # the released 16-fps stores
+        if "ssv2" in out:
+            assert argv[argv.index("--variants") + 1] == "finetune_noflip"

@@ -220,6 +220,9 @@ def test_variant_sets():
     assert all(v.crop == 128 for v in ft)
     nf = vd.variants_for("finetune_noflip", 256)
     assert len(nf) == 6 and not any(v.flip for v in nf) and {v.resize for v in nf} == {256, 320}
+    # Variant.parse_name reads a name back (the grammar the test-crop choice of pipelines uses).
+    assert all(vd.Variant.parse_name(v.name) == (v.resize, v.position, v.flip) for v in ft + nf)
+    assert [vd.Variant.parse_name(n) for n in ("r128_top_flip", "r128_center_noflip_x", "center")] == [None] * 3
     with pytest.raises(ValueError):
         vd.variants_for("nope", 128)
     with pytest.raises(ValueError):
@@ -294,6 +297,22 @@ def test_truncated_streamable_file_returns_decoded_prefix(synth, tmp_path):
     assert 1 <= len(numbers) < 200 and numbers == list(range(len(numbers)))
 
 
+def test_truncated_file_with_its_index_first_is_reported(tmp_path, caplog):
+    """An mp4 cut short whose index sits at the front reads as a clean end of stream; the index
+    says frames are missing: an error without allow_partial, else the prefix and a warning."""
+    cut = video_fixtures.write_truncated_faststart(tmp_path / "cut.mp4", n=100)
+    with pytest.raises(vd.VideoDecodeError, match=r"truncated: the file ends after \d+ of the 100 frames"):
+        vd.decode_frames(cut, 5, allow_partial=False)
+    with caplog.at_level("WARNING", logger=vd.__name__):
+        numbers = read_numbers(vd.decode_frames(cut, None))
+    assert 1 <= len(numbers) < 100 and numbers == list(range(len(numbers)))
+    assert "truncated" in caplog.text
+    # Stopping early on purpose is no truncation; a whole file of this kind decodes without error.
+    assert len(vd.decode_frames(cut, None, max_frames=2, allow_partial=False)) == 2
+    whole = write_numbered_video(tmp_path / "whole.mp4", 30, rate=25, container_options={"movflags": "faststart"})
+    assert read_numbers(vd.decode_frames(whole, None, allow_partial=False)) == list(range(30))
+
+
 def test_missing_pyav_names_the_extra(synth, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` raise ImportError
     with pytest.raises(ImportError, match=r"vimpac-jax\[video\]"):
@@ -363,3 +382,37 @@ def test_fork_context_refused():
     with pytest.raises(ValueError):
         next(vd.decode_many([], 2, None, num_workers=1, mp_context="fork"))
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_decode_workers_exit_when_their_parent_is_killed(synth, tmp_path):
+    """SIGKILL of the process that runs decode_many: its workers do not wait for jobs for ever."""
+    import signal
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from vimpac_jax.data import video_decode as vd\n"
+        "if __name__ == '__main__':\n"
+        "    results = vd.decode_many([sys.argv[1]] * 50, 5, None, num_workers=2)\n"
+        "    next(results)\n"
+        "    print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "    time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script), str(synth["cfr25"])], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(video_fixtures.process_alive(pid) for pid in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(video_fixtures.process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if video_fixtures.process_alive(pid)]
+    finally:
+        proc.kill()
+        for pid in workers if "workers" in locals() else []:
+            if video_fixtures.process_alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 
 from vimpac_jax.config_utils import load_config
-from vimpac_jax.tokenizer import store, vq, vq_data
+from vimpac_jax.configs import tokenizer as tokenizer_config
+from vimpac_jax.tokenizer import store, vq, vq_data, vq_task, vq_train
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import tokenizer as tokenizer_config  # noqa: E402 - configs/ is not a package
 
 BACKGROUNDS = np.array([[0, 0, 0], [0.3, 0.3, 0.3], [0.1, 0.1, 0.4]], np.float32)
 PALETTE = np.array([[1, 0.1, 0.1], [0.1, 0.9, 0.2], [0.2, 0.3, 1], [1, 0.9, 0.1]], np.float32)
@@ -70,8 +69,8 @@ def fast_init():
 
 # One compilation each instead of one per primitive in eager mode.
 quantize = jax.jit(vq.quantize)
-ema_update = jax.jit(vq.ema_update)
-restart_dead_codes = jax.jit(vq.restart_dead_codes)
+ema_update = jax.jit(vq_train.ema_update)
+restart_dead_codes = jax.jit(vq_train.restart_dead_codes)
 
 
 def _stats(codebook, cluster_size=None):
@@ -113,7 +112,7 @@ def test_ema_update_matches_hand_computation():
 def test_ema_codebook_moves_to_the_mean_of_its_vectors():
     stats = _stats([[0, 0], [10, 10], [-5, 5]])
     z = jnp.array([[1, 1], [2, 0], [9, 11], [11, 9], [10, 12]], jnp.float32)
-    update = jax.jit(lambda s: vq.ema_update(s, z, vq.quantize(z, s["codebook"])[0], 0.8, 1e-5))
+    update = jax.jit(lambda s: vq_train.ema_update(s, z, vq.quantize(z, s["codebook"])[0], 0.8, 1e-5))
     distances = []
     for _ in range(60):
         stats = update(stats)
@@ -180,19 +179,21 @@ def trained():
     """Train the 'tiny' preset (32 px, 64 codes, widths 16/32/64/64) for STEPS steps of 8
     frames from 64 synthetic videos; evaluate on 8 other videos."""
     config = tokenizer_config.get_config("tiny")
-    config.train.update(num_steps=STEPS, batch_size=8, lr=3e-3, warmup_steps=10)
+    config.train.num_steps = STEPS
+    config.data.batch_size = 8
+    config.optim.update(learning_rate=3e-3, warmup=10)
     # uint8, as vq_data.frame_dataset yields them (train_step scales them on the device).
     train = (moving_shapes(64, 8, seed=0) * 255).round().astype(np.uint8)
     test = moving_shapes(8, 8, seed=1)
     with fast_init():
-        state = vq.init_state(config, jax.random.key(config.seed))
+        state = vq_train.init_state(vq_task.state_config(config), jax.random.key(config.seed))
     init_params = jax.tree.map(np.asarray, state.params)
-    step = jax.jit(vq.train_step, donate_argnums=0)
+    step = jax.jit(vq_train.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)
     key = jax.random.key(1)
     history = []
     for i in range(STEPS):
-        batch = jnp.asarray(train[rng.integers(0, len(train), config.train.batch_size)])
+        batch = jnp.asarray(train[rng.integers(0, len(train), config.data.batch_size)])
         state, metrics = step(state, batch, jax.random.fold_in(key, i))
         history.append(metrics)
     history = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(history))
@@ -202,10 +203,10 @@ def trained():
 def test_tiny_tokenizer_beats_the_mean_frame(trained):
     config, state, test = trained["config"], trained["state"], trained["test"]
     tok = state.tokenizer_params()
-    tokens, logits = vq.vq_encode(tok, config.tokenizer, test)
-    recon = vq.vq_decode(tok, config.tokenizer, tokens)
+    tokens, logits = vq.vq_encode(tok, config.model, test)
+    recon = vq.vq_decode(tok, config.model, tokens)
     mse = float(jnp.mean((recon - test) ** 2))
-    baseline = float(vq.mean_frame_mse(test))
+    baseline = float(vq_train.mean_frame_mse(test))
     used = len(np.unique(np.asarray(tokens)))
     h = trained["history"]
     print(f"\nheld-out MSE {mse:.4f} vs mean-frame MSE {baseline:.4f}: ratio {mse / baseline:.3f}; "
@@ -262,17 +263,17 @@ def test_reconstruction_gradient_reaches_the_encoder(trained):
 
 def test_save_load_round_trip_gives_identical_tokens(trained, tmp_path):
     config, state, test = trained["config"], trained["state"], trained["test"][:8]
-    dst = vq.save_vq_tokenizer(tmp_path / "tok", config.tokenizer, state, metadata={"preset": "tiny"})
+    dst = vq.save_vq_tokenizer(tmp_path / "tok", config.model, state, metadata={"preset": "tiny"})
     meta = store.read_meta(dst)
     assert meta["kind"] == "vq" and meta["step"] == STEPS and meta["metadata"] == {"preset": "tiny"}
     assert meta["config"]["vocab_size"] == 64 and meta["config"]["downsample"] == 8
     loaded_config, params = vq.load_vq_tokenizer(dst)
-    assert loaded_config == vq.model_json_config(config.tokenizer)
+    assert loaded_config == vq.model_json_config(config.model)
     assert set(params) == {"encoder", "decoder", "codebook"} and params["codebook"].shape == (64, 16)
-    ours, _ = vq.vq_encode(state.tokenizer_params(), config.tokenizer, test)
+    ours, _ = vq.vq_encode(state.tokenizer_params(), config.model, test)
     theirs, _ = vq.vq_encode(params, loaded_config, test)
     np.testing.assert_array_equal(ours, theirs)
-    np.testing.assert_array_equal(vq.vq_decode(state.tokenizer_params(), config.tokenizer, ours),
+    np.testing.assert_array_equal(vq.vq_decode(state.tokenizer_params(), config.model, ours),
                                   vq.vq_decode(params, loaded_config, theirs))
 
     # The kind-independent interface loads it (the 'vq' entry of TOKENIZER_KINDS).
@@ -284,9 +285,9 @@ def test_save_load_round_trip_gives_identical_tokens(trained, tmp_path):
     np.testing.assert_allclose(tokenizer.decode(ours), vq.vq_decode(params, loaded_config, ours), atol=1e-6)
 
     with pytest.raises(FileExistsError):
-        vq.save_vq_tokenizer(dst, config.tokenizer, state)
+        vq.save_vq_tokenizer(dst, config.model, state)
     # A config that does not describe the state is refused before anything is written.
-    wrong = dict(vq.model_json_config(config.tokenizer), codebook_size=32)
+    wrong = dict(vq.model_json_config(config.model), codebook_size=32)
     with pytest.raises(ValueError, match="does not match"):
         vq.save_vq_tokenizer(tmp_path / "wrong", wrong, state)
     assert not (tmp_path / "wrong").exists()
@@ -299,7 +300,7 @@ def test_load_refuses_other_kinds_and_bad_inputs(tmp_path):
         vq.load_vq_tokenizer(tmp_path / "d")
     with pytest.raises(FileNotFoundError):
         vq.load_vq_tokenizer(tmp_path / "missing")
-    config = tokenizer_config.get_config("tiny").tokenizer
+    config = tokenizer_config.get_config("tiny").model
     with pytest.raises(ValueError, match="multiples of 8"):
         vq.vq_encode({}, config, np.zeros((1, 30, 32, 3), np.float32))
     with pytest.raises(ValueError, match="widths"):
@@ -313,18 +314,18 @@ def test_load_refuses_other_kinds_and_bad_inputs(tmp_path):
 def test_config_presets():
     for preset, (k, size) in {"tiny": (64, 32), "small": (1024, 128), "dalle_like": (8192, 128)}.items():
         config = tokenizer_config.get_config(preset)
-        assert config.tokenizer.codebook_size == k and config.train.data.size == size
-        assert vq.model_json_config(config.tokenizer)["vocab_size"] == k  # a valid model block
-    assert tokenizer_config.get_config("dalle_like").tokenizer.widths == (256, 512, 1024, 2048)
+        assert config.model.codebook_size == k and config.data.size == size
+        assert vq.model_json_config(config.model)["vocab_size"] == k  # a valid model block
+    assert tokenizer_config.get_config("dalle_like").model.widths == (256, 512, 1024, 2048)
     local = tokenizer_config.get_config("small,runlocal")
-    assert local.train.num_steps == 20 and local.train.data.num_workers == 0
+    assert local.train.num_steps == 20 and local.data.workers == 0
     with pytest.raises(ValueError, match="preset"):
         tokenizer_config.get_config("preset=huge")
-    config = load_config(["--config", f"{REPO}/configs/tokenizer.py:tiny", "--config.train.lr=0.01",
-                          "--config.train.data.videos=/x/list.txt"])
-    assert config.train.lr == 0.01 and config.train.data.videos == "/x/list.txt"
+    config = load_config(["--config", f"{REPO}/configs/tokenizer.py:tiny", "--config.optim.learning_rate=0.01",
+                          "--config.data.videos=/x/list.txt"])
+    assert config.optim.learning_rate == 0.01 and config.data.videos == "/x/list.txt"
     with pytest.raises(ValueError, match="bad --config"):
-        load_config(["--config", f"{REPO}/configs/tokenizer.py:tiny", "--config.train.lrr=0.01"])
+        load_config(["--config", f"{REPO}/configs/tokenizer.py:tiny", "--config.optim.learning_rat=0.01"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_frame_pool_decodes_once_and_skips_bad_files(videos):
     assert [Path(p).name for p, _ in pool.skipped] == ["broken.mp4"]
     assert pool.frames.std() > 20  # real picture content, not blank frames
 
-    data = tokenizer_config.get_config("tiny,runlocal").train.data
+    data = tokenizer_config.get_config("tiny,runlocal").data
     data.update(videos=str(videos["dir"] / "*.mp4"), fps=5.0, max_frames_per_video=2)
     from_config = vq_data.frame_pool_from_config(data)
     assert from_config.frames.shape == (2, 32, 32, 3) and len(from_config.skipped) == 1
@@ -399,3 +400,18 @@ def test_frame_dataset_is_a_function_of_seed_and_step():
                                   vq_data.frame_dataset(frames, batch_size=4, seed=7)[0]["images"])
     with pytest.raises(ValueError, match="uint8"):
         vq_data.frame_dataset(frames.astype(np.float32), batch_size=2, seed=0)
+
+
+def test_tokenizer_kinds_do_not_import_the_interface():
+    """`interface.py` builds every kind's backend; the kinds' modules (model, training) never import
+    it back, so there is no import circle between them."""
+    import ast
+
+    tokenizer_dir = Path(vq.__file__).parent
+    for name in ("vq.py", "vq_train.py", "dalle.py"):
+        tree = ast.parse((tokenizer_dir / name).read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "vimpac_jax.tokenizer.interface" not in modules, name
+        assert not any(n.module == "vimpac_jax.tokenizer" and any(a.name == "interface" for a in n.names)
+                       for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), name

@@ -79,16 +79,18 @@ def write_video(
     pts: list[int] | None = None,
     time_base: Fraction | None = None,
     codec: str = "libx264",
+    container_options: dict | None = None,
 ) -> Path:
     """Encode uint8 frames [N, H, W, 3] (even H, W) to ``path`` (the suffix picks the container).
 
     ``pts`` (in ``time_base`` units) gives explicit, possibly irregular, presentation times:
     a variable-frame-rate stream. Near-lossless so frame contents survive exactly enough.
+    ``container_options``: muxer options, e.g. {"movflags": "faststart"} (mp4 index at the front).
     """
     import av
 
     n, height, width, _ = frames.shape
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
@@ -110,6 +112,19 @@ def write_video(
 def write_numbered_video(path: Path, n: int, height: int = 48, width: int = 64, **kwargs) -> Path:
     """A video whose frame i reads back as i through `read_numbers`."""
     return write_video(path, numbered_frames(n, height, width), **kwargs)
+
+
+def write_truncated_faststart(path: Path, n: int = 100, keep: float = 0.6) -> Path:
+    """An mp4 of ``n`` numbered frames at 25 fps with its index at the front ("faststart"), cut to
+    the first ``keep`` of its bytes: it opens and decodes some frames, then ends where a clean end
+    of stream would; only the index says frames are missing."""
+    whole = write_numbered_video(path.with_name(path.stem + "_whole.mp4"), n, rate=25,
+                                 container_options={"movflags": "faststart"})
+    data = whole.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat"), "the muxer did not put the index first"
+    path.write_bytes(data[: int(len(data) * keep)])
+    whole.unlink()
+    return path
 
 
 def write_audio_only(path: Path, seconds: float = 0.2, rate: int = 8000) -> Path:
@@ -165,3 +180,27 @@ def crashing_decode_job(index: int, path: str, *args):
     if os.path.basename(path) == CRASHING_NAME:
         os._exit(11)
     return _decode_job(index, path, *args)
+
+
+# Processes (Linux /proc): the decode workers of tests that kill their parent.
+
+
+def live_children(parent: int) -> list[int]:
+    """Live (not zombie) child processes of `parent`, from /proc."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(parent) and not fields.get("State", "").startswith("Z"):
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def process_alive(pid: int) -> bool:
+    """`pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        return not (Path("/proc") / str(pid) / "status").read_text().split("State:\t")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False

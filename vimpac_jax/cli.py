@@ -2,10 +2,26 @@
 
 Each command lives in its own module with a `main(argv) -> int`; it is imported only when
 run, so that one command's dependencies (PyAV, TFDS, ...) never slow down or break another.
+
+Rejected input is one line, not a traceback: a command's checks raise ValueError naming the
+file, field or flag and what was expected (the project's convention: `InUseError`,
+`CheckpointRestoreError`, ... are ValueErrors too), and a path given on the command line may
+raise an `INPUT_ERRORS` OSError. Whatever of these a command does not handle itself is printed
+here as `vimpac CMD: error: MESSAGE` with exit code `exit_codes.BAD_INPUT` (2). Set
+VIMPAC_TRACEBACK=1 to get the traceback instead. Flags that must be positive use
+`positive_int` (argparse's own error, also exit code 2).
 """
 
+import argparse
 import importlib
+import os
 import sys
+
+from vimpac_jax import exit_codes
+
+# Errors of input that a command rejected (see the module docstring).
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
 
 COMMANDS = {
     "demo": ("vimpac_jax.commands.demo", "the built-in default end to end: videos -> tokens -> pre-train -> fine-tune -> test"),
@@ -16,7 +32,7 @@ COMMANDS = {
     "train": ("vimpac_jax.commands.train", "train a tokenizer, pre-train or fine-tune (config picks the task)"),
     "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
     "predict": ("vimpac_jax.commands.predict", "classify video files with a fine-tuned model (top classes per video)"),
-    "tokenizer": ("vimpac_jax.commands.tokenizer", "encode images to tokens / decode tokens to images"),
+    "codes": ("vimpac_jax.commands.codes", "encode images to codes / decode codes to images with a tokenizer directory"),
     "tokenize": ("vimpac_jax.commands.tokenize", "turn a video collection into a token store"),
     "convert-store": ("vimpac_jax.commands.convert_store", "rewrite an old-layout token store in the chunked layout"),
     "export-tfds": ("vimpac_jax.commands.export_tfds", "write token stores as a TFDS dataset (ArrayRecord)"),
@@ -47,4 +63,33 @@ def main(argv=None) -> int:
         print(f"vimpac: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except INPUT_ERRORS as e:
+        if os.environ.get("VIMPAC_TRACEBACK"):
+            raise
+        print(f"vimpac {name}: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be >= 1 (`--batch-size`, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_output_file(path, flag: str = "--out") -> None:
+    """A file a command writes when its work is done: refused before the work if it cannot be
+    written there (its directory is missing, or the path is a directory)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; expected a file name")
+    if not p.absolute().parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {p.absolute().parent} does not exist")

@@ -1,4 +1,4 @@
-"""Token ids shared by every part of the project (reference §2).
+"""Token ids shared by every part of the project (the released `vimpac/modeling_utils.py`).
 
 Codes 0..8191 come from the tokenizer; the embedding table has 8197 rows so that the five
 special ids of the released code fit after them.

@@ -6,7 +6,7 @@
 
 A video goes through the chain of `vimpac tokenize` + `vimpac evaluate`, with the same code:
 decoding at the store's fps into its test crops (`data/video_decode.py` Variants), the run's
-tokenizer (`tokenizer/interface.py`, frames of many videos batched by `data/tokenize.FrameBatcher`
+tokenizer (`tokenizer/interface.py`, frames of many videos batched by `tokenize/batcher.FrameBatcher`
 and sharded over the local devices), K uniformly spaced clips per crop (`data/pipelines.test_views`),
 softmax scores averaged over the K x C views (`training/finetune_step.average_over_views`).
 
@@ -15,8 +15,8 @@ The model source W is one of
                           rate, class names and the tokenizer come from the run config and its
                           token store's metadata.json; a `tokenizer` passed anyway must be that one.
   a model checkpoint      `vimpac convert official` (a released fine-tuned model): the tokenizer
-                          must be given; the released protocol is used (reference §8: 10 clips x 3
-                          crops, frames of 8 x the token grid, 2 fps as configs/finetune.py).
+                          must be given; the released protocol is used (10 clips x 3
+                          crops, frames of 8 x the token grid, 2 fps: the released scripts' --frame-rate 2).
   a StableHLO directory   `vimpac export --format stablehlo`: as a model checkpoint.
 A given tokenizer must make the model's token grid at that frame size and have the model's number
 of codes, else the load is refused naming both.
@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,12 +38,12 @@ import numpy as np
 from vimpac_jax.data import video_decode as vd
 
 # Protocol of a model that recorded none (a converted released checkpoint, an export): the
-# released test (reference §8) and the clip rate of the released fine-tuning scripts.
+# released test and the clip rate of the released fine-tuning scripts.
 RELEASED_NUM_CLIPS = 10
 RELEASED_CROPS = "three"
 RELEASED_FPS = 2.0
 RELEASED_DOWNSAMPLE = 8  # `conversion/official.py` makes the grid frame_size // 8 (the DALL-E dVAE's)
-NUM_SPECIAL_IDS = 5  # ids after the codes (reference §2): vocab_size = codes + 5
+NUM_SPECIAL_IDS = 5  # ids after the codes (`constants.py`): vocab_size = codes + 5
 STABLEHLO_KINDS = ("stablehlo",)
 
 
@@ -187,9 +187,9 @@ class Classifier:
 
         Decoding runs in `workers` processes (`video_decode.decode_many`; 0 = this process), the
         frames of many videos share the tokenizer's device batches, and the views of up to
-        `batch_size` videos go to the model at once. progress: a `data.tokenize.Progress`.
+        `batch_size` videos go to the model at once. progress: a `vimpac_jax.progress.Progress` of videos (`counted` frames).
         """
-        from vimpac_jax.data.tokenize import FrameBatcher
+        from vimpac_jax.tokenize.batcher import FrameBatcher
 
         paths = [os.fspath(p) for p in paths]
         p, tok = self.protocol, self.tokenizer
@@ -208,7 +208,7 @@ class Classifier:
             for index, tokens in done:
                 ready.append((index, self.views_from_tokens(tokens)))
                 if progress is not None:
-                    progress.update(videos=1, frames=len(tokens))
+                    progress.update(add=1, frames=len(tokens))
             while len(ready) >= self.batch_size:
                 score(self.batch_size)
 
@@ -315,12 +315,13 @@ def _crop_variants(meta: dict, names: Sequence[str], store: str) -> tuple[vd.Var
 
 def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crops, devices, tok_batch):
     """(protocol, class names, tokenizer) recorded by a fine-tuning run and its token store."""
-    from vimpac_jax.commands.evaluate import load_workdir_config
     from vimpac_jax.data import token_store
     from vimpac_jax.data.pipelines import frame_step
     from vimpac_jax.training.tasks import eval_crop_names
 
-    config = load_workdir_config(path)
+    from vimpac_jax.training import workdir as workdir_lib
+
+    config = workdir_lib.read_config(path)
     store = config.data.eval_store or config.data.train_store
     try:
         meta = token_store.read_metadata(store)
@@ -390,21 +391,16 @@ def _model_scores_fn(path: Path, kind: str, model_config: dict, mesh):
         fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(shd.BATCH_AXES), out_specs=P(shd.BATCH_AXES),
                                    check_vma=False))
         return fn, None
-    from vimpac_jax.export.source import ExportSourceError, load_exportable
+    from vimpac_jax.export.source import ExportSourceError, read_exportable
 
     try:
-        _, variables = load_exportable(path)
+        _, variables, step = read_exportable(path)  # a workdir's newest intact step, and its number
     except ExportSourceError as e:
         raise PredictError(str(e)) from None
     replicated = shd.replicated(mesh)
     params = jax.device_put(variables["params"], replicated)
     batch_stats = jax.device_put(variables.get("batch_stats") or {}, replicated)
     eval_step = make_eval_step(model_config, mesh)
-    step = None
-    if kind == "workdir":
-        import orbax.checkpoint as ocp
-
-        step = ocp.CheckpointManager(path.absolute() / "checkpoints").latest_step()
     return (lambda tokens: eval_step(params, batch_stats, tokens)["probs"]), step
 
 
@@ -491,4 +487,4 @@ def predictions_json(clf: Classifier, results: Sequence[Prediction]) -> dict[str
 
 
 def log(message: str) -> None:
-    print(f"vimpac predict: {message}", file=sys.stderr, flush=True)
+    logging.getLogger(__name__).warning(f"vimpac predict: {message}")

@@ -14,23 +14,33 @@ pixels depend on its neighbours) and only the masked tokens' pixels are pasted i
 
 The model sees the [MASK] id at every masked token (no 80/10/10 noise: the figure asks what the
 model infers from the context alone). Masks are drawn like in pre-training (`block_mask`).
+
+The picture (`figure_image`) names each row on its left and outlines the masked tokens' region
+in rows 3 and 4 (`OUTLINE`); `draw_figure` makes it from a run and a list of videos (`vimpac
+visualize`, `vimpac demo`) and writes it as a PNG (and to the run's TensorBoard). Drawing needs
+the `viz` extra (Pillow, see `vimpac_jax/plots.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
+import json
+import logging
 from pathlib import Path
+from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from vimpac_jax import plots
 from vimpac_jax.constants import MASK_ID
-from vimpac_jax.training.masking import block_mask
+
+log = logging.getLogger(__name__)
 
 ROWS = ("original", "round-trip", "masked", "predicted")
+OUTLINED_ROWS = ("masked", "predicted")  # rows whose masked tokens are outlined
 MASK_GREY = 0.5
+OUTLINE = (230, 25, 25)  # the masked region's border (RGB)
+TEXT = (0, 0, 0)
 
 
 @dataclasses.dataclass
@@ -57,6 +67,9 @@ def predict_masked_tokens(model, variables, inputs: np.ndarray, num_codes: int) 
 
     inputs int [N, T, h, w] (with MASK_ID where masked) -> int32 [N, T, h, w].
     """
+    import jax
+    import jax.numpy as jnp
+
     @jax.jit
     def predict(variables, tokens):
         logits = model.apply(variables, tokens, None, train=False)["mlm_logits"]  # [N, T, h, w, V]
@@ -65,12 +78,14 @@ def predict_masked_tokens(model, variables, inputs: np.ndarray, num_codes: int) 
     return np.asarray(predict(variables, jnp.asarray(inputs, jnp.int32)))
 
 
-def reconstruct(model, variables, tokenizer, frames: np.ndarray, key: jax.Array, num_blocks: int) -> Reconstruction:
+def reconstruct(model, variables, tokenizer, frames: np.ndarray, key, num_blocks: int) -> Reconstruction:
     """frames uint8 [N, T, H, W, 3] (H, W multiples of the tokenizer's down-sampling) -> the rows.
 
     `model` is a pre-training model (`build_model` of a pre-training config) whose clip shape is
     [T, H/downsample, W/downsample]; `tokenizer` a loaded `Tokenizer` with a decoder.
     """
+    from vimpac_jax.training.masking import block_mask
+
     n, t, height, width, _ = frames.shape
     tokens = tokenizer.encode_tokens(frames.reshape(n * t, height, width, 3))
     h, w = tokens.shape[-2:]
@@ -90,71 +105,189 @@ def reconstruct(model, variables, tokenizer, frames: np.ndarray, key: jax.Array,
         mask=mask, tokens=tokens, predicted_tokens=predicted_tokens)
 
 
+def mask_border(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """bool [..., H, W] -> bool [..., H, W]: the pixels of `mask` within `width` of its border
+    (a neighbour outside the mask, or the image edge)."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, [(0, 0)] * (inner.ndim - 2) + [(1, 1), (1, 1)], constant_values=False)
+        inner = (inner & padded[..., :-2, 1:-1] & padded[..., 2:, 1:-1]
+                 & padded[..., 1:-1, :-2] & padded[..., 1:-1, 2:])
+    return mask & ~inner
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the cells of a figure are: frame f of row r of clip i is the cell at
+    (top(i, r), left(f)), `cell_h` x `cell_w` pixels; `margin` columns of row labels on the left."""
+
+    clips: int
+    frames: int
+    cell_h: int
+    cell_w: int
+    margin: int
+    gap: int
+    clip_gap: int
+
+    def top(self, clip: int, row: int) -> int:
+        return clip * (self.clip_h + self.clip_gap) + row * (self.cell_h + self.gap)
+
+    def left(self, frame: int) -> int:
+        return self.margin + frame * (self.cell_w + self.gap)
+
+    @property
+    def clip_h(self) -> int:
+        return len(ROWS) * self.cell_h + (len(ROWS) - 1) * self.gap
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.clips * self.clip_h + (self.clips - 1) * self.clip_gap,
+                self.margin + self.frames * self.cell_w + (self.frames - 1) * self.gap, 3)
+
+
+def _label_width(font, draw) -> int:
+    return int(np.ceil(max(draw.textlength(name, font=font) for name in ROWS))) + 8
+
+
 def figure_image(rec: Reconstruction, *, scale: int = 4, gap: int = 2, clip_gap: int = 8) -> np.ndarray:
-    """The rows of every clip tiled into one uint8 image [rows, cols, 3] on a white ground.
+    """The rows of every clip tiled into one uint8 image [H, W, 3] on a white ground.
 
-    Clip i occupies four rows of `ROWS` order, frames left to right; each frame is enlarged
-    `scale` times (nearest neighbour), cells are `gap` pixels apart, clips `clip_gap`.
+    Clip i occupies four rows of `ROWS` order, named on the left, frames left to right; each frame
+    is enlarged `scale` times (nearest neighbour), cells are `gap` pixels apart, clips `clip_gap`.
+    In the `OUTLINED_ROWS` the border of the masked tokens' region is drawn in `OUTLINE`
+    (`max(1, scale // 2)` pixels wide, inside the region). See `figure_layout` for the cells.
     """
-    n, t, height, width, _ = rec.original.shape
-    cell_h, cell_w = height * scale, width * scale
-    rows_per_clip = len(ROWS)
-    clip_h = rows_per_clip * cell_h + (rows_per_clip - 1) * gap
-    out_h = n * clip_h + (n - 1) * clip_gap
-    out_w = t * cell_w + (t - 1) * gap
-    image = np.full((out_h, out_w, 3), 255, np.uint8)
+    pil = plots.require("PIL.Image", "drawing Fig. 5")
+    from PIL import ImageDraw, ImageFont
+
+    layout = figure_layout(rec, scale=scale, gap=gap, clip_gap=clip_gap)
+    n, t, height, _, _ = rec.original.shape
+    downsample = height // rec.mask.shape[-2]
+    pixels = np.repeat(np.repeat(rec.mask, downsample * scale, axis=-2), downsample * scale, axis=-1)
+    border = mask_border(pixels, max(1, scale // 2))  # [N, T, H*scale, W*scale]
+    image = np.full(layout.shape, 255, np.uint8)
+    rows = {"original": rec.original, "round-trip": rec.roundtrip, "masked": rec.masked, "predicted": rec.predicted}
     for i in range(n):
-        for r, row in enumerate((rec.original, rec.roundtrip, rec.masked, rec.predicted)):
-            top = i * (clip_h + clip_gap) + r * (cell_h + gap)
+        for r, name in enumerate(ROWS):
+            top = layout.top(i, r)
             for f in range(t):
-                left = f * (cell_w + gap)
-                cell = np.clip(np.rint(row[i, f] * 255.0), 0, 255).astype(np.uint8)
+                cell = np.clip(np.rint(rows[name][i, f] * 255.0), 0, 255).astype(np.uint8)
                 cell = np.repeat(np.repeat(cell, scale, axis=0), scale, axis=1)
-                image[top:top + cell_h, left:left + cell_w] = cell
-    return image
+                if name in OUTLINED_ROWS:
+                    cell[border[i, f]] = OUTLINE
+                left = layout.left(f)
+                image[top:top + layout.cell_h, left:left + layout.cell_w] = cell
+    picture = pil.fromarray(image, "RGB")
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
+    for i in range(n):
+        for r, name in enumerate(ROWS):
+            _, y0, _, y1 = draw.textbbox((0, 0), name, font=font)
+            draw.text((4, layout.top(i, r) + (layout.cell_h - (y1 - y0)) // 2 - y0), name, fill=TEXT, font=font)
+    return np.asarray(picture)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> the bytes of an 8-bit RGB PNG (no filter, zlib level 6)."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
-    height, width, _ = image.shape
+def figure_layout(rec: Reconstruction, *, scale: int = 4, gap: int = 2, clip_gap: int = 8) -> Layout:
+    """The `Layout` of `figure_image(rec, ...)`."""
+    pil = plots.require("PIL.Image", "drawing Fig. 5")
+    from PIL import ImageDraw, ImageFont
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
-            + chunk(b"IEND", b""))
+    n, t, height, width, _ = rec.original.shape
+    margin = _label_width(ImageFont.load_default(), ImageDraw.Draw(pil.new("RGB", (1, 1))))
+    return Layout(clips=n, frames=t, cell_h=height * scale, cell_w=width * scale, margin=margin, gap=gap,
+                  clip_gap=clip_gap)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """The inverse of `encode_png` (8-bit RGB, no filter) -> uint8 [H, W, 3]; for tests and checks."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
-    pos, idat, width, height = 8, b"", 0, 0
-    while pos < len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big")
-            if body[8:10] != bytes([8, 2]):
-                raise ValueError("only 8-bit RGB PNGs are read")
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-    if raw[:, 0].any():
-        raise ValueError("only unfiltered PNGs are read")
-    return raw[:, 1:].reshape(height, width, 3)
+# ----------------------------------------------------------------------------------------------
+# The figure of a run.
 
 
-def write_png(path, image: np.ndarray) -> None:
-    """Writes `encode_png(image)` to `path` through a temporary file, so no half image is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png(image))
-    tmp.replace(path)
+class VisualizeError(ValueError):
+    """Bad input to `draw_figure` (the message names the argument)."""
+
+
+def _train_store_tokenizer_hash(run_config: dict) -> Optional[str]:
+    """The weights hash the run's training store was tokenized with, if the store is readable."""
+    try:
+        meta = json.loads((Path(run_config["data"]["train_store"]) / "metadata.json").read_text())
+        return meta["tokenizer"]["weights_sha256"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos: int = 4,
+                mask_blocks: Optional[int] = None, seed: int = 0, scale: int = 4) -> dict:
+    """Fig. 5 of the pre-training run (or model checkpoint) `run_dir` on the first `num_videos`
+    usable videos of `paths`, written to the PNG `out`; a training workdir also gets it in its
+    TensorBoard log (tag `fig5/reconstruction`, at its latest checkpoint's step).
+
+    The first T frames of each video are used (T = the model's clip length), decoded at the run's
+    clip fps and center-cropped to the tokenizer's frame size; videos that cannot be decoded or
+    are shorter are skipped (logged). `tokenizer_dir` must be the tokenizer of the run's tokens
+    (checked against its training store's metadata when readable). Raises `VisualizeError`, or
+    `plots.VizExtraMissing` without Pillow.
+    Returns {'out', 'clips', 'frames', 'size', 'skipped', 'mask_blocks', 'masked', 'accuracy'}.
+    """
+    plots.require("PIL.Image", "drawing Fig. 5")  # VizExtraMissing, before any work
+    import jax
+
+    from vimpac_jax.data import video_decode as vd
+    from vimpac_jax.export.source import ExportSourceError, load_model_config, read_exportable
+    from vimpac_jax.models.model import build_model
+    from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
+
+    run_dir, tokenizer_dir = Path(run_dir), Path(tokenizer_dir)
+    try:
+        model_cfg = load_model_config(run_dir)
+    except ExportSourceError as e:
+        raise VisualizeError(str(e)) from None
+    if model_cfg.get("task", "pretrain") != "pretrain":
+        raise VisualizeError(f"--workdir {run_dir}: a {model_cfg.get('task')!r} model; the figure needs a "
+                             "pre-training model (its MLM head)")
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except (TokenizerLoadError, OSError) as e:
+        raise VisualizeError(f"--tokenizer {tokenizer_dir}: {e}") from None
+    if not tokenizer.has_decoder:
+        raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
+    from vimpac_jax.training import workdir as workdir_lib
+
+    run_config = workdir_lib.read_config_dict(run_dir) if workdir_lib.is_workdir(run_dir) else {}
+    expected = _train_store_tokenizer_hash(run_config)
+    if expected is not None and expected != tokenizer.weights_sha256:
+        raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
+                             f"(weights sha256 {tokenizer.weights_sha256[:12]}..., the store's {expected[:12]}...)")
+    clip_fps = run_config.get("data", {}).get("clip_fps", 2.0)
+    num_blocks = mask_blocks or run_config.get("pretrain", {}).get("mask_blocks", 5)
+    t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
+    if h != w:
+        raise VisualizeError(f"the model's token grid is {h}x{w}; only square frames are drawn")
+    size = h * tokenizer.downsample
+
+    (center,) = vd.variants_for("pretrain", size)
+    clips, skipped = [], []
+    for path in paths:
+        if len(clips) == num_videos:
+            break
+        try:
+            frames = vd.decode_variants(path, clip_fps, [center], max_frames=t)[center.name]
+        except vd.VideoDecodeError as e:
+            skipped.append(f"{path}: {e}")
+            continue
+        if len(frames) < t:
+            skipped.append(f"{path}: {len(frames)} frames at {clip_fps} fps, the model needs {t}")
+            continue
+        clips.append(frames[:t])
+    for line in skipped:
+        log.warning("skipped %s", line)
+    if not clips:
+        raise VisualizeError(f"no usable video among {len(paths)} ({len(skipped)} skipped)")
+
+    _, variables, step = read_exportable(run_dir)  # step: None for a model checkpoint
+    rec = reconstruct(build_model(model_cfg), variables, tokenizer, np.stack(clips), jax.random.key(seed), num_blocks)
+    image = figure_image(rec, scale=scale)
+    plots.write_png(out, image)
+    if step is not None:
+        plots.write_tensorboard_images(run_dir / "tensorboard", step, {"fig5/reconstruction": image})
+    accuracy = float((rec.predicted_tokens == rec.tokens)[rec.mask].mean()) if rec.mask.any() else float("nan")
+    return {"out": str(out), "clips": len(clips), "frames": t, "size": size, "skipped": skipped,
+            "mask_blocks": num_blocks, "masked": float(rec.mask.mean()), "accuracy": accuracy}

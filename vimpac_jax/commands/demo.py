@@ -36,7 +36,7 @@ def main(argv) -> int:
     parser.add_argument("--ablation", action="store_true", help="the four-variant table over --seeds")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="training seeds of --ablation")
     args = parser.parse_args(argv)
-    from vimpac_jax.demo import format_ablation, format_table, run_ablation, run_demo
+    from vimpac_jax.demo.chain import format_ablation, format_table, run_ablation, run_demo
 
     workdir = Path(args.workdir)
     if args.ablation:

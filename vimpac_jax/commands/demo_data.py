@@ -1,6 +1,6 @@
 """`vimpac demo-data --out DIR [--preset default|full] [--seed S] [--workers N] [--force]`.
 
-Generates the built-in motion dataset (vimpac_jax/data/demo_data.py): 8 classes (move
+Generates the built-in motion dataset (vimpac_jax/demo/data.py): 8 classes (move
 left/right/up/down, rotate cw/ccw, grow, shrink) that a single frame cannot tell apart, as H.264
 mp4 files with mmaction2 lists: pool.txt (unlabelled, for pre-training), train.txt and val.txt
 (`path label`, class-balanced), classes.txt, dataset.json, README.txt. List paths are relative
@@ -24,7 +24,7 @@ def _counts(text: str) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from vimpac_jax.data.demo_data import PRESETS
+    from vimpac_jax.demo.data import PRESETS
 
     presets = ", ".join(f"{k}: {p.size}px {p.num_frames} frames at {p.fps} fps, pool {p.pool} / train {p.train} / "
                         f"val {p.val}" for k, p in PRESETS.items())
@@ -46,7 +46,7 @@ def main(argv) -> int:
     if args.seed < 0:
         print("vimpac demo-data: error: --seed must be >= 0", file=sys.stderr)
         return 2
-    from vimpac_jax.data.demo_data import write_demo_dataset
+    from vimpac_jax.demo.data import write_demo_dataset
 
     try:
         s = write_demo_dataset(args.out, preset=args.preset, seed=args.seed, workers=args.workers,

@@ -2,45 +2,29 @@
 
 Softmax scores are averaged per video over K clips x C crops (default: the config's, 10 x 3;
 SSV2 uses the center crop only). Writes eval_results.json (top-1, top-5, the eval loss,
-per-class accuracy) and predictions.csv to the workdir, and prints a table. Several K in one
+per-class accuracy), predictions.csv and confusion_matrix.png (also in the run's TensorBoard
+log; needs the viz extra, or --no-pictures) to the workdir, and prints a table. Progress (videos
+done, videos/s, views/s, ETA) goes to stderr. Several K in one
 call (`--clips 2,5,10`, the released `--last-test-clips`) test each in turn: the files hold the
 last K's results, and eval_results.json also `by_clips` {K: top1, top5, loss, mean class accuracy}.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import ml_collections
-
-
-def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
 def restore_params(workdir: Path, config, mesh):
-    """The latest checkpoint's parameters, laid out on `mesh` like the training state."""
-    import jax
+    """(step, params) of the newest intact checkpoint, laid out on `mesh` like the training
+    state's parameters (the optimizer state is not read)."""
+    from vimpac_jax.training import workdir as workdir_lib
+    from vimpac_jax.training.pretrain_step import param_shardings
 
-    import orbax.checkpoint as ocp
-
-    from vimpac_jax.training.pretrain_step import abstract_train_state, train_state_shardings
-
-    model_cfg = config.model.to_dict()
-    optim_cfg = dict(config.optim.to_dict(), total_steps=max(int(config.optim.total_steps), 1))
-    shardings = train_state_shardings(model_cfg, optim_cfg, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_train_state(model_cfg, optim_cfg), shardings)
-    manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints")
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return step, state
+    shardings = param_shardings(config.model.to_dict(), mesh)
+    step, restored = workdir_lib.restore_variables(workdir, ("params",), shardings={"params": shardings})
+    return step, restored["params"]
 
 
 def format_table(results: list[dict]) -> str:
@@ -71,19 +55,34 @@ def main(argv) -> int:
                         help="K clips per crop, or several K to test in turn (2,5,10); default: config.data.eval_clips")
     parser.add_argument("--crops", default=None, help="3 (the three no-flip crops) or 1 / center")
     parser.add_argument("--eval-store", default=None, help="another held-out token store (default: the config's)")
+    parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help=f"do not draw {CONFUSION_MATRIX_FILE} (drawing needs the viz extra: pip install "
+                             "'vimpac-jax[viz]')")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
+    from vimpac_jax.training import workdir as workdir_lib
+
     try:
-        config = load_workdir_config(workdir)
+        # The flags first, then the run: nothing is read for a command line that cannot run.
+        clips = [None] if args.clips is None else parse_clips(args.clips)
+        if args.crops not in (None, "3", "1", "center", "three"):
+            raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
+        if not args.no_pictures:
+            from vimpac_jax import plots
+
+            try:
+                plots.require("PIL.Image", CONFUSION_MATRIX_FILE)
+                plots.require("matplotlib", CONFUSION_MATRIX_FILE)
+            except plots.VizExtraMissing as e:
+                raise ValueError(f"{e}; or pass --no-pictures") from None
+        config = workdir_lib.read_config(workdir_lib.require_workdir(workdir))
         if config.task != "finetune":
             raise ValueError(f"{workdir}: evaluate needs a fine-tuning run, this one is task={config.task!r}")
         store = args.eval_store or config.data.eval_store
         if not store:
             raise ValueError("no held-out split: the run's config.data.eval_store is empty; pass --eval-store")
-        clips = [None] if args.clips is None else parse_clips(args.clips)
-        if args.crops not in (None, "3", "1", "center", "three"):
-            raise ValueError(f"--crops must be 3 or 1 (center), got {args.crops!r}")
-        from vimpac_jax.launch.distributed import maybe_initialize
+        from vimpac_jax.runtime.distributed import maybe_initialize
 
         maybe_initialize()
         from vimpac_jax.data import pipelines
@@ -92,22 +91,54 @@ def main(argv) -> int:
         from vimpac_jax.training.train import write_eval_results
 
         index = pipelines.load_index(store)
-        check_store_fits(index, config.model, "eval_store")
+        check_store_fits(index, config.model, "eval_store", clip_fps=config.data.clip_fps)
         mesh = shd.make_mesh(config.mesh)
-        step, state = restore_params(workdir, config, mesh)
+        step, params = restore_params(workdir, config, mesh)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac evaluate: error: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    from vimpac_jax.progress import Progress
+    from vimpac_jax.training.tasks import eval_variant_names
+
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
-    results = [evaluate_classifier(config, mesh, index, state.params, num_clips=k, crops=crops) for k in clips]
+    views = len(eval_variant_names(index, crops if crops is not None else config.get("eval_crops", "three"),
+                                   config.data.eval_variants))
+    results = []
+    for k in clips:
+        k = int(k or config.data.eval_clips)
+        progress = Progress(index.num_videos, label=f"evaluate {k} clips x {views} crops: ", unit="videos",
+                            per_unit={"views": k * views}, every_seconds=args.progress_interval,
+                            enabled=jax.process_index() == 0)
+        results.append(evaluate_classifier(config, mesh, index, params, num_clips=k, crops=crops,
+                                           progress=progress))
+        progress.close()
     result = dict(results[-1], step=step)
     if len(results) > 1:
         result["by_clips"] = {str(r["num_clips"]): {key: r[key] for key in ("top1", "top5", "loss", "mean_class_accuracy")}
                               for r in results}
-    import jax
-
     if jax.process_index() == 0:
         write_eval_results(workdir, result)
         print(format_table(results))
-        print(f"wrote {workdir / 'eval_results.json'} and {workdir / 'predictions.csv'}")
+        written = [workdir / "eval_results.json", workdir / "predictions.csv"]
+        if not args.no_pictures:
+            written.append(write_confusion_matrix(workdir, result, config, step))
+        print(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Path:
+    """workdir/confusion_matrix.png of the last tested K (rows: true class, normalised), also in
+    the run's TensorBoard log (tag `eval/confusion_matrix` at the checkpoint's step)."""
+    from vimpac_jax import plots
+
+    predictions = result["predictions"]
+    matrix = plots.confusion_matrix([p["label"] for p in predictions], [p["prediction"] for p in predictions],
+                                    int(config.model.num_classes))
+    title = (f"step {step}: top-1 {result['top1']:.2f}%, {result['num_clips']} clips x "
+             f"{len(result['crops'])} crops, {result['num_videos']} videos")
+    image = plots.confusion_matrix_image(matrix, config.get("class_names", None), title=title)
+    path = plots.write_png(workdir / CONFUSION_MATRIX_FILE, image)
+    plots.write_tensorboard_images(workdir / "tensorboard", step, {"eval/confusion_matrix": image})
+    return path

@@ -6,11 +6,12 @@ step). PATH becomes a directory:
   safetensors  model.safetensors + model_config.json
   stablehlo    model.stablehlo + signature.json: the inference function, weights included,
                symbolic batch size; served with jax.export.deserialize, no vimpac code
-PATH is written under a temporary name and renamed when complete.
+PATH is written under a temporary name and renamed when complete; it must lie outside DIR.
 """
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -53,9 +54,20 @@ def _platforms(text: str) -> list[str]:
     return platforms
 
 
+def check_out_apart(source, out) -> None:
+    """--out must neither be, hold nor lie inside the source (symlinks resolved): `--overwrite`
+    removes OUT, which would delete the checkpoint or the training run being exported."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
+        where = "is" if dst == src else "holds" if src.is_relative_to(dst) else "lies inside"
+        raise ExportError(f"--out {out} {where} the source --workdir {source} ({src}); "
+                          f"write the export somewhere else")
+
+
 def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_out_apart(args.workdir, args.out)
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"--out {args.out} already exists; choose another or pass --overwrite")
         kind = source_kind(args.workdir)
@@ -78,7 +90,7 @@ def main(argv) -> int:
         print(f"vimpac export: error: {e}", file=sys.stderr)
         return 1
     for warning in summary.get("warnings", []):
-        print(f"vimpac export: warning: {warning}", file=sys.stderr)
+        logging.getLogger(__name__).warning(f"vimpac export: warning: {warning}")
     details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")
     print(f"exported {args.workdir} ({kind}, task={config.get('task', 'pretrain')}) -> {args.out} "
           f"[{args.format}] {details} in {time.time() - start:.1f}s")

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax import checkpoints
-from vimpac_jax.launch.distributed import maybe_initialize
+from vimpac_jax.cli import check_output_file, positive_int
+from vimpac_jax.runtime.distributed import maybe_initialize
 from vimpac_jax.models.model import build_model
 
 
@@ -36,6 +37,8 @@ def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndar
 
 def compute_features(model_config: dict, variables: dict, tokens: np.ndarray, heads: bool,
                      batch_size: int = 64) -> dict[str, np.ndarray]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = build_model(model_config)
     pretrain = model_config.get("task", "pretrain") == "pretrain"
 
@@ -61,10 +64,11 @@ def main(argv) -> int:
     parser.add_argument("--tokens", required=True, help=".npy file of int token clips [B, T, h, w]")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--heads", action="store_true", help="also write mlm_logits and cls_proj")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="clips per model call (default 64)")
     args = parser.parse_args(argv)
     maybe_initialize()
     try:
+        check_output_file(args.out)
         config = checkpoints.load_model_config(args.checkpoint)
         if not Path(args.tokens).is_file():
             raise ValueError(f"--tokens {args.tokens}: no such file")

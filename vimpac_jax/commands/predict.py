@@ -14,6 +14,7 @@ per line, as for `vimpac tokenize --videos`: mmaction2 lists, .csv) or a directo
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 def _expand(videos, log) -> list[str]:
     """Arguments -> video paths: a file that is a video stays itself; list files and directories
     are read with `vimpac tokenize`'s reader; a missing path stays, to be reported as missing."""
-    from vimpac_jax.data.tokenize import read_items
+    from vimpac_jax.tokenize.lists import read_items
 
     paths = []
     for v in videos:
@@ -77,12 +78,14 @@ def main(argv) -> int:
     except (lib.PredictError, FileNotFoundError) as e:
         print(f"vimpac predict: error: {e}", file=sys.stderr)
         return 2
-    from vimpac_jax.data.tokenize import Progress, _write_json_atomic
+    from vimpac_jax.io_utils import write_json_atomic
+    from vimpac_jax.progress import Progress
 
     workers = args.workers
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1) if len(paths) > 4 else 0
-    progress = Progress(len(paths), "predict", sys.stderr, args.progress_interval) if len(paths) > 1 else None
+    progress = Progress(len(paths), label="predict: ", unit="videos", counted=("frames",), failed=True,
+                        every_seconds=args.progress_interval) if len(paths) > 1 else None
     try:
         results = clf.predict_files(paths, top=min(args.top, clf.num_classes), workers=workers, progress=progress)
     finally:
@@ -96,9 +99,9 @@ def main(argv) -> int:
             print(lib.format_prediction(result))
     failed = [r for r in results if r.error is not None]
     for result in failed:
-        print(f"vimpac predict: skipped {result.path}: {result.error}", file=sys.stderr)
+        logging.getLogger(__name__).warning(f"vimpac predict: skipped {result.path}: {result.error}")
     if args.json:
-        _write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
+        write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
     print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"
           + (f"; wrote {args.json}" if args.json else ""))
     return 1 if failed else 0

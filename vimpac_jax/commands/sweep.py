@@ -1,14 +1,15 @@
 """`vimpac sweep --config CONFIG --sweep SWEEP.py --workdir DIR [--launcher local|print|slurm|tpu]`.
 
 Expands SWEEP.py's `get_sweep()` (a list of {config field: value} overrides, built with
-`vimpac_jax.launch.sweep`'s sweep/product/zipit/chain) into runs DIR/<index>_<name>/, each a
+`vimpac_jax.sweeps`'s sweep/product/zipit/chain) into runs DIR/<index>_<name>/, each a
 `vimpac train --config CONFIG [--config.FIELD=VALUE ...] --workdir DIR/<run>`. Every run's
 config is loaded first, so a misspelt field fails before anything runs.
 
   local  runs them one after another here (output in DIR/<run>/log.txt; a failed run is
          recorded and the next one runs; finished runs are skipped unless --rerun, preempted
-         ones (exit 75) resume), then writes DIR/summary.md and DIR/summary.csv; SIGTERM or
-         Ctrl-C: the running run saves, the sweep stops and exits 75
+         ones (exit 75) resume), then writes DIR/summary.md, DIR/summary.csv and DIR/summary.png
+         (each final metric against the swept value, also in DIR/tensorboard; the plot needs
+         the viz extra); SIGTERM or Ctrl-C: the running run saves, the sweep stops and exits 75
   print  prints the commands
   slurm  writes DIR/sweep.sbatch (an array job, one task per run) and submits it with sbatch
          when sbatch is on PATH; `vimpac sweep --collect DIR` once it is done
@@ -21,6 +22,7 @@ Example:
 """
 
 import argparse
+import logging
 import shlex
 import shutil
 import subprocess
@@ -28,8 +30,10 @@ import sys
 from pathlib import Path
 
 from vimpac_jax import exit_codes
-from vimpac_jax.config_utils import split_config_args
-from vimpac_jax.launch import sweep as sw
+from vimpac_jax.config_utils import resolve_config_path, split_config_args
+from vimpac_jax import sweeps as sw
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="sweep file defining get_sweep(), e.g. configs/sweeps/nce_weight.py")
     p.add_argument("--workdir", help="sweep directory; run i goes to WORKDIR/<i>_<name>")
     p.add_argument("--launcher", default="local", choices=["local", "print", "slurm", "tpu"])
-    p.add_argument("--collect", metavar="DIR", help="only rebuild DIR/summary.{md,csv} from existing runs")
+    p.add_argument("--collect", metavar="DIR", help="only rebuild DIR/summary.{md,csv,png} from existing runs")
     p.add_argument("--rerun", action="store_true", help="local: also run those that finished before")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="slurm: an #SBATCH option, e.g. --sbatch=--partition=gpu --sbatch=--gres=gpu:8 (repeatable)")
@@ -51,9 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(root: Path) -> None:
+    from vimpac_jax import plots
+
     md, csv_path, rows = sw.write_summary(root)
     print(md.read_text())
-    print(f"wrote {md} and {csv_path}")
+    written = [md, csv_path]
+    try:
+        plot = sw.plot_summary(root, rows)
+    except plots.VizExtraMissing as e:
+        log.warning(f"vimpac sweep: {sw.SUMMARY_PLOT} not drawn: {e}")
+    else:
+        written += [plot] if plot is not None else []
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 def main(argv) -> int:
@@ -76,7 +89,7 @@ def main(argv) -> int:
         config, base = sw.split_base_config(config_args)
         # Local and SLURM runs write here: absolute paths. print/tpu keep DIR as given (a gs:// URL).
         run_root = root.absolute() if args.launcher in ("local", "slurm") else args.workdir
-        runs = sw.expand(sw.load_sweep(args.sweep), run_root)
+        runs = sw.expand(sw.load_sweep(resolve_config_path(args.sweep)), run_root)  # configs/sweeps/: installed too
         sw.check_configs(config, base, runs)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac sweep: error: {e}", file=sys.stderr)
@@ -84,17 +97,16 @@ def main(argv) -> int:
 
     if args.launcher == "local":
         commands = [sw.train_command(config, base, r, [sys.executable, "-m", "vimpac_jax"]) for r in runs]
-        print(f"vimpac sweep: {len(runs)} runs of {args.sweep} under {root}", file=sys.stderr)
-        codes = sw.run_local(runs, commands, rerun=args.rerun, log=lambda s: print(s, file=sys.stderr, flush=True))
+        log.info(f"vimpac sweep: {len(runs)} runs of {args.sweep} under {root}")
+        codes = sw.run_local(runs, commands, rerun=args.rerun, log=log.info)
         _print_summary(root)
         failed = sum(c not in (exit_codes.DONE, exit_codes.PREEMPTED) for c in codes)
         unfinished = len(runs) - sum(c == exit_codes.DONE for c in codes) - failed
         if failed:
-            print(f"vimpac sweep: {failed} of {len(runs)} runs failed (rows marked failed in the summary)",
-                  file=sys.stderr)
+            log.warning(f"vimpac sweep: {failed} of {len(runs)} runs failed (rows marked failed in the summary)")
         if unfinished:
-            print(f"vimpac sweep: {unfinished} of {len(runs)} runs preempted or not started; run the sweep again "
-                  f"to resume them", file=sys.stderr)
+            log.warning(f"vimpac sweep: {unfinished} of {len(runs)} runs preempted or not started; run the sweep "
+                        f"again to resume them")
         return exit_codes.FAILED if failed else exit_codes.PREEMPTED if unfinished else exit_codes.DONE
 
     commands = [sw.train_command(config, base, r, ["vimpac"]) for r in runs]

@@ -7,12 +7,13 @@ prepared beforehand (e.g. `ucf101:train`, with --data-dir; needs `pip install 'v
 --source-fps where the dataset does not record its frame rate). Each video is decoded at --fps,
 its shorter side resized to --resize (default --size; the 'finetune' sets also use 1.25x that),
 cropped to --size squares (the --variants set: pretrain = 1 view, finetune = 12,
-finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/data/tokenize.py): ArrayRecord shards holding,
+finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/tokenize/job.py): ArrayRecord shards holding,
 per (video, variant), a header {label, video_id, fps, variant, shape} and its tokens int16 [frames, h, w]
 in records of --chunk-frames frames (so a clip reads only its chunks), errors.txt (videos that could not
-be decoded, with the reason) and metadata.json, written last, once the store is complete.
+be decoded or are cut short, with the reason) and metadata.json, written last, once the store is complete.
 
-Killed runs resume where they stopped when started again with the same options. On several hosts
+Killed runs resume where they stopped when started again with the same options. SIGTERM stops the job
+and its decode workers (exit 75: run it again to resume). On several hosts
 each process takes videos [i::n] (jax.process_index / process_count, or --process-index and
 --process-count). Progress goes to stderr; the last line on stdout is
 `videos_ok=N videos_failed=M frames=F`, counted over the whole store (frames: all variants).
@@ -21,10 +22,12 @@ each process takes videos [i::n] (jax.process_index / process_count, or --proces
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from vimpac_jax import exit_codes
 from vimpac_jax.data import video_decode as vd
-from vimpac_jax.launch.distributed import maybe_initialize
+from vimpac_jax.runtime.distributed import maybe_initialize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,11 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so that no `except Exception` in the job swallows it)."""
+
+
+def _stop(signum, frame):
+    raise Terminated()
+
+
 def main(argv) -> int:
     args = _parser().parse_args(argv)
     if not args.distributed:  # --distributed: jax.distributed.initialize() below; else VIMPAC_*/SLURM/TPU
         maybe_initialize()
-    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+    from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
 
     opts = TokenizeOptions(
         tokenizer=args.tokenizer, videos=args.videos, out=args.out, fps=args.fps, size=args.size, resize=args.resize,
@@ -83,11 +94,19 @@ def main(argv) -> int:
         import jax
 
         jax.distributed.initialize()
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         result = tokenize_videos(opts)
+    except Terminated:
+        # Raised through the job, so the decode pool is shut down and the writers are closed on the
+        # way out; what the journals hold is kept and a rerun resumes from it.
+        print("vimpac tokenize: SIGTERM: stopped; run the same command again to resume", file=sys.stderr)
+        return exit_codes.PREEMPTED
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not result.complete:
         print("vimpac tokenize: the store is not complete yet (other processes' shares remain)", file=sys.stderr)
     print(result.counts.line())

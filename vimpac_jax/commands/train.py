@@ -30,7 +30,7 @@ def main(argv) -> int:
     except ValueError as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
         return 2
-    from vimpac_jax.launch.distributed import maybe_initialize
+    from vimpac_jax.runtime.distributed import maybe_initialize
 
     maybe_initialize()
     from vimpac_jax.training import train as train_lib

@@ -116,7 +116,7 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     try:
         config, variables = convert_official(args.src, args.dst, overwrite=args.overwrite)
-    except (ConversionError, torch_pickle.UnsafePickleError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # ConversionError, unsafe or damaged files, DST exists
         print(f"vimpac convert official: error: {e}", file=sys.stderr)
         return 1
     n = sum(int(np.prod(v.shape)) for v in flax.traverse_util.flatten_dict(variables["params"]).values())

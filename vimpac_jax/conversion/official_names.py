@@ -1,4 +1,4 @@
-"""Names of our variables in the released PyTorch layout (reference §12), both directions.
+"""Names of our variables in the released PyTorch layout (the released `vimpac/modeling.py`), both directions.
 
 One function, `torch_name`, maps a path of our variable tree to its state_dict key, so that the
 importer (`official.py`) and the exporter use the same table and cannot drift apart.

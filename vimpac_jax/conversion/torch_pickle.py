@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -87,44 +89,62 @@ class _StorageType:
 class _Storage:
     """A storage read from the archive: a flat 1-d array of `numel` elements."""
 
+    key: str
     array: np.ndarray
 
 
 class _Tensor:
-    """A rebuilt tensor while unpickling; turned into its ndarray afterwards.
+    """A rebuilt tensor while unpickling; turned into its ndarray by `_finalize`, which knows
+    its name. `problem` says why the view cannot be read (then nothing was allocated).
 
     Boxing keeps a malicious BUILD opcode from reaching `np.ndarray.__setstate__`.
     """
 
-    __slots__ = ("array",)
+    __slots__ = ("storage", "offset", "size", "stride", "problem")
 
-    def __init__(self, array: np.ndarray):
-        self.array = array
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple, problem: str | None):
+        self.storage, self.offset, self.size, self.stride, self.problem = storage, offset, size, stride, problem
 
     def __setstate__(self, state):
         raise UnsafePickleError("a tensor may not receive pickle state (BUILD)")
+
+    def array(self, source: str, name: str) -> np.ndarray:
+        if self.problem:
+            raise ValueError(f"{source}: tensor {name or '(top level)'} (storage {self.storage.key}): {self.problem}")
+        return _strided_copy(self.storage.array, self.offset, self.size, self.stride)
+
+
+def _view_problem(numel: int, offset: int, size: tuple, stride: tuple) -> str | None:
+    """Why the view `flat[offset + sum(i_k * stride_k)]` of shape `size` cannot be read out of a
+    storage of `numel` elements, or None. Checked before anything is allocated: `as_strided`
+    would read memory outside the storage, and a view of more elements than its storage (a
+    zero or overlapping stride, as an `expand()`ed tensor has) would make a 1 KB file allocate
+    gigabytes when materialised. The checkpoints read here hold no such views."""
+    if len(size) != len(stride):
+        return f"size {list(size)} and stride {list(stride)} differ in rank"
+    if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
+        return f"negative size/stride/offset: size {list(size)}, stride {list(stride)}, offset {offset}"
+    count = math.prod(size)
+    if count == 0:
+        return None
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= numel:
+        return (f"the view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element {last} "
+                f"of a storage of {numel} elements")
+    if count > numel:
+        return (f"size {list(size)} is {count} elements, more than its storage's {numel} "
+                f"(stride {list(stride)} repeats elements)")
+    return None
 
 
 def _strided_copy(flat: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.ndarray:
     """Copy the view `flat[offset + sum(i_k * stride_k)]` of shape `size` out of a storage.
 
-    flat: 1-d storage array [numel]. offset, size, stride: in elements, as torch stores them.
-    Bounds are checked first: `as_strided` would otherwise read memory outside the storage.
+    flat: 1-d storage array [numel]. offset, size, stride: in elements, as torch stores them,
+    already checked by `_view_problem`.
     """
-    size = tuple(int(s) for s in size)
-    stride = tuple(int(s) for s in stride)
-    offset = int(offset)
-    if len(size) != len(stride):
-        raise ValueError(f"tensor size {size} and stride {stride} differ in rank")
-    if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
-        raise ValueError(f"negative size/stride/offset: {size} {stride} {offset}")
     if 0 in size:
         return np.empty(size, dtype=flat.dtype)
-    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
-    if last >= flat.shape[0]:
-        raise ValueError(
-            f"tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} "
-            f"of a storage of {flat.shape[0]} elements")
     item = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         flat[offset:], shape=size, strides=tuple(st * item for st in stride), writeable=False)
@@ -133,10 +153,14 @@ def _strided_copy(flat: np.ndarray, offset: int, size: tuple, stride: tuple) -> 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    """Stand-in for `torch._utils._rebuild_tensor_v2`: returns a boxed ndarray copy."""
+    """Stand-in for `torch._utils._rebuild_tensor_v2`: a boxed, checked view (see `_Tensor`)."""
     if not isinstance(storage, _Storage):
         raise UnsafePickleError("_rebuild_tensor_v2 called without a storage")
-    return _Tensor(_strided_copy(storage.array, storage_offset, tuple(size), tuple(stride)))
+    try:
+        size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(storage_offset)
+    except (TypeError, ValueError) as e:
+        raise UnsafePickleError(f"_rebuild_tensor_v2: size/stride/offset are not integers ({e})") from e
+    return _Tensor(storage, offset, size, stride, _view_problem(len(storage.array), offset, size, stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -237,7 +261,8 @@ for _name, _dtype in _STORAGE_DTYPES.items():
 _TENSOR_GLOBALS["torch.UntypedStorage"] = _StorageType("UntypedStorage", np.uint8)
 _TENSOR_GLOBALS["torch.storage.UntypedStorage"] = _StorageType("UntypedStorage", np.uint8)
 
-# Module classes a published DALL-E encoder.pkl / decoder.pkl names (reference §11).
+# Module classes a published DALL-E encoder.pkl / decoder.pkl names (the modules of openai/DALL-E,
+# `dall_e/encoder.py` and `dall_e/decoder.py`, and the torch.nn ones they hold).
 MODULE_CLASSES: tuple[str, ...] = (
     "dall_e.encoder.Encoder",
     "dall_e.encoder.EncoderBlock",
@@ -306,19 +331,32 @@ class _RestrictedUnpickler(pickle.Unpickler):
         flat = np.frombuffer(blob, dtype=dtype, count=numel)
         if self._byteorder == "big" and dtype.itemsize > 1:
             flat = flat.byteswap()
-        return _Storage(flat)
+        return _Storage(key, flat)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading archives
 
 
+# What a truncated or garbled archive or pickle raises (TypeError: an allowed stand-in called
+# with arguments of the wrong kind).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, TypeError)
+
+
 def _unpickle_zip(path, allowed: dict[str, Any]) -> Any:
-    """Unpickle `<top>/data.pkl` of a torch zip archive with the given allow-list."""
+    """Unpickle `<top>/data.pkl` of a torch zip archive with the given allow-list; a damaged
+    archive or pickle is a ValueError naming the file."""
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch zip-format file (the legacy pre-1.6 tar/pickle "
                          "format is not supported; re-save it with a recent torch)")
+    try:
+        return _unpickle_archive(path, allowed)
+    except _DAMAGED as e:
+        raise ValueError(f"{path}: damaged file ({type(e).__name__}: {e})") from e
+
+
+def _unpickle_archive(path: str, allowed: dict[str, Any]) -> Any:
     with zipfile.ZipFile(path) as archive:
         pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
@@ -340,39 +378,41 @@ def _unpickle_zip(path, allowed: dict[str, Any]) -> Any:
         return unpickler.load()
 
 
-def _finalize(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+def _finalize(obj: Any, source: str, memo: dict[int, Any] | None = None, name: str = "") -> Any:
     """Replace the unpickling stand-ins by their public forms, recursively.
 
-    _Tensor -> np.ndarray; module placeholders -> ModuleRecord; argparse.Namespace -> dict;
-    OrderedDict was already a dict. Shared objects stay shared (memo by id).
+    _Tensor -> np.ndarray (errors name `source` and the tensor's path of keys, `name`); module
+    placeholders -> ModuleRecord; argparse.Namespace -> dict; OrderedDict was already a dict.
+    Shared objects stay shared (memo by id).
     """
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
+    child = lambda key: f"{name}.{key}" if name else str(key)  # noqa: E731
     if isinstance(obj, _Tensor):
-        out = obj.array
+        out = obj.array(source, name)
     elif isinstance(obj, _Pending):
         if obj._class_name == "argparse.Namespace":
             out = {}
             memo[id(obj)] = out
-            out.update({k: _finalize(v, memo) for k, v in obj.state.items()})
+            out.update({k: _finalize(v, source, memo, child(k)) for k, v in obj.state.items()})
             return out
         out = ModuleRecord(obj._class_name, {})
         memo[id(obj)] = out
-        out.state.update({k: _finalize(v, memo) for k, v in obj.state.items()})
+        out.state.update({k: _finalize(v, source, memo, child(k)) for k, v in obj.state.items()})
         return out
     elif isinstance(obj, dict):
         out = {}
         memo[id(obj)] = out
-        out.update({k: _finalize(v, memo) for k, v in obj.items()})
+        out.update({k: _finalize(v, source, memo, child(k)) for k, v in obj.items()})
         return out
     elif isinstance(obj, list):
         out = []
         memo[id(obj)] = out
-        out.extend(_finalize(v, memo) for v in obj)
+        out.extend(_finalize(v, source, memo, child(i)) for i, v in enumerate(obj))
         return out
     elif isinstance(obj, tuple):
-        out = tuple(_finalize(v, memo) for v in obj)
+        out = tuple(_finalize(v, source, memo, child(i)) for i, v in enumerate(obj))
     else:
         out = obj
     memo[id(obj)] = out
@@ -386,7 +426,7 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     strides/offsets are materialised; 0-d tensors become 0-d arrays). Tensors that shared a
     storage (tied weights) come back as separate copies.
     """
-    obj = _finalize(_unpickle_zip(path, _TENSOR_GLOBALS))
+    obj = _finalize(_unpickle_zip(path, _TENSOR_GLOBALS), os.fspath(path))
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: top-level object is {type(obj).__name__}, not a state_dict")
     bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
@@ -403,7 +443,7 @@ def load_module(path) -> ModuleRecord:
     """
     allowed = dict(_TENSOR_GLOBALS)
     allowed.update({name: _placeholder(name) for name in MODULE_CLASSES})
-    obj = _finalize(_unpickle_zip(path, allowed))
+    obj = _finalize(_unpickle_zip(path, allowed), os.fspath(path))
     if not isinstance(obj, ModuleRecord):
         raise ValueError(f"{path}: top-level object is {type(obj).__name__}, not a module")
     return obj
@@ -415,9 +455,12 @@ def load_plain_pickle(path) -> Any:
     Used for the released `args.pickle`. Any other global is refused.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(f, source=path, allowed=_PLAIN_GLOBALS).load()
-    return _finalize(obj)
+    try:
+        with open(path, "rb") as f:
+            obj = _RestrictedUnpickler(f, source=path, allowed=_PLAIN_GLOBALS).load()
+    except _DAMAGED as e:
+        raise ValueError(f"{path}: damaged file ({type(e).__name__}: {e})") from e
+    return _finalize(obj, path)
 
 
 def named_tensors(record: ModuleRecord, prefix: str = "") -> dict[str, np.ndarray]:

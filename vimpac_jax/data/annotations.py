@@ -43,6 +43,8 @@ import os
 import re
 from typing import Iterable, Iterator, Sequence
 
+from vimpac_jax import io_utils
+
 __all__ = [
     "VideoItem",
     "Annotations",
@@ -673,12 +675,8 @@ def write_mmaction_list(
             raise ValueError(f"cannot write {it.path!r} to a list file: the path is empty or contains whitespace")
         label = it.label if it.label is not None else unlabeled_label
         lines.append(rel if label is None else f"{rel} {int(label)}")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    io_utils.write_text_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 

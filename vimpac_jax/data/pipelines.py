@@ -1,4 +1,4 @@
-"""grain input pipelines over the token store (reference §6, §8): pre-training, fine-tuning, test.
+"""grain input pipelines over the token store (the released `vimpac/data.py`, `video_token_dataset_fps.py`): pre-training, fine-tuning, test.
 
 Every pipeline is a `grain.MapDataset` of per-process batches, one element per batch:
 
@@ -19,9 +19,9 @@ process p every P-th of them, starting at p: process p's batch b is rows [p·B, 
 global batch b, the contiguous block that `jax.make_array_from_process_local_data` places for
 process p. The global array is therefore exactly the batch b a single process with batch size
 B·P would read, row for row (the masks and keys of a step go by row, so the order matters, not
-only the set). Each process's iterator state is grain's (`get_state`/`set_state`: the next batch
-index), saved with `grain.checkpoint.CheckpointSave` in the same orbax checkpoint as the model
-(see `make_iterator`).
+only the set). Each process's iterator state is the index of its next batch (`make_iterator`;
+the same at any worker count), saved with `grain.checkpoint.CheckpointSave` in the same orbax
+checkpoint as the model.
 
 Every process opens every shard and reads records by global index (ArrayRecord is random
 access), so the number of shard files places no constraint on the number of hosts; what must
@@ -40,26 +40,27 @@ which records are read, never a clip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import io
 import logging
 import os
-import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vimpac_jax import io_utils
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.data import token_store
+from vimpac_jax.data.video_decode import Variant
+from vimpac_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
 INDEX_CACHE_FILE = "record_index.npz"
 _INDEX_CACHE_VERSION = 2
-_VARIANT_NAME = re.compile(r"^r(\d+)_(start|center|end)_(flip|noflip)$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,13 +118,13 @@ class StoreIndex:
 
 
 def default_test_variants(variants: Sequence[str]) -> tuple[str, ...]:
-    """The test crops of reference §8 among stored variant names: no flip, the smallest resize
+    """The test crops (the released `vimpac/data.py`) among stored variant names: no flip, the smallest resize
     (the three crops of a fine-tuning store; the center crop of a pre-training store). Names that
     do not follow `video_decode.Variant.name` are all kept."""
-    parsed = [(_VARIANT_NAME.match(v), v) for v in variants]
-    if not variants or any(m is None for m, _ in parsed):
+    parsed = [(Variant.parse_name(v), v) for v in variants]
+    if not variants or any(p is None for p, _ in parsed):
         return tuple(variants)
-    noflip = [(int(m.group(1)), v) for m, v in parsed if m.group(3) == "noflip"]
+    noflip = [(resize, v) for (resize, _, flip), v in parsed if not flip]
     if not noflip:
         return tuple(variants)
     smallest = min(size for size, _ in noflip)
@@ -190,16 +191,15 @@ def _index_from_headers(store_dir: str, meta: dict, scanned: list[tuple[int, dic
 
 
 def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
-    """Atomic write (tmp + rename): concurrent hosts may race; the last complete file wins."""
+    """Atomic write: concurrent hosts may race; the last complete file wins."""
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
+             variants=np.array(index.variants, dtype=str), records=index.records,
+             num_frames=index.num_frames, labels=index.labels, fps=index.fps,
+             grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
+             chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
-                     variants=np.array(index.variants, dtype=str), records=index.records,
-                     num_frames=index.num_frames, labels=index.labels, fps=index.fps,
-                     grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
-                     chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
-        os.replace(tmp, path)
+        io_utils.write_bytes_atomic(path, buf.getvalue())
     except OSError as e:  # a read-only store: index again next time
         log.warning("could not cache the record index at %s: %s", path, e)
 
@@ -242,15 +242,12 @@ def load_index(store_dir, *, cache: bool = True) -> StoreIndex:
         index = _load_cache(cache_path, key, str(store))
         if index is not None:
             return index
-    t0 = last = time.monotonic()
+    line = []  # the progress line, made at the first report (which gives the total)
 
     def progress(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last > 10:
-            log.info("indexing %s: %d/%d records, ETA %.0f s", store, done, total,
-                     (total - done) * (now - t0) / max(done, 1))
-            last = now
+        if not line:
+            line.append(Progress(total, label=f"indexing {store}: ", unit="records", every_seconds=10))
+        line[0].update(done)
 
     index = _index_from_headers(str(store), meta, token_store.scan_headers(store, progress=progress))
     if cache:
@@ -328,7 +325,7 @@ def take_clip(tokens: np.ndarray, start: int, clip_len: int, step: int, out: Opt
 
 def test_views(crops: Sequence[np.ndarray], clip_len: int, step: int, num_clips: int,
                out: Optional[np.ndarray] = None) -> np.ndarray:
-    """The multi-view test input of one video (reference §8): tokens [n, h, w] of each of C crops
+    """The multi-view test input of one video (`video_token_dataset_fps.py`): tokens [n, h, w] of each of C crops
     -> int32 [C·K, clip_len, h, w], K uniformly spaced clips per crop, crop-major as the released
     code (view v = crop c·K + clip k). `vimpac predict` cuts the views of a video file with this too."""
     if out is None:
@@ -583,8 +580,12 @@ def _train_stream(index: StoreIndex, make_batch: _TrainBatch, *, num_epochs: Opt
     return grain.MapDataset.range(num_batches).map(make_batch)
 
 
-def pretrain_dataset(
+_TRAIN_BATCHES = {"pretrain": _PretrainBatch, "finetune": _FinetuneBatch}
+
+
+def train_dataset(
     index: StoreIndex,
+    task: str,
     *,
     batch_size: int,
     clip_len: int,
@@ -596,46 +597,33 @@ def pretrain_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
-    """Two clips per video for masked-token + contrastive pre-training (reference §6).
+    """The training stream of `task` (per process; batch_size is per process):
 
-    Yields {'tokens': int32 [batch_size, 2, clip_len, h, w]} per process (batch_size is per
-    process). Both clips come from one stored variant, chosen at random when there are several.
-    relevance_range: max |start1 - start2| in stored frames (None: unbounded).
+      'pretrain'  two clips per video for masked-token + contrastive pre-training:
+                  {'tokens': int32 [batch_size, 2, clip_len, h, w]}; both clips come from one
+                  stored variant; relevance_range: max |start1 - start2| in stored frames (None:
+                  unbounded).
+      'finetune'  one random clip of one randomly chosen stored augmentation variant:
+                  {'tokens': int32 [batch_size, clip_len, h, w], 'label': int32 [batch_size]}.
+
+    The variant is drawn at random per example when there are several (`variants` selects them).
     num_epochs None repeats forever; otherwise the stream ends after that many epochs. Every
     epoch drops its last incomplete global batch (drop_last).
     """
+    if task not in _TRAIN_BATCHES:
+        raise ValueError(f"task must be one of {sorted(_TRAIN_BATCHES)}, got {task!r}")
     pi, pc = _process(process_index, process_count)
     index = index.select_variants(variants)
-    _check_split(index, pc, batch_size, training=True, labels=False)
-    if relevance_range is not None and relevance_range < 0:
-        raise ValueError(f"relevance_range must be >= 0, got {relevance_range}")
-    make_batch = _PretrainBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps),
-                                relevance_range=relevance_range, seed=seed, batch_size=batch_size,
-                                process_index=pi, process_count=pc)
-    return _train_stream(index, make_batch, num_epochs=num_epochs)
-
-
-def finetune_dataset(
-    index: StoreIndex,
-    *,
-    batch_size: int,
-    clip_len: int,
-    seed: int,
-    clip_fps: Optional[float] = None,
-    variants: Optional[Sequence[str]] = None,
-    num_epochs: Optional[int] = None,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-):
-    """One random clip of one randomly chosen stored augmentation variant (reference §8).
-
-    Yields {'tokens': int32 [batch_size, clip_len, h, w], 'label': int32 [batch_size]} per process.
-    """
-    pi, pc = _process(process_index, process_count)
-    index = index.select_variants(variants)
-    _check_split(index, pc, batch_size, training=True, labels=True)
-    make_batch = _FinetuneBatch(ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), seed=seed,
-                                batch_size=batch_size, process_index=pi, process_count=pc)
+    _check_split(index, pc, batch_size, training=True, labels=task == "finetune")
+    options = {}
+    if task == "pretrain":
+        if relevance_range is not None and relevance_range < 0:
+            raise ValueError(f"relevance_range must be >= 0, got {relevance_range}")
+        options["relevance_range"] = relevance_range
+    elif relevance_range is not None:
+        raise ValueError("relevance_range is a pre-training option (two clips of one video)")
+    make_batch = _TRAIN_BATCHES[task](ClipReader(index, clip_len=clip_len, clip_fps=clip_fps), seed=seed,
+                                      batch_size=batch_size, process_index=pi, process_count=pc, **options)
     return _train_stream(index, make_batch, num_epochs=num_epochs)
 
 
@@ -651,7 +639,7 @@ def eval_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
 ):
-    """Every video once, as K uniformly spaced clips of each of C crops (reference §8).
+    """Every video once, as K uniformly spaced clips of each of C crops (the released test).
 
     Yields per process {'tokens': int32 [batch_size, C·K, clip_len, h, w] (view v = crop c·K + clip k),
     'label': int32 [B], 'video_index': int32 [B] (position in index.video_ids), 'valid': bool [B]}.
@@ -681,12 +669,13 @@ def steps_per_epoch(index: StoreIndex, global_batch_size: int) -> int:
 
 def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch: Optional[int] = None,
                   worker_buffer_size: int = 2):
-    """A checkpointable iterator over a pipeline (grain.DatasetIterator).
+    """A checkpointable iterator over a pipeline (a grain.MapDataset of batches).
 
     An element of the pipelines is a whole batch, made by one thread: read_threads batches are
     made in parallel, and prefetch (default 2 x read_threads) bounds the batches held ahead.
     workers > 0 runs this in that many processes (mp_prefetch), each with its own threads.
-    A restored state needs the same worker count. Save/restore it with orbax:
+    The state is the number of batches read (`_BatchIterator`), so a state restores under
+    another worker count. Save/restore it with orbax:
         mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it)))
         mngr.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(it)))
     """
@@ -695,10 +684,72 @@ def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch:
     if workers > 0:
         _mark_flags_parsed()
     prefetch = 2 * read_threads if prefetch is None else prefetch
-    ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    if workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer_size))
-    return iter(ds)
+
+    def start_at(batch: int):
+        ds = dataset[batch:] if batch else dataset
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+        if workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                             per_worker_buffer_size=worker_buffer_size))
+        return iter(ds)
+
+    return _batch_iterator_class()(start_at)
+
+
+@functools.cache
+def _batch_iterator_class():
+    """`_BatchIterator`, defined on first use: grain is imported only by programs that read data."""
+    import grain
+
+    class _BatchIterator(grain.DatasetIterator):
+        """Batches of a pipeline from `start_at(b)` (grain's iterator from batch b on); the state
+        is {"next_batch": b}. Batch b is the same whatever the worker count (the pipelines are
+        MapDatasets of batches, see the module docstring), while grain's own iterator states
+        differ in kind with it (a prefetch index at 0 workers, an interleave of per-worker
+        states at N), so a run can be resumed with another `data.workers`."""
+
+        def __init__(self, start_at):
+            super().__init__()
+            self._start_at, self._next_batch = start_at, 0
+            self._iterator = start_at(0)
+
+        def __next__(self):
+            batch = next(self._iterator)
+            self._next_batch += 1
+            return batch
+
+        def get_state(self) -> dict:
+            return {"next_batch": self._next_batch}
+
+        def set_state(self, state: dict) -> None:
+            batch = _next_batch_of(state)
+            self._iterator.close()
+            self._iterator, self._next_batch = self._start_at(batch), batch
+
+        def start_prefetch(self) -> None:
+            self._iterator.start_prefetch()
+
+        def close(self) -> None:
+            self._iterator.close()
+            super().close()
+
+    return _BatchIterator
+
+
+def _next_batch_of(state: dict) -> int:
+    """The next batch index of an iterator state: ours, or grain's own (checkpoints written before
+    the state was ours): {"next_index": b} at 0 workers; at N workers an interleave of the N
+    workers' states, worker w reading batches w, w + N, ... of which it has passed next_index."""
+    if "next_batch" in state:
+        return int(state["next_batch"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    workers = state.get("iterators_in_use_states")
+    if isinstance(workers, list) and workers and all(isinstance(w, dict) and "next_index" in w for w in workers):
+        batch = sum(int(w["next_index"]) for w in workers)
+        if int(state.get("next_index_in_cycle", batch % len(workers))) == batch % len(workers):
+            return batch
+    raise ValueError(f"unknown data iterator state {str(state)[:200]}: not written by this version's pipelines")
 
 
 def _mark_flags_parsed() -> None:
@@ -708,10 +759,3 @@ def _mark_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-    """Per-process numpy batch -> global jax.Arrays laid out by ``sharding`` (batch axis first)."""
-    import jax
-
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -110,19 +110,3 @@ def write_test_store(
         meta.update(layout=CHUNKED_LAYOUT, chunk_frames=int(chunk_frames))
     (store / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return store
-
-
-def write_random_vq_tokenizer(directory, *, codes: int, seed: int = 0, embedding_dim: int = 4,
-                              widths: Sequence[int] = (8, 8, 8, 8)) -> Path:
-    """An untrained VQ tokenizer directory (`tokenizer.vq`, 8x down-sampling) of ``codes`` codes,
-    its parameters drawn N(0, 0.1) (no initialiser is compiled): for tests that need a tokenizer of
-    some vocabulary or of other weights, not good tokens."""
-    import jax
-
-    from vimpac_jax.tokenizer import store, vq
-
-    config = vq.model_json_config(dict(codebook_size=codes, embedding_dim=embedding_dim, widths=list(widths),
-                                       n_blk_per_group=1, channels=3))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), vq.abstract_params(config))
-    return store.save_tokenizer(directory, {"kind": vq.KIND, "config": config, "step": 0}, params)

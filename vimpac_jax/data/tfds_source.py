@@ -5,7 +5,7 @@ TFDS dataset prepared beforehand (`tfds.builder("ucf101", data_dir=D).download_a
 instead of video files. `TfdsVideoSource` gives the tokenize job what the file path gives it: the
 list of items (video id, label) and a `decode_many` with the contract of
 `video_decode.decode_many`, so the journal, resume, errors.txt, metadata.json, progress and
-per-host shares of `data/tokenize.py` work unchanged.
+per-host shares of `vimpac_jax/tokenize/` work unchanged.
 
 What is read, per example (found from the dataset's features, so other video datasets work too):
   video   the first `tfds.features.Video` feature (frames stored as JPEG/PNG images), else a

@@ -1,8 +1,9 @@
 """Decode video files into uint8 RGB frames at a fixed frame rate (stage 1 of the pipeline).
 
-Reference §1: video -> frames at a fixed fps (2 fps for pre-training), resize the shorter side,
-crop a square at the start / center / end of the longer side, optionally flip. Reference §8:
-pre-training uses one such *variant*, fine-tuning twelve (six for SSV2, which must not flip).
+As the released `video2token/extract_video_tokens.py`: video -> frames at a fixed fps (2 fps for
+pre-training), resize the shorter side, crop a square at the start / center / end of the longer
+side, optionally flip. As the released `vimpac/data.py`: pre-training uses one such *variant*,
+fine-tuning twelve (six for SSV2, which must not flip).
 
 This module must stay importable without JAX: `decode_many` runs `_decode_job` in spawned
 worker processes, and a worker that imported JAX could grab (or fight over) the accelerator
@@ -38,6 +39,9 @@ import logging
 import math
 import multiprocessing
 import os
+import re
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -158,7 +162,7 @@ def hflip(frames: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Variants (reference §8).
+# Variants (the released `vimpac/data.py`).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -183,12 +187,21 @@ class Variant:
         """E.g. 'r160_start_flip'; the crop size is the set's frame size and not repeated."""
         return f"r{self.resize}_{self.position}_{'flip' if self.flip else 'noflip'}"
 
+    @staticmethod
+    def parse_name(name: str) -> tuple[int, str, bool] | None:
+        """The inverse of `name`: (resize, position, flip); None for a name of another form."""
+        m = _VARIANT_NAME.fullmatch(name)
+        return None if m is None else (int(m[1]), m[2], m[3] == "flip")
+
     def apply(self, resized: np.ndarray) -> np.ndarray:
         """Frames already resized to ``self.resize`` [N, H, W, 3] -> [N, crop, crop, 3] (a copy)."""
         out = crop_square(resized, self.crop, self.position)
         if self.flip:
             out = hflip(out)
         return np.ascontiguousarray(out)
+
+
+_VARIANT_NAME = re.compile(rf"r(\d+)_({'|'.join(POSITIONS)})_(flip|noflip)")  # `Variant.name`
 
 
 @dataclass(frozen=True)
@@ -201,7 +214,7 @@ class VariantSet:
 
 
 VARIANT_SETS: dict[str, VariantSet] = {
-    # Reference §8: pre-training is one view.
+    # Pre-training is one view (`only_one_aug` of the released `vimpac/data.py`).
     "pretrain": VariantSet(scales=(1.0,), positions=("center",), flips=(False,)),
     # Fine-tuning: {S, 1.25·S} x {start, center, end} x {no flip, flip} = 12 views.
     "finetune": VariantSet(scales=(1.0, 1.25), positions=POSITIONS, flips=(False, True)),
@@ -416,8 +429,10 @@ def _decode_sampled(
     next_k = 0  # first output index not yet emitted
     end = None  # end time of the last decoded frame
     error = None
+    decoded, stopped = 0, False  # stopped: left the stream early on purpose (max_frames / max_seconds)
     try:
         for frame in container.decode(stream):
+            decoded += 1
             t = _frame_time(frame, stream, prev_t, step)
             if conv is None:
                 conv = _Converter(sizes, frame.height, frame.width, interpolation)
@@ -427,9 +442,11 @@ def _decode_sampled(
             prev_t = t
             if fps_q is None:  # keep every frame
                 if max_t is not None and t - t0 >= max_t:
+                    stopped = True
                     break
                 conv.emit(frame, 1)
                 if conv.count() >= limit:
+                    stopped = True
                     break
                 continue
             slot = sample_slot(t - t0, fps_q, sampling, tol)
@@ -440,12 +457,19 @@ def _decode_sampled(
                 next_k = upto
                 if next_k >= limit:
                     pending = None
+                    stopped = True
                     break
             pending = (frame, t)  # the latest frame eligible for output next_k
     except (av.error.FFmpegError, OSError, EOFError) as e:  # truncated or corrupt data
         error = f"decoding stopped: {type(e).__name__}: {e}"
     finally:
+        listed = stream.frames  # frames the container's index lists (0: it does not say, e.g. Matroska)
         container.close()
+    # A file cut short whose index sits at the front (mp4 "faststart") reads as a clean end of
+    # stream: only the index tells that frames are missing. The slack absorbs frames an edit list
+    # may drop from the output.
+    if error is None and not stopped and listed and decoded + max(2, listed // 100) < listed:
+        error = f"truncated: the file ends after {decoded} of the {listed} frames its index lists"
 
     if conv is None:
         raise VideoDecodeError(path, error or "no frames decoded")
@@ -488,8 +512,9 @@ def decode_frames(
       sampling: 'floor' or 'ffmpeg' (the released code's ffmpeg ``fps`` filter).
       interpolation: libswscale filter name ('BICUBIC', 'BILINEAR', 'AREA', ...).
       threads: decoder threads (0 = libav's choice, one per core). Use 1 in many-process runs.
-      allow_partial: if a libav error stops decoding after some frames (a truncated file),
-        return those frames (logged as a warning) instead of raising.
+      allow_partial: if a libav error stops decoding after some frames, or the file ends before
+        the frames its index lists (a truncated file), return those frames (logged as a warning)
+        instead of raising.
 
     Raises:
       VideoDecodeError: missing, empty or unreadable file, no video stream, no decodable frame
@@ -525,6 +550,41 @@ def decode_variants(
 # ----------------------------------------------------------------------------------------------
 # Parallel decoding.
 # ----------------------------------------------------------------------------------------------
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker (os._exit) once the process that started the pool is
+    gone, e.g. SIGKILLed. Otherwise an orphaned worker waits for jobs for ever: it holds the
+    write end of its own call queue, so the queue never reports the parent's end.
+
+    A thread polls the parent pid (the worker's parent changes when the parent dies: to the
+    forkserver's, then to a reaper's). Not PR_SET_PDEATHSIG: on Linux it fires when the *thread*
+    that forked the worker exits (prctl(2)), and the pool may start workers from a thread of its
+    own.
+    """
+    start_ppid = os.getppid()
+    if parent_pid != start_ppid and not _pid_alive(parent_pid):  # died before this worker ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == start_ppid and _pid_alive(parent_pid):
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
 
 def _decode_job(index: int, path: str, fps, variants, decode_kwargs: dict) -> tuple[int, str, Any]:
     """Worker entry point: never raises for a bad file; errors come back as values."""
@@ -565,6 +625,10 @@ def decode_many(
     ``num_workers=0`` decodes in this process (debugging). Each worker decodes with one thread
     unless ``threads`` is passed.
 
+    Workers end when this process does: closing the generator (or an exception through it, e.g.
+    `vimpac tokenize`'s SIGTERM) shuts the pool down, and a worker whose parent was killed exits
+    within `PARENT_POLL_SECONDS` (`_exit_with_parent`).
+
     A worker that dies (a libav crash, the OOM killer) breaks the whole pool, and every file in
     flight fails with it. The pool is restarted and those files are re-run one at a time; a file
     that kills a worker while running alone is reported as a VideoDecodeError.
@@ -584,7 +648,8 @@ def decode_many(
     ctx = multiprocessing.get_context(mp_context)
 
     def new_pool() -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx)
+        return cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_exit_with_parent,
+                                      initargs=(os.getpid(),))
 
     pool = new_pool()
     in_flight: dict[cf.Future, tuple[int, str]] = {}

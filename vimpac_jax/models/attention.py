@@ -1,4 +1,4 @@
-"""Axial attention with [CLS] as an extra key and query of every line (reference §3).
+"""Axial attention with [CLS] as an extra key and query of every line (the released `vimpac/modeling.py`).
 
 For an attention over axes A (e.g. `T`, or `HxW`), the video grid is cut into lines: the
 tokens that share their position on every other axis. Each line attends within itself, with

@@ -1,4 +1,4 @@
-"""The VIMPAC video transformer (released code: `TransformerLayout`), reference §3.
+"""The VIMPAC video transformer (the released `vimpac/modeling.py`: `TransformerLayout`).
 
 Input: int token clips [B, T, H, W]; output: [CLS] [B, D] and hiddens [B, T, H, W, D].
 """

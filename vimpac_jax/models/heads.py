@@ -1,4 +1,4 @@
-"""Heads on top of the backbone (reference §4): MLM, contrastive projection, classifier."""
+"""Heads on top of the backbone (the released `vimpac/modeling.py`): MLM, contrastive projection, classifier."""
 
 from typing import Optional
 

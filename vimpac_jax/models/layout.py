@@ -1,4 +1,4 @@
-"""The attention layout grammar of VIMPAC (reference §3).
+"""The attention layout grammar of VIMPAC (the released `vimpac/modeling.py`).
 
 A layout string lists the attention blocks of one layer:
   - `,` separates blocks applied one after another (each with its own residual);

@@ -1,4 +1,4 @@
-"""The two pre-training losses (reference §4, §6), as pure functions of arrays."""
+"""The two pre-training losses (released: `vimpac/pretrain.py`, `nce_support.py`), as pure functions of arrays."""
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Whole models: the pre-training model (backbone + MLM + projection) and the classifier.
 
 `build_model(model_config)` is the one place a model is made from its config (a dict or an
-ml_collections ConfigDict with the fields of `configs/common.py:model_config`), so that configs,
+ml_collections ConfigDict with the fields of `vimpac_jax.models.config.model_config`), so that configs,
 checkpoints and converted released checkpoints all describe a model the same way.
 """
 
@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vimpac_jax.models import config as model_config_lib
 from vimpac_jax.models.backbone import VideoTransformer
 from vimpac_jax.models.heads import ClassifierHead, MLMHead, ProjectionHead
 
@@ -84,48 +85,55 @@ class VimpacClassifier(nn.Module):
         return {"cls": cls, "hiddens": hiddens, "logits": logits}
 
 
-def _get(cfg: Mapping[str, Any], key: str, default=None):
-    return cfg[key] if key in cfg else default
-
-
 def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
-    dtype = _get(cfg, "dtype", "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    cfg = model_config_lib.complete(cfg)
+    if cfg["dtype"] not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
     return VideoTransformer(
         num_layers=cfg["num_layers"],
         hidden_dim=cfg["hidden_dim"],
         clip_len=cfg["clip_len"],
         height=cfg["height"],
         width=cfg["width"],
-        layout=_get(cfg, "layout", "T,H|W"),
-        num_heads=_get(cfg, "num_heads"),
-        pos_emb=_get(cfg, "pos_emb", "hw_separation"),
-        pre_ln=_get(cfg, "pre_ln", False),
-        halve_att=_get(cfg, "halve_att", False),
-        halve_mlp=_get(cfg, "halve_mlp", False),
-        dropout=_get(cfg, "dropout", 0.1),
-        attention_dropout=_get(cfg, "attention_dropout", 0.1),
-        vocab_size=_get(cfg, "vocab_size", 8197),
-        dtype=_DTYPES[dtype],
-        remat=_get(cfg, "remat", "none"),
-        attention_impl=_get(cfg, "attention_impl"),
-        embed_lookup=_get(cfg, "embed_lookup", "float32"),
+        layout=cfg["layout"],
+        num_heads=cfg["num_heads"],
+        pos_emb=cfg["pos_emb"],
+        pre_ln=cfg["pre_ln"],
+        halve_att=cfg["halve_att"],
+        halve_mlp=cfg["halve_mlp"],
+        dropout=cfg["dropout"],
+        attention_dropout=cfg["attention_dropout"],
+        vocab_size=cfg["vocab_size"],
+        dtype=_DTYPES[cfg["dtype"]],
+        remat=cfg["remat"],
+        attention_impl=cfg["attention_impl"],
+        embed_lookup=cfg["embed_lookup"],
     )
 
 
-def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """A model from its config; `cfg['task']` picks pre-training or fine-tuning."""
-    task = _get(cfg, "task", "pretrain")
+def build_model(cfg: Optional[Mapping[str, Any]] = None, *, variant: Optional[str] = None, **overrides) -> nn.Module:
+    """A model from its config; `cfg['task']` picks pre-training or fine-tuning.
+
+    `build_model(cfg)`: a model block (fields of `models.config.model_config`; missing optional
+    ones take its defaults). `build_model(variant="small", **overrides)`: a size of
+    `models.config.MODEL_PRESETS` with fields overridden, as big_vision's `vit.Model(variant=...)`.
+    """
+    if cfg is None:
+        cfg = model_config_lib.model_config(variant, **overrides)
+    elif variant is not None or overrides:
+        raise ValueError("build_model: give a config, or a variant and overrides, not both")
+    cfg = model_config_lib.complete(cfg)
+    task = cfg["task"]
     backbone = build_backbone(cfg)
     if task == "pretrain":
-        mlm_codes = _get(cfg, "mlm_codes")
+        mlm_codes = cfg["mlm_codes"]
         if mlm_codes is not None and not 0 < mlm_codes <= backbone.vocab_size:
             raise ValueError(f"model.mlm_codes must be in [1, vocab_size={backbone.vocab_size}], got {mlm_codes}")
-        return VimpacPretrainModel(backbone, _get(cfg, "proj_layers", 2), _get(cfg, "proj_hidden_dim", 2048),
-                                   _get(cfg, "proj_dim", 256), mlm_codes)
+        return VimpacPretrainModel(backbone, cfg["proj_layers"], cfg["proj_hidden_dim"], cfg["proj_dim"], mlm_codes)
     if task == "finetune":
-        return VimpacClassifier(backbone, cfg["num_classes"], _get(cfg, "last_dropout", 0.0))
+        if cfg["num_classes"] < 1:
+            raise ValueError(f"model.num_classes must be >= 1 for task 'finetune', got {cfg['num_classes']}")
+        return VimpacClassifier(backbone, cfg["num_classes"], cfg["last_dropout"])
     raise ValueError(f"model.task must be one of {TASKS}, got {task!r}")
 
 

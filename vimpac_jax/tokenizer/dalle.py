@@ -1,6 +1,6 @@
 """The DALL-E discrete VAE (openai/DALL-E `dall_e` package) in Flax linen, NHWC.
 
-Structure and numerics follow the published PyTorch modules (reference §11):
+Structure and numerics follow the published PyTorch modules (openai/DALL-E `dall_e/`):
 - `Conv2d(n_in, n_out, kw)`: odd kernel, explicit padding (kw - 1) // 2, weight
   N(0, 1/sqrt(n_in·kw²)), zero bias.
 - a residual block is `id_path(x) + (1 / n_layers²)·res_path(x)`, n_layers = 4·n_blk_per_group;

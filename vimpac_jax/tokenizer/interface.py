@@ -104,9 +104,15 @@ def _load_dalle(directory: Path, meta: dict, dtype) -> TokenizerBackend:
 
 
 def _load_vq(directory: Path, meta: dict, dtype) -> TokenizerBackend:
-    from vimpac_jax.tokenizer import vq  # a VQ-VAE trained by this project (configs/tokenizer.py)
+    """A VQ-VAE trained by this project (`vimpac_jax.tokenizer.vq`, configs/tokenizer.py); `meta` is
+    not needed: `load_vq_tokenizer` reads and checks it."""
+    from vimpac_jax.tokenizer import vq
 
-    return vq.load_backend(directory, meta, dtype)
+    config, params = vq.load_vq_tokenizer(directory)
+    return TokenizerBackend(
+        config=config, params=params, downsample=int(config["downsample"]),
+        vocab_size=int(config["vocab_size"]), input_channels=int(config["channels"]),
+        encode_logits=vq.encode_logits_fn(config, dtype), decode_images=vq.decode_images_fn(config, dtype))
 
 
 # kind (tokenizer.json "kind") -> factory(directory, meta, dtype) -> TokenizerBackend.

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vimpac_jax import io_utils
 
 META_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
@@ -47,28 +46,13 @@ def save_tokenizer(dst, meta: dict, params, *, overwrite: bool = False) -> Path:
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass --force to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "weights_sha256": params_sha256(params)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; give DST the usual permissions
+    with io_utils.atomic_directory(dst, overwrite=True) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
         # The metadata file is written last: its presence marks a finished directory.
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -11,7 +11,7 @@ from the pool by a grain pipeline that is a pure function of (seed, step):
     it = pipelines.make_iterator(ds)       # a checkpointable grain iterator
 
 Frames: each video is sampled at `fps`, its shorter side resized to `size` and the center
-square cropped (the pre-training variant, reference §1/§8); at most `max_frames_per_video`
+square cropped (the pre-training variant); at most `max_frames_per_video`
 frames are kept per file, taken from its start (decoding stops there, so long videos are cheap
 and do not dominate the pool). The pool is kept in video order whatever order the workers
 finish in, so it — and every batch — is deterministic. Videos that fail to decode are skipped,
@@ -28,10 +28,11 @@ import dataclasses
 import glob
 import logging
 import os
-import time
 from typing import Sequence
 
 import numpy as np
+
+from vimpac_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _GLOB_CHARS = set("*?[")
 
 
 def resolve_videos(spec: str) -> list[str]:
-    """`train.data.videos` -> video paths. spec: a glob pattern (sorted matches), a directory
+    """`data.videos` -> video paths. spec: a glob pattern (sorted matches), a directory
     (searched recursively for video files) or a list file (one path per line, or a .csv; see
     `annotations.read_video_list`). Raises ValueError / FileNotFoundError naming the spec when
     nothing is found."""
@@ -47,16 +48,16 @@ def resolve_videos(spec: str) -> list[str]:
 
     spec = os.fspath(spec or "")
     if not spec.strip():
-        raise ValueError("train.data.videos is empty: give a video list file, a directory or a glob "
-                         "(--config.train.data.videos=...)")
+        raise ValueError("data.videos is empty: give a video list file, a directory or a glob "
+                         "(--config.data.videos=...)")
     if _GLOB_CHARS & set(spec):
         paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     elif os.path.exists(spec):
         paths = [item.path for item in annotations.read_video_list(spec)]
     else:
-        raise FileNotFoundError(f"train.data.videos: {spec} does not exist")
+        raise FileNotFoundError(f"data.videos: {spec} does not exist")
     if not paths:
-        raise ValueError(f"train.data.videos: no video files found for {spec!r}")
+        raise ValueError(f"data.videos: no video files found for {spec!r}")
     return paths
 
 
@@ -81,14 +82,14 @@ class FramePool:
 
 def _check_decode_args(fps: float, size: int, max_frames_per_video: int | None, max_pool_gib: float) -> None:
     if not fps or fps <= 0:
-        raise ValueError(f"train.data.fps must be positive, got {fps}")
+        raise ValueError(f"data.fps must be positive, got {fps}")
     if size <= 0 or size % 8:
-        raise ValueError(f"train.data.size must be a positive multiple of 8 (the tokenizer downsamples 8x), "
+        raise ValueError(f"data.size must be a positive multiple of 8 (the tokenizer downsamples 8x), "
                          f"got {size}")
     if max_frames_per_video is not None and max_frames_per_video < 1:
-        raise ValueError(f"train.data.max_frames_per_video must be >= 1 (or None), got {max_frames_per_video}")
+        raise ValueError(f"data.max_frames_per_video must be >= 1 (or None), got {max_frames_per_video}")
     if max_pool_gib <= 0:
-        raise ValueError(f"train.data.max_pool_gib must be positive, got {max_pool_gib}")
+        raise ValueError(f"data.max_pool_gib must be positive, got {max_pool_gib}")
 
 
 def load_frame_pool(
@@ -118,27 +119,24 @@ def load_frame_pool(
     by_index: dict[int, np.ndarray] = {}
     skipped: list[tuple[int, str, str]] = []
     used = 0
-    t0 = last = time.monotonic()
+    progress = Progress(len(paths), label="decoding: ", unit="videos", failed=True, every_seconds=progress_every_s)
     results = video_decode.decode_many(paths, fps, [variant], num_workers, max_frames=max_frames_per_video)
     for done, (index, path, result) in enumerate(results, start=1):
         if isinstance(result, Exception):
             log.warning("skipping %s", result)
             skipped.append((index, path, getattr(result, "reason", str(result))))
+            progress.update(failed=1)
         else:
             frames = result[variant.name]
             used += frames.nbytes
             if used > budget:
                 results.close()  # stops the worker pool
                 raise MemoryError(
-                    f"decoded frames exceed train.data.max_pool_gib={max_pool_gib} after {done} of "
-                    f"{len(paths)} videos; lower train.data.fps or max_frames_per_video, or use fewer videos")
+                    f"decoded frames exceed data.max_pool_gib={max_pool_gib} after {done} of "
+                    f"{len(paths)} videos; lower data.fps or max_frames_per_video, or use fewer videos")
             by_index[index] = frames
-        now = time.monotonic()
-        if now - last >= progress_every_s or done == len(paths):
-            rate = done / max(now - t0, 1e-9)
-            log.info("decoded %d/%d videos (%d skipped), %.1f videos/s, ETA %.0f s, %.2f GiB of frames",
-                     done, len(paths), len(skipped), rate, (len(paths) - done) / rate, used / 2 ** 30)
-            last = now
+            progress.update(add=1, note=f"{used / 2 ** 30:.2f} GiB of frames")
+    progress.close()
     if not by_index:
         reasons = "; ".join(f"{p}: {r}" for _, p, r in skipped[:3])
         raise ValueError(f"none of the {len(paths)} videos could be decoded (e.g. {reasons})")
@@ -150,10 +148,10 @@ def load_frame_pool(
 
 
 def frame_pool_from_config(data_config) -> FramePool:
-    """`load_frame_pool` from a `config.train.data` block (configs/tokenizer.py)."""
+    """`load_frame_pool` from a tokenizer's `config.data` block (configs/tokenizer.py)."""
     return load_frame_pool(
         resolve_videos(data_config.videos), fps=float(data_config.fps), size=int(data_config.size),
-        max_frames_per_video=data_config.max_frames_per_video, num_workers=int(data_config.num_workers),
+        max_frames_per_video=data_config.max_frames_per_video, num_workers=int(data_config.workers),
         max_pool_gib=float(data_config.max_pool_gib))
 
 

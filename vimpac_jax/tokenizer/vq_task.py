@@ -1,9 +1,13 @@
 """The VQ tokenizer as a task of the shared training program (`vimpac train`, task 'tokenizer').
 
 Frames are decoded once into a pool (`vq_data`), batches come from a checkpointable grain
-iterator, the step is `vq.train_step` jitted with the batch split over devices and the (small)
+iterator, the step is `vq_train.train_step` jitted with the batch split over devices and the (small)
 state replicated. At the end the tokenizer directory `workdir/tokenizer` is written, and the
 reconstruction PSNR and codebook usage on held-out pool frames are reported.
+
+The task reads the blocks every task has (configs/tokenizer.py): `model` (the tokenizer),
+`optim`, `data` (frames and the batch), `train` (length), and its own `tokenizer` block (the VQ
+objective); `state_config` gathers what `vq_train.init_state` takes from them.
 """
 
 from pathlib import Path
@@ -12,8 +16,39 @@ import jax
 import numpy as np
 
 from vimpac_jax.data import pipelines
-from vimpac_jax.tokenizer import vq, vq_data
+from vimpac_jax.tokenizer import vq, vq_data, vq_train
+from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
+
+
+def state_config(config) -> dict:
+    """{'tokenizer': the model block, 'train': Adam, schedule and objective fields}, the mapping
+    `vq_train.init_state` reads, from the task's `model`, `optim`, `tokenizer` and `train` blocks."""
+    optim, objective, num_steps = config.optim, config.tokenizer, int(config.train.num_steps)
+    return {"tokenizer": config.model, "train": dict(
+        lr=float(optim.learning_rate), num_steps=num_steps,
+        # `warmup` as the other tasks' optim block reads it: < 1 a fraction of the run, else updates.
+        warmup_steps=optimizer_lib.warmup_steps(dict(warmup=optim.warmup, total_steps=num_steps)),
+        b1=float(optim.b1), b2=float(optim.b2), grad_clip=float(optim.clip_grad_norm),
+        flatten_optimizer=bool(optim.flatten_optimizer),
+        commitment_beta=objective.commitment_beta, ema_decay=objective.ema_decay, epsilon=objective.epsilon,
+        restart_threshold=objective.restart_threshold)}
+
+
+def check_config(config) -> None:
+    """ValueError naming the field of a schedule or objective value out of range (before frames
+    are decoded or anything compiles)."""
+    train = state_config(config)["train"]
+    problems = []
+    if not train["lr"] > 0:
+        problems.append(f"optim.learning_rate={train['lr']} must be > 0")
+    if not 0 <= train["warmup_steps"] <= train["num_steps"]:
+        problems.append(f"optim.warmup={config.optim.warmup} must be in [0, train.num_steps={train['num_steps']}] "
+                        "(< 1: a fraction of it)")
+    if not 0.0 <= float(train["ema_decay"]) < 1.0:
+        problems.append(f"tokenizer.ema_decay={train['ema_decay']} must be in [0, 1)")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
 
 
 class VQTokenizerTask:
@@ -22,49 +57,49 @@ class VQTokenizerTask:
 
     def __init__(self, config, mesh, *, log):
         self.config, self.mesh, self.log = config, mesh, log
-        train = config.train
-        self.total_steps = int(train.num_steps)
+        self.total_steps = int(config.train.num_steps)
         if self.total_steps <= 0:
             raise ValueError(f"config.train.num_steps must be > 0, got {self.total_steps}")
-        global_batch = int(train.batch_size)
+        check_config(config)
+        global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
         if global_batch % jax.process_count() or global_batch % shards:
-            raise ValueError(f"config.train.batch_size={global_batch} must divide over {jax.process_count()} "
+            raise ValueError(f"config.data.batch_size={global_batch} must divide over {jax.process_count()} "
                              f"processes and the {shards} data x fsdp devices")
         self.local_batch = global_batch // jax.process_count()
         self.items_per_step = global_batch
-        self.pool = vq_data.frame_pool_from_config(train.data)  # decodes before anything compiles
+        self.pool = vq_data.frame_pool_from_config(config.data)  # decodes before anything compiles
         if self.pool.skipped:
             log(f"skipped {len(self.pool.skipped)} videos that could not be decoded: "
                 + "; ".join(f"{p} ({r})" for p, r in self.pool.skipped[:5]))
         log(f"frame pool: {len(self.pool)} frames of {len(self.pool.paths) - len(self.pool.skipped)} videos")
         self.replicated = shd.replicated(mesh)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self.step = jax.jit(vq.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        self.step = jax.jit(vq_train.train_step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, key):
-        state = vq.init_state(self.config, key)
+        state = vq_train.init_state(state_config(self.config), key)
         return jax.device_put(state, self.replicated)
 
     def iterator(self):
         dataset = vq_data.frame_dataset(self.pool.frames, batch_size=self.local_batch, seed=int(self.config.seed),
-                                        flip=bool(self.config.train.data.flip), process_index=jax.process_index(),
+                                        flip=bool(self.config.data.flip), process_index=jax.process_index(),
                                         process_count=jax.process_count())
         return pipelines.make_iterator(dataset, workers=0)
 
     def global_batch(self, local: dict):
-        return pipelines.global_batch(local, self.batch_sharding)["images"]
+        return shd.make_global_batch(local, self.mesh)["images"]
 
     def evaluate(self, state, *, step=None, full: bool = False) -> dict:
         """PSNR and codebook usage on (up to) 256 pool frames; at the end, also saves the tokenizer."""
         frames = vq_data.sample_frames(self.pool.frames, 256, seed=int(self.config.seed) + 1)
         params = jax.device_get(state.tokenizer_params())
-        tokens, _ = vq.vq_encode(params, vq.model_json_config(self.config.tokenizer), frames)
-        recon = np.asarray(vq.vq_decode(params, vq.model_json_config(self.config.tokenizer), tokens))
+        tokens, _ = vq.vq_encode(params, vq.model_json_config(self.config.model), frames)
+        recon = np.asarray(vq.vq_decode(params, vq.model_json_config(self.config.model), tokens))
         target = frames.astype(np.float32) / 255.0
         mse = float(np.mean((recon - target) ** 2))
-        counts = np.bincount(np.asarray(tokens).ravel(), minlength=int(self.config.tokenizer.codebook_size))
+        counts = np.bincount(np.asarray(tokens).ravel(), minlength=int(self.config.model.codebook_size))
         p = counts / counts.sum()
         result = {
             "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),
@@ -75,7 +110,7 @@ class VQTokenizerTask:
         }
         if full and jax.process_index() == 0:
             out = Path(self.workdir) / "tokenizer"
-            vq.save_vq_tokenizer(out, self.config.tokenizer, jax.device_get(state), overwrite=True,
+            vq.save_vq_tokenizer(out, self.config.model, jax.device_get(state), overwrite=True,
                                  metadata={"workdir": str(Path(self.workdir).absolute()), **result})
             self.log(f"wrote the tokenizer to {out} (PSNR {result['psnr']:.2f} dB, "
                      f"{100 * result['codes_used']:.0f}% of codes used, perplexity {result['perplexity']:.1f})")

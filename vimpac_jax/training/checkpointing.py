@@ -4,67 +4,281 @@ One `CheckpointManager` per workdir (`workdir/checkpoints/<step>/`), with three 
   state  the TrainState pytree (sharded arrays are saved and restored in place);
   data   the grain iterator state (grain's orbax handler), so a resumed run reads exactly the
          batches an uninterrupted run would have read;
-  meta   JSON: the step and the base RNG seed/key data, for checks on restore.
+  meta   JSON: the step, the seed, the run's identity (`training/workdir.py`) and a checksum of
+         every array of the state, for checks on restore.
 orbax writes each step under a temporary name and finalises it only when every item of every
 process is written, and `latest_step()` only sees finalised steps: a checkpoint interrupted by
 a crash is never restored.
+
+A finalised step can still be damaged afterwards. A truncated or lost file makes orbax raise;
+a flipped bit does not (the array data is zstd-compressed without a content checksum, and
+orbax's zarr3 layout checksums only the chunk index, `crc32c` in `index_codecs`), so each
+array's words are summed on its devices when saving (`array_checksums`) and again after a
+restore. Either failure skips the step with a warning naming why, and the step before it is
+tried, down to the oldest kept.
 """
 
-import sys
+import functools
+import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import grain.checkpoint as grain_ckpt
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vimpac_jax.training.init_from import path_name
+
+CHECKPOINTS_DIR = "checkpoints"  # of a workdir (training/workdir.py)
+STATE, DATA, META = "state", "data", "meta"
+CHECKSUMS = "checksums"  # meta field: {leaf path: "s1-s2"} (`array_checksums`)
 
 
-def make_manager(workdir, *, save_every: int, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(int(save_every), 1), max_to_keep=max(int(keep), 1), create=True,
-        enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
-
-
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict,
-         *, force: bool = False) -> bool:
-    """Asynchronous save (returns at once); `manager.wait_until_finished()` before exiting."""
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-    if data_iterator is not None:
-        items["data"] = grain_ckpt.CheckpointSave(data_iterator)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+def log_to_stderr(message: str) -> None:
+    """The readers' default log: a warning of the `vimpac_jax` logger (stderr; vimpac_jax/logs.py)."""
+    logging.getLogger(__name__).warning(message)
 
 
 class CheckpointRestoreError(ValueError):
     """No checkpoint of the workdir could be restored."""
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
-                   log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)
-                   ) -> Optional[tuple[int, Any, dict]]:
-    """-> (step, state, meta) of the latest complete checkpoint that restores, restoring the
-    iterator in place; None when there is none. `abstract_state` carries the target shardings.
+class CheckpointCorruptError(ValueError):
+    """A restored array does not match the checksum recorded when it was saved."""
 
-    A finalised step can still be damaged afterwards (a truncated or lost file): it is skipped
-    with a warning naming why, and the step before it is tried, down to the oldest kept.
-    """
+
+def make_manager(workdir, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+    """The training run's (writing) manager of `workdir/checkpoints`."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(int(save_every), 1), max_to_keep=max(int(keep), 1), create=True,
+        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
+
+
+def read_only_manager(checkpoints_dir, **kwargs) -> ocp.CheckpointManager:
+    """A manager that never writes nor deletes (readers of a run: export, evaluate, init_from)."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(checkpoints_dir).absolute(), options=options, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums of arrays, computed where the arrays live.
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words: one per element (elements of 1 or 2 bytes are widened,
+    8-byte ones split in two along a new last axis)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """uint32 [2]: the sum of the words and their sum weighted by 2i+1 (i the flat index), both
+    mod 2^32. Flipping bit k of word i moves the second by 2^k (2i+1), never 0 mod 2^32, so any
+    one flipped bit is caught; integer sums do not depend on the order of the reduction, so the
+    value is the same whatever the sharding or device count. The index is built from iotas of
+    each axis, so no sharded array is reshaped."""
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(w.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % (1 << 32))
+        stride *= w.shape[axis]
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (2 * index + 1), dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=None)
+def _checksum_fn(mesh):
+    # One jitted function per leaf shape (jit's own cache): a model's many layers share a few
+    # shapes, so this compiles a few small programs rather than one the size of the state.
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated: readable on every host
+    return jax.jit(_checksum, out_shardings=out)
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+    """{leaf path ('params/backbone/...', `init_from.path_name`): 'sum-weighted sum'} of every
+    array of `tree` (global jax arrays, sharded or not, or numpy arrays)."""
+    flat = [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if not flat:
+        return {}
+    mesh = next((x.sharding.mesh for _, x in flat if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    fn = _checksum_fn(mesh)
+    sums = jax.device_get([fn(x) for _, x in flat])
+    return {name: f"{int(s[0]):08x}-{int(s[1]):08x}" for (name, _), s in zip(flat, sums)}
+
+
+def verify_checksums(tree: Any, recorded: Optional[dict], prefix: str = "") -> bool:
+    """Raise CheckpointCorruptError naming the arrays of `tree` (paths under `prefix`) whose
+    checksum differs from `recorded`; False when nothing was recorded (a checkpoint written
+    before checksums were), True when every array matched."""
+    if not recorded:
+        return False
+    got = {prefix + name: value for name, value in array_checksums(tree).items()}
+    bad = sorted(name for name, value in got.items() if name in recorded and recorded[name] != value)
+    missing = sorted(name for name in got if name not in recorded)
+    if bad or missing:
+        raise CheckpointCorruptError(
+            f"checksum mismatch in {len(bad)} array(s) ({', '.join(bad[:4])})" if bad else
+            f"no recorded checksum for {', '.join(missing[:4])}")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and restore.
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict,
+         *, force: bool = False) -> bool:
+    """Asynchronous save (returns once the arrays are copied off the devices and summed);
+    `manager.wait_until_finished()` before exiting."""
+    if not force and not manager.should_save(step):
+        return False
+    meta = dict(meta, **{CHECKSUMS: array_checksums(state)})
+    items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+        items[DATA] = grain_ckpt.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _anywhere(flag: bool) -> bool:
+    """Whether `flag` holds on any process: every process takes the same fallback, since the
+    restore of the next step is collective (a file damaged in one host's shards fails there only)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _newest_first(manager: ocp.CheckpointManager, restore_step: Callable[[int], Any],
+                  log: Callable[[str], None], keep_going: tuple = ()) -> Optional[tuple[int, Any]]:
+    """(step, restore_step(step)) for the newest step that restores on every process; a step
+    whose restore raises is skipped with a warning naming why (exceptions of the `keep_going`
+    types propagate: they are about the run, not the files); CheckpointRestoreError when none
+    restores; None when there are no steps."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
-            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+        error = None
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            result = restore_step(step)
+        except keep_going:
+            raise
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-            if i + 1 == len(steps):
-                raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, step "
-                                             f"{step}: {reason}") from e
-            log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}); "
-                f"falling back to step {steps[i + 1]}")
-            continue
-        return step, restored["state"], restored["meta"]
+            error = e
+        if not _anywhere(error is not None):
+            return step, result
+        reason = _reason(error) if error is not None else "another process could not restore it"
+        if i + 1 == len(steps):
+            raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, "
+                                         f"step {step}: {reason}") from error
+        log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}); "
+            f"falling back to step {steps[i + 1]}")
     return None
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
+                   log: Callable[[str], None] = log_to_stderr, check_meta: Optional[Callable[[dict], None]] = None,
+                   keep_going: tuple = ()) -> Optional[tuple[int, Any, dict]]:
+    """-> (step, state, meta) of the newest complete checkpoint that restores and matches its
+    checksums, restoring the iterator in place; None when there is none. `abstract_state`
+    carries the target shardings. meta['verified'] says whether checksums were checked (a
+    checkpoint from before they were recorded has none).
+
+    check_meta(meta) runs on the step's meta before its arrays are read (the run's identity);
+    what it raises of the `keep_going` types propagates instead of falling back.
+    """
+
+    def restore_step(step):
+        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        if check_meta is not None:
+            check_meta(meta)
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items[DATA] = grain_ckpt.CheckpointRestore(data_iterator)
+        state = manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        return state, dict(meta, verified=verify_checksums(state, meta.get(CHECKSUMS)))
+
+    found = _newest_first(manager, restore_step, log, keep_going)
+    return None if found is None else (found[0], *found[1])
+
+
+class _SkipOtherItemsWarning(logging.Filter):
+    """orbax warns about every item of a step it is not asked for (the data iterator, meta)."""
+
+    def filter(self, record):
+        return "could not be restored" not in record.getMessage()
+
+
+def restore_collections(checkpoints_dir, collections: Iterable[str], *, shardings: Optional[dict] = None,
+                        log: Callable[[str], None] = log_to_stderr) -> tuple[int, dict, bool]:
+    """-> (step, {collection: tree}, verified) of the newest step that restores: only the named
+    fields of the saved TrainState ('params', 'batch_stats', 'opt_state'), never the others
+    (a partial restore: an export does not read the Adam moments). Trees are numpy arrays, or
+    global arrays laid out by `shardings` ({collection: tree of shardings}). A field the state
+    does not have (or an empty one) is left out. CheckpointRestoreError when no step restores.
+    """
+    collections = tuple(collections)
+    quiet = _SkipOtherItemsWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    # Registering the handler lets the manager read the item's tree metadata without a target.
+    manager = read_only_manager(checkpoints_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                                                META: ocp.JsonCheckpointHandler()})
+    shardings = shardings or {}
+
+    def restore_step(step):
+        metadata = manager.item_metadata(step)[STATE]
+        tree = getattr(metadata, "tree", metadata)
+        if not isinstance(tree, dict) or "params" not in tree:
+            keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise CheckpointRestoreError(f"{manager.directory}/{step}/{STATE}: no 'params' in the saved train state "
+                                         f"(found {keys})")
+        wanted = {k: tree[k] for k in collections if k in tree and jax.tree.leaves(tree[k])}
+
+        def target(m, s=None):
+            return np.zeros(m.shape, m.dtype) if s is None else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
+
+        def restore_arg(m, s=None):
+            return ocp.RestoreArgs(restore_type=np.ndarray) if s is None else ocp.ArrayRestoreArgs(sharding=s)
+
+        def over(fn):  # fn over every saved array of the wanted fields, with its sharding if given
+            return {k: jax.tree.map(fn, sub, *([shardings[k]] if k in shardings else [])) for k, sub in wanted.items()}
+
+        targets, args = over(target), over(restore_arg)
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=targets, restore_args=args, partial_restore=True)}))[STATE]
+        restored = {k: restored[k] if k in shardings else jax.tree.map(np.asarray, restored[k]) for k in restored}
+        recorded = _read_meta(manager, step).get(CHECKSUMS)
+        verified = all([verify_checksums(restored[k], recorded, prefix=f"{k}/") for k in restored]) if recorded else False
+        return restored, verified
+
+    try:
+        found = _newest_first(manager, restore_step, log)
+    finally:
+        manager.close()
+        logging.getLogger("absl").removeFilter(quiet)
+    if found is None:
+        raise CheckpointRestoreError(f"{Path(checkpoints_dir)}: no complete checkpoint step (an interrupted save is "
+                                     f"never used)")
+    step, (restored, verified) = found
+    return int(step), restored, verified
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The step's meta item; {} when the step has none (a checkpoint written by other code)."""
+    if not (Path(manager.directory) / str(step) / META).exists():
+        return {}
+    return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
 
 def abstract_like(state: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Fine-tuning and multi-view evaluation steps of the classifier (reference §7-8).
+"""Fine-tuning and multi-view evaluation steps of the classifier (paper Table 4; the released `vimpac/finetune.py`).
 
 The state is the pre-training step's `TrainState` (step, params, batch_stats, opt_state) built
 for a `task='finetune'` model config; initialisation and shardings come from there too.
@@ -72,13 +72,14 @@ def finetune_train_step(state: TrainState, batch: Mapping[str, jax.Array], key: 
 
 
 def make_finetune_step(model_cfg, optim_cfg, *, label_smoothing: float = 0.0, micro_batches: int = 1,
-                       mesh: Optional[jax.sharding.Mesh] = None):
-    """Jitted `(state, batch, key) -> (state, metrics)` with explicit shardings; state donated."""
+                       mesh: Optional[jax.sharding.Mesh] = None, state_shardings=None):
+    """Jitted `(state, batch, key) -> (state, metrics)` with explicit shardings (`state_shardings`:
+    the run's `train_state_shardings`, if known); state donated."""
     mesh = shd.make_mesh() if mesh is None else mesh
     tx, schedule = make_optimizer(optim_cfg)
     step = functools.partial(finetune_train_step, model=build_model(model_cfg), tx=tx, schedule=schedule,
                              label_smoothing=float(label_smoothing), micro_batches=int(micro_batches))
-    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh)
+    state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh)
     return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
 

@@ -1,4 +1,5 @@
-"""Initialise a model from another checkpoint whose shapes may differ (reference §7).
+"""Initialise a model from another checkpoint whose shapes may differ (the two-stage pre-training
+of paper Table 4, 128 then 256 px).
 
 Used to fine-tune from a pre-trained model (ours or a converted released one) and for the
 second pre-training stage at a new frame size. Per leaf of the target tree:

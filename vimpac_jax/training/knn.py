@@ -79,10 +79,9 @@ class KnnMonitor:
         per_process = -(-per_process * jax.process_count() // shards) * shards // jax.process_count()
         dataset = knn_dataset(index, batch_size=per_process, clip_len=self.model_cfg["clip_len"],
                               clip_fps=self.config.data.clip_fps, seed=int(self.config.seed))
-        sharding = shd.batch_sharding(self.mesh)
         feats, labels = np.zeros((index.num_videos, self.model_cfg["hidden_dim"])), index.labels
         for local in pipelines.make_iterator(dataset, workers=0):
-            batch = pipelines.global_batch(local, sharding)
+            batch = shd.make_global_batch(local, self.mesh)
             out = np.asarray(self._features(params, batch["tokens"]))
             valid = shd.to_host(batch["valid"], self.mesh)
             feats[shd.to_host(batch["video_index"], self.mesh)[valid]] = out[valid]

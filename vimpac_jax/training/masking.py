@@ -1,4 +1,5 @@
-"""Masking for masked-token prediction (reference §5), as loop-free, jit-able jnp code.
+"""Masking for masked-token prediction (the released `vimpac/masking.py`; its ratios: paper
+Table 2), as loop-free, jit-able jnp code.
 
 Block masking draws `num_blocks` axis-aligned boxes per clip. Box lengths are uniform integers
 in [1, max(1, T*2//3)] (time), [1, max(1, H//2)], [1, max(1, W//2)] and starts are uniform in

@@ -1,4 +1,4 @@
-"""AdamW, learning-rate schedules and gradient clipping for pre-training (reference §7).
+"""AdamW, learning-rate schedules and gradient clipping for pre-training (paper Table 4).
 
 Built from optax pieces: `clip_by_global_norm` -> `adamw` (decoupled weight decay, masked).
 The released trainer uses transformers' AdamW with `get_{linear,cosine,constant}_schedule_with_
@@ -33,6 +33,8 @@ import jax
 import ml_collections
 import optax
 
+from vimpac_jax.config_utils import with_defaults
+
 SCHEDULES = ("linear", "cosine", "constant")
 
 # Names of our LayerNorm modules (vimpac_jax.models: `layer_norm(name=...)`).
@@ -59,13 +61,10 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _get(cfg: Mapping[str, Any], key: str, default):
-    return cfg[key] if key in cfg else default
-
-
 def warmup_steps(cfg: Mapping[str, Any]) -> int:
     """Warm-up length in updates: `warmup` < 1 is a fraction of total_steps (as released)."""
-    warmup, total = float(_get(cfg, "warmup", 0.0)), int(cfg["total_steps"])
+    cfg = with_defaults(cfg, optim_config())
+    warmup, total = float(cfg["warmup"]), int(cfg["total_steps"])
     return int(total * warmup) if warmup < 1 else int(warmup)
 
 
@@ -73,12 +72,13 @@ def schedule_length(cfg: Mapping[str, Any], steps_per_epoch: int, run_steps: int
     """The schedule's length in updates (`total_steps`) from an `optim` config block:
     `schedule_steps` if > 0, else `schedule_epochs` x steps_per_epoch if set, else the run's own
     length `run_steps` (the released `--epochs` when `--interval` is not given)."""
-    steps = int(_get(cfg, "schedule_steps", 0) or 0)
+    cfg = with_defaults(cfg, optim_config())
+    steps = int(cfg["schedule_steps"] or 0)
     if steps < 0:
         raise ValueError(f"config.optim.schedule_steps={steps} must be >= 0 (0: from schedule_epochs or the run)")
     if steps:
         return steps
-    epochs = _get(cfg, "schedule_epochs", None)
+    epochs = cfg["schedule_epochs"]
     if epochs is not None:
         if float(epochs) <= 0:
             raise ValueError(f"config.optim.schedule_epochs={epochs} must be > 0 (None: as long as the run)")
@@ -93,8 +93,8 @@ def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
     cosine:   0 -> lr, then lr * (1 + cos(pi * progress)) / 2 down to 0 at total_steps.
     constant: 0 -> lr, then lr.
     """
-    lr, total = float(cfg["learning_rate"]), int(cfg["total_steps"])
-    kind = _get(cfg, "schedule", "linear")
+    cfg = with_defaults(cfg, optim_config())
+    lr, total, kind = float(cfg["learning_rate"]), int(cfg["total_steps"]), cfg["schedule"]
     warm = warmup_steps(cfg)
     if total <= 0 or not 0 <= warm <= total:
         raise ValueError(f"optim: need 0 <= warm-up steps ({warm}) <= total_steps ({total}), total_steps > 0")
@@ -151,15 +151,16 @@ def make_optimizer(cfg: Mapping[str, Any]) -> tuple[optax.GradientTransformation
     Gradient accumulation is not done here: the pre-training step accumulates micro-batches
     itself (see `vimpac_jax.training.pretrain_step`), so every call of `update` is one update.
     """
+    cfg = with_defaults(cfg, optim_config())
     schedule = make_schedule(cfg)
-    match_released = bool(_get(cfg, "match_released_decay", False))
+    match_released = bool(cfg["match_released_decay"])
     adamw = optax.adamw(
         schedule,
-        b1=float(_get(cfg, "b1", 0.9)), b2=float(_get(cfg, "b2", 0.98)), eps=float(_get(cfg, "eps", 1e-8)),
-        weight_decay=float(_get(cfg, "weight_decay", 0.05)),
+        b1=float(cfg["b1"]), b2=float(cfg["b2"]), eps=float(cfg["eps"]),
+        weight_decay=float(cfg["weight_decay"]),
         mask=lambda params: decay_mask(params, match_released),
     )
-    clip = float(_get(cfg, "clip_grad_norm", 1.0))
+    clip = float(cfg["clip_grad_norm"])
     # Both branches have an EmptyState first, so the state's structure (and checkpoints) do not
     # depend on whether clipping is on.
     clipper = optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()

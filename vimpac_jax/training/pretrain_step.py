@@ -1,4 +1,4 @@
-"""The VIMPAC pre-training step: one jitted pure function of (state, batch, key) (issue 3, part 2).
+"""The VIMPAC pre-training step: one jitted pure function of (state, batch, key).
 
 One update, for a batch of B videos with two clips each:
   1. block masking of all 2B clips with one key (`mask_batch`); a clip's mask depends only on
@@ -70,7 +70,7 @@ def pretrain_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         mlm_weight=1.0,
         nce_weight=1.0,              # alpha; the temperature factor is inside info_nce
-        mask_kind="block",           # 'block' (reference §5) or 'iid'
+        mask_kind="block",           # 'block' (paper Table 2) or 'iid'
         mask_blocks=5,               # 5 for T=5 at 128 px, 6 at 256 px (`vimpac mask-ratio`)
         mask_prob=0.15,              # for mask_kind='iid'
         mask_noise="none",           # 'none' or 'bert' (80/10/10 per box)
@@ -105,10 +105,6 @@ MLM_POSITIONS = ("micro_batch", "clip")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
 
 
-def _get(cfg: Mapping[str, Any], key: str, default):
-    return cfg[key] if key in cfg else default
-
-
 def _field(cfg: Mapping[str, Any], key: str):
     """cfg[key], or its default in `pretrain_config` (dicts written before the field existed)."""
     return cfg[key] if key in cfg else pretrain_config()[key]
@@ -117,21 +113,21 @@ def _field(cfg: Mapping[str, Any], key: str):
 def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
     """Raises ValueError naming the `config.pretrain` field that is out of range."""
     problems = []
-    if int(_get(cfg, "micro_batches", 1)) < 1:
-        problems.append(f"micro_batches={_get(cfg, 'micro_batches', 1)} must be >= 1")
-    if _get(cfg, "mask_kind", "block") not in ("block", "iid"):
-        problems.append(f"mask_kind={_get(cfg, 'mask_kind', 'block')!r} must be 'block' or 'iid'")
-    if _get(cfg, "mask_noise", "none") not in ("none", "bert"):
-        problems.append(f"mask_noise={_get(cfg, 'mask_noise', 'none')!r} must be 'none' or 'bert'")
-    if int(_get(cfg, "mask_blocks", 5)) < 1:
-        problems.append(f"mask_blocks={_get(cfg, 'mask_blocks', 5)} must be >= 1")
-    if int(_get(cfg, "max_masked", 0)) < 0:
-        problems.append(f"max_masked={_get(cfg, 'max_masked', 0)} must be >= 0 (0: from the quantile)")
-    if not 0.0 < float(_get(cfg, "max_masked_quantile", 0.999)) <= 1.0:
-        problems.append(f"max_masked_quantile={_get(cfg, 'max_masked_quantile', 0.999)} must be in (0, 1]")
+    if int(_field(cfg, "micro_batches")) < 1:
+        problems.append(f"micro_batches={_field(cfg, 'micro_batches')} must be >= 1")
+    if _field(cfg, "mask_kind") not in ("block", "iid"):
+        problems.append(f"mask_kind={_field(cfg, 'mask_kind')!r} must be 'block' or 'iid'")
+    if _field(cfg, "mask_noise") not in ("none", "bert"):
+        problems.append(f"mask_noise={_field(cfg, 'mask_noise')!r} must be 'none' or 'bert'")
+    if int(_field(cfg, "mask_blocks")) < 1:
+        problems.append(f"mask_blocks={_field(cfg, 'mask_blocks')} must be >= 1")
+    if int(_field(cfg, "max_masked")) < 0:
+        problems.append(f"max_masked={_field(cfg, 'max_masked')} must be >= 0 (0: from the quantile)")
+    if not 0.0 < float(_field(cfg, "max_masked_quantile")) <= 1.0:
+        problems.append(f"max_masked_quantile={_field(cfg, 'max_masked_quantile')} must be in (0, 1]")
     for name in ("mlm_weight", "nce_weight"):
-        if float(_get(cfg, name, 1.0)) < 0:
-            problems.append(f"{name}={_get(cfg, name, 1.0)} must be >= 0")
+        if float(_field(cfg, name)) < 0:
+            problems.append(f"{name}={_field(cfg, name)} must be >= 0")
     if _field(cfg, "mlm_positions") not in MLM_POSITIONS:
         problems.append(f"mlm_positions={_field(cfg, 'mlm_positions')!r} must be one of {MLM_POSITIONS}")
     if not 0.0 < float(_field(cfg, "packed_quantile")) <= 1.0:
@@ -158,13 +154,13 @@ def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, 
     1280 for T=5, 16x16 and 5 blocks at 0.999, against 185 masked on average and 960 at most),
     and with 'micro_batch' the hard bound (960 there: no clip drops anything; the packed bound of
     `packed_masked_bound` does the bounding)."""
-    k = int(_get(pretrain_cfg, "max_masked", 0))
+    k = int(_field(pretrain_cfg, "max_masked"))
     if k > 0:
         return min(k, math.prod(clip_shape(model_cfg)))
     return masked_positions_bound(
-        clip_shape(model_cfg), kind=_get(pretrain_cfg, "mask_kind", "block"),
-        num_blocks=int(_get(pretrain_cfg, "mask_blocks", 5)), prob=float(_get(pretrain_cfg, "mask_prob", 0.15)),
-        quantile=1.0 if _packed(pretrain_cfg) else float(_get(pretrain_cfg, "max_masked_quantile", 0.999)))
+        clip_shape(model_cfg), kind=_field(pretrain_cfg, "mask_kind"),
+        num_blocks=int(_field(pretrain_cfg, "mask_blocks")), prob=float(_field(pretrain_cfg, "mask_prob")),
+        quantile=1.0 if _packed(pretrain_cfg) else float(_field(pretrain_cfg, "max_masked_quantile")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,8 +176,8 @@ def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int
     the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
     their per-clip lists). Small, T=5 at 128 px: ~27.6k slots (~216 per clip) for 128 clips at
     1 - 1e-6 (rounded up to a multiple of 8), against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
-    return _packed_bound(tuple(int(x) for x in clip), _get(pretrain_cfg, "mask_kind", "block"),
-                         int(_get(pretrain_cfg, "mask_blocks", 5)), float(_get(pretrain_cfg, "mask_prob", 0.15)),
+    return _packed_bound(tuple(int(x) for x in clip), _field(pretrain_cfg, "mask_kind"),
+                         int(_field(pretrain_cfg, "mask_blocks")), float(_field(pretrain_cfg, "mask_prob")),
                          float(_field(pretrain_cfg, "packed_quantile")), int(clips), int(per_clip))
 
 
@@ -214,7 +210,7 @@ def scored_count(masked: dict, pretrain_cfg: Mapping[str, Any], mesh=None) -> ja
     labels = masked["labels"]
     if not _packed(pretrain_cfg):
         return (labels != IGNORE_LABEL).sum()
-    k, groups = int(_get(pretrain_cfg, "micro_batches", 1)), _batch_shards(mesh)
+    k, groups = int(_field(pretrain_cfg, "micro_batches")), _batch_shards(mesh)
     per_micro = jax.vmap(views_major)(split_micro_batches(labels, k))  # [k, 2n, K]
     counts = (per_micro != IGNORE_LABEL).reshape(k, groups, -1).sum(-1)
     bound = packed_masked_bound(pretrain_cfg, masked["inputs"].shape[2:], per_micro.shape[1] // groups,
@@ -261,28 +257,38 @@ def abstract_train_state(model_cfg, optim_cfg) -> TrainState:
                           jax.random.key(0))
 
 
-def train_state_shardings(model_cfg, optim_cfg, mesh, rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+def param_shardings(model_cfg, mesh, rules=None):
+    """NamedShardings of the parameters alone, by the logical-axis rules (what a reader of a
+    checkpoint's parameters lays them out with)."""
+    return shd.state_shardings(_boxed_variables(build_model(model_cfg), model_cfg)["params"], mesh, rules)
+
+
+def train_state_shardings(model_cfg, optim_cfg, mesh, rules=None) -> TrainState:
     """NamedShardings of every leaf of the TrainState: parameters by the logical-axis rules,
-    Adam moments like their parameters, counters and BatchNorm statistics replicated."""
-    model = build_model(model_cfg)
+    Adam moments like their parameters, counters and BatchNorm statistics replicated.
+
+    Traces the model's initialisation once: a task computes this once per run and hands it to
+    `init_train_state` and the step builders (`state_shardings=`)."""
+    model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
     boxed = _boxed_variables(model, model_cfg)
     param_sh = shd.state_shardings(boxed["params"], mesh, rules)
-    abstract = abstract_train_state(model_cfg, optim_cfg)
+    opt_state = jax.eval_shape(tx.init, nn.unbox(boxed["params"]))  # the optimizer only, not the model
     return TrainState(
         step=shd.replicated(mesh),
         params=param_sh,
-        batch_stats=jax.tree.map(lambda _: shd.replicated(mesh), abstract.batch_stats),
-        opt_state=shd.shardings_like_params(abstract.opt_state, param_sh, mesh),
+        batch_stats=jax.tree.map(lambda _: shd.replicated(mesh), nn.unbox(boxed.get("batch_stats", {}))),
+        opt_state=shd.shardings_like_params(opt_state, param_sh, mesh),
     )
 
 
 def init_train_state(model_cfg, optim_cfg, key: jax.Array, mesh: Optional[jax.sharding.Mesh] = None,
-                     rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
+                     rules=None, state_shardings: Optional[TrainState] = None) -> TrainState:
     """A fresh TrainState whose arrays are created directly in their shardings (never whole on
-    one device). `mesh` defaults to all devices on 'data'."""
+    one device). `mesh` defaults to all devices on 'data'; `state_shardings` to
+    `train_state_shardings(model_cfg, optim_cfg, mesh, rules)`."""
     mesh = shd.make_mesh() if mesh is None else mesh
     model, tx, _ = _model_and_tx(model_cfg, optim_cfg)
-    shardings = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    shardings = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     init = functools.partial(_init_state, model=model, model_cfg=model_cfg, tx=tx)
     return jax.jit(init, out_shardings=shardings)(key)
 
@@ -301,10 +307,10 @@ def mask_batch(tokens: jax.Array, key: jax.Array, pretrain_cfg: Mapping[str, Any
     """
     b, views, *clip = tokens.shape
     flat = tokens.reshape(b * views, *clip)  # video-major: row 2v + j is view j of video v
-    m = mask_tokens(key, flat, kind=_get(pretrain_cfg, "mask_kind", "block"),
-                    num_blocks=int(_get(pretrain_cfg, "mask_blocks", 5)),
-                    prob=float(_get(pretrain_cfg, "mask_prob", 0.15)),
-                    noise=_get(pretrain_cfg, "mask_noise", "none"), max_masked=max_masked)
+    m = mask_tokens(key, flat, kind=_field(pretrain_cfg, "mask_kind"),
+                    num_blocks=int(_field(pretrain_cfg, "mask_blocks")),
+                    prob=float(_field(pretrain_cfg, "mask_prob")),
+                    noise=_field(pretrain_cfg, "mask_noise"), max_masked=max_masked)
     labels = gather_positions(m.labels.reshape(b * views, -1), m.positions)
     labels = jnp.where(m.position_valid, labels, IGNORE_LABEL)
     num_masked = m.position_valid.sum(axis=1) + m.num_dropped
@@ -362,7 +368,7 @@ def micro_batch_loss(params, batch_stats, micro: dict, dropout_key, *, model, pr
     mean_nll, count, correct = mlm_loss(out["mlm_logits"], labels)
     mlm_share = mean_nll * count / jnp.maximum(total_scored, 1)
     nce_share = info_nce(out["cls_proj"]) / num_micro
-    loss = _get(pretrain_cfg, "mlm_weight", 1.0) * mlm_share + _get(pretrain_cfg, "nce_weight", 1.0) * nce_share
+    loss = _field(pretrain_cfg, "mlm_weight") * mlm_share + _field(pretrain_cfg, "nce_weight") * nce_share
     aux = dict(batch_stats=mutated.get("batch_stats", batch_stats), mlm=mlm_share, nce=nce_share,
                correct=correct.astype(jnp.float32))
     return loss, aux
@@ -388,7 +394,7 @@ def accumulate_gradients(params, batch_stats, masked: dict, dropout_key, *, mode
     (grads like params, new batch_stats, sums) with sums = {loss, mlm, nce, correct}: the
     update's total loss, its MLM and NCE parts and the number of correct scored positions.
     """
-    k = int(_get(pretrain_cfg, "micro_batches", 1))
+    k = int(_field(pretrain_cfg, "micro_batches"))
     total_scored = scored_count(masked, pretrain_cfg, mesh)
     loss_fn = functools.partial(micro_batch_loss, model=model, pretrain_cfg=pretrain_cfg,
                                 total_scored=total_scored, num_micro=k, mesh=mesh)
@@ -417,7 +423,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                pretrain_cfg, model_cfg, max_masked: int, mesh=None) -> tuple[TrainState, dict]:
     """The pure (un-jitted) step; see the module docstring. batch['tokens']: int [B, 2, T, H, W]."""
     tokens = batch["tokens"]
-    _check_batch(tokens, model_cfg, int(_get(pretrain_cfg, "micro_batches", 1)), mesh)
+    _check_batch(tokens, model_cfg, int(_field(pretrain_cfg, "micro_batches")), mesh)
     mask_key, drop_key = jax.random.split(key)
     masked = mask_batch(tokens, mask_key, pretrain_cfg, max_masked)
     drop_key = dropout_key(drop_key, _field(pretrain_cfg, "dropout_rng"))
@@ -446,18 +452,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
 
 
 def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                       rules=shd.LOGICAL_AXIS_RULES):
+                       rules=None, state_shardings: Optional[TrainState] = None):
     """`pretrain_step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
 
     state: a TrainState laid out as `train_state_shardings` (what `init_train_state` returns);
     it is donated. batch: {'tokens': int [B, 2, T, H, W], ...} split over ('data', 'fsdp')
     (`sharding.make_global_batch`); key: one PRNG key for the whole update (masking, dropout).
-    Metrics come back replicated.
+    Metrics come back replicated. `state_shardings`: the run's `train_state_shardings`, if known.
     """
     check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     model, tx, schedule = _model_and_tx(model_cfg, optim_cfg)
-    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, pretrain_cfg=pretrain_cfg,
                              model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg),
                              mesh=mesh)
@@ -485,7 +491,7 @@ def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: j
     mlm, count, correct = mlm_loss(out["mlm_logits"], views_major(masked["labels"]))
     nce = info_nce(out["cls_proj"])
     metrics = dict(
-        total_loss=_get(pretrain_cfg, "mlm_weight", 1.0) * mlm + _get(pretrain_cfg, "nce_weight", 1.0) * nce,
+        total_loss=_field(pretrain_cfg, "mlm_weight") * mlm + _field(pretrain_cfg, "nce_weight") * nce,
         mlm_loss=mlm,
         nce_loss=nce,
         mask_accuracy=correct / jnp.maximum(count, 1),
@@ -495,13 +501,13 @@ def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: j
 
 
 def make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sharding.Mesh] = None,
-                            rules=shd.LOGICAL_AXIS_RULES):
+                            rules=None, state_shardings: Optional[TrainState] = None):
     """`eval_step(state, batch, key) -> metrics`, jitted with the shardings of `make_pretrain_step`
     (the state is read, not donated); metrics come back replicated."""
     check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     step = functools.partial(pretrain_eval_step, model=build_model(model_cfg), pretrain_cfg=pretrain_cfg,
                              model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg), mesh=mesh)
-    state_sh = train_state_shardings(model_cfg, optim_cfg, mesh, rules)
+    state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
     return jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=shd.replicated(mesh))

@@ -1,8 +1,11 @@
-"""Device mesh, logical-axis rules and the shardings of state and batches (issue 3, part 3).
+"""Device mesh, logical-axis rules and the shardings of state and batches.
 
 The model names the axes of every parameter logically ('embed', 'mlp', 'heads', 'vocab', ...;
-see `vimpac_jax.models.common`). `LOGICAL_AXIS_RULES` below is the ONE place where those names
-are mapped to the mesh axes ('data', 'fsdp', 'tensor'):
+see `vimpac_jax.models.common`). `LOGICAL_AXIS_RULES` below is the default mapping of those
+names to the mesh axes ('data', 'fsdp', 'tensor'); a config overrides the whole table with
+`config.mesh.logical_axis_rules` (as the Flax lm1b example's `config.logical_axis_rules` and
+MaxText's `logical_axis_rules`), which `vimpac train` makes the active rules of the run
+(`nn.logical_axis_rules`, read wherever `rules` is None):
 
 - data:   pure data parallelism; parameters replicated over it.
 - fsdp:   data parallelism whose parameters and optimizer state are split over it as well
@@ -48,8 +51,40 @@ LOGICAL_AXIS_RULES = (
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1):
-    """Default `config.mesh` block: sizes of ('data', 'fsdp', 'tensor'); one -1 takes the rest."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+    """Default `config.mesh` block: sizes of ('data', 'fsdp', 'tensor'); one -1 takes the rest;
+    `logical_axis_rules`: the (logical name, mesh axes) table, LOGICAL_AXIS_RULES by default."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, logical_axis_rules=LOGICAL_AXIS_RULES))
+
+
+def logical_axis_rules(mesh_cfg: Optional[Mapping[str, Any]]) -> tuple:
+    """The rules of a `config.mesh` block (LOGICAL_AXIS_RULES when it sets none), checked: pairs
+    (logical name, None | mesh axis | sequence of mesh axes) with distinct names. ValueError
+    naming config.mesh.logical_axis_rules otherwise."""
+    table = LOGICAL_AXIS_RULES if mesh_cfg is None or "logical_axis_rules" not in mesh_cfg else \
+        mesh_cfg["logical_axis_rules"]
+    field = "config.mesh.logical_axis_rules"
+    rules, seen = [], set()
+    for entry in table:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"{field}: each rule is a pair (logical name, mesh axes), got {entry!r}")
+        name, axes = entry
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        bad = [a for a in names if a not in MESH_AXES]
+        if bad or (axes is not None and not isinstance(axes, str) and not all(isinstance(a, str) for a in names)):
+            raise ValueError(f"{field}: rule {name!r} maps to {axes!r}; mesh axes are None or names of {MESH_AXES}")
+        if name in seen:
+            raise ValueError(f"{field}: logical name {name!r} has more than one rule")
+        seen.add(name)
+        rules.append((name, axes if axes is None or isinstance(axes, str) else names))
+    return tuple(rules)
+
+
+def active_rules(rules=None) -> tuple:
+    """`rules` when given, else the rules made active with `nn.logical_axis_rules(...)` (by `vimpac
+    train`, from the config), else LOGICAL_AXIS_RULES."""
+    if rules is not None:
+        return tuple(rules)
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_AXIS_RULES
 
 
 def mesh_shape(cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:
@@ -112,22 +147,23 @@ def used_logical_names(boxed_tree: Any) -> set:
     return names
 
 
-def check_rules_cover(boxed_tree: Any, rules=LOGICAL_AXIS_RULES) -> None:
-    """Raises if the model uses a logical axis name that `rules` does not map (a silent
-    replication of a large weight is a memory bug that is hard to find later)."""
-    missing = used_logical_names(boxed_tree) - {name for name, _ in rules}
+def check_rules_cover(boxed_tree: Any, rules=None) -> None:
+    """Raises if the model uses a logical axis name that `rules` (default: `active_rules()`) does
+    not map (a silent replication of a large weight is a memory bug that is hard to find later)."""
+    missing = used_logical_names(boxed_tree) - {name for name, _ in active_rules(rules)}
     if missing:
-        raise ValueError(f"logical axis names {sorted(missing)} have no rule in LOGICAL_AXIS_RULES "
-                         f"(vimpac_jax/training/sharding.py)")
+        raise ValueError(f"logical axis names {sorted(missing)} have no rule in the logical axis rules "
+                         f"(config.mesh.logical_axis_rules; default: LOGICAL_AXIS_RULES of vimpac_jax/training/sharding.py)")
 
 
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules=None) -> Any:
     """NamedShardings for a tree whose leaves are boxed (nn.LogicallyPartitioned) or plain
     ShapeDtypeStructs / arrays; the result has the unboxed tree's structure.
 
-    Boxed leaves follow `rules`; plain leaves (step counters, BatchNorm statistics) are
-    replicated. Every spec is passed through `fit_spec`.
+    Boxed leaves follow `rules` (default: `active_rules()`); plain leaves (step counters,
+    BatchNorm statistics) are replicated. Every spec is passed through `fit_spec`.
     """
+    rules = active_rules(rules)
     check_rules_cover(abstract_state, rules)
     mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_state), rules)
     shapes = nn.unbox(abstract_state)

@@ -13,53 +13,145 @@ A task is built from the config and the mesh and exposes:
                                                evaluation; scalars (may be empty)
 """
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-import flax
 import jax
 import numpy as np
 
 from vimpac_jax import checkpoints
+from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
 from vimpac_jax.data import pipelines, token_store
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
+from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training.finetune_step import accuracy_report, make_eval_step, make_finetune_step, view_cross_entropy
-from vimpac_jax.training.pretrain_step import TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step
+from vimpac_jax.training.pretrain_step import (TrainState, init_train_state, make_pretrain_eval_step, make_pretrain_step,
+                                              train_state_shardings)
 
 
 def _variants(value: Optional[str]) -> Optional[list[str]]:
     return None if not value else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str) -> None:
+def check_run_config(config) -> None:
+    """Raises ValueError naming every field of a training config out of its range: the loop's
+    step counts (`config.train`) for every task; data and model fields for pre-training and
+    fine-tuning. Reads no data: it runs before anything is written to the workdir or compiled."""
+    problems = []
+
+    def need(ok: bool, field: str, value, expected: str) -> None:
+        if not ok:
+            problems.append(f"config.{field}={value!r} must be {expected}")
+
+    t = config.train
+    for name, low, expected in (("log_every", 1, ">= 1"), ("checkpoint_every", 1, ">= 1"),
+                                ("keep_checkpoints", 1, ">= 1"), ("eval_every", 0, ">= 0 (0: at the end only)"),
+                                ("num_steps", 0, ">= 0 (0: from train.epochs)")):
+        if name in t:
+            need(int(t[name]) >= low, f"train.{name}", t[name], expected)
+    if "progress_seconds" in t:
+        need(float(t.progress_seconds) >= 0, "train.progress_seconds", t.progress_seconds, ">= 0")
+    if "epochs" in t and not int(t.get("num_steps", 0)):
+        need(float(t.epochs) > 0, "train.epochs", t.epochs, "> 0 (or set train.num_steps)")
+    if config.task in TASKS:
+        d, m = config.data, config.model
+        for name in ("batch_size", "eval_batch_size", "eval_clips"):
+            need(int(d[name]) >= 1, f"data.{name}", d[name], ">= 1")
+        need(int(d.workers) >= 0, "data.workers", d.workers, ">= 0 (0: in this process)")
+        for name in ("dropout", "attention_dropout", "last_dropout"):
+            if name in m:  # a probability of dropping: 1 would drop everything
+                need(0.0 <= float(m[name]) < 1.0, f"model.{name}", m[name], "in [0, 1)")
+        need(int(m.clip_len) >= 1, "model.clip_len", m.clip_len, ">= 1")
+        # The special ids (PAD, MASK, ...) follow the codes: the table must hold them.
+        need(int(m.vocab_size) >= VOCAB_SIZE, "model.vocab_size", m.vocab_size,
+             f">= {VOCAB_SIZE} ({NUM_CODES} codes, then the special ids up to MASK_ID={MASK_ID})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None) -> None:
+    """The store's tokens fit the model: the h x w grid; codes the embedding holds (from its
+    tokenizer's vocabulary in the metadata); a frame rate that gives clips at `clip_fps`
+    (config.data.clip_fps) exactly: a whole multiple of it, so that a clip keeps every
+    (store fps / clip fps)-th stored frame (the released `max(int(16 / frame_rate), 1)`, read
+    from a 16-fps store; configs/finetune.py); and clips that are not all padding. Checked
+    before anything compiles."""
     grid = (int(model_cfg["height"]), int(model_cfg["width"]))
     if tuple(index.grid) != grid:
         raise ValueError(f"config.data.{field}={index.store_dir}: tokens are {index.grid[0]}x{index.grid[1]} "
                          f"per frame, the model expects {grid[0]}x{grid[1]} (config.model.height/width)")
+    codes = ((token_store.read_metadata(index.store_dir).get("tokenizer") or {}).get("config") or {}).get("vocab_size")
+    if codes is not None and int(codes) > min(NUM_CODES, int(model_cfg["vocab_size"])):
+        raise ValueError(f"config.data.{field}={index.store_dir}: its tokenizer has {int(codes)} codes, more than "
+                         f"the model's {NUM_CODES} (ids from {NUM_CODES} on are the special ids; "
+                         f"config.model.vocab_size={model_cfg['vocab_size']})")
+    if clip_fps is not None and clip_fps <= 0:
+        raise ValueError(f"config.data.clip_fps={clip_fps} must be > 0 (or None: every stored frame)")
+    for fps in (np.unique(index.fps) if clip_fps is not None else ()):
+        ratio = float(fps) / float(clip_fps)
+        if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(
+                f"config.data.{field}={index.store_dir} holds frames at {float(fps):g} fps, which cannot give clips "
+                f"at config.data.clip_fps={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
+                f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
+                f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
+    clip_len = int(model_cfg["clip_len"])
+    steps = np.array([pipelines.frame_step(f, clip_fps) for f in index.fps], np.int64)
+    frames = -(-index.num_frames // steps[:, None])  # [V, C] frames at the clip rate
+    if index.num_videos and frames.max() < clip_len:
+        rate = "" if clip_fps is None else f" at config.data.clip_fps={clip_fps}"
+        raise ValueError(f"config.model.clip_len={clip_len} is longer than every video of config.data.{field}="
+                         f"{index.store_dir}: the longest has {int(frames.max())} frames{rate}, so every clip "
+                         f"would be mostly padding; lower config.model.clip_len (or config.data.clip_fps)")
+
+
+def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
+    """The training variants (after config.data.train_variants) must be of config.variant_set,
+    the set `vimpac tokenize --variants` stores for the dataset (configs/finetune.py). A flipped
+    clip where the set has none (SSV2: left/right is in its labels, Appendix C.1) is refused
+    before compiling. Variants whose names do not follow `video_decode.Variant.name` are judged
+    by the store's recorded `variant_set`."""
+    if not variant_set:
+        return
+    from vimpac_jax.data import video_decode as vd
+
+    if variant_set not in vd.VARIANT_SETS:
+        raise ValueError(f"config.variant_set={variant_set!r} must be one of {sorted(vd.VARIANT_SETS)}")
+    if True in vd.VARIANT_SETS[variant_set].flips:
+        return
+    if any(v.endswith(("_flip", "_noflip")) for v in index.variants):
+        flipped = [v for v in index.variants if v.endswith("_flip")]
+    else:
+        stored_set = token_store.read_metadata(index.store_dir).get("variant_set")
+        flips = stored_set in vd.VARIANT_SETS and True in vd.VARIANT_SETS[stored_set].flips
+        flipped = list(index.variants) if flips else []
+    if flipped:
+        noflip = [v for v in index.variants if v not in flipped]
+        select = f", or train on its unflipped ones with --config.data.train_variants={','.join(noflip)}" if noflip else ""
+        raise ValueError(
+            f"config.data.{field}={index.store_dir} holds flipped variants ({', '.join(flipped[:4])}"
+            f"{', ...' if len(flipped) > 4 else ''}), but config.variant_set={variant_set!r} flips nothing (a mirror "
+            f"changes this dataset's labels): tokenize it with `vimpac tokenize ... --variants {variant_set}`{select}")
 
 
 def load_init_source(path: str) -> tuple[dict, dict]:
     """(model config, {'params', 'batch_stats'[, 'opt_state']}) of a model checkpoint or of the
-    latest checkpoint of a training workdir (which also has the optimizer state)."""
+    newest intact checkpoint of a training workdir (which also has the optimizer state)."""
     p = Path(path)
     if checkpoints.is_model_checkpoint(p):
         return checkpoints.load_model(p)
-    if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(p.absolute() / "checkpoints")
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"config.init_from={path}: the workdir has no complete checkpoint")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        config = json.loads((p / "config.json").read_text())
-        return config["model"], {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}),
-                                 "opt_state": restored.get("opt_state")}
+    if workdir_lib.is_workdir(p):
+        try:
+            _, restored = workdir_lib.restore_variables(p, ("params", "batch_stats", "opt_state"))
+        except workdir_lib.WorkdirError as e:
+            raise ValueError(f"config.init_from={path}: {e}") from None
+        return workdir_lib.read_model_config(p), {"params": restored["params"],
+                                                   "batch_stats": restored.get("batch_stats", {}),
+                                                   "opt_state": restored.get("opt_state")}
     raise FileNotFoundError(f"config.init_from={path}: not a model checkpoint (model_config.json) nor a training "
-                            f"workdir (config.json + checkpoints/)")
+                            f"workdir ({workdir_lib.CONFIG_FILE} + {workdir_lib.CHECKPOINTS_DIR}/)")
 
 
 def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_optimizer: bool, log) -> TrainState:
@@ -85,6 +177,7 @@ def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_
 class _StoreTask:
     """Shared by pre-training and fine-tuning: a training store, a mesh, a TrainState."""
 
+    name: str  # the task: "pretrain" | "finetune" (`pipelines.train_dataset`)
     loss_name = "loss"
 
     def __init__(self, config, mesh, *, log):
@@ -93,7 +186,7 @@ class _StoreTask:
         if not config.data.train_store:
             raise ValueError("config.data.train_store is required (a token store from `vimpac tokenize`)")
         self.index = pipelines.load_index(config.data.train_store)
-        check_store_fits(self.index, self.model_cfg, "train_store")
+        check_store_fits(self.index, self.model_cfg, "train_store", clip_fps=config.data.clip_fps)
         self.process_count = jax.process_count()
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
@@ -108,10 +201,12 @@ class _StoreTask:
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
         self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
         self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)
-        self.batch_sharding = shd.batch_sharding(mesh)
+        # Once per run (it traces the model's initialisation): the layout of the state for its
+        # initialisation, every step and evaluation, and the restore of a checkpoint.
+        self.state_shardings = train_state_shardings(self.model_cfg, self.optim_cfg, mesh)
 
     def init_state(self, key) -> TrainState:
-        state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh)
+        state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh, state_shardings=self.state_shardings)
         if self.config.init_from:
             state = initialise_from(state, self.config.init_from,
                                     allow_mismatch=bool(self.config.init_from_allow_mismatch),
@@ -139,11 +234,18 @@ class _StoreTask:
                 f"config.train.epochs/num_steps")
 
     def global_batch(self, local: dict) -> dict:
-        return pipelines.global_batch(local, self.batch_sharding)
+        return shd.make_global_batch(local, self.mesh)
 
     def evaluation_due(self, step: int) -> bool:
         every = int(self.config.train.eval_every)
         return bool(every) and step % every == 0
+
+    def dataset(self):
+        c = self.config
+        return pipelines.train_dataset(
+            self.index, self.name, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
+            clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants),
+            relevance_range=c.data.relevance_range if self.name == "pretrain" else None)
 
     def iterator(self):
         return pipelines.make_iterator(self.dataset(), workers=int(self.config.data.workers))
@@ -178,6 +280,7 @@ def _check_mlm_codes(model_cfg: dict, store: str, field: str = "train_store") ->
 
 
 class PretrainTask(_StoreTask):
+    name = "pretrain"
     loss_name = "total_loss"
 
     def __init__(self, config, mesh, *, log):
@@ -185,7 +288,8 @@ class PretrainTask(_StoreTask):
         self.items_per_step = 2 * int(config.data.batch_size)  # clips
         _check_mlm_codes(self.model_cfg, config.data.train_store, "train_store")
         _check_mlm_codes(self.model_cfg, config.data.eval_store, "eval_store")
-        self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.step = make_pretrain_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh,
+                                       state_shardings=self.state_shardings)
         self.eval_index = None
         if config.data.eval_store:
             self._init_validation(config, mesh)
@@ -203,7 +307,7 @@ class PretrainTask(_StoreTask):
         center crop (`only_one_aug`), masked and scored in eval mode, batches of 1.5x the
         micro-batch (`bs_per_gpu * 1.5`) unless config.pretrain.eval_batch_size says otherwise."""
         index = pipelines.load_index(config.data.eval_store)
-        check_store_fits(index, self.model_cfg, "eval_store")
+        check_store_fits(index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
         size = int(config.pretrain.get("eval_batch_size", 0)) or int(
             1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
@@ -212,14 +316,15 @@ class PretrainTask(_StoreTask):
             raise ValueError(f"config.data.eval_store={config.data.eval_store} holds {index.num_videos} videos, fewer "
                              f"than one validation batch of {self.eval_batch} (config.pretrain.eval_batch_size)")
         self.eval_index = index.select_variants(eval_variant_names(index, "center", None))
-        self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh)
+        self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh,
+                                                 state_shardings=self.state_shardings)
 
     def validate(self, state) -> dict:
         """Mean over the held-out batches of the eval step's metrics (the released averaging);
         the same clips and masks at every evaluation. The last N mod B videos are not read."""
         c = self.config
-        dataset = pipelines.pretrain_dataset(
-            self.eval_index, batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
+        dataset = pipelines.train_dataset(
+            self.eval_index, "pretrain", batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
             seed=int(c.seed), clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range, num_epochs=1)
         mask_key = jax.random.key(int(c.seed) + 1)
         totals: dict[str, float] = {}
@@ -233,13 +338,6 @@ class PretrainTask(_StoreTask):
         return super().evaluation_due(step) or bool(self.knn is not None and self.knn_every
                                                      and step % self.knn_every == 0)
 
-    def dataset(self):
-        c = self.config
-        return pipelines.pretrain_dataset(
-            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
-            clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range,
-            variants=_variants(c.data.train_variants))
-
     def evaluate(self, state, *, step: Optional[int] = None, full: bool = False) -> dict:
         """Validation (config.data.eval_store) every train.eval_every steps, the kNN monitor every
         knn.every steps (0: with validation); both at the end (`full`)."""
@@ -251,6 +349,8 @@ class PretrainTask(_StoreTask):
 
 
 class FinetuneTask(_StoreTask):
+    name = "finetune"
+
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = int(config.data.batch_size)
@@ -260,9 +360,11 @@ class FinetuneTask(_StoreTask):
             raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
                              f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
                              f"the {shards} data x fsdp devices")
+        check_variant_set(self.index.select_variants(_variants(config.data.train_variants)),
+                          config.get("variant_set"))
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
                                        label_smoothing=float(config.finetune.label_smoothing),
-                                       micro_batches=micro_batches, mesh=mesh)
+                                       micro_batches=micro_batches, mesh=mesh, state_shardings=self.state_shardings)
         num_classes = int(self.model_cfg["num_classes"])
         if num_classes <= 0:
             raise ValueError("config.model.num_classes must be > 0 for fine-tuning")
@@ -273,13 +375,7 @@ class FinetuneTask(_StoreTask):
         self.eval_index = None
         if config.data.eval_store:
             self.eval_index = pipelines.load_index(config.data.eval_store)
-            check_store_fits(self.eval_index, self.model_cfg, "eval_store")
-
-    def dataset(self):
-        c = self.config
-        return pipelines.finetune_dataset(
-            self.index, batch_size=self.local_batch, clip_len=self.model_cfg["clip_len"], seed=int(c.seed),
-            clip_fps=c.data.clip_fps, variants=_variants(c.data.train_variants))
+            check_store_fits(self.eval_index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
 
     def evaluate(self, state, *, step: Optional[int] = None, num_clips: Optional[int] = None,
                  crops: Optional[str] = None, full: bool = False) -> dict:
@@ -308,10 +404,11 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
 
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
-                        crops: Optional[str] = None) -> dict[str, Any]:
+                        crops: Optional[str] = None, progress=None) -> dict[str, Any]:
     """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
     the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
-    video's views, then over videos."""
+    video's views, then over videos. progress: a `vimpac_jax.progress.Progress` of videos, given
+    the videos of each batch (all processes')."""
     model_cfg = config.model.to_dict()
     k = int(num_clips or config.data.eval_clips)
     crops = crops if crops is not None else config.get("eval_crops", "three")
@@ -323,10 +420,9 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     dataset = pipelines.eval_dataset(index, batch_size=global_batch // process_count, clip_len=model_cfg["clip_len"],
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
     eval_step = make_eval_step(model_cfg, mesh)
-    sharding = shd.batch_sharding(mesh)
     probs, losses, labels, videos = [], [], [], []
     for local in pipelines.make_iterator(dataset, workers=0):
-        batch = pipelines.global_batch(local, sharding)
+        batch = shd.make_global_batch(local, mesh)
         out = eval_step(params, {}, batch["tokens"])
         valid = shd.to_host(batch["valid"], mesh)
         label = shd.to_host(batch["label"], mesh)[valid]
@@ -334,6 +430,8 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
         losses.append(view_cross_entropy(np.asarray(out["logits"])[valid], label))
         labels.append(label)
         videos.append(shd.to_host(batch["video_index"], mesh)[valid])
+        if progress is not None:
+            progress.update(add=int(valid.sum()))
     probs, labels, videos = np.concatenate(probs), np.concatenate(labels), np.concatenate(videos)
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "

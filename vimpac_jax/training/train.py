@@ -8,38 +8,41 @@ Exact resume: a checkpoint holds the train state, the data iterator's state and 
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
 what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
 makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
-exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`. A non-finite loss stops the run naming the step;
-checkpoints are only saved after a finite loss, so the last one on disk is good.
+exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`.
+A non-finite loss stops the run naming the step; checkpoints are only saved after a finite loss,
+with a checksum of every array that a restore checks (`checkpointing.py`), so a checkpoint
+damaged on disk is skipped rather than restored into a NaN.
+
+The run directory's layout, its config check and the run identity checked on resume are
+`training/workdir.py`'s; config.json is written only once every check of the run has passed.
 """
 
 import contextlib
-import json
+import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from vimpac_jax import exit_codes, io_utils
+from vimpac_jax.progress import Progress
 from vimpac_jax.training import checkpointing
+from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.metrics import MetricWriter, Progress
+from vimpac_jax.training.metrics import MetricWriter
 
 def exit_code(result: dict) -> int:
     """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
     return exit_codes.PREEMPTED if result.get("preempted") else exit_codes.DONE
 
 
-# Fields that may change when a run is resumed (they do not change what it computes).
-RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
-                      "train.eval_every", "data.workers", "knn.every", "pretrain.eval_batch_size")
-
-
-WORKDIR_LOCK = ".lock"  # held by process 0 of the run in the workdir (pid and host inside)
+RESUME_FREE_FIELDS = workdir_lib.RESUME_FREE_FIELDS
+WORKDIR_LOCK = workdir_lib.LOCK_FILE  # held by process 0 of the run in the workdir (pid and host inside)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,38 +99,9 @@ class _Preemption:
             signal.signal(signum, previous)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Write the resolved config to workdir/config.json; a resumed run must match it."""
-    path = workdir / "config.json"
-    current = json.loads(config.to_json_best_effort())
-    if path.exists():
-        previous = _flatten(json.loads(path.read_text()))
-        now = _flatten(current)
-        changed = sorted(k for k in set(previous) | set(now)
-                         if previous.get(k) != now.get(k) and not k.startswith(RESUME_FREE_FIELDS))
-        if changed:
-            raise ValueError(f"{workdir} holds a run with another config ({', '.join(changed[:8])} differ); "
-                             f"use a new --workdir or the same config")
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-
-
 def _log(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(message)
 
 
 def make_task(config, mesh, log=_log):
@@ -159,50 +133,80 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     """
     workdir = Path(workdir)
     # Multi-host: every process must run the same config; checked before anything compiles.
-    from vimpac_jax.launch.distributed import check_same_config
+    from vimpac_jax.runtime.distributed import check_same_config
     check_same_config(config)
     # One run per workdir: a second one would delete the first one's in-flight checkpoints.
     lock = (io_utils.exclusive_lock(workdir / WORKDIR_LOCK, f"workdir {workdir}") if jax.process_index() == 0
             else contextlib.nullcontext())
-    with lock:
+    # The run's logical-axis rules (config.mesh.logical_axis_rules; checked here, before anything
+    # compiles) are the active ones for every sharding computed below (sharding.active_rules).
+    rules = shd.logical_axis_rules(config.mesh)
+    with lock, nn.logical_axis_rules(rules):
         return _train_locked(config, workdir, stop_after=stop_after, on_step=on_step)
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
                   on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
-    save_config(config, workdir)
+    from vimpac_jax.training.tasks import check_run_config
+
+    # Every check before config.json is written: a rejected config must not claim the workdir.
+    check_run_config(config)  # the fields' ranges
+    workdir_lib.check_config(workdir, config)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
     task.workdir = workdir
     total = task.total_steps
+    identity = workdir_lib.run_identity(config)
     manager = checkpointing.make_manager(workdir, save_every=int(config.train.checkpoint_every),
                                          keep=int(config.train.keep_checkpoints))
     base_key = jax.random.key(int(config.seed))
     init_key, step_key_base = jax.random.split(base_key)
 
     data_iter = task.iterator()
-    state = task.init_state(init_key)
-    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), data_iter)
-    start = 0
+    state = task.init_state(init_key)  # the task's last checks (init_from shapes, the schedule's length)
+    restored = workdir_lib.restore_state(manager, checkpointing.abstract_like(state), data_iter, identity, log=_log)
+    start, resumed_verified = 0, True
     if restored is not None:
-        start, state, meta = restored
-        _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
+        start, state, restored_meta = restored
+        resumed_verified = bool(restored_meta.get("verified"))
+        _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total}"
+             f"{'' if resumed_verified else '; written before checkpoints had checksums: not verified'})")
+    workdir_lib.write_config(workdir, config)
     preemption = _Preemption()
     writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
-    progress = Progress(total, items_per_step=task.items_per_step, items_name=getattr(task, "items_name", "clips"),
-                        start_step=start,
-                        every_seconds=float(config.train.progress_seconds))
+    progress = Progress(total, label="step ", unit="steps", count_unit=False,
+                        per_unit={getattr(task, "items_name", "clips"): task.items_per_step}, start=start,
+                        every_seconds=float(config.train.progress_seconds), enabled=jax.process_index() == 0)
     log_every, eval_every = max(int(config.train.log_every), 1), int(config.train.eval_every)
     last_metrics: dict[str, float] = {}
     window_start, window_step = time.monotonic(), start
-    meta = {"seed": int(config.seed), "total_steps": total}
+    meta = {"total_steps": total, **identity}
+    saved = []  # steps saved by this process, each after a finite loss
+
+    def kept_checkpoints() -> str:
+        """What a non-finite loss leaves behind, saying only what is known to be good."""
+        where = f"{workdir}/checkpoints"
+        if saved:
+            return (f"the checkpoint of step {saved[-1]} in {where} was saved after a finite loss (its arrays are "
+                    f"checksummed, checked when restored)")
+        if restored is None:
+            return f"no checkpoint was saved before it in {where}"
+        if resumed_verified:
+            return (f"the run resumed from step {start}, whose checkpoint matched its checksums; a restart recomputes "
+                    f"the same steps")
+        return (f"the run resumed from step {start}, whose checkpoint predates checksums and is not verified "
+                f"(a damaged file can give this)")
 
     def finite_or_raise(step: int, metrics: dict) -> dict:
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(values[task.loss_name]):
-            raise NonFiniteLossError(f"non-finite {task.loss_name}={values[task.loss_name]} at step {step}; the last "
-                                     f"good checkpoint is kept in {workdir}/checkpoints")
+            raise NonFiniteLossError(f"non-finite {task.loss_name}={values[task.loss_name]} at step {step}; "
+                                     f"{kept_checkpoints()}")
         return values
+
+    def save(step: int, force: bool) -> None:
+        if checkpointing.save(manager, step, state, data_iter, dict(meta, step=step), force=force):
+            saved.append(step)
 
     step = start
     with preemption:
@@ -219,10 +223,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                     window_start, window_step = now, step
                     writer.write(step, dict(last_metrics, steps_per_second=rate,
                                             items_per_second=rate * task.items_per_step), prefix="train/")
-                progress.update(step, last_metrics.get(task.loss_name), force=step == total)
+                loss = last_metrics.get(task.loss_name)
+                progress.update(step, note=None if loss is None else f"loss={loss:.4f}", force=step == total)
                 if must_save:
-                    checkpointing.save(manager, step, state, data_iter, dict(meta, step=step),
-                                       force=step == total)
+                    save(step, force=step == total)
                 if step < total and _evaluation_due(task, step, eval_every):
                     writer.write(step, task.evaluate(state, step=step), prefix="eval/")
                 if on_step is not None:
@@ -230,7 +234,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                 if preemption.agreed():  # the same step on every process: the save is collective
                     if not must_save:
                         last_metrics = finite_or_raise(step, metrics)
-                        checkpointing.save(manager, step, state, data_iter, dict(meta, step=step), force=True)
+                        save(step, force=True)
                     manager.wait_until_finished()
                     _log(f"{preemption.signal_name or 'another process got a stop signal'}: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
                     return {"preempted": True, "step": step, **last_metrics}
@@ -252,8 +256,8 @@ def write_eval_results(workdir: Path, result: dict) -> None:
     """eval_results.json (scores, per-class accuracy) and predictions.csv (one row per video)."""
     predictions = result.get("predictions")
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    (workdir / "eval_results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    io_utils.write_json_atomic(workdir / "eval_results.json", summary, indent=2)
     if predictions:
         lines = ["video_id,label,prediction,score"] + [
             f"{p['video_id']},{p['label']},{p['prediction']},{p['score']:.6f}" for p in predictions]
-        (workdir / "predictions.csv").write_text("\n".join(lines) + "\n")
+        io_utils.write_text_atomic(workdir / "predictions.csv", "\n".join(lines) + "\n")

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 # Pre-training variants of the ablation: the loss weights of config.pretrain.
 PRETRAIN_VARIANTS = {
     "mask_only": {"pretrain.mlm_weight": 1.0, "pretrain.nce_weight": 0.0},
@@ -36,9 +35,9 @@ def _log(message: str) -> None:
 
 
 def demo_config(stage: str, preset: str, overrides: dict):
-    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.config_utils import installed_config, load_config
 
-    args = ["--config", str(REPO / "configs" / f"demo.py:stage={stage},preset={preset}")]
+    args = ["--config", f"{installed_config('demo.py')}:stage={stage},preset={preset}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return load_config(args)
 
@@ -56,8 +55,8 @@ def _absolute_list(list_file: Path, root: Path, out: Path, limit: int | None = N
 
 def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float) -> dict:
     """Stages 1-3, each skipped when complete: dataset, tokenizer, token stores."""
-    from vimpac_jax.data.demo_data import write_demo_dataset
-    from vimpac_jax.data.tokenize import TokenizeOptions, tokenize_videos
+    from vimpac_jax.demo.data import write_demo_dataset
+    from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
     from vimpac_jax.training.train import train
 
     data = workdir / "data"
@@ -73,7 +72,7 @@ def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float
     tok_dir = workdir / "tokenizer_run"
     if not (tok_dir / "tokenizer" / "tokenizer.json").is_file():
         _log(f"2/6 training the VQ tokenizer on frames of {TOKENIZER_VIDEOS} videos of the unlabelled pool")
-        train(demo_config("tokenizer", preset, {"seed": seed, "train.data.videos": lists["tokenizer"]}), tok_dir)
+        train(demo_config("tokenizer", preset, {"seed": seed, "data.videos": lists["tokenizer"]}), tok_dir)
     timings["tokenizer"] = time.monotonic() - t0
 
     size, fps = meta["size"], demo_config("pretrain", preset, {}).data.clip_fps
@@ -116,15 +115,18 @@ def finetune_and_test(prepared: dict, run_dir: Path, preset: str, seed: int, ini
     return json.loads(results_file.read_text())
 
 
-def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path:
-    """The Fig. 5 reconstruction of a few validation clips (`vimpac visualize`)."""
-    from vimpac_jax.commands import visualize
+def draw_figure(pretrain_dir: Path, prepared: dict, out: Path) -> Path | None:
+    """The Fig. 5 reconstruction of a few validation clips (`vimpac visualize`); None (and a
+    line saying why) without the viz extra."""
+    from vimpac_jax.plots import VizExtraMissing
+    from vimpac_jax.visualize import draw_figure
 
-    code = visualize.main(["--workdir", str(pretrain_dir), "--tokenizer", str(prepared["tokenizer"]),
-                           "--videos", str(prepared["lists"]["val"]), "--out", str(out),
-                           "--num-videos", str(FIGURE_VIDEOS)])
-    if code != 0:
-        raise RuntimeError(f"vimpac visualize failed (exit {code}) for {pretrain_dir}")
+    paths = [line.split()[0] for line in prepared["lists"]["val"].read_text().splitlines() if line.strip()]
+    try:
+        draw_figure(pretrain_dir, prepared["tokenizer"], paths, out, num_videos=FIGURE_VIDEOS)
+    except VizExtraMissing as e:
+        _log(f"{out.name} not drawn: {e}")
+        return None
     return out
 
 

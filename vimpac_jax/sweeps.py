@@ -4,7 +4,7 @@ A sweep file is a Python file with `get_sweep()` returning a list of override di
 run, `{config field: value}`. It builds them with the combinators below, which follow the
 `hyper` library that big_vision's `get_hyper(hyper)` uses (sweep / product / zipit / chain):
 
-    from vimpac_jax.launch.sweep import chain, fixed, product, sweep, zipit
+    from vimpac_jax.sweeps import chain, fixed, product, sweep, zipit
 
     def get_sweep():
         return product(sweep("pretrain.nce_weight", [0.0, 1.0]),
@@ -32,10 +32,13 @@ import shlex
 import signal
 import subprocess
 import time
+import traceback
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from vimpac_jax import exit_codes
+from vimpac_jax import exit_codes, io_utils
+from vimpac_jax.progress import format_seconds
 
 Overrides = dict[str, Any]
 SCALARS = (bool, int, float, str)
@@ -139,11 +142,22 @@ def load_sweep(path: str | os.PathLike) -> list[Overrides]:
         raise FileNotFoundError(f"sweep file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_vimpac_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    get_sweep: Callable[[], Any] | None = getattr(module, "get_sweep", None)
-    if not callable(get_sweep):
-        raise ValueError(f"sweep file {path} defines no get_sweep() function")
-    return validate_overrides(get_sweep(), source=str(path))
+    try:
+        spec.loader.exec_module(module)
+        get_sweep: Callable[[], Any] | None = getattr(module, "get_sweep", None)
+        if not callable(get_sweep):
+            raise ValueError(f"sweep file {path} defines no get_sweep() function")
+        overrides = get_sweep()
+    except SyntaxError as e:
+        raise ValueError(f"sweep file {path}, line {e.lineno}: {e.msg}: {(e.text or '').strip()}") from e
+    except Exception as e:  # noqa: BLE001 - the user's code: its error, where it happened, as one line
+        if isinstance(e, ValueError) and str(e).startswith(f"sweep file {path} "):
+            raise
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                 if Path(f.filename).resolve() == path.resolve()]
+        where = f", line {lines[-1]}" if lines else ""
+        raise ValueError(f"sweep file {path}{where}: {type(e).__name__}: {e}") from e
+    return validate_overrides(overrides, source=str(path))
 
 
 def format_value(value: Any) -> str:
@@ -287,15 +301,21 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
                 verdict = "preempted (saved; run the sweep again to resume it)"
             else:
                 verdict = f"FAILED (return code {code}, see {run.workdir / LOG_FILE})"
-            log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {eta:.0f} s")
+            log(f"[{i + 1}/{len(runs)}] {run.name}: {verdict} in {seconds:.1f} s; {left} left, ETA {format_seconds(eta)}")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     return codes
 
 
+def launcher_script(name: str) -> Path:
+    """The shell launcher NAME (`slurm_gpu.sbatch`, `local.sh`, `tpu_pod.sh`) as installed: package
+    data of `vimpac_jax.launch`, the repository's top-level launch/ (setup.py)."""
+    return Path(str(resources.files("vimpac_jax.launch").joinpath(name)))  # setuptools installs unzipped
+
+
 # The project's multi-host SLURM launcher (coordinator from the allocation, one process per GPU).
-SLURM_GPU_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm_gpu.sbatch"
+SLURM_GPU_SCRIPT = "slurm_gpu.sbatch"  # in launch/
 
 SLURM_TEMPLATE = """#!/bin/bash
 # Written by `vimpac sweep --launcher slurm`: one array task per run of the sweep. Each task runs
@@ -332,8 +352,9 @@ def write_slurm(runs: Sequence[Run], commands: Sequence[Sequence[str]], root: Pa
                 sbatch_options: Sequence[str] = ()) -> Path:
     """ROOT/sweep.sbatch (an array job over the runs) and ROOT/commands.txt (one command a line).
 
-    Each task runs its command with `bash launch/slurm_gpu.sbatch COMMAND` (multi-process over
-    the task's allocation) where that script exists, else with a plain `srun COMMAND`.
+    Each task runs its command with `bash .../vimpac_jax/launch/slurm_gpu.sbatch COMMAND` (the
+    installed launcher: multi-process over the task's allocation) where that script exists, else
+    with a plain `srun COMMAND`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -341,7 +362,8 @@ def write_slurm(runs: Sequence[Run], commands: Sequence[Sequence[str]], root: Pa
         write_run_files(run, command)
     commands_file = root / "commands.txt"
     commands_file.write_text("".join(shlex.join(c) + "\n" for c in commands))
-    runner = f"bash {shlex.quote(str(SLURM_GPU_SCRIPT))}" if SLURM_GPU_SCRIPT.is_file() else "srun"
+    launcher = launcher_script(SLURM_GPU_SCRIPT)
+    runner = f"bash {shlex.quote(str(launcher))}" if launcher.is_file() else "srun"
     script = root / "sweep.sbatch"
     script.write_text(SLURM_TEMPLATE.format(
         job_name=f"vimpac-sweep-{root.name}", last=len(runs) - 1, preempted=exit_codes.PREEMPTED, root=shlex.quote(str(root)), runner=runner,
@@ -484,15 +506,55 @@ def summary_markdown(rows: Sequence[dict], title: str = "") -> str:
 
 
 def write_summary(root: str | os.PathLike) -> tuple[Path, Path, list[dict]]:
-    """Collects ROOT's runs and writes ROOT/summary.md and ROOT/summary.csv (via temp + rename,
-    so a summary on disk is always a whole one)."""
+    """Collects ROOT's runs and writes ROOT/summary.md and ROOT/summary.csv (atomically, so a
+    summary on disk is always a whole one)."""
     root = Path(root)
     rows = collect(root)
     outputs = []
     for name, text in (("summary.md", summary_markdown(rows, title=f"Sweep {root.name}")),
                        ("summary.csv", summary_csv(rows))):
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)
+        io_utils.write_text_atomic(root / name, text)
         outputs.append(root / name)
     return outputs[0], outputs[1], rows
+
+
+SUMMARY_PLOT = "summary.png"
+PLOT_PANELS = 9  # metrics drawn at most
+
+
+def plot_points(rows: Sequence[dict]) -> tuple[str, list[tuple[Any, dict]], list[str]]:
+    """-> (swept field(s), [(swept value, final metrics)] of the finished runs, metrics to draw).
+
+    The swept value is the field whose value differs between runs (several: their values joined,
+    "a=1, b=2"); the metrics are the final eval/* ones, else the train ones of the summary table."""
+    fields, metrics = _columns(rows)
+    done = [r for r in rows if r["status"] == "ok" and r["metrics"]]
+    varied = [f for f in fields if len({format_value(r["overrides"].get(f)) for r in rows}) > 1] or fields
+    if not done or not varied:
+        return "", [], []
+    if len(varied) == 1:
+        field = varied[0]
+        points = [(r["overrides"].get(field), r["metrics"]) for r in done]
+    else:
+        field = ", ".join(varied)
+        points = [(", ".join(f"{f}={format_value(r['overrides'][f])}" for f in varied if f in r["overrides"]),
+                   r["metrics"]) for r in done]
+    evals = [m for m in metrics if m.startswith("eval/")]
+    shown = evals or [m for m in metrics if m in MARKDOWN_METRICS]
+    return field, points, shown[:PLOT_PANELS]
+
+
+def plot_summary(root: str | os.PathLike, rows: Sequence[dict]) -> Path | None:
+    """ROOT/summary.png: each final metric against the swept value (`plot_points`), also in
+    ROOT/tensorboard (tag `sweep/summary`); None when no finished run has metrics. Needs the viz
+    extra (`plots.VizExtraMissing` otherwise)."""
+    from vimpac_jax import plots
+
+    root = Path(root)
+    field, points, metrics = plot_points(rows)
+    if not points or not metrics:
+        return None
+    image = plots.sweep_plot_image(points, field, metrics, title=f"Sweep {root.name}: final metrics")
+    path = plots.write_png(root / SUMMARY_PLOT, image)
+    plots.write_tensorboard_images(root / "tensorboard", 0, {"sweep/summary": image})
+    return path

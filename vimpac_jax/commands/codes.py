@@ -1,8 +1,10 @@
-"""`vimpac tokenizer encode|decode`: run a tokenizer directory (any kind) on arrays.
+"""`vimpac codes encode|decode`: frames <-> codes with a tokenizer directory (any kind), on arrays.
 
-  vimpac tokenizer encode --tokenizer DIR --images IN.npy --out OUT.npz [--no-logits]
+(`vimpac tokenize` is the job that turns a video collection into a token store.)
+
+  vimpac codes encode --tokenizer DIR --images IN.npy --out OUT.npz [--no-logits]
       images [N, H, W, 3], float in [0, 1] or uint8 -> tokens int32 [N, h, w], logits float32 [N, h, w, V]
-  vimpac tokenizer decode --tokenizer DIR --tokens IN.npy --out OUT.npz
+  vimpac codes decode --tokenizer DIR --tokens IN.npy --out OUT.npz
       tokens int [N, h, w] -> images float32 [N, H, W, 3] in [0, 1]
 """
 
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from vimpac_jax.cli import check_output_file
+
 DTYPES = ("float32", "bfloat16")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vimpac tokenizer", description=__doc__,
+    p = argparse.ArgumentParser(prog="vimpac codes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -47,6 +51,7 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         # Check the input before loading the network: a wrong file should fail in milliseconds.
+        check_output_file(args.out)
         source = args.images if args.action == "encode" else args.tokens
         array = _load_array(source, "--images" if args.action == "encode" else "--tokens")
         if args.batch_size is not None and args.batch_size < 1:
@@ -67,7 +72,7 @@ def main(argv) -> int:
             array = tok.check_tokens(array, source)
             outputs = {"images": tok.decode(array)}
     except (ValueError, FileNotFoundError) as e:
-        print(f"vimpac tokenizer {args.action}: error: {e}", file=sys.stderr)
+        print(f"vimpac codes {args.action}: error: {e}", file=sys.stderr)
         return 2
     np.savez(args.out, **outputs)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items()))

@@ -594,7 +594,7 @@ def _readme(meta: dict[str, Any]) -> str:
     lines = [
         "vimpac demo dataset: generated motion videos where one frame cannot tell the class.",
         "",
-        f"Written by `vimpac demo-data` (vimpac_jax/data/demo_data.py), preset {meta['preset']!r}, "
+        f"Written by `vimpac demo-data` (vimpac_jax/demo/data.py), preset {meta['preset']!r}, "
         f"seed {meta['seed']}.",
         f"{meta['size']}x{meta['size']} px, {meta['num_frames']} frames at {meta['fps']} fps "
         f"({meta['seconds']:g} s), H.264 mp4.",
@@ -691,7 +691,7 @@ def write_demo_dataset(
         import av  # noqa: PLC0415
 
         meta = {
-            "format_version": FORMAT_VERSION, "generator": "vimpac_jax.data.demo_data", "preset": name,
+            "format_version": FORMAT_VERSION, "generator": "vimpac_jax.demo.data", "preset": name,
             "preset_values": dataclasses.asdict(p), "seed": int(seed), "size": p.size, "fps": p.fps,
             "num_frames": p.num_frames, "seconds": p.seconds, "classes": list(CLASS_NAMES),
             "opposite": list(OPPOSITE), "counts": n, "label_counts": label_counts,

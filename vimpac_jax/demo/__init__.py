@@ -1,0 +1,1 @@
+"""`vimpac demo` and `vimpac demo-data`: the built-in default chain (`chain`) on a generated dataset (`data`)."""

@@ -1,0 +1,46 @@
+"""Where the package's log lines go: the `vimpac_jax` logger (standard `logging`).
+
+Status and progress lines are INFO records of loggers under `vimpac_jax` (one per module); what
+a command prints as its result (tables, JSON, predictions) stays on stdout. The `vimpac` command
+(and any `vimpac_jax.commands` module) calls `setup()`, which sends them to stderr as bare lines;
+a program that imports the library decides itself, as with any library:
+
+    logging.getLogger("vimpac_jax").setLevel(logging.WARNING)     # silence progress and status
+    logging.getLogger("vimpac_jax").addHandler(logging.FileHandler("run.log"))  # or redirect it
+
+From the shell: VIMPAC_LOG_LEVEL=WARNING vimpac ... (any `logging` level name).
+"""
+
+import logging
+import os
+import sys
+
+LOGGER = "vimpac_jax"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment (as `logging.lastResort`), so a redirected or
+    captured stderr (pytest's capsys, contextlib.redirect_stderr) gets the lines."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def setup() -> None:
+    """Send the `vimpac_jax` logger's records (INFO and up, or VIMPAC_LOG_LEVEL) to stderr, once."""
+    logger = logging.getLogger(LOGGER)
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    level = os.environ.get("VIMPAC_LOG_LEVEL", "INFO").upper()
+    logger.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

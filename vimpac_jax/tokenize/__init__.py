@@ -1,0 +1,6 @@
+"""`vimpac tokenize`: a video collection -> a resumable token store.
+
+`job` runs it (see its docstring for the store layout and resumability); `lists` reads the video
+list, `identity` says what a store is made of, `journal` records what is done, `shards` writes the
+ArrayRecord shards, `batcher` packs frames into device batches, `progress` prints the progress line.
+"""
