@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from vimpac_jax.data import video_decode as vd
+from vimpac_jax.models.config import complete
 
 # Protocol of a model that recorded none (a converted released checkpoint, an export): the
 # released test and the clip rate of the released fine-tuning scripts.
@@ -264,7 +265,7 @@ def model_codes(model_config: dict) -> tuple[int, bool]:
     (`mlm_codes`), else the codes its embedding has room for (vocab_size - 5 specials)."""
     if model_config.get("mlm_codes"):
         return int(model_config["mlm_codes"]), True
-    return int(model_config.get("vocab_size", 8197)) - NUM_SPECIAL_IDS, False
+    return int(complete(model_config)["vocab_size"]) - NUM_SPECIAL_IDS, False
 
 
 def check_tokenizer_fits(tok, model_config: dict, frame_size: int, *, exact_codes: bool, source: str) -> None:

@@ -18,6 +18,7 @@ from vimpac_jax import checkpoints
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official_names import IGNORED_KEY_PATTERN, TIED_KEYS, from_torch_layout, torch_name
 from vimpac_jax.models.model import abstract_variables, build_model
+from vimpac_jax.models.config import complete
 
 
 class ConversionError(ValueError):
@@ -61,11 +62,12 @@ def model_config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, np.
 
 def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> dict:
     """Fill the variables of `build_model(model_config)` from a released state_dict, strictly."""
+    model_config = complete(model_config)  # every field, missing ones at their defaults
     abstract = abstract_variables(build_model(model_config), model_config)
     flat = flax.traverse_util.flatten_dict(abstract)
     used, filled, errors = set(), {}, []
     for path, spec in flat.items():
-        name = torch_name(path, model_config.get("pre_ln", False))
+        name = torch_name(path, model_config["pre_ln"])
         if name not in state_dict:
             errors.append(f"missing key {name} (for {'/'.join(path)}, shape {tuple(spec.shape)})")
             continue
@@ -76,7 +78,7 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config
             continue
         filled[path] = value.astype(spec.dtype)
         used.add(name)
-    tied = TIED_KEYS if model_config.get("task", "pretrain") == "pretrain" else {}  # only an MLM head has them
+    tied = TIED_KEYS if model_config["task"] == "pretrain" else {}  # only an MLM head has them
     for name, original in tied.items():
         if name in state_dict and original in state_dict:
             if state_dict[name].shape != state_dict[original].shape or not np.array_equal(

@@ -17,6 +17,7 @@ import numpy as np
 
 from vimpac_jax.conversion import torch_zip
 from vimpac_jax.conversion.official_names import IGNORED_KEY_PATTERN, TIED_KEYS, to_torch_layout, torch_name
+from vimpac_jax.models.config import complete
 
 WEIGHTS_FILE = "classifier.pt"
 ARGS_FILE = "args.pickle"
@@ -52,20 +53,21 @@ class ExportError(ValueError):
 
 
 def _effective_heads(cfg: Mapping[str, Any]) -> int:
-    return int(cfg.get("num_heads") or cfg["hidden_dim"] // 64)
+    return int(cfg["num_heads"] or cfg["hidden_dim"] // 64)
 
 
 def released_incompatibilities(cfg: Mapping[str, Any]) -> list[str]:
     """Reasons the released PyTorch code cannot build this model ([] when it can)."""
+    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     problems = []
-    layout = cfg.get("layout", "T,H|W")
+    layout = cfg["layout"]
     if "x" in layout:
         problems.append(f"layout {layout!r} has a joint attention ('x'); the released SingleAttention attends "
                         f"along one axis only, so TxHxW / T,HxW layouts cannot be built")
     elif layout not in RELEASED_LAYOUTS:
         problems.append(f"layout {layout!r} is not one of the released trainer's --model choices "
                         f"{['efflayout' + x for x in RELEASED_LAYOUTS]}")
-    if cfg.get("pre_ln", False) and cfg.get("halve_att", False):
+    if cfg["pre_ln"] and cfg["halve_att"]:
         problems.append("pre_ln with halve_att: the released pre-LN attention output is Linear(d, d) and cannot "
                         "take the halved attention width (the released code crashes on it)")
     if cfg["height"] != cfg["width"]:
@@ -75,7 +77,7 @@ def released_incompatibilities(cfg: Mapping[str, Any]) -> list[str]:
     if d // 64 < 1 or _effective_heads(cfg) != d // 64:
         problems.append(f"{_effective_heads(cfg)} heads at hidden_dim {d}; the released code always uses "
                         f"hidden_dim // 64 = {d // 64}")
-    if cfg.get("task", "pretrain") == "pretrain" and int(cfg.get("proj_dim", RELEASED_PROJ_DIM)) != RELEASED_PROJ_DIM:
+    if cfg["task"] == "pretrain" and int(cfg["proj_dim"]) != RELEASED_PROJ_DIM:
         problems.append(f"proj_dim {cfg['proj_dim']}; the released projection head outputs {RELEASED_PROJ_DIM}")
     return problems
 
@@ -90,14 +92,15 @@ def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, An
     it is written as 0 (torch reads it only when BatchNorm momentum is None; the released head
     uses the default momentum).
     """
-    pre_ln = bool(cfg.get("pre_ln", False))
+    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
+    pre_ln = bool(cfg["pre_ln"])
     state = collections.OrderedDict()
     for path, value in flax.traverse_util.flatten_dict(dict(variables)).items():
         name = torch_name(path, pre_ln)
         if name in state:
             raise ExportError(f"two variables map to the torch name {name} (the second is {'/'.join(path)})")
         state[name] = np.ascontiguousarray(to_torch_layout(path, np.asarray(value)))
-    codes = cfg.get("mlm_codes")
+    codes = cfg["mlm_codes"]
     if codes is not None and "mlm_head.bias" in state:  # before tying: decoder.bias is the same array
         bias = state["mlm_head.bias"].copy()
         bias[int(codes):] = UNSCORED_ID_BIAS
@@ -117,24 +120,25 @@ def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, An
 
 def released_args(cfg: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """The fields of the released trainer's argparse.Namespace that describe this model."""
-    pretrain = cfg.get("task", "pretrain") == "pretrain"
+    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
+    pretrain = cfg["task"] == "pretrain"
     args = dict(_RELEASED_ARG_DEFAULTS)
-    dropout = float(cfg.get("dropout", 0.1))
+    dropout = float(cfg["dropout"])
     args.update(
         layers=int(cfg["num_layers"]),
         hid_dim=int(cfg["hidden_dim"]),
-        model="efflayout" + cfg.get("layout", "T,H|W"),
-        pos_emb=cfg.get("pos_emb", "hw_separation"),
-        pre_activation=bool(cfg.get("pre_ln", False)),
-        halve_att=bool(cfg.get("halve_att", False)),
-        halve_mlp=bool(cfg.get("halve_mlp", False)),
+        model="efflayout" + cfg["layout"],
+        pos_emb=cfg["pos_emb"],
+        pre_activation=bool(cfg["pre_ln"]),
+        halve_att=bool(cfg["halve_att"]),
+        halve_mlp=bool(cfg["halve_mlp"]),
         frame_size=int(cfg["height"]) * 8,
         clip_len=int(cfg["clip_len"]),
-        vocab_size=int(cfg.get("vocab_size", 8197)) - 5,  # the code adds the 5 special ids
-        nce_proj_layers=int(cfg.get("proj_layers", 2)),
-        nce_proj_hid_dim=int(cfg.get("proj_hidden_dim", 2048)),
+        vocab_size=int(cfg["vocab_size"]) - 5,  # the code adds the 5 special ids
+        nce_proj_layers=int(cfg["proj_layers"]),
+        nce_proj_hid_dim=int(cfg["proj_hidden_dim"]),
         dropout=dropout,
-        last_dropout=float(cfg.get("last_dropout", 0.0) or 0.0),
+        last_dropout=float(cfg["last_dropout"] or 0.0),
     )
     if pretrain:
         args["dataset_name"] = "howto100m"
@@ -149,6 +153,7 @@ def export_torch(cfg: Mapping[str, Any], variables: Mapping[str, Any], out_dir, 
     Raises ExportError for a model the released code cannot build, unless `force`.
     Returns a summary: {'tensors': n, 'warnings': [...]}.
     """
+    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     problems = released_incompatibilities(cfg)
     if problems and not force:
         raise ExportError("the released PyTorch code cannot build this model:\n  " + "\n  ".join(problems)
@@ -158,11 +163,11 @@ def export_torch(cfg: Mapping[str, Any], variables: Mapping[str, Any], out_dir, 
     torch_zip.save_state_dict(state, out_dir / WEIGHTS_FILE)
     torch_zip.save_namespace(released_args(cfg, args_overrides), out_dir / ARGS_FILE)
     warnings = list(problems)
-    if cfg.get("mlm_codes") is not None and cfg.get("task", "pretrain") == "pretrain":
+    if cfg["mlm_codes"] is not None and cfg["task"] == "pretrain":
         warnings.append(f"model.mlm_codes={cfg['mlm_codes']}: the MLM bias of the {int(cfg['vocab_size']) - int(cfg['mlm_codes'])} "
                         f"ids it never scored is written as {UNSCORED_ID_BIAS:g}, so the released head gives them "
                         f"probability ~0")
-    if float(cfg.get("attention_dropout", cfg.get("dropout", 0.1))) != float(cfg.get("dropout", 0.1)):
+    if float(cfg["attention_dropout"]) != float(cfg["dropout"]):
         warnings.append("attention_dropout differs from dropout; the released code has one dropout rate "
                         "(args.dropout), used for both")
     return {"tensors": len(state), "warnings": warnings}
