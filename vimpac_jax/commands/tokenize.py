@@ -22,12 +22,15 @@ each process takes videos [i::n] (jax.process_index / process_count, or --proces
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
 from vimpac_jax import exit_codes
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.runtime.distributed import maybe_initialize
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +103,7 @@ def main(argv) -> int:
     except Terminated:
         # Raised through the job, so the decode pool is shut down and the writers are closed on the
         # way out; what the journals hold is kept and a rerun resumes from it.
-        print("vimpac tokenize: SIGTERM: stopped; run the same command again to resume", file=sys.stderr)
+        log.warning("vimpac tokenize: SIGTERM: stopped; run the same command again to resume")
         return exit_codes.PREEMPTED
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
@@ -108,6 +111,6 @@ def main(argv) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not result.complete:
-        print("vimpac tokenize: the store is not complete yet (other processes' shares remain)", file=sys.stderr)
+        log.info("vimpac tokenize: the store is not complete yet (other processes' shares remain)")
     print(result.counts.line())
     return 0
