@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax.constants import MASK_ID, PAD_ID
+from vimpac_jax.models.config import complete
 from vimpac_jax.models.model import build_model
 
 MODEL_FILE = "model.stablehlo"
@@ -42,7 +43,7 @@ def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> 
     """
     cfg = dict(cfg, attention_impl=None, remat=False)
     model = build_model(cfg)
-    finetuned = cfg.get("task", "pretrain") == "finetune"
+    finetuned = complete(cfg)["task"] == "finetune"
     variables = jax.tree.map(jnp.asarray, dict(variables))
 
     def infer(tokens):
