@@ -75,7 +75,7 @@ def signature(exported: "jax.export.Exported", cfg: Mapping[str, Any]) -> dict[s
         "platforms": list(exported.platforms),
         "inputs": [{"name": "tokens", "shape": _shape_json(exported.in_avals[0].shape),
                     "dtype": str(exported.in_avals[0].dtype),
-                    "description": f"token clips [batch, T, h, w]; ids in [0, {cfg.get('vocab_size', 8197)}), "
+                    "description": f"token clips [batch, T, h, w]; ids in [0, {complete(cfg)['vocab_size']}), "
                                    f"PAD = {PAD_ID}, MASK = {MASK_ID}"}],
         "outputs": {name: {"shape": _shape_json(aval.shape), "dtype": str(aval.dtype)}
                     for name, aval in out_tree.items()},
