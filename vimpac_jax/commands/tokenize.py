@@ -16,7 +16,8 @@ Killed runs resume where they stopped when started again with the same options. 
 and its decode workers (exit 75: run it again to resume). On several hosts
 each process takes videos [i::n] (jax.process_index / process_count, or --process-index and
 --process-count). Progress and status lines go to stderr (`logging`: vimpac_jax/logs.py); the
-last line on stdout is `videos_ok=N videos_failed=M frames=F`, counted over the whole store (frames: all variants).
+last line on stdout is `videos_ok=N videos_failed=M frames=F`, counted over the whole store
+(frames: all variants).
 """
 
 from __future__ import annotations
