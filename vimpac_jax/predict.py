@@ -254,9 +254,13 @@ def _model_config(path: Path, kind: str) -> dict:
             raise PredictError(f"{path / stablehlo_format.SIGNATURE_FILE}: no model_config")
     else:
         config = source.load_model_config(path)
-    if config.get("task") != "finetune" or int(config.get("num_classes", 0) or 0) <= 0:
-        raise PredictError(f"{path}: not a classifier (model task={config.get('task')!r}, "
-                           f"num_classes={config.get('num_classes')}); predict needs a fine-tuned model")
+    try:
+        full = complete(config)  # every field, missing ones at their defaults
+    except KeyError as e:
+        raise PredictError(f"{path}: {e.args[0]}") from None
+    if full["task"] != "finetune" or int(full["num_classes"] or 0) <= 0:
+        raise PredictError(f"{path}: not a classifier (model task={full['task']!r}, "
+                           f"num_classes={full['num_classes']}); predict needs a fine-tuned model")
     return config
 
 

@@ -232,16 +232,17 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
 
     from vimpac_jax.data import video_decode as vd
     from vimpac_jax.export.source import ExportSourceError, load_model_config, read_exportable
+    from vimpac_jax.models.config import complete
     from vimpac_jax.models.model import build_model
     from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
 
     run_dir, tokenizer_dir = Path(run_dir), Path(tokenizer_dir)
     try:
-        model_cfg = load_model_config(run_dir)
+        model_cfg = complete(load_model_config(run_dir))  # every field, missing ones at their defaults
     except ExportSourceError as e:
         raise VisualizeError(str(e)) from None
-    if model_cfg.get("task", "pretrain") != "pretrain":
-        raise VisualizeError(f"--workdir {run_dir}: a {model_cfg.get('task')!r} model; the figure needs a "
+    if model_cfg["task"] != "pretrain":
+        raise VisualizeError(f"--workdir {run_dir}: a {model_cfg['task']!r} model; the figure needs a "
                              "pre-training model (its MLM head)")
     try:
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -16,6 +16,7 @@ import numpy as np
 from vimpac_jax import checkpoints
 from vimpac_jax.cli import check_output_file, positive_int
 from vimpac_jax.runtime.distributed import maybe_initialize
+from vimpac_jax.models.config import complete
 from vimpac_jax.models.model import build_model
 
 
@@ -27,7 +28,7 @@ def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndar
     if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
         raise ValueError(f"{source}: tokens must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
                          f"(T, h, w of the checkpoint), got {list(tokens.shape)}")
-    vocab = model_config.get("vocab_size", 8197)
+    vocab = complete(model_config)["vocab_size"]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         bad = tokens[(tokens < 0) | (tokens >= vocab)]
         raise ValueError(f"{source}: token ids must be in [0, {vocab}); found {bad.flat[0]} "
@@ -40,7 +41,7 @@ def compute_features(model_config: dict, variables: dict, tokens: np.ndarray, he
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = build_model(model_config)
-    pretrain = model_config.get("task", "pretrain") == "pretrain"
+    pretrain = complete(model_config)["task"] == "pretrain"
 
     @jax.jit
     def run(batch):

@@ -15,19 +15,23 @@ be decoded or are cut short, with the reason) and metadata.json, written last, o
 Killed runs resume where they stopped when started again with the same options. SIGTERM stops the job
 and its decode workers (exit 75: run it again to resume). On several hosts
 each process takes videos [i::n] (jax.process_index / process_count, or --process-index and
---process-count). Progress goes to stderr; the last line on stdout is
-`videos_ok=N videos_failed=M frames=F`, counted over the whole store (frames: all variants).
+--process-count). Progress and status lines go to stderr (`logging`: vimpac_jax/logs.py); the
+last line on stdout is `videos_ok=N videos_failed=M frames=F`, counted over the whole store
+(frames: all variants).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
 from vimpac_jax import exit_codes
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.runtime.distributed import maybe_initialize
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +104,7 @@ def main(argv) -> int:
     except Terminated:
         # Raised through the job, so the decode pool is shut down and the writers are closed on the
         # way out; what the journals hold is kept and a rerun resumes from it.
-        print("vimpac tokenize: SIGTERM: stopped; run the same command again to resume", file=sys.stderr)
+        log.warning("vimpac tokenize: SIGTERM: stopped; run the same command again to resume")
         return exit_codes.PREEMPTED
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
@@ -108,6 +112,6 @@ def main(argv) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not result.complete:
-        print("vimpac tokenize: the store is not complete yet (other processes' shares remain)", file=sys.stderr)
+        log.info("vimpac tokenize: the store is not complete yet (other processes' shares remain)")
     print(result.counts.line())
     return 0

@@ -28,19 +28,21 @@ extra (TensorFlow serialises the examples).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from vimpac_jax import io_utils
 from vimpac_jax.data import token_store
 from vimpac_jax.data.tfds_source import import_tfds
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "1.0.0"
 DEFAULT_SPLIT = "train"
@@ -130,7 +132,7 @@ def _check_name(name: str, version: str) -> None:
 
 
 def export_stores(stores: Mapping[str, str | os.PathLike], name: str, data_dir: str | os.PathLike, *,
-                  version: str = DEFAULT_VERSION, overwrite: bool = False, log: TextIO = sys.stderr) -> Path:
+                  version: str = DEFAULT_VERSION, overwrite: bool = False) -> Path:
     """Write the stores ({split: store dir}) as TFDS dataset `name` under `data_dir`; returns
     DATA_DIR/NAME/VERSION. Raises FileNotFoundError / ValueError for an incomplete or missing
     store, stores that do not match (tokenizer, fps, class names, token shape), a bad name or
@@ -180,5 +182,5 @@ def export_stores(stores: Mapping[str, str | os.PathLike], name: str, data_dir: 
             os.replace(path, tmp / path.name)
         shutil.rmtree(build_root)
     counts = ", ".join(f"{split} {builder.info.splits[split].num_examples}" for split in stores)
-    print(f"export-tfds: wrote {name} {version} to {final} (examples: {counts})", file=log)
+    log.info(f"export-tfds: wrote {name} {version} to {final} (examples: {counts})")
     return final

@@ -33,18 +33,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import logging
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from vimpac_jax.data import annotations
 from vimpac_jax.data import video_decode as vd
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vimpac-jax[tfds]'"
 # Datasets whose frame rate TFDS does not record. UCF101: "fixed frame rate of 25 FPS" (Soomro et
@@ -187,10 +189,9 @@ class TfdsVideoSource:
     prepared, or one without a video feature or frame rate; ImportError without TFDS.
     """
 
-    def __init__(self, spec: str, *, data_dir: str | None = None, source_fps: float | None = None,
-                 log: TextIO = sys.stderr):
+    def __init__(self, spec: str, *, data_dir: str | None = None, source_fps: float | None = None):
         self._tfds = tfds = import_tfds()
-        self.spec_text, self.spec, self.log = spec, parse_spec(spec), log
+        self.spec_text, self.spec = spec, parse_spec(spec)
         try:
             self.builder = tfds.builder(self.spec.builder, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
@@ -252,13 +253,11 @@ class TfdsVideoSource:
             index[items[-1].path] = i
         unique = annotations.unique_by_video_id(items)
         if len(unique) < len(items):
-            print(f"tokenize: --tfds {self.spec_text}: dropped {len(items) - len(unique)} repeated video id(s)",
-                  file=self.log)
+            log.info(f"tokenize: --tfds {self.spec_text}: dropped {len(items) - len(unique)} repeated video id(s)")
         self._index = {it.path: index[it.path] for it in unique}
         self._items = unique
-        print(f"tokenize: --tfds {self.spec_text}: {len(unique)} videos in {self.locator} "
-              f"({time.monotonic() - start:.1f}s; source frame rate {self.source_fps:g} fps from {self.fps_from})",
-              file=self.log)
+        log.info(f"tokenize: --tfds {self.spec_text}: {len(unique)} videos in {self.locator} "
+              f"({time.monotonic() - start:.1f}s; source frame rate {self.source_fps:g} fps from {self.fps_from})")
         return unique
 
     def decode_many(self, paths: Iterable[str], fps: float, variants: Sequence[vd.Variant], num_workers: int, *,

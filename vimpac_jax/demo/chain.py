@@ -13,8 +13,8 @@ from scratch; the data, tokenizer and token stores are made once and shared.
 """
 
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +30,11 @@ FIGURE_VIDEOS = 4
 PREDICT_VIDEOS = 2  # validation videos classified by `vimpac predict` at the end
 
 
+log = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+    log.info(f"[demo] {message}")
 
 
 def demo_config(stage: str, preset: str, overrides: dict):
@@ -85,7 +88,7 @@ def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float
             _log(f"3/6 tokenizing the {split} videos ({variants})")
             tokenize_videos(TokenizeOptions(tokenizer=str(tok_dir / "tokenizer"), videos=str(lists[split]),
                                             out=str(stores[split]), fps=fps, size=size, variants=variants,
-                                            workers=1), log=sys.stderr)
+                                            workers=1))
     timings["tokenize"] = time.monotonic() - t0
     return {"data": data, "lists": lists, "tokenizer": tok_dir / "tokenizer", "stores": stores,
             "class_names": (data / "classes.txt").read_text().split()}

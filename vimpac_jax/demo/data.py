@@ -54,13 +54,14 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vimpac_jax.progress import Progress
 
 __all__ = [
     "CLASS_NAMES", "OPPOSITE", "SHAPES", "SPLITS", "PRESETS", "DemoPreset", "ObjectSpec", "VideoSpec",
@@ -636,7 +637,7 @@ def write_demo_dataset(
       workers: processes rendering and encoding (default: the usable cores; 0 = this process).
       counts: override the preset's videos per split, e.g. {'pool': 16, 'train': 16, 'val': 8}.
       force: replace an existing non-empty ``out_dir`` (only once the new one is complete).
-      progress: print progress (videos/s, ETA) to stderr every ``progress_interval`` seconds.
+      progress: log progress (videos/s, ETA; `vimpac_jax.progress`) every ``progress_interval`` seconds.
 
     The dataset is written to a hidden sibling folder and renamed into place at the end, so
     ``out_dir`` never holds a half-written dataset. Any failure aborts the whole run: a
@@ -664,16 +665,11 @@ def write_demo_dataset(
     try:
         for split in SPLITS:
             (tmp / "videos" / split).mkdir(parents=True)
-        last = [time.monotonic()]
+        line = Progress(len(jobs), label="demo-data: ", unit="videos", every_seconds=progress_interval,
+                        enabled=progress)
 
         def report(done: int) -> None:
-            now = time.monotonic()
-            if progress and (now - last[0] >= progress_interval or done == len(jobs)):
-                last[0] = now
-                rate = done / max(now - t_start, 1e-9)
-                eta = (len(jobs) - done) / max(rate, 1e-9)
-                print(f"demo-data: {done}/{len(jobs)} videos, {rate:.1f} videos/s, ETA {eta:.0f}s",
-                      file=sys.stderr, flush=True)
+            line.update(done, force=done == len(jobs))
 
         total_bytes = _run_jobs(jobs, str(tmp), p, workers, report)
         _verify(tmp, [entries[s][0][0] for s in SPLITS if entries[s]], p)

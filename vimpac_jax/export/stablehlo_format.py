@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax.constants import MASK_ID, PAD_ID
+from vimpac_jax.models.config import complete
 from vimpac_jax.models.model import build_model
 
 MODEL_FILE = "model.stablehlo"
@@ -42,7 +43,7 @@ def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> 
     """
     cfg = dict(cfg, attention_impl=None, remat=False)
     model = build_model(cfg)
-    finetuned = cfg.get("task", "pretrain") == "finetune"
+    finetuned = complete(cfg)["task"] == "finetune"
     variables = jax.tree.map(jnp.asarray, dict(variables))
 
     def infer(tokens):
@@ -74,7 +75,7 @@ def signature(exported: "jax.export.Exported", cfg: Mapping[str, Any]) -> dict[s
         "platforms": list(exported.platforms),
         "inputs": [{"name": "tokens", "shape": _shape_json(exported.in_avals[0].shape),
                     "dtype": str(exported.in_avals[0].dtype),
-                    "description": f"token clips [batch, T, h, w]; ids in [0, {cfg.get('vocab_size', 8197)}), "
+                    "description": f"token clips [batch, T, h, w]; ids in [0, {complete(cfg)['vocab_size']}), "
                                    f"PAD = {PAD_ID}, MASK = {MASK_ID}"}],
         "outputs": {name: {"shape": _shape_json(aval.shape), "dtype": str(aval.dtype)}
                     for name, aval in out_tree.items()},

@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
@@ -60,6 +59,8 @@ from vimpac_jax.tokenize.lists import check_video_root, read_items
 from vimpac_jax.progress import Progress
 from vimpac_jax.tokenize.shards import (SHARD_OPTIONS, ShardWriter, check_shard_options, next_shard_seq,
                                         remove_unlisted_shards)
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = "vimpac-token-store"
 STORE_VERSION = 1
@@ -190,8 +191,9 @@ def _process_share(opts: TokenizeOptions) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> TokenizeResult:
-    """Run (or resume, or find finished) the job; see the module docstring. Raises ValueError /
+def tokenize_videos(opts: TokenizeOptions) -> TokenizeResult:
+    """Run (or resume, or find finished) the job; see the module docstring (status lines: the
+    `vimpac_jax.tokenize.job` logger, progress: `vimpac_jax.progress`). Raises ValueError /
     FileNotFoundError (StoreError, TokenizerLoadError) for bad input before any video is decoded."""
     import jax.numpy as jnp
 
@@ -202,7 +204,7 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
     if opts.tfds is not None:  # opened (dataset, features, frame rate checked) now, listed once the tokenizer loads
         from vimpac_jax.data.tfds_source import TfdsVideoSource
 
-        source = TfdsVideoSource(opts.tfds, data_dir=opts.tfds_data_dir, source_fps=opts.source_fps, log=log)
+        source = TfdsVideoSource(opts.tfds, data_dir=opts.tfds_data_dir, source_fps=opts.source_fps)
     else:
         items, class_names = read_items(opts.videos, opts.video_root)
         if not items:
@@ -227,7 +229,7 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
     existing = check_out_dir(out, identity)
     if existing is not None:
         c = existing["counts"]
-        print(f"tokenize: {out} is already a complete store of this configuration; nothing to do", file=log)
+        log.info(f"tokenize: {out} is already a complete store of this configuration; nothing to do")
         return TokenizeResult(StoreCounts(c["videos_ok"], c["videos_failed"], c["frames"], c["records"]), True, 0)
     if source is None:
         check_video_root(items, opts.video_root)
@@ -244,11 +246,11 @@ def tokenize_videos(opts: TokenizeOptions, *, log: TextIO = sys.stderr) -> Token
     # One job per process share: a second `vimpac tokenize` on this --out and share would record
     # its videos twice in the journal (a lock that a killed job left is stale: io_utils).
     with io_utils.exclusive_lock(lock_path(out, pi), f"--out {out} (process share {pi} of {pc})"):
-        return _tokenize_share(opts, tok, variants, hw, items, identity, extra_meta, out, pi, pc, source, log)
+        return _tokenize_share(opts, tok, variants, hw, items, identity, extra_meta, out, pi, pc, source)
 
 
 def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, extra_meta, out: Path, pi: int,
-                    pc: int, source, log: TextIO) -> TokenizeResult:
+                    pc: int, source) -> TokenizeResult:
     """The rest of `tokenize_videos`, holding this share's lock."""
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     config_path = out / PROGRESS_DIR / CONFIG_FILE
@@ -259,33 +261,32 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
     # Restart: trust the journals, drop this process's shards they do not name (cut by a kill).
     read_journal(journal_path(out, pi), repair=True)
     share, processed = items[pi::pc], 0
-    _repair_duplicates(out, pi, log)
+    _repair_duplicates(out, pi)
     for second_pass in (False, True):  # the second redoes videos of lines a repair dropped after the first
         own = read_journal(journal_path(out, pi))
         summary = summarize(read_all_journals(out))
         removed = remove_unlisted_shards(out, set(summary.shards), pi)
         if removed:
-            print(f"tokenize: removed {len(removed)} unfinished shard(s) of an earlier run: {removed[:3]}", file=log)
+            log.info(f"tokenize: removed {len(removed)} unfinished shard(s) of an earlier run: {removed[:3]}")
         done = summary.done_ids()
         todo = [it for it in share if it.video_id not in done]
         if len(todo) < len(share) and not second_pass:
-            print(f"tokenize: resuming: {len(share) - len(todo)} of this process's {len(share)} videos are done",
-                  file=log)
+            log.info(f"tokenize: resuming: {len(share) - len(todo)} of this process's {len(share)} videos are done")
         if todo:
             _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
                  Progress(len(todo), label=f"tokenize[{pi}/{pc}]: ", unit="videos", counted=("frames",), failed=True,
-                          every_seconds=opts.progress_interval, stream=log),
+                          every_seconds=opts.progress_interval),
                  decode_many=_decode_files if source is None else source.decode_many)
             processed += len(todo)
-        if not _repair_duplicates(out, pi, log):  # another job may have written this store meanwhile
+        if not _repair_duplicates(out, pi):  # another job may have written this store meanwhile
             break
 
     counts = finalize_if_complete(out, identity, items, extra_meta)
     if counts is not None:
         return TokenizeResult(counts, True, processed)
     left = len(items) - len(summarize(read_all_journals(out)).done_ids())
-    print(f"tokenize: this process's share is done; {left} video(s) of other processes are not yet; "
-          "the last process to finish marks the store complete", file=log)
+    log.info(f"tokenize: this process's share is done; {left} video(s) of other processes are not yet; "
+          "the last process to finish marks the store complete")
     return TokenizeResult(summarize(read_all_journals(out)).counts(), False, processed)
 
 
@@ -294,19 +295,19 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
 _decode_files = functools.partial(vd.decode_many, allow_partial=False)
 
 
-def _repair_duplicates(out: Path, pi: int, log: TextIO) -> bool:
+def _repair_duplicates(out: Path, pi: int) -> bool:
     """Repair videos recorded twice in the journals (`journal.repair_duplicates`), with a warning;
     True when a journal line was dropped."""
     repair = repair_duplicates(out, pi)
     if repair is None:
         return False
-    print(f"tokenize: warning: {len(repair.videos)} video(s) recorded more than once in the journals of {out} "
+    log.warning(f"tokenize: warning: {len(repair.videos)} video(s) recorded more than once in the journals of {out} "
           f"(two jobs wrote this store at once), e.g. {repair.videos[:3]}; kept the first record of each, "
           f"dropped {len(repair.dropped)} journal line(s) ({', '.join(repair.dropped[:3])}) and deleted "
           f"{len(repair.deleted_shards)} shard(s); the other videos of those lines are done again (by the run of their "
-          "process share)", file=log)
+          "process share)")
     for skipped in repair.skipped_journals:
-        print(f"tokenize: warning: not repaired now: {skipped}", file=log)
+        log.warning(f"tokenize: warning: not repaired now: {skipped}")
     return bool(repair.dropped)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 from collections.abc import Sequence
 
 from vimpac_jax.data import annotations
+
+log = logging.getLogger(__name__)
 
 
 def read_items(videos: str, video_root: str | None = None) -> tuple[list[annotations.VideoItem], list[str] | None]:
@@ -25,7 +27,7 @@ def read_items(videos: str, video_root: str | None = None) -> tuple[list[annotat
         ann = annotations.read_mmaction_list(videos, video_root=video_root)
     items = annotations.unique_by_video_id(ann.items)
     if len(items) < len(ann.items):
-        print(f"tokenize: {videos}: dropped {len(ann.items) - len(items)} repeated video id(s)", file=sys.stderr)
+        log.info(f"tokenize: {videos}: dropped {len(ann.items) - len(items)} repeated video id(s)")
     return items, ann.class_names
 
 

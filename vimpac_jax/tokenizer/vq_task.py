@@ -7,7 +7,7 @@ reconstruction PSNR and codebook usage on held-out pool frames are reported.
 
 The task reads the blocks every task has (configs/tokenizer.py): `model` (the tokenizer),
 `optim`, `data` (frames and the batch), `train` (length), and its own `tokenizer` block (the VQ
-objective); `state_config` gathers what `vq_train.init_state` takes from them.
+objective); `vq_train.init_state` takes them as they are.
 """
 
 from pathlib import Path
@@ -21,32 +21,18 @@ from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
 
 
-def state_config(config) -> dict:
-    """{'tokenizer': the model block, 'train': Adam, schedule and objective fields}, the mapping
-    `vq_train.init_state` reads, from the task's `model`, `optim`, `tokenizer` and `train` blocks."""
-    optim, objective, num_steps = config.optim, config.tokenizer, int(config.train.num_steps)
-    return {"tokenizer": config.model, "train": dict(
-        lr=float(optim.learning_rate), num_steps=num_steps,
-        # `warmup` as the other tasks' optim block reads it: < 1 a fraction of the run, else updates.
-        warmup_steps=optimizer_lib.warmup_steps(dict(warmup=optim.warmup, total_steps=num_steps)),
-        b1=float(optim.b1), b2=float(optim.b2), grad_clip=float(optim.clip_grad_norm),
-        flatten_optimizer=bool(optim.flatten_optimizer),
-        commitment_beta=objective.commitment_beta, ema_decay=objective.ema_decay, epsilon=objective.epsilon,
-        restart_threshold=objective.restart_threshold)}
-
-
 def check_config(config) -> None:
     """ValueError naming the field of a schedule or objective value out of range (before frames
     are decoded or anything compiles)."""
-    train = state_config(config)["train"]
+    optim, num_steps = config.optim, int(config.train.num_steps)
     problems = []
-    if not train["lr"] > 0:
-        problems.append(f"optim.learning_rate={train['lr']} must be > 0")
-    if not 0 <= train["warmup_steps"] <= train["num_steps"]:
-        problems.append(f"optim.warmup={config.optim.warmup} must be in [0, train.num_steps={train['num_steps']}] "
+    if not float(optim.learning_rate) > 0:
+        problems.append(f"optim.learning_rate={float(optim.learning_rate)} must be > 0")
+    if not 0 <= optimizer_lib.warmup_steps(dict(warmup=optim.warmup, total_steps=num_steps)) <= num_steps:
+        problems.append(f"optim.warmup={optim.warmup} must be in [0, train.num_steps={num_steps}] "
                         "(< 1: a fraction of it)")
-    if not 0.0 <= float(train["ema_decay"]) < 1.0:
-        problems.append(f"tokenizer.ema_decay={train['ema_decay']} must be in [0, 1)")
+    if not 0.0 <= float(config.tokenizer.ema_decay) < 1.0:
+        problems.append(f"tokenizer.ema_decay={config.tokenizer.ema_decay} must be in [0, 1)")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
 
@@ -79,7 +65,8 @@ class VQTokenizerTask:
                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, key):
-        state = vq_train.init_state(state_config(self.config), key)
+        c = self.config
+        state = vq_train.init_state(c.model, c.optim, c.tokenizer, int(c.train.num_steps), key)
         return jax.device_put(state, self.replicated)
 
     def iterator(self):

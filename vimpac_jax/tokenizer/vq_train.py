@@ -22,6 +22,7 @@ import optax
 from flax import struct
 
 from vimpac_jax.tokenizer.vq import VQTokenizer, init_variables, make_model, to_model_range, to_pixels, tokenizer_params
+from vimpac_jax.training import optimizer as optimizer_lib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,17 +154,20 @@ class VQTrainState:
         return tokenizer_params(self.params, self.vq_stats)
 
 
-def make_schedule(train_config: Mapping):
-    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to 0 at `num_steps`."""
-    lr, warmup, total = float(train_config["lr"]), int(train_config["warmup_steps"]), int(train_config["num_steps"])
+def make_schedule(optim: Mapping, num_steps: int):
+    """Linear warm-up to `optim.learning_rate` over `optim.warmup` updates (< 1: a fraction of
+    the run, as the other tasks' optim block reads it), then cosine decay to 0 at `num_steps`."""
+    lr, total = float(optim["learning_rate"]), int(num_steps)
+    warmup = optimizer_lib.warmup_steps(dict(warmup=optim["warmup"], total_steps=total))
     if total <= 0 or lr <= 0 or not 0 <= warmup <= total:
-        raise ValueError(f"train: need lr > 0, num_steps > 0 and 0 <= warmup_steps <= num_steps, "
-                         f"got lr={lr}, num_steps={total}, warmup_steps={warmup}")
+        raise ValueError(f"need optim.learning_rate > 0, train.num_steps > 0 and 0 <= optim.warmup <= train.num_steps, "
+                         f"got learning_rate={lr}, num_steps={total}, warmup={warmup} updates")
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total, warmup + 1), 0.0)
 
 
-def make_optimizer(train_config: Mapping, schedule) -> optax.GradientTransformation:
-    """Adam (b2 = 0.99, as common for VQ-VAEs) after global-norm clipping (grad_clip ≤ 0: none).
+def make_optimizer(optim: Mapping, schedule) -> optax.GradientTransformation:
+    """Adam (`optim.b1`, `optim.b2`; 0.99 is common for VQ-VAEs) after global-norm clipping
+    (`optim.clip_grad_norm` ≤ 0: none).
 
     With `flatten_optimizer` (default) the optimizer runs on all parameters raveled into one
     vector (`optax.flatten`): the ~100 small convolution tensors then cost a handful of ops
@@ -171,27 +175,26 @@ def make_optimizer(train_config: Mapping, schedule) -> optax.GradientTransformat
     That suits data-parallel training with replicated parameters, the only sharding the
     tokenizer needs; turn it off to shard parameters.
     """
-    clip = float(train_config.get("grad_clip", 0.0))
-    tx = optax.adam(schedule, b1=float(train_config.get("b1", 0.9)), b2=float(train_config.get("b2", 0.99)))
+    clip = float(optim["clip_grad_norm"])
+    tx = optax.adam(schedule, b1=float(optim["b1"]), b2=float(optim["b2"]))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    return optax.flatten(tx) if train_config.get("flatten_optimizer", True) else tx
+    return optax.flatten(tx) if optim["flatten_optimizer"] else tx
 
 
-def init_state(config: Mapping, key) -> VQTrainState:
-    """A fresh training state from the full config ({'tokenizer': model block, 'train': ...}).
-
-    The tokenizer block may carry `dtype` (the convolutions' compute type; 'float32' default).
+def init_state(model_config: Mapping, optim: Mapping, objective: Mapping, num_steps: int, key) -> VQTrainState:
+    """A fresh training state from the tokenizer task's blocks (configs/tokenizer.py): `model`
+    (the tokenizer; may carry `dtype`, the convolutions' compute type, 'float32' default),
+    `optim` (Adam and its schedule), `tokenizer` (the VQ objective) and `train.num_steps`.
     """
-    model_config, train = config["tokenizer"], config["train"]
     dtype = model_config.get("dtype", "float32")
     model = make_model(model_config, dtype)
-    hp = VQHParams(beta=float(train["commitment_beta"]), ema_decay=float(train["ema_decay"]),
-                   epsilon=float(train["epsilon"]), restart_threshold=float(train["restart_threshold"]))
+    hp = VQHParams(beta=float(objective["commitment_beta"]), ema_decay=float(objective["ema_decay"]),
+                   epsilon=float(objective["epsilon"]), restart_threshold=float(objective["restart_threshold"]))
     if not 0.0 <= hp.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1), got {hp.ema_decay}")
-    schedule = make_schedule(train)
-    tx = make_optimizer(train, schedule)
+        raise ValueError(f"tokenizer.ema_decay must be in [0, 1), got {hp.ema_decay}")
+    schedule = make_schedule(optim, num_steps)
+    tx = make_optimizer(optim, schedule)
     variables = init_variables(model_config, key, dtype)
     params, vq_stats = variables["params"], variables["vq_stats"]
     return VQTrainState(step=jnp.zeros((), jnp.int32), params=params, vq_stats=vq_stats,
