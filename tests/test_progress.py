@@ -84,3 +84,26 @@ def test_setup_sends_info_lines_to_the_current_stderr_once(capsys, monkeypatch):
     logging.getLogger("vimpac_jax.some.module").warning("shown %d", 1)
     captured = capsys.readouterr()
     assert captured.err == "shown 1\n" and captured.out == ""
+
+
+def test_a_command_prints_each_line_once_though_a_library_configured_the_root_logger(capsys, monkeypatch):
+    """Importing orbax.checkpoint installs a root StreamHandler (basicConfig style); while a command
+    runs its lines go through our handler only, and propagation comes back afterwards."""
+    import sys
+    import types
+
+    import orbax.checkpoint  # noqa: F401  (the library that configures the root logger)
+
+    from vimpac_jax import cli
+
+    root_handler = logging.StreamHandler(sys.stderr)  # as the library's, on the stderr of this test
+    root_handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    monkeypatch.setattr(logging.root, "handlers", [root_handler])
+    command = types.ModuleType("fake_command")
+    command.main = lambda argv: logging.getLogger("vimpac_jax.fake").info("one line") or 0
+    monkeypatch.setitem(sys.modules, "fake_command", command)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_command", "a stand-in command"))
+    logs.setup()  # as importing any vimpac_jax.commands module does
+    assert cli.main(["fake"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["one line"]
+    assert logging.getLogger(logs.LOGGER).propagate

@@ -63,8 +63,11 @@ def main(argv=None) -> int:
         print(f"vimpac: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    from vimpac_jax import logs
+
     try:
-        return int(module.main(rest) or 0)
+        with logs.command_output():
+            return int(module.main(rest) or 0)
     except INPUT_ERRORS as e:
         if os.environ.get("VIMPAC_TRACEBACK"):
             raise

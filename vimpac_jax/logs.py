@@ -11,9 +11,11 @@ a program that imports the library decides itself, as with any library:
 From the shell: VIMPAC_LOG_LEVEL=WARNING vimpac ... (any `logging` level name).
 """
 
+import contextlib
 import logging
 import os
 import sys
+from typing import Iterator
 
 LOGGER = "vimpac_jax"
 
@@ -44,3 +46,21 @@ def setup() -> None:
     logger.addHandler(handler)
     level = os.environ.get("VIMPAC_LOG_LEVEL", "INFO").upper()
     logger.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)
+
+
+@contextlib.contextmanager
+def command_output() -> Iterator[None]:
+    """While a `vimpac` command runs (`cli.main`): its lines go through `setup()`'s handler only.
+
+    Importing orbax.checkpoint configures the root logger (a basicConfig-style StreamHandler),
+    which would print every line a second time as "INFO:vimpac_jax...:..."; propagation to the
+    root is restored afterwards, so a program (or pytest's caplog) that calls a command in
+    process still sees the records at the root.
+    """
+    setup()
+    logger = logging.getLogger(LOGGER)
+    previous, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.propagate = previous
