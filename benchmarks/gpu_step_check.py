@@ -4,7 +4,8 @@ process, within a time budget (for one call on an H200; `benchmarks/gpu_checks.s
 "Before" is the same code with the new switches off (`--before`, config overrides; no
 monkeypatching): per-clip K slots, no vocabulary padding, threefry dropout bits, the token
 lookup in the compute dtype. "After" is the released defaults of `configs/common.py` and
-`pretrain_config()`. The layers' changes have no switch (a dropout that keeps only its mask,
+`pretrain_config()`; ", scan" runs are "after" with `model.scan_layers=true` (the layers as one
+`lax.scan`: compile time). The layers' changes have no switch (a dropout that keeps only its mask,
 the attention scores recomputed in the backward, [CLS] as row 0 of one stream and not copied
 into the lines, one q/k/v matmul per block, the bf16 LayerNorm backward from its output: the
 same function up to rounding and which dropout bits land where): both columns run them; the
@@ -47,16 +48,20 @@ from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE  # noqa: E402
 # the layers can be appended with --before-extra).
 BEFORE = ("pretrain.mlm_positions=clip", "pretrain.mlm_vocab_multiple=1", "pretrain.dropout_rng=threefry",
           "model.embed_lookup=compute_dtype")
-# (label, preset, videos per step, before?, estimated seconds incl. compile on an H200)
+# `model.scan_layers=true` on top of "after": one layer body in the compiled step (compile time).
+SCAN = ("model.scan_layers=true",)
+# (label, preset, videos per step, before?, estimated seconds incl. compile on an H200, extra --set)
 RUNS = (
-    ("small/128 after", "small", 64, False, 60),
-    ("small/128 before", "small", 64, True, 60),
-    ("small/256 after", "small", 128, False, 60),
-    ("small/256 before", "small", 128, True, 70),
-    ("large_half/32 after", "large_half", 16, False, 200),
-    ("large_half/64 after", "large_half", 32, False, 200),
-    ("large_half/32 before", "large_half", 16, True, 200),
-    ("large_half/64 before", "large_half", 32, True, 220),
+    ("small/128 after", "small", 64, False, 60, ()),
+    ("small/128 before", "small", 64, True, 60, ()),
+    ("small/256 after", "small", 128, False, 60, ()),
+    ("small/256 before", "small", 128, True, 70, ()),
+    ("small/128 after, scan", "small", 64, False, 40, SCAN),
+    ("large_half/32 after", "large_half", 16, False, 200, ()),
+    ("large_half/32 after, scan", "large_half", 16, False, 90, SCAN),
+    ("large_half/64 after", "large_half", 32, False, 200, ()),
+    ("large_half/32 before", "large_half", 16, True, 200, ()),
+    ("large_half/64 before", "large_half", 32, True, 220, ()),
 )
 
 
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
     emit(dict(micro=scatter_micro(clips=4 if a.dry_run else 128, tokens_per_clip=16 if a.dry_run else 1280,
                                   d=64 if a.dry_run else 512)))
     profiled = False
-    for label, preset, videos, before, estimate in RUNS:
+    for label, preset, videos, before, estimate, extra in RUNS:
         if left() < (5 if a.dry_run else estimate):
             emit(dict(run=label, skipped=f"{left():.0f} s left, needs ~{estimate} s"))
             continue
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
                 "--steps", str(1 if a.dry_run else a.steps), "--warmup", "1", "--append-results", ""]
         if a.dry_run:
             argv += ["--frame-size", "32", "--clip-len", "2"]
-        for item in (BEFORE + tuple(a.before_extra)) if before else ():
+        for item in ((BEFORE + tuple(a.before_extra)) if before else ()) + extra:
             argv += ["--set", item]
         if not profiled and not before:
             argv += ["--profile-dir", os.path.join(a.out, "trace")]
@@ -165,6 +170,7 @@ def main(argv=None) -> int:
                   tflops=round(r["tflops"], 1), pct_of_peak=None if r["peak_fraction"] is None
                   else round(100 * r["peak_fraction"], 1), program_gib=None if r["program_bytes"] is None
                   else round(r["program_bytes"] / 2**30, 2), compile_s=round(r["compile_s"], 1),
+                  compile_cpu_s=round(r["compile_cpu_s"], 1), hlo_instructions=r["hlo_instructions"],
                   max_masked=r["max_masked"], loss=round(r["metrics"]["total_loss"], 4),
                   wall_s=round(time.perf_counter() - t0, 1)))
         if not profiled and not before:

@@ -15,7 +15,8 @@ all devices on 'data' unless --mesh says otherwise. Reports:
                    PEAK_TFLOPS (H100 / H200: 790, the tensor cores at sustained clocks;
                    NVIDIA's sheet says 989, printed too) or given with --peak-tflops;
   peak memory      device.memory_stats()['peak_bytes_in_use'] where the backend has it (GPU);
-  compile time     lowering + XLA compilation of the step.
+  compile time     lowering + XLA compilation of the step: wall and process CPU seconds, and
+                   the compiled HLO's instructions (all computations; the entry computation).
 --memory-report (any backend, nothing timed or compiled): the bytes the backward pass keeps
 from the forward, per clip, from the residuals of the loss's VJP (jax.vjp traced with
 jax.eval_shape), as the difference between the batch and twice the batch, so that residuals
@@ -304,6 +305,23 @@ def hlo_report(module_text: str, vocab_sizes=(8197, 8256)) -> dict:
     return dict(scatters=dict(scatters), dot_generals=dict(dots), vocab_dots=dict(vocab))
 
 
+def compiled_instruction_counts(hlo_text: str) -> dict:
+    """Instructions of an optimized HLO module: in all its computations (a scanned layer's body
+    counts once) and in its entry computation."""
+    total = entry = 0
+    in_entry = False
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("ENTRY "):
+            in_entry = True
+        elif stripped == "}":
+            in_entry = False
+        elif " = " in stripped and not stripped.startswith(("HloModule", "//")) and line.startswith((" ", "\t")):
+            total += 1
+            entry += in_entry
+    return dict(total=total, entry=entry)
+
+
 def run(args) -> dict:
     model_cfg, optim_cfg, pretrain_cfg = configs(args)
     mesh = shd.make_mesh(args.mesh_sizes)
@@ -314,12 +332,13 @@ def run(args) -> dict:
         step = ps.make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh)
     batch = shd.make_global_batch(_fake_batch(args, model_cfg), mesh)
     keys = jax.random.split(jax.random.key(1), args.warmup + args.steps)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     lowered = step.lower(state, batch, keys[0])
     if args.hlo_report:
         return dict(compile_s=0.0, hlo=hlo_report(lowered.as_text()))
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+    compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    hlo_instructions = compiled_instruction_counts(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -352,7 +371,8 @@ def run(args) -> dict:
     peak, sheet, peak_source = device_peak_tflops(args.peak_tflops)
     return dict(
         model_cfg=model_cfg, pretrain_cfg=pretrain_cfg, clips=clips, step_s=step_s, clips_per_s=clips / step_s,
-        compile_s=compile_s, parts=parts, mask_ratio=ratio,
+        compile_s=compile_s, compile_cpu_s=compile_cpu_s, hlo_instructions=hlo_instructions,
+        parts=parts, mask_ratio=ratio,
         max_masked=ps.resolve_max_masked(pretrain_cfg, model_cfg) if args.task == "pretrain" else None,
         train_flops=train_flops, tflops=tflops, xla_flops=xla_flops,
         peak_tflops=peak, sheet_tflops=sheet, peak_source=peak_source,
@@ -388,7 +408,10 @@ def report(args, r) -> str:
         f"peak: {r['peak_tflops'] or 'unknown'} TFLOP/s bf16 dense ({r['peak_source']})",
         FLOPS_FORMULA,
         "forward GFLOPs per clip: " + ", ".join(f"{k} {v:.4g}" for k, v in per_clip.items()),
-        f"compile {r['compile_s']:.1f} s; step {1000 * r['step_s']:.1f} ms; {r['clips_per_s']:.1f} clips/s",
+        f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} process CPU s); compiled HLO: "
+        f"{r['hlo_instructions']['total']} instructions in all computations, {r['hlo_instructions']['entry']} "
+        f"in the entry",
+        f"step {1000 * r['step_s']:.1f} ms; {r['clips_per_s']:.1f} clips/s",
         f"required {r['train_flops'] / 1e12:.4g} TFLOP per step -> {r['tflops']:.4g} TFLOP/s, {frac} of peak{sheet} "
         f"(XLA's own count of the compiled step, all work included: {r['xla_flops'] / 1e12:.4g} TFLOP)",
         f"peak device memory: {mem} (process-wide); this program (XLA memory analysis): {program}",
@@ -448,7 +471,7 @@ def main(argv=None) -> int:
     print(report(args, r))
     if args.json:
         import json
-        keys = ("clips", "step_s", "clips_per_s", "compile_s", "tflops", "peak_tflops", "peak_fraction",
+        keys = ("clips", "step_s", "clips_per_s", "compile_s", "compile_cpu_s", "hlo_instructions", "tflops", "peak_tflops", "peak_fraction",
                 "peak_bytes", "program_bytes", "max_masked")
         print(json.dumps(dict({k: r[k] for k in keys}, preset=args.preset, task=args.task, set=args.set,
                               device=device_name(), jax=jax.__version__)))

@@ -146,6 +146,11 @@ class VideoTransformer(nn.Module):
     hidden_dim // 64 as in every released config; `halve_att` gives attention dim d/2 and
     `halve_mlp` an MLP of 2d instead of 4d. `remat` is a `remat_policy` spec: what each layer
     keeps for the backward pass.
+    `scan_layers`: run the layers as one `jax.lax.scan` over their stacked parameters (one layer
+    body in the compiled program instead of `num_layers` copies: compile time), with the same
+    per-layer parameters `layer_0 ... layer_{L-1}` (checkpoints, import/export unchanged) and
+    the same values; dropout keys are the step's key folded with the layer index, so the
+    dropout bits differ from the unrolled loop's (same distribution).
     `embed_lookup`: "float32" takes the rows from the float32 table and casts them to `dtype`,
     so the table's gradient is a float32 scatter-add; "compute_dtype" casts the table first
     (its gradient is then a scatter-add in `dtype`: bfloat16 atomics, which serialise on the
@@ -170,6 +175,7 @@ class VideoTransformer(nn.Module):
     remat: str = "none"
     attention_impl: Optional[str] = None
     embed_lookup: str = "float32"
+    scan_layers: bool = False
 
     def setup(self):
         d = self.hidden_dim
@@ -191,12 +197,11 @@ class VideoTransformer(nn.Module):
         layer_cls = TransformerLayer
         if recompute:
             layer_cls = nn.remat(TransformerLayer, static_argnums=(3,), policy=policy)
-        self.layers = [
-            layer_cls(blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
+        layer_args = (blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
                       self.pre_ln, self.dropout, self.attention_dropout, out_std, self.dtype,
-                      self.attention_impl, name=f"layer_{i}")
-            for i in range(self.num_layers)
-        ]
+                      self.attention_impl)
+        self.layers = [layer_cls(*layer_args, name=f"layer_{i}") for i in range(self.num_layers)]
+        self._layer_args = layer_args
         # Post-LN normalises the input; pre-LN normalises the output (names as the released code).
         if self.pre_ln:
             self.ln_post = layer_norm(name="ln_post", dtype=self.dtype)
@@ -224,8 +229,34 @@ class VideoTransformer(nn.Module):
         if not self.pre_ln:
             seq = self.ln_pre(seq)
         seq = self.drop(seq, deterministic=deterministic)
-        for layer in self.layers:
-            seq = layer(seq, key_is_pad, deterministic)
+        if self.scan_layers and not self.is_initializing():
+            seq = self._scan_layers(seq, key_is_pad, deterministic)
+        else:
+            for layer in self.layers:
+                seq = layer(seq, key_is_pad, deterministic)
         if self.pre_ln:
             seq = self.ln_post(seq)
         return seq[:, 0], seq[:, 1:].reshape(*tokens.shape, d)
+
+    def _scan_layers(self, seq, key_is_pad, deterministic):
+        """The layers as one `lax.scan` over [L, ...]-stacked copies of `layer_i`'s parameters.
+
+        The parameters stay one tree per layer (as the unrolled loop creates them at init); the
+        stack is built here, so its gradient flows back to each `layer_i`. seq [B, N, D] ->
+        [B, N, D]."""
+        params = [layer.variables["params"] for layer in self.layers]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+        base_key = None if deterministic else self.make_rng("dropout")
+        # An unbound copy of the layer: its `apply` is the scanned body.
+        body_module = TransformerLayer(*self._layer_args, parent=None)
+
+        def body(seq, xs):
+            p, index = xs
+            rngs = {} if base_key is None else {"dropout": jax.random.fold_in(base_key, index)}
+            return body_module.apply({"params": p}, seq, key_is_pad, deterministic, rngs=rngs), None
+
+        recompute, policy = remat_policy(self.remat)
+        if recompute:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        seq, _ = jax.lax.scan(body, seq, (stacked, jnp.arange(self.num_layers)))
+        return seq

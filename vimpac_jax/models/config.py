@@ -47,6 +47,8 @@ def model_config(variant: str | None = None, **overrides) -> ml_collections.Conf
         remat="none",                # backbone.REMAT_POLICIES: none, full, dots, dots_no_batch, save:<names>
         # token lookup from the float32 table ("compute_dtype": cast the table first, as before)
         embed_lookup="float32",
+        # the layers as one lax.scan over their stacked parameters (compile time; same parameters)
+        scan_layers=False,
         attention_impl=ml_collections.FieldReference(None, field_type=str),
         proj_layers=2, proj_hidden_dim=2048, proj_dim=256,
         # MLM logits over ids [0, mlm_codes) only; None = all vocab_size (the released head).

@@ -108,6 +108,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         remat=cfg["remat"],
         attention_impl=cfg["attention_impl"],
         embed_lookup=cfg["embed_lookup"],
+        scan_layers=cfg["scan_layers"],
     )
 
 
