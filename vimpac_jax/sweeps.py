@@ -239,9 +239,8 @@ def train_command(config: str, base_overrides: Sequence[str], run: Run, program:
 
 def write_run_files(run: Run, command: Sequence[str]) -> None:
     run.workdir.mkdir(parents=True, exist_ok=True)
-    (run.workdir / OVERRIDES_FILE).write_text(json.dumps(
-        {"index": run.index, "name": run.name, "overrides": run.overrides, "command": shlex.join(command)},
-        indent=2) + "\n")
+    record = {"index": run.index, "name": run.name, "overrides": run.overrides, "command": shlex.join(command)}
+    io_utils.write_json_atomic(run.workdir / OVERRIDES_FILE, record, indent=2, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +289,8 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
                 f.flush()
                 code = subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
             seconds = time.monotonic() - t0
-            (run.workdir / STATUS_FILE).write_text(json.dumps({"returncode": code, "seconds": round(seconds, 2)}) + "\n")
+            io_utils.write_json_atomic(run.workdir / STATUS_FILE, {"returncode": code, "seconds": round(seconds, 2)},
+                                       indent=None, sort_keys=False)  # "done before" is read from it
             codes.append(code)
             done += 1
             left = len(runs) - i - 1

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from vimpac_jax import io_utils
+
 log = logging.getLogger(__name__)
 
 POSITIONS = ("start", "center", "end")
@@ -565,25 +567,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     own.
     """
     start_ppid = os.getppid()
-    if parent_pid != start_ppid and not _pid_alive(parent_pid):  # died before this worker ran
+    if parent_pid != start_ppid and not io_utils.pid_alive(parent_pid):  # died before this worker ran
         os._exit(1)
 
     def watch() -> None:
-        while os.getppid() == start_ppid and _pid_alive(parent_pid):
+        while os.getppid() == start_ppid and io_utils.pid_alive(parent_pid):
             time.sleep(PARENT_POLL_SECONDS)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _decode_job(index: int, path: str, fps, variants, decode_kwargs: dict) -> tuple[int, str, Any]:

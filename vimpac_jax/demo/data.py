@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from vimpac_jax import io_utils
 from vimpac_jax.progress import Progress
 
 __all__ = [
@@ -523,22 +524,12 @@ def _check_out(out: Path, force: bool) -> None:
             raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_partials(out: Path) -> None:
     """Remove '.<name>.partial-<pid>' folders left by killed runs (their pid is gone)."""
     prefix = f".{out.name}.partial-"
     for p in out.parent.glob(prefix + "*"):
         pid = p.name[len(prefix):]
-        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
+        if pid.isdigit() and not io_utils.pid_alive(int(pid)) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 

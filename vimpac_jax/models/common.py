@@ -81,9 +81,9 @@ class OutputSavingLayerNorm(nn.Module):
     memory-efficient LayerNorm). The output is kept anyway as the next matmul's input, so the
     LayerNorm adds only [..., 1] float32 to the saved activations instead of its input. Used for
     narrow compute dtypes (bf16, f16), where y carries the precision the backward had from the
-    recomputed input too; a scale entry of exactly 0 would make its feature's gradient undefined."""
+    recomputed input too; a scale entry of exactly 0 would make its feature's gradient undefined.
+    Its epsilon is LN_EPS, the released LayerNorm's, as in the forward it shares."""
 
-    epsilon: float = LN_EPS
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
@@ -101,7 +101,7 @@ def layer_norm(*, name: str, dtype=jnp.float32) -> nn.Module:
     compute dtype narrower than float32 the backward works from the output
     (`OutputSavingLayerNorm`); otherwise it recomputes from the input (see above)."""
     if jnp.dtype(dtype).itemsize < 4:
-        return OutputSavingLayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+        return OutputSavingLayerNorm(dtype=dtype, name=name)
     return _RecomputedLayerNorm(
         epsilon=LN_EPS,
         dtype=dtype,

@@ -263,8 +263,8 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
     share, processed = items[pi::pc], 0
     _repair_duplicates(out, pi)
     for second_pass in (False, True):  # the second redoes videos of lines a repair dropped after the first
-        own = read_journal(journal_path(out, pi))
-        summary = summarize(read_all_journals(out))
+        entries = read_all_journals(out)
+        summary = summarize(entries)
         removed = remove_unlisted_shards(out, set(summary.shards), pi)
         if removed:
             log.info(f"tokenize: removed {len(removed)} unfinished shard(s) of an earlier run: {removed[:3]}")
@@ -273,7 +273,7 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
         if len(todo) < len(share) and not second_pass:
             log.info(f"tokenize: resuming: {len(share) - len(todo)} of this process's {len(share)} videos are done")
         if todo:
-            _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(own, pi),
+            _run(opts, tok, variants, hw, todo, out, pi, next_shard_seq(entries, pi),
                  Progress(len(todo), label=f"tokenize[{pi}/{pc}]: ", unit="videos", counted=("frames",), failed=True,
                           every_seconds=opts.progress_interval),
                  decode_many=_decode_files if source is None else source.decode_many)
@@ -284,10 +284,11 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
     counts = finalize_if_complete(out, identity, items, extra_meta)
     if counts is not None:
         return TokenizeResult(counts, True, processed)
-    left = len(items) - len(summarize(read_all_journals(out)).done_ids())
+    summary = summarize(read_all_journals(out))
+    left = len(items) - len(summary.done_ids())
     log.info(f"tokenize: this process's share is done; {left} video(s) of other processes are not yet; "
-          "the last process to finish marks the store complete")
-    return TokenizeResult(summarize(read_all_journals(out)).counts(), False, processed)
+             "the last process to finish marks the store complete")
+    return TokenizeResult(summary.counts(), False, processed)
 
 
 # A video file cut short (a libav error, or fewer frames than its index lists) is a failure

@@ -221,8 +221,9 @@ class _SkipOtherItemsWarning(logging.Filter):
 
 
 def restore_collections(checkpoints_dir, collections: Iterable[str], *, shardings: Optional[dict] = None,
-                        log: Callable[[str], None] = log_to_stderr) -> tuple[int, dict, bool]:
-    """-> (step, {collection: tree}, verified) of the newest step that restores: only the named
+                        log: Callable[[str], None] = log_to_stderr) -> tuple[int, dict]:
+    """-> (step, {collection: tree}) of the newest step that restores (its arrays checked
+    against the checksums it recorded, if any): only the named
     fields of the saved TrainState ('params', 'batch_stats', 'opt_state'), never the others
     (a partial restore: an export does not read the Adam moments). Trees are numpy arrays, or
     global arrays laid out by `shardings` ({collection: tree of shardings}). A field the state
@@ -259,8 +260,9 @@ def restore_collections(checkpoints_dir, collections: Iterable[str], *, sharding
             item=targets, restore_args=args, partial_restore=True)}))[STATE]
         restored = {k: restored[k] if k in shardings else jax.tree.map(np.asarray, restored[k]) for k in restored}
         recorded = _read_meta(manager, step).get(CHECKSUMS)
-        verified = all([verify_checksums(restored[k], recorded, prefix=f"{k}/") for k in restored]) if recorded else False
-        return restored, verified
+        for k in restored:  # raises on a mismatch, so the step before is tried
+            verify_checksums(restored[k], recorded, prefix=f"{k}/")
+        return restored
 
     try:
         found = _newest_first(manager, restore_step, log)
@@ -270,8 +272,8 @@ def restore_collections(checkpoints_dir, collections: Iterable[str], *, sharding
     if found is None:
         raise CheckpointRestoreError(f"{Path(checkpoints_dir)}: no complete checkpoint step (an interrupted save is "
                                      f"never used)")
-    step, (restored, verified) = found
-    return int(step), restored, verified
+    step, restored = found
+    return int(step), restored
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:

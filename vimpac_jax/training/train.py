@@ -41,10 +41,6 @@ def exit_code(result: dict) -> int:
     return exit_codes.PREEMPTED if result.get("preempted") else exit_codes.DONE
 
 
-RESUME_FREE_FIELDS = workdir_lib.RESUME_FREE_FIELDS
-WORKDIR_LOCK = workdir_lib.LOCK_FILE  # held by process 0 of the run in the workdir (pid and host inside)
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -136,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     from vimpac_jax.runtime.distributed import check_same_config
     check_same_config(config)
     # One run per workdir: a second one would delete the first one's in-flight checkpoints.
-    lock = (io_utils.exclusive_lock(workdir / WORKDIR_LOCK, f"workdir {workdir}") if jax.process_index() == 0
+    lock = (io_utils.exclusive_lock(workdir / workdir_lib.LOCK_FILE, f"workdir {workdir}") if jax.process_index() == 0
             else contextlib.nullcontext())
     # The run's logical-axis rules (config.mesh.logical_axis_rules; checked here, before anything
     # compiles) are the active ones for every sharding computed below (sharding.active_rules).

@@ -176,8 +176,8 @@ def restore_variables(path, collections: Iterable[str] = ("params", "batch_stats
     when there is no workdir or no step restores."""
     path = require_workdir(path)
     try:
-        step, restored, _ = checkpointing.restore_collections(checkpoints_dir(path), collections, shardings=shardings,
-                                                              log=log)
+        step, restored = checkpointing.restore_collections(checkpoints_dir(path), collections, shardings=shardings,
+                                                           log=log)
     except checkpointing.CheckpointRestoreError as e:
         raise WorkdirError(str(e)) from None
     return step, restored
