@@ -100,14 +100,13 @@ def main(argv) -> int:
     import jax
 
     from vimpac_jax.progress import Progress
-    from vimpac_jax.training.tasks import eval_variant_names
+    from vimpac_jax.training.tasks import multiview_protocol
 
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
-    views = len(eval_variant_names(index, crops if crops is not None else config.get("eval_crops", "three"),
-                                   config.data.eval_variants))
     results = []
     for k in clips:
-        k = int(k or config.data.eval_clips)
+        k, variants = multiview_protocol(config, index, k, crops)
+        views = len(variants)
         progress = Progress(index.num_videos, label=f"evaluate {k} clips x {views} crops: ", unit="videos",
                             per_unit={"views": k * views}, every_seconds=args.progress_interval,
                             enabled=jax.process_index() == 0)

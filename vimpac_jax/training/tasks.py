@@ -403,6 +403,14 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
     return names
 
 
+def multiview_protocol(config, index: pipelines.StoreIndex, num_clips: Optional[int] = None,
+                       crops: Optional[str] = None) -> tuple[int, list[str]]:
+    """(K clips per crop, the crop variants' names) of the multi-view test: the arguments, or the
+    run's `data.eval_clips` and `eval_crops`."""
+    crops = crops if crops is not None else config.get("eval_crops", "three")
+    return int(num_clips or config.data.eval_clips), eval_variant_names(index, crops, config.data.eval_variants)
+
+
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
                         crops: Optional[str] = None, progress=None) -> dict[str, Any]:
     """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
@@ -410,9 +418,7 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     video's views, then over videos. progress: a `vimpac_jax.progress.Progress` of videos, given
     the videos of each batch (all processes')."""
     model_cfg = config.model.to_dict()
-    k = int(num_clips or config.data.eval_clips)
-    crops = crops if crops is not None else config.get("eval_crops", "three")
-    variants = eval_variant_names(index, crops, config.data.eval_variants)
+    k, variants = multiview_protocol(config, index, num_clips, crops)
     process_count = jax.process_count()
     global_batch = int(config.data.eval_batch_size)
     shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
