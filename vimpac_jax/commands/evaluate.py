@@ -103,6 +103,9 @@ def main(argv) -> int:
     from vimpac_jax.training.tasks import multiview_protocol
 
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
+    from vimpac_jax.training.finetune_step import make_eval_step
+
+    eval_step = make_eval_step(config.model.to_dict(), mesh)  # one jit for every K (a shape each)
     results = []
     for k in clips:
         k, variants = multiview_protocol(config, index, k, crops)
@@ -111,7 +114,7 @@ def main(argv) -> int:
                             per_unit={"views": k * views}, every_seconds=args.progress_interval,
                             enabled=jax.process_index() == 0)
         results.append(evaluate_classifier(config, mesh, index, params, num_clips=k, crops=crops,
-                                           progress=progress))
+                                           progress=progress, eval_step=eval_step))
         progress.close()
     result = dict(results[-1], step=step)
     if len(results) > 1:

@@ -376,13 +376,15 @@ class FinetuneTask(_StoreTask):
         if config.data.eval_store:
             self.eval_index = pipelines.load_index(config.data.eval_store)
             check_store_fits(self.eval_index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
+        # One jitted test function for the run: each evaluation reuses its compilation.
+        self.eval_step = make_eval_step(self.model_cfg, mesh)
 
     def evaluate(self, state, *, step: Optional[int] = None, num_clips: Optional[int] = None,
                  crops: Optional[str] = None, full: bool = False) -> dict:
         if self.eval_index is None:
             return {}
         result = evaluate_classifier(self.config, self.mesh, self.eval_index, state.params, num_clips=num_clips,
-                                     crops=crops)
+                                     crops=crops, eval_step=self.eval_step)
         return result if full else {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
@@ -412,11 +414,12 @@ def multiview_protocol(config, index: pipelines.StoreIndex, num_clips: Optional[
 
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
-                        crops: Optional[str] = None, progress=None) -> dict[str, Any]:
+                        crops: Optional[str] = None, progress=None, eval_step=None) -> dict[str, Any]:
     """The multi-view test: softmax scores averaged over K clips x C crops per video; `loss` is
     the released `val/loss`, the cross entropy (no smoothing) of each view, averaged over a
     video's views, then over videos. progress: a `vimpac_jax.progress.Progress` of videos, given
-    the videos of each batch (all processes')."""
+    the videos of each batch (all processes'). eval_step: `make_eval_step(config.model, mesh)`,
+    built here when not given (pass one to reuse its compilation across calls)."""
     model_cfg = config.model.to_dict()
     k, variants = multiview_protocol(config, index, num_clips, crops)
     process_count = jax.process_count()
@@ -425,7 +428,7 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     global_batch = -(-global_batch // (shards * process_count)) * shards * process_count
     dataset = pipelines.eval_dataset(index, batch_size=global_batch // process_count, clip_len=model_cfg["clip_len"],
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
-    eval_step = make_eval_step(model_cfg, mesh)
+    eval_step = eval_step or make_eval_step(model_cfg, mesh)
     probs, losses, labels, videos = [], [], [], []
     for local in pipelines.make_iterator(dataset, workers=0):
         batch = shd.make_global_batch(local, mesh)
