@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the pickle writer lives beside this file
 from test_torch_pickle import Call, Global, Obj, dumps, tensor, write_torch_zip
+from vimpac_jax import exit_codes
 from vimpac_jax.conversion import dalle as conv
 from vimpac_jax.tokenizer import dalle as D
 from vimpac_jax.tokenizer import store
@@ -236,7 +237,7 @@ def test_malicious_encoder_is_refused(tmp_path, capsys):
     path = write_torch_zip(tmp_path / "encoder.pkl",
                            dumps(Call(Global("os", "system"), (f"touch {marker}",))), {}, top="encoder")
     dst = tmp_path / "out"
-    assert conv.main(["--encoder", str(path), str(dst)]) == 1
+    assert conv.main(["--encoder", str(path), str(dst)]) == exit_codes.BAD_INPUT
     err = capsys.readouterr().err
     assert "refused" in err and "'os.system'" in err and "encoder.pkl" in err
     assert not marker.exists() and not dst.exists()
@@ -244,7 +245,7 @@ def test_malicious_encoder_is_refused(tmp_path, capsys):
 
 
 def test_wrong_file_for_role(tmp_path, capsys):
-    assert conv.main(["--encoder", str(GOLDEN / "decoder.pkl"), str(tmp_path / "out")]) == 1
+    assert conv.main(["--encoder", str(GOLDEN / "decoder.pkl"), str(tmp_path / "out")]) == exit_codes.BAD_INPUT
     assert "dall_e.decoder.Decoder" in capsys.readouterr().err
 
 
@@ -256,7 +257,7 @@ def test_extra_and_missing_tensors_are_named(tmp_path, capsys):
         return tree
 
     path, _ = _write(tmp_path / "extra.pkl", extra)
-    assert conv.main(["--encoder", str(path), str(tmp_path / "out")]) == 1
+    assert conv.main(["--encoder", str(path), str(tmp_path / "out")]) == exit_codes.BAD_INPUT
     assert "'blocks.input.scale'" in capsys.readouterr().err
 
     def missing(b):
@@ -266,7 +267,7 @@ def test_extra_and_missing_tensors_are_named(tmp_path, capsys):
         return tree
 
     path, _ = _write(tmp_path / "missing.pkl", missing)
-    assert conv.main(["--encoder", str(path), str(tmp_path / "out")]) == 1
+    assert conv.main(["--encoder", str(path), str(tmp_path / "out")]) == exit_codes.BAD_INPUT
     assert "group_2_block_1/id_path/bias" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -275,7 +276,7 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     enc_path, _ = _write(tmp_path / "encoder.pkl", lambda b: b.encoder(32, 1, 64))
     dst = tmp_path / "out"
     dst.mkdir()
-    assert conv.main(["--encoder", str(enc_path), str(dst)]) == 1
+    assert conv.main(["--encoder", str(enc_path), str(dst)]) == exit_codes.BAD_INPUT
     assert "exists" in capsys.readouterr().err
     assert conv.main(["--encoder", str(enc_path), "--force", str(dst)]) == 0
     assert D.load_dalle_tokenizer(dst)[0]["encoder"]["n_hid"] == 32

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import run_vimpac
-from vimpac_jax import checkpoints
+from vimpac_jax import checkpoints, exit_codes
 from vimpac_jax.commands import export as export_command
 from vimpac_jax.commands import features as features_command
 from vimpac_jax.conversion import torch_pickle, torch_zip
@@ -195,7 +195,7 @@ def test_torch_export_refuses_models_the_released_code_cannot_build(golden_a, tm
     assert list(tmp_path.iterdir()) == []
     checkpoints.save_model(tmp_path / "joint", variables, joint)
     argv = ["--workdir", str(tmp_path / "joint"), "--format", "torch", "--out", str(tmp_path / "released")]
-    assert export_command.main(argv) == 1
+    assert export_command.main(argv) == exit_codes.BAD_INPUT
     assert "joint attention" in capsys.readouterr().err and not (tmp_path / "released").exists()
     # --force writes it anyway, and our own importer still reads it back exactly.
     assert export_command.main(argv + ["--force"]) == 0
@@ -280,7 +280,7 @@ def test_export_command_errors(golden_a, tmp_path, capsys):
     for argv, words in cases:
         fmt = "stablehlo" if "--platforms" in argv else "safetensors"
         argv = [*argv, "--format", fmt] + ([] if "--out" in argv else ["--out", tmp_path / "out"])
-        assert export_command.main([str(a) for a in argv]) == 1
+        assert export_command.main([str(a) for a in argv]) == exit_codes.BAD_INPUT
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
@@ -301,7 +301,7 @@ def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_source(golden_a,
     for source, out, words in cases:
         rc = export_command.main(["--workdir", str(source), "--format", "safetensors", "--out", str(out),
                                   "--overwrite"])
-        assert rc == 1
+        assert rc == exit_codes.BAD_INPUT
         err = capsys.readouterr().err
         assert words in err and f"--out {out}" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]  # the run is intact

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vimpac_jax import exit_codes
 from vimpac_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,14 +357,14 @@ def test_convert_official_on_files_that_are_not_torch_zips(tmp_path, capsys):
     (src / "args.pickle").write_bytes(pickle.dumps({"model": "vimpac"}, protocol=2))
     (src / "classifier.pt").write_bytes(b"these are not the weights")
     rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
-    assert rc == 1 and f"error: {src / 'classifier.pt'}: not a torch zip-format file" in err
+    assert rc == exit_codes.BAD_INPUT and f"error: {src / 'classifier.pt'}: not a torch zip-format file" in err
     with zipfile.ZipFile(src / "classifier.pt", "w") as z:  # a zip whose pickle is cut short
         z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2)[:-3])
     rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
-    assert rc == 1 and "classifier.pt: damaged file" in err
+    assert rc == exit_codes.BAD_INPUT and "classifier.pt: damaged file" in err
     (src / "args.pickle").write_bytes(b"\x80\x02}q")  # a truncated plain pickle
     rc, err = _cli(capsys, "convert", "official", src, tmp_path / "out")
-    assert rc == 1 and "args.pickle: damaged file" in err
+    assert rc == exit_codes.BAD_INPUT and "args.pickle: damaged file" in err
     assert not (tmp_path / "out").exists()
 
 

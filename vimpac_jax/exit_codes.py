@@ -1,4 +1,5 @@
 """Exit codes of `vimpac train` (README, "Runs"), read by `vimpac sweep` and launch/*.sbatch.
+BAD_INPUT is every command's code for input it refused (cli.py; export and convert too).
 
 Only DONE means finished: a sweep runs every other run again, and `vimpac train` started again
 in the same workdir resumes from its last checkpoint.

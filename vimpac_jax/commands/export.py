@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from vimpac_jax import exit_codes
 from vimpac_jax.export import FORMATS
 from vimpac_jax.io_utils import atomic_directory
 from vimpac_jax.export.source import ExportSourceError, load_exportable, load_model_config, source_kind
@@ -89,7 +90,7 @@ def main(argv) -> int:
             summary = writer(config, variables, tmp, **kwargs)
     except (ExportSourceError, ExportError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"vimpac export: error: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     for warning in summary.get("warnings", []):
         logging.getLogger(__name__).warning(f"vimpac export: warning: {warning}")
     details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from vimpac_jax import exit_codes
 from vimpac_jax.conversion.torch_pickle import ModuleRecord, UnsafePickleError, load_module, named_tensors
 from vimpac_jax.tokenizer import dalle as dalle_model
 from vimpac_jax.tokenizer import store
@@ -202,10 +203,10 @@ def main(argv=None) -> int:
                                    params, overwrite=args.force)
     except UnsafePickleError as e:
         print(f"vimpac convert dalle: refused unsafe pickle: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     except (ValueError, OSError) as e:  # ConversionError, bad files, DST exists
         print(f"vimpac convert dalle: error: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     enc = config["encoder"]
     print(f"wrote {dst}: encoder n_hid={enc['n_hid']} blocks/group={enc['n_blk_per_group']} "
           f"vocab={enc['vocab_size']}" + ("" if config["decoder"] is None

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import flax
 import numpy as np
 
-from vimpac_jax import checkpoints
+from vimpac_jax import checkpoints, exit_codes
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official_names import IGNORED_KEY_PATTERN, TIED_KEYS, from_torch_layout, torch_name
 from vimpac_jax.models.model import abstract_variables, build_model
@@ -120,7 +120,7 @@ def main(argv) -> int:
         config, variables = convert_official(args.src, args.dst, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # ConversionError, unsafe or damaged files, DST exists
         print(f"vimpac convert official: error: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     n = sum(int(np.prod(v.shape)) for v in flax.traverse_util.flatten_dict(variables["params"]).values())
     print(f"converted {args.src} -> {args.dst}: task={config['task']} layers={config['num_layers']} "
           f"d={config['hidden_dim']} layout={config['layout']} params={n}")
