@@ -5,18 +5,25 @@
 # profile with its top kernels), then the fine-tuning step at the paper's final shape and the
 # DALL-E encoder if time is left. Results: OUT (default $OUT, else benchmarks/gpu_out):
 # results.jsonl, summary.txt, trace/; the fine-tuning and tokenizer sections are appended to
-# RESULTS (default benchmarks/RESULTS.md).
+# RESULTS (default OUT/RESULTS.append.md: only $OUT comes back from the device machine).
 #
 #   bash benchmarks/gpu_checks.sh [RESULTS]
 #   DRY_RUN=1 bash benchmarks/gpu_checks.sh /tmp/r.md    # on CPU: tiny shapes, same code paths
+#
+# Before the call, here: `bash benchmarks/gpu_prepare.sh` (the wheels the device's image lacks,
+# and ../shared/perf's plain-JAX step), then run with carry [".perf", ".whl"].
 set -u
-RESULTS=${1:-benchmarks/RESULTS.md}
+RESULTS=${1:-${OUT:-benchmarks/gpu_out}/RESULTS.append.md}  # $OUT comes back from the device; copy into benchmarks/RESULTS.md
 OUT=${OUT:-benchmarks/gpu_out}
 BUDGET=${BUDGET:-480}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 START=$SECONDS
 mkdir -p "$OUT"
+if [ -d .whl ] && ! $PY -c "import ml_collections" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"

@@ -35,7 +35,6 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 # Public jax only has print_saved_residuals; this is the list it prints.
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from vimpac_jax.configs import common  # noqa: E402
 from vimpac_jax.models.config import MODEL_PRESETS  # noqa: E402
