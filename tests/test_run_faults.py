@@ -516,3 +516,23 @@ def test_a_resume_with_another_seed_or_a_replaced_store_is_refused_naming_it(tmp
     with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has "
                                                        "changed since the checkpoint was written"):
         resume(config)
+
+
+def test_a_resume_with_another_config_names_changed_and_absent_fields(tmp_path):
+    """A workdir's config.json must match the resumed run's (up to the fields that change no
+    result); fields its config.json lacks (a run written before they existed) are named apart."""
+    from vimpac_jax.training import workdir as workdir_lib
+
+    stored = {"seed": 0, "train": {"log_every": 10}, "optim": {"lr": 1e-3}, "model": {"dropout": 0.1}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    workdir_lib.check_config(tmp_path, dict(stored, train={"log_every": 50}))  # a free field: resumes
+    with pytest.raises(workdir_lib.WorkdirError, match=r"\(optim\.lr differ\); use a new --workdir"):
+        workdir_lib.check_config(tmp_path, dict(stored, optim={"lr": 2e-3}))
+    newer = dict(stored, optim={"lr": 2e-3}, pretrain={"dropout_rng": "rbg"})
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r"\(optim\.lr differ; pretrain\.dropout_rng absent from its config\.json "
+                             r"\(written before these fields existed\)\)"):
+        workdir_lib.check_config(tmp_path, newer)
+    many = dict(stored, model={**stored["model"], **{f"f{i}": i for i in range(10)}})
+    with pytest.raises(workdir_lib.WorkdirError, match=r"\(model\.f0, model\.f1, .*, model\.f7 and 2 more absent"):
+        workdir_lib.check_config(tmp_path, many)

@@ -88,23 +88,40 @@ def _as_dict(config) -> dict:
     return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
 
 
-def config_differences(previous: dict, now: dict) -> list[str]:
-    """Dotted fields that differ between two run configs, except `RESUME_FREE_FIELDS`."""
+def _flat(config: dict) -> dict[str, Any]:
     from flax import traverse_util
 
-    a = {".".join(k): v for k, v in traverse_util.flatten_dict(previous).items()}
-    b = {".".join(k): v for k, v in traverse_util.flatten_dict(now).items()}
+    return {".".join(k): v for k, v in traverse_util.flatten_dict(config).items()}
+
+
+def config_differences(previous: dict, now: dict) -> list[str]:
+    """Dotted fields that differ between two run configs, except `RESUME_FREE_FIELDS`."""
+    a, b = _flat(previous), _flat(now)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_FIELDS))
 
 
+def _listed(fields: list[str], most: int = 8) -> str:
+    return ", ".join(fields[:most]) + (f" and {len(fields) - most} more" if len(fields) > most else "")
+
+
 def check_config(path, config) -> None:
-    """A workdir that already holds a run must hold this one (up to `RESUME_FREE_FIELDS`); writes nothing."""
+    """A workdir that already holds a run must hold this one (up to `RESUME_FREE_FIELDS`); writes nothing.
+
+    Fields the stored config lacks (a run written before they existed) are named apart: their
+    defaults may compute something else than that run did (e.g. `pretrain.dropout_rng`)."""
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
         return
-    changed = config_differences(read_config_dict(path), _as_dict(config))
+    previous = read_config_dict(path)
+    changed = config_differences(previous, _as_dict(config))
     if changed:
-        raise WorkdirError(f"{path} holds a run with another config ({', '.join(changed[:8])} differ); "
+        stored = _flat(previous)
+        absent = [k for k in changed if k not in stored]
+        differ = [k for k in changed if k in stored]
+        parts = [f"{_listed(differ)} differ"] if differ else []
+        if absent:
+            parts.append(f"{_listed(absent)} absent from its {CONFIG_FILE} (written before these fields existed)")
+        raise WorkdirError(f"{path} holds a run with another config ({'; '.join(parts)}); "
                            f"use a new --workdir or the same config")
 
 
