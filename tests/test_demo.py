@@ -331,3 +331,19 @@ def test_predict_from_a_stablehlo_export_and_tokenizer_checks(smoke, tmp_path):
     other = write_random_vq_tokenizer(tmp_path / "other", codes=16, seed=1)
     with pytest.raises(PredictError, match="not the one that made .*weights_sha256"):
         vimpac_jax.load_classifier(run, tokenizer=other)
+
+
+def test_the_figure_decodes_videos_at_the_rate_of_the_runs_clips(tmp_path):
+    """Fig. 5 cuts its clips as the run did: data.clip_fps when set, else (None: the stored fps)
+    the training store's fps from its metadata.json, else the README's pre-training rate."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "metadata.json").write_text(json.dumps({"complete": True, "fps": 16.0}))
+    run = {"data": {"train_store": str(store), "clip_fps": None}}
+    meta = visualize._train_store_meta(run)
+    assert visualize.clip_fps_of_run(run, meta) == 16.0
+    assert visualize.clip_fps_of_run({"data": {"train_store": str(store), "clip_fps": 4.0}}, meta) == 4.0
+    missing = {"data": {"train_store": str(tmp_path / "gone"), "clip_fps": None}}
+    assert visualize._train_store_meta(missing) == {}
+    assert visualize.clip_fps_of_run(missing, {}) == visualize.DEFAULT_CLIP_FPS == 2.0
+    assert visualize.clip_fps_of_run({}, {}) == 2.0  # a model checkpoint without its workdir

@@ -205,13 +205,35 @@ class VisualizeError(ValueError):
     """Bad input to `draw_figure` (the message names the argument)."""
 
 
-def _train_store_tokenizer_hash(run_config: dict) -> Optional[str]:
-    """The weights hash the run's training store was tokenized with, if the store is readable."""
+# The frame rate of a run whose clips' rate is unknown (a model checkpoint without its workdir,
+# or a store that cannot be read): the README's pre-training stores (`vimpac tokenize --fps 2`).
+DEFAULT_CLIP_FPS = 2.0
+
+
+def _train_store_meta(run_config: dict) -> dict:
+    """The run's training store's metadata.json, or {} when it cannot be read."""
     try:
         meta = json.loads((Path(run_config["data"]["train_store"]) / "metadata.json").read_text())
-        return meta["tokenizer"]["weights_sha256"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _train_store_tokenizer_hash(store_meta: dict) -> Optional[str]:
+    """The weights hash the run's training store was tokenized with, if its metadata says."""
+    try:
+        return store_meta["tokenizer"]["weights_sha256"]
+    except (KeyError, TypeError):
         return None
+
+
+def clip_fps_of_run(run_config: dict, store_meta: dict) -> float:
+    """The frame rate of the run's clips: `data.clip_fps`, else (None: "the stored fps", see
+    configs/common.py) its training store's, else DEFAULT_CLIP_FPS."""
+    fps = run_config.get("data", {}).get("clip_fps")
+    if fps is None:
+        fps = store_meta.get("fps")
+    return float(fps) if fps else DEFAULT_CLIP_FPS
 
 
 def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos: int = 4,
@@ -252,13 +274,16 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
     from vimpac_jax.training import workdir as workdir_lib
 
+    from vimpac_jax.training.pretrain_step import pretrain_config
+
     run_config = workdir_lib.read_config_dict(run_dir) if workdir_lib.is_workdir(run_dir) else {}
-    expected = _train_store_tokenizer_hash(run_config)
+    store_meta = _train_store_meta(run_config)
+    expected = _train_store_tokenizer_hash(store_meta)
     if expected is not None and expected != tokenizer.weights_sha256:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
                              f"(weights sha256 {tokenizer.weights_sha256[:12]}..., the store's {expected[:12]}...)")
-    clip_fps = run_config.get("data", {}).get("clip_fps", 2.0)
-    num_blocks = mask_blocks or run_config.get("pretrain", {}).get("mask_blocks", 5)
+    clip_fps = clip_fps_of_run(run_config, store_meta)
+    num_blocks = mask_blocks or run_config.get("pretrain", {}).get("mask_blocks", pretrain_config().mask_blocks)
     t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
     if h != w:
         raise VisualizeError(f"the model's token grid is {h}x{w}; only square frames are drawn")
