@@ -322,9 +322,8 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
     """(protocol, class names, tokenizer) recorded by a fine-tuning run and its token store."""
     from vimpac_jax.data import token_store
     from vimpac_jax.data.pipelines import frame_step
-    from vimpac_jax.training.tasks import eval_crop_names
-
     from vimpac_jax.training import workdir as workdir_lib
+    from vimpac_jax.training.tasks import eval_crop_names, eval_crops_of
 
     config = workdir_lib.read_config(path)
     store = config.data.eval_store or config.data.train_store
@@ -344,8 +343,7 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
         raise PredictError(f"tokenizer {directory} is not the one that made {store} (differs in: "
                            f"{', '.join(differ)}; the store's has weights_sha256={recorded.get('weights_sha256')}, "
                            f"this one {tok.weights_sha256})")
-    names = eval_crop_names(meta.get("variants") or [], crops or config.get("eval_crops", "three"),
-                            config.data.eval_variants)
+    names = eval_crop_names(meta.get("variants") or [], eval_crops_of(config, crops), config.data.eval_variants)
     protocol = ViewProtocol(
         fps=float(meta["fps"]), crops=_crop_variants(meta, names, store), clip_len=int(model_config["clip_len"]),
         clip_step=frame_step(float(meta["fps"]), config.data.clip_fps),

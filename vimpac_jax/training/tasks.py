@@ -405,12 +405,18 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
     return names
 
 
+def eval_crops_of(config, crops: Optional[str] = None) -> str:
+    """The multi-view test's crops: `crops` when given, else the run's `eval_crops` (the fine-tuning
+    presets set it, configs/finetune.py), else the released test's three crops."""
+    return crops or config.get("eval_crops", None) or "three"
+
+
 def multiview_protocol(config, index: pipelines.StoreIndex, num_clips: Optional[int] = None,
                        crops: Optional[str] = None) -> tuple[int, list[str]]:
     """(K clips per crop, the crop variants' names) of the multi-view test: the arguments, or the
     run's `data.eval_clips` and `eval_crops`."""
-    crops = crops if crops is not None else config.get("eval_crops", "three")
-    return int(num_clips or config.data.eval_clips), eval_variant_names(index, crops, config.data.eval_variants)
+    return (int(num_clips or config.data.eval_clips),
+            eval_variant_names(index, eval_crops_of(config, crops), config.data.eval_variants))
 
 
 def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, num_clips: Optional[int] = None,
