@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.pretrain_step import device_name  # noqa: E402
 from vimpac_jax.tokenizer import dalle  # noqa: E402
 from vimpac_jax.tokenizer.interface import Tokenizer, dalle_backend, load_tokenizer  # noqa: E402
 
@@ -94,15 +94,6 @@ def time_size(tok: Tokenizer, size: int, iters: int, warmup: int) -> dict:
     jax.block_until_ready(outs)
     device = iters * len(frames) / (time.perf_counter() - t0)
     return {"size": size, "compile_s": compile_s, "end_to_end": end_to_end, "device": device}
-
-
-def device_name() -> str:
-    d = jax.local_devices()[0]
-    kind = getattr(d, "device_kind", d.platform)
-    name = f"{len(jax.local_devices())} x {kind}"
-    if d.platform == "cpu":
-        name += f" ({platform.processor() or platform.machine()})"
-    return name
 
 
 def results_section(args, rows: list[dict], model: str) -> str:
