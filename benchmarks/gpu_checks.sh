@@ -13,8 +13,8 @@
 # Before the call, here: `bash benchmarks/gpu_prepare.sh` (the wheels the device's image lacks,
 # and ../shared/perf's plain-JAX step), then run with carry [".perf", ".whl"].
 set -u
-RESULTS=${1:-${OUT:-benchmarks/gpu_out}/RESULTS.append.md}  # $OUT comes back from the device; copy into benchmarks/RESULTS.md
 OUT=${OUT:-benchmarks/gpu_out}
+RESULTS=${1:-$OUT/RESULTS.append.md}  # $OUT comes back from the device; copy into benchmarks/RESULTS.md
 BUDGET=${BUDGET:-480}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}

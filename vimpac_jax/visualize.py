@@ -24,7 +24,6 @@ the `viz` extra (Pillow, see `vimpac_jax/plots.py`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -211,10 +210,13 @@ DEFAULT_CLIP_FPS = 2.0
 
 
 def _train_store_meta(run_config: dict) -> dict:
-    """The run's training store's metadata.json, or {} when it cannot be read."""
+    """The run's training store's metadata.json (`token_store.read_metadata`), or {} when it
+    cannot be read."""
+    from vimpac_jax.data import token_store
+
     try:
-        meta = json.loads((Path(run_config["data"]["train_store"]) / "metadata.json").read_text())
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        meta = token_store.read_metadata(run_config["data"]["train_store"])
+    except (OSError, KeyError, TypeError, ValueError):  # ValueError: bad JSON, an incomplete store
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -273,7 +275,6 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
     if not tokenizer.has_decoder:
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: has no decoder, so tokens cannot be drawn")
     from vimpac_jax.training import workdir as workdir_lib
-
     from vimpac_jax.training.pretrain_step import pretrain_config
 
     run_config = workdir_lib.read_config_dict(run_dir) if workdir_lib.is_workdir(run_dir) else {}
