@@ -67,3 +67,30 @@ def test_mismatched_or_missing_tokenizer_is_refused(released, golden_dir, capsys
     convert_official(golden_dir / "vimpac_a", ckpt.parent / "pretrained")  # the pre-training checkpoint
     with pytest.raises(PredictError, match="not a classifier"):
         vimpac_jax.load_classifier(ckpt.parent / "pretrained", tokenizer=dalle512)
+
+
+def test_predict_refuses_the_files_tokenize_refuses(released):
+    """One rule for `vimpac predict` and `vimpac tokenize` (tests/test_tokenize.py): a file cut
+    short and a file whose timestamps jump 1,000 hours are skipped with the reason the store's
+    errors.txt gives, not classified on what decoded; an AVI with dropped-frame chunks is whole."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from video_fixtures import write_dropped_frames_avi, write_time_gap_mkv, write_truncated_faststart
+
+    from vimpac_jax.data import video_decode as vd
+
+    ckpt, vq8192, _, video = released
+    root = video.parent
+    cut = write_truncated_faststart(root / "cut.mp4", n=100)
+    gap = write_time_gap_mkv(root / "gap.mkv")
+    dropped = write_dropped_frames_avi(root / "dropped.avi", [0, 1, 2, 3, 10, 11, 12, 20, 21, 29])
+    clf = vimpac_jax.load_classifier(ckpt, tokenizer=vq8192, num_clips=2)
+    results = clf.predict_files([video, cut, dropped, gap], top=3)
+    assert [r.error is None for r in results] == [True, False, True, False]
+    for result, path in ((results[1], cut), (results[3], gap)):
+        with pytest.raises(vd.VideoDecodeError) as refused:
+            vd.decode_frames(path, clf.protocol.fps, allow_partial=False)
+        assert result.error == refused.value.reason and result.probs is None
+    assert results[1].error.startswith("truncated:") and results[3].error.startswith("timestamp gap:")

@@ -491,19 +491,25 @@ def test_a_store_with_duplicated_journal_lines_resumes(tiny_tokenizer, videos, t
 
 def test_a_video_cut_short_is_listed_as_failed(tiny_tokenizer, videos, tmp_path):
     """An mp4 cut short with its index at the front decodes as a shorter video: it is counted as
-    failed and listed in errors.txt with the reason, not stored."""
-    from video_fixtures import write_truncated_faststart
+    failed and listed in errors.txt with the reason, not stored; so is a file whose timestamps
+    jump 1,000 hours. An AVI whose index lists the empty chunks of dropped frames is whole."""
+    from video_fixtures import write_dropped_frames_avi, write_time_gap_mkv, write_truncated_faststart
 
     cut = write_truncated_faststart(tmp_path / "faststart_cut.mp4", n=100)
-    (tmp_path / "list.txt").write_text(f"{videos / 'bikes.mp4'} 3\n{cut} 1\n")
+    gap = write_time_gap_mkv(tmp_path / "gap.mkv")
+    dropped = write_dropped_frames_avi(tmp_path / "dropped.avi", [0, 1, 2, 3, 10, 11, 12, 20, 21, 29])
+    (tmp_path / "list.txt").write_text(f"{videos / 'bikes.mp4'} 3\n{cut} 1\n{gap} 1\n{dropped} 2\n")
     out = tmp_path / "store"
     result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, videos=str(tmp_path / "list.txt"),
                                         video_root=None))
-    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (1, 1)
-    assert [Path(vid).name for vid, _ in read_store(out)] == ["bikes"]
-    (line,) = (out / "errors.txt").read_text().splitlines()
-    path, reason = line.split("\t")
-    assert path == str(cut) and "truncated: the file ends after" in reason and "of the 100 frames" in reason
+    assert result.complete and (result.counts.videos_ok, result.counts.videos_failed) == (2, 2)
+    stored = {Path(vid).name: rec for (vid, _), rec in read_store(out).items()}
+    assert sorted(stored) == ["bikes", "dropped"]
+    assert stored["dropped"]["tokens"].shape[0] == 4  # 2 s (30 periods of 1/15 s) at 2 fps
+    reasons = dict(line.split("\t") for line in (out / "errors.txt").read_text().splitlines())
+    assert sorted(reasons) == sorted([str(cut), str(gap)])
+    assert "truncated: the decoded frames end at 1.00 s, the file's header says 4.00 s" in reasons[str(cut)]
+    assert "timestamp gap" in reasons[str(gap)] and "bytes can hold" in reasons[str(gap)]
 
 
 @pytest.mark.slow

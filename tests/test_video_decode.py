@@ -301,7 +301,8 @@ def test_truncated_file_with_its_index_first_is_reported(tmp_path, caplog):
     """An mp4 cut short whose index sits at the front reads as a clean end of stream; the index
     says frames are missing: an error without allow_partial, else the prefix and a warning."""
     cut = video_fixtures.write_truncated_faststart(tmp_path / "cut.mp4", n=100)
-    with pytest.raises(vd.VideoDecodeError, match=r"truncated: the file ends after \d+ of the 100 frames"):
+    with pytest.raises(vd.VideoDecodeError, match=r"truncated: the decoded frames end at 1.00 s, the file's header "
+                                                  r"says 4.00 s \(25 frames decoded\)"):
         vd.decode_frames(cut, 5, allow_partial=False)
     with caplog.at_level("WARNING", logger=vd.__name__):
         numbers = read_numbers(vd.decode_frames(cut, None))
@@ -311,6 +312,55 @@ def test_truncated_file_with_its_index_first_is_reported(tmp_path, caplog):
     assert len(vd.decode_frames(cut, None, max_frames=2, allow_partial=False)) == 2
     whole = write_numbered_video(tmp_path / "whole.mp4", 30, rate=25, container_options={"movflags": "faststart"})
     assert read_numbers(vd.decode_frames(whole, None, allow_partial=False)) == list(range(30))
+
+
+def test_avi_with_dropped_frame_chunks_is_whole(tmp_path):
+    """An AVI whose index lists more frames than decode (the empty chunks of dropped frames, as
+    UCF101's and HMDB51's AVIs may hold) is a whole video when its decoded timestamps reach the
+    header's end: sampled by time, a dropped frame shows the frame before it."""
+    pts = [0, 1, 2, 3, 10, 11, 12, 20, 21, 29]  # 1/15 s; 20 of the 30 frame periods are empty chunks
+    avi = video_fixtures.write_dropped_frames_avi(tmp_path / "dropped.avi", pts, rate=15)
+    with av.open(str(avi)) as c:
+        assert c.streams.video[0].frames == 30  # the index lists every chunk
+    assert read_numbers(vd.decode_frames(avi, None, allow_partial=False)) == list(range(10))
+    times = [Fraction(p, 15) for p in pts]
+    expected = vd.sample_indices(times, Fraction(30, 15), 5).tolist()
+    assert read_numbers(vd.decode_frames(avi, 5, allow_partial=False)) == expected == [0, 3, 3, 3, 6, 6, 6, 8, 8, 8]
+    ((_, _, result),) = vd.decode_many([avi], 5, vd.variants_for("pretrain", 32), 0, allow_partial=False)
+    assert not isinstance(result, vd.VideoDecodeError) and len(result["r32_center_noflip"]) == 10
+
+
+def test_files_cut_short_are_truncated_by_time(tmp_path, caplog):
+    """An AVI cut cleanly between chunks (its index at the end lost, no decode error) and a
+    Matroska file cut in half decode a prefix that ends before the header's end: truncated."""
+    whole = write_numbered_video(tmp_path / "whole.avi", 60, rate=25, codec="mpeg4")
+    avi = video_fixtures.cut_avi_before_chunk(whole, tmp_path / "cut.avi", 30)
+    mkv = write_numbered_video(tmp_path / "whole.mkv", 60, rate=25)
+    (tmp_path / "cut.mkv").write_bytes(mkv.read_bytes()[: mkv.stat().st_size // 2])
+    for cut, header in ((avi, "2.40"), (tmp_path / "cut.mkv", "2.40")):
+        with pytest.raises(vd.VideoDecodeError, match=rf"truncated: the decoded frames end at [\d.]+ s, the file's "
+                                                      rf"header says {header} s"):
+            vd.decode_frames(cut, 5, allow_partial=False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=vd.__name__):
+            prefix = vd.decode_frames(cut, None)  # allow_partial: the frames before the cut (the last may be torn)
+        assert 1 <= len(prefix) < 60 and read_numbers(prefix)[:3] == [0, 1, 2] and "truncated" in caplog.text
+    assert read_numbers(vd.decode_frames(whole, None, allow_partial=False)) == list(range(60))
+    assert read_numbers(vd.decode_frames(mkv, None, allow_partial=False)) == list(range(60))
+
+
+def test_timestamp_gap_longer_than_the_file_can_hold_is_an_error(tmp_path):
+    """1,000 hours between two frames of a 1.4 KB file: an error at any fps, partial or not, raised
+    when that frame arrives (before a single repeat of the frame before it is made). A gap the
+    file can hold (20 s at 25 fps: 500 frame periods in ~1.4 KB) is a still frame."""
+    gap = video_fixtures.write_time_gap_mkv(tmp_path / "gap.mkv")
+    size = gap.stat().st_size
+    for fps, kwargs in ((None, {}), (2, {"max_frames": 50}), (2, {"allow_partial": False, "max_frames": 50})):
+        with pytest.raises(vd.VideoDecodeError, match=rf"timestamp gap: decoded frame 3 is at 3.6e\+06 s, .* more "
+                                                      rf"than a file of {size} bytes can hold"):
+            vd.decode_frames(gap, fps, **kwargs)
+    still = write_numbered_video(tmp_path / "still.mkv", 3, pts=[0, 40, 20000], time_base=Fraction(1, 1000))
+    assert read_numbers(vd.decode_frames(still, 1, allow_partial=False)) == [0] + [1] * 19 + [2]
 
 
 def test_missing_pyav_names_the_extra(synth, monkeypatch):

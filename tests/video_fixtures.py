@@ -127,6 +127,34 @@ def write_truncated_faststart(path: Path, n: int = 100, keep: float = 0.6) -> Pa
     return path
 
 
+def write_dropped_frames_avi(path: Path, pts: list[int], rate: int = 15) -> Path:
+    """An MPEG-4 AVI of ``len(pts)`` numbered frames shown at ``pts`` (in 1/``rate`` s). Where pts
+    skips values, libavformat's AVI muxer writes an empty chunk per skipped frame period, as an
+    encoder that drops unchanged frames does: the header and index list ``pts[-1] + 1`` frames,
+    ``len(pts)`` of them decode, and the decoded timestamps still reach the end."""
+    return write_numbered_video(path, len(pts), rate=rate, pts=pts, time_base=Fraction(1, rate), codec="mpeg4")
+
+
+def cut_avi_before_chunk(source: Path, path: Path, k: int) -> Path:
+    """``source`` (an AVI) cut cleanly before its ``k``-th video chunk ('00dc'): the frames before
+    decode without an error and its index (idx1, at the end) is gone; only the header's frame
+    count says the video goes on."""
+    data = source.read_bytes()
+    movi, index = data.find(b"movi"), data.find(b"idx1")
+    offsets, at = [], movi
+    while (at := data.find(b"00dc", at + 1)) != -1 and at < index:
+        offsets.append(at)
+    path.write_bytes(data[: offsets[k]])
+    return path
+
+
+def write_time_gap_mkv(path: Path, gap_seconds: int = 1000 * 3600) -> Path:
+    """A Matroska file of 3 numbered frames (about 1.4 KB) whose last frame is ``gap_seconds``
+    after the first two: timestamps no file of its size can hold."""
+    ms = Fraction(1, 1000)
+    return write_numbered_video(path, 3, pts=[0, 40, gap_seconds * 1000], time_base=ms)
+
+
 def write_audio_only(path: Path, seconds: float = 0.2, rate: int = 8000) -> Path:
     """A WAV file: a valid media file with no video stream."""
     import av

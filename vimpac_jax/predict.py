@@ -213,8 +213,10 @@ class Classifier:
             while len(ready) >= self.batch_size:
                 score(self.batch_size)
 
+        # allow_partial=False: the rule of `vimpac tokenize` (tokenize/job.py), so a file the store
+        # would not take (cut short, `video_decode.decode_frames`) is skipped, not classified on a prefix.
         decoded = vd.decode_many(paths, p.fps, p.crops, workers, max_seconds=p.max_seconds,
-                                 max_frames=p.max_frames, sampling=p.sampling)
+                                 max_frames=p.max_frames, sampling=p.sampling, allow_partial=False)
         for index, path, result in decoded:
             if isinstance(result, vd.VideoDecodeError):
                 results[index] = Prediction(path, error=result.reason)

@@ -28,6 +28,11 @@ duration metadata need nothing special, and a stream is never padded past what w
 Every output frame is a real decoded frame (no blending); a frame is repeated when fps exceeds
 the source rate. Either rule yields at least one frame whenever any frame decoded.
 
+Whole or not, by time: a file is cut short when its decoded frames end before the end its
+header gives (`_header_end`; frame counts would refuse AVIs whose index lists the empty chunks of
+dropped frames), and broken when its timestamps span more frame periods than it has bytes
+(`_check_span`). `vimpac tokenize` and `vimpac predict` refuse both (``allow_partial=False``).
+
 Resizing happens inside decoding (libswscale, straight from the decoder's YUV frame), and only
 for frames that are actually output, so at 2 fps most decoded frames are never converted.
 """
@@ -356,6 +361,50 @@ def _frame_step(stream) -> Fraction:
     return Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
 
 
+def _header_end(container, stream, step: Fraction) -> Fraction | None:
+    """Where the file's header says the video stream ends (s), or None when it does not say.
+
+    AVI: the frame count of its header times the frame period. That count covers every chunk,
+    the empty ones of dropped frames too (an encoder writes nothing for an unchanged frame;
+    the demuxer never returns them, so fewer frames decode than the index lists, up to the
+    end), and libav's own AVI duration is a bitrate estimate when the index at the end is
+    missing. Other containers: the stream's duration (mp4: after its edit list), else the
+    container's when the video is its only stream (Matroska and WebM keep no stream duration;
+    with an audio track the container's duration may be the audio's).
+    """
+    tb = stream.time_base
+    start = Fraction(stream.start_time) * Fraction(tb) if (stream.start_time is not None and tb) else Fraction(0)
+    if "avi" in container.format.name.split(",") and stream.frames:
+        return start + stream.frames * step
+    if stream.duration and tb:
+        return start + Fraction(stream.duration) * Fraction(tb)
+    if container.duration and len(container.streams) == 1:
+        av_start = Fraction(container.start_time or 0, 1_000_000)  # AV_TIME_BASE units
+        return av_start + Fraction(container.duration, 1_000_000)
+    return None
+
+
+def truncation_tolerance(duration: Fraction, step: Fraction) -> Fraction:
+    """How far (s) the decoded frames may end before the header's end and the file still count
+    as whole: two frame periods or 1% of the duration (pts rounding, a last frame an edit list
+    or the encoder left out)."""
+    return max(2 * step, duration / 100)
+
+
+def _check_span(path: str, span: Fraction, prev_t: Fraction | None, t: Fraction, index: int, step: Fraction,
+                file_bytes: int) -> None:
+    """Raise VideoDecodeError when a frame ``span`` seconds after the first implies more frame
+    periods (at the stream's nominal rate, at least 1 fps) than the file has bytes: a timestamp
+    gap no file of this size can hold, which sampled at any fps would be that many copies of one
+    frame. Checked as each frame arrives, before any copy is made."""
+    rate = max(Fraction(1) / step, Fraction(1))
+    if span * rate > file_bytes:
+        gap = "" if prev_t is None else f", {float(t - prev_t):.6g} s after the frame before"
+        raise VideoDecodeError(path, f"timestamp gap: decoded frame {index} is at {float(span):.6g} s{gap}; that spans "
+                                     f"{math.ceil(span * rate)} frames at {float(rate):g} fps, more than a file of "
+                                     f"{file_bytes} bytes can hold")
+
+
 class _Converter:
     """Converts a decoded frame to RGB once per target size; size None = native resolution.
 
@@ -425,6 +474,10 @@ def _decode_sampled(
         limit = min(limit, max(1, math.ceil(_as_fraction(max_seconds) * fps_q)))
     max_t = None if max_seconds is None else _as_fraction(max_seconds)
 
+    # A timestamp gap longer than the file could fill is a broken file, not a still frame held
+    # for hours: even an empty (dropped) frame takes a byte of the file (a chunk header, an index
+    # entry), so a file of B bytes spans at most B frame periods (`_check_span`).
+    file_bytes = os.path.getsize(path)
     conv: _Converter | None = None
     t0 = prev_t = None
     pending = None  # (frame, time) not yet emitted
@@ -439,6 +492,7 @@ def _decode_sampled(
             if conv is None:
                 conv = _Converter(sizes, frame.height, frame.width, interpolation)
                 t0 = t
+            _check_span(path, t - t0, prev_t, t, decoded, step, file_bytes)
             t_end = t + _frame_duration(frame, stream, step, sampling)
             end = t_end if end is None else max(end, t_end)
             prev_t = t
@@ -465,13 +519,15 @@ def _decode_sampled(
     except (av.error.FFmpegError, OSError, EOFError) as e:  # truncated or corrupt data
         error = f"decoding stopped: {type(e).__name__}: {e}"
     finally:
-        listed = stream.frames  # frames the container's index lists (0: it does not say, e.g. Matroska)
+        header_end = _header_end(container, stream, step)
         container.close()
     # A file cut short whose index sits at the front (mp4 "faststart") reads as a clean end of
-    # stream: only the index tells that frames are missing. The slack absorbs frames an edit list
-    # may drop from the output.
-    if error is None and not stopped and listed and decoded + max(2, listed // 100) < listed:
-        error = f"truncated: the file ends after {decoded} of the {listed} frames its index lists"
+    # stream: only the header tells that the video goes on. Judged by time, not by frame count:
+    # an AVI's index also lists the empty chunks of dropped frames, which decode to nothing.
+    if error is None and not stopped and end is not None and header_end is not None:
+        if end < header_end - truncation_tolerance(header_end - t0, step):
+            error = (f"truncated: the decoded frames end at {float(end):.2f} s, the file's header says "
+                     f"{float(header_end):.2f} s ({decoded} frames decoded)")
 
     if conv is None:
         raise VideoDecodeError(path, error or "no frames decoded")
@@ -514,13 +570,15 @@ def decode_frames(
       sampling: 'floor' or 'ffmpeg' (the released code's ffmpeg ``fps`` filter).
       interpolation: libswscale filter name ('BICUBIC', 'BILINEAR', 'AREA', ...).
       threads: decoder threads (0 = libav's choice, one per core). Use 1 in many-process runs.
-      allow_partial: if a libav error stops decoding after some frames, or the file ends before
-        the frames its index lists (a truncated file), return those frames (logged as a warning)
-        instead of raising.
+      allow_partial: if a libav error stops decoding after some frames, or the decoded frames end
+        before the time the file's header gives (`_header_end`, within `truncation_tolerance`: a
+        truncated file), return those frames (logged as a warning) instead of raising.
+        `vimpac tokenize` and `vimpac predict` pass False: one rule for both.
 
     Raises:
-      VideoDecodeError: missing, empty or unreadable file, no video stream, no decodable frame
-        (and any mid-stream error when ``allow_partial`` is False).
+      VideoDecodeError: missing, empty or unreadable file, no video stream, no decodable frame,
+        a timestamp gap longer than the file can hold (`_check_span`), and any mid-stream error
+        or truncation when ``allow_partial`` is False.
     """
     return _decode_sampled(
         path, fps, [resize], max_frames=max_frames, max_seconds=max_seconds, sampling=sampling,
