@@ -68,14 +68,20 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
     # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
     config.pretrain.eval_batch_size = 0
+    # Frame rate of the validation clips: 2 fps, as the released pre-training validation (it reads
+    # the 2-fps LMDB: vimpac/data.py with no frame_rate), whatever the held-out store's fps (a
+    # whole multiple of it; the README's downstream stores are at 16 fps). None: every stored frame.
+    config.pretrain.eval_clip_fps = ml_collections.FieldReference(2.0, field_type=float)
     # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
     # data.batch_size videos from that many forward/backward passes (Large-Half at T=10, 256 px).
     config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1))
     # The released kNN monitor (vimpac/knn_monitor.py): k = 200, temperature 0.07; labelled stores
     # (UCF101 train / val). every: steps between kNN evaluations; 0 = with every evaluation
-    # (train.eval_every) and at the end.
+    # (train.eval_every) and at the end. clip_fps: the clips' frame rate, 2 fps as the released
+    # monitor (the 2-fps LMDBs), from stores at any whole multiple of it; None: every stored frame.
     config.knn = ml_collections.ConfigDict(dict(train_store="", eval_store="", k=200, temperature=0.07,
-                                                every=0, batch_size=32))
+                                                every=0, batch_size=32,
+                                                clip_fps=ml_collections.FieldReference(2.0, field_type=float)))
     return config
 
 

@@ -57,6 +57,8 @@ def get_config(arg: str | None = None):
         config.data.batch_size = p["pre_batch"]
         config.train.num_steps = p["pre_steps"]
         config.pretrain.update(mask_blocks=p["mask_blocks"], micro_batches=1)
+        # The demo's stores are all at its clip rate: validation and kNN clips (if given) as training's.
+        config.pretrain.eval_clip_fps = config.knn.clip_fps = p["fps"]
     else:
         config.optim.update(learning_rate=p["ft_lr"], warmup=0.1, weight_decay=0.01, b2=0.999)
         config.data.batch_size = p["ft_batch"]

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vimpac_jax.config_utils import load_config
@@ -295,3 +296,67 @@ def test_the_tokenizer_task_has_the_blocks_of_the_others():
         vq_task.check_config(config("tokenizer.py:tiny", "--config.optim.warmup=400"))
     with pytest.raises(ValueError, match="tokenizer.ema_decay=1.0"):
         vq_task.check_config(config("tokenizer.py:tiny", "--config.tokenizer.ema_decay=1.0"))
+
+
+def pretrain_task(tmp_path, *overrides, stores=()):
+    """A runlocal PretrainTask; `stores`: (config field, name, fps, labelled) of extra stores, each a
+    `frame_index` store (frame t's tokens read t) of 8 videos of 40 frames."""
+    from vimpac_jax.data.testing import write_test_store
+    from vimpac_jax.training import sharding as shd
+    from vimpac_jax.training.tasks import PretrainTask
+
+    def store(name, fps, labelled=True):
+        videos = [dict(video_id=f"v{i}", num_frames=40, label=i % 2 if labelled else None,
+                       variants=("r32_center_noflip",)) for i in range(8)]
+        path = tmp_path / name
+        return path if path.exists() else write_test_store(path, videos, fps=fps, pattern="frame_index", chunk_frames=8)
+
+    flags = [f"--config.data.train_store={store('pool', 2.0, False)}"]
+    flags += [f"--config.{field}={store(name, fps, labelled)}" for field, name, fps, labelled in stores]
+    c = config("pretrain.py:runlocal", *flags, *overrides)
+    return PretrainTask(c, shd.make_mesh(), log=lambda *a: None)
+
+
+def frame_steps(batch_tokens):
+    """The stored-frame step between consecutive clip frames of `frame_index` tokens [..., T, h, w]."""
+    t = batch_tokens[..., 0, 0].reshape(-1, batch_tokens.shape[-3])
+    return set(np.diff(t, axis=1).ravel().tolist())
+
+
+def test_validation_and_knn_clips_are_at_2_fps_whatever_the_store_fps(tmp_path):
+    """The released validation and kNN monitor read the 2-fps LMDBs: from the README's 16-fps
+    downstream stores that is every 8th stored frame, with the pre-training presets'
+    data.clip_fps = None (the training store's own rate)."""
+    stores = [("data.eval_store", "val16", 16.0, True), ("knn.train_store", "train16", 16.0, True),
+              ("knn.eval_store", "val16", 16.0, True)]
+    task = pretrain_task(tmp_path, stores=stores)
+    c = task.config
+    assert c.data.clip_fps is None and c.pretrain.eval_clip_fps == 2.0 and c.knn.clip_fps == 2.0
+    (batch,) = list(task.validation_dataset())[:1]
+    assert frame_steps(batch["tokens"]) == {8}
+    for index in (task.knn.train_index, task.knn.eval_index):
+        assert frame_steps(task.knn.dataset(index)[0]["tokens"][:, 0]) == {8}
+    task = pretrain_task(tmp_path, "--config.pretrain.eval_clip_fps=4", "--config.knn.clip_fps=16", stores=stores)
+    assert frame_steps(list(task.validation_dataset())[0]["tokens"]) == {4}
+    assert frame_steps(task.knn.dataset(task.knn.eval_index)[0]["tokens"][:, 0]) == {1}
+
+
+@pytest.mark.parametrize("field,rate_field", [("data.eval_store", "pretrain.eval_clip_fps"),
+                                              ("knn.train_store", "knn.clip_fps"), ("knn.eval_store", "knn.clip_fps")])
+def test_every_store_a_pretraining_run_reads_is_checked_before_it_starts(tmp_path, field, rate_field):
+    """A store whose fps cannot give the validation or kNN clip rate is refused when the task is
+    made (before config.json is written or anything compiles), naming the field, store and fps."""
+    good = {"data.eval_store": ("val16", 16.0, True), "knn.train_store": ("train16", 16.0, True),
+            "knn.eval_store": ("val16", 16.0, True)}
+    stores = [(f, *(("bad5", 5.0, True) if f == field else good[f])) for f in good]
+    with pytest.raises(ValueError, match=rf"config\.{field}=.*bad5 holds frames at 5 fps, which cannot give clips "
+                                         rf"at config\.{rate_field}=2"):
+        pretrain_task(tmp_path, stores=stores)
+
+
+def test_knn_stores_must_be_labelled_and_come_in_pairs(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.knn\.train_store=.*unlabelled: videos without a label"):
+        pretrain_task(tmp_path, stores=[("knn.train_store", "unlabelled", 2.0, False),
+                                        ("knn.eval_store", "val2", 2.0, True)])
+    with pytest.raises(ValueError, match=r"config\.knn\.eval_store is set but config\.knn\.train_store is not"):
+        pretrain_task(tmp_path, stores=[("knn.eval_store", "val2", 2.0, True)])

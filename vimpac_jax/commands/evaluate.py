@@ -91,7 +91,7 @@ def main(argv) -> int:
         from vimpac_jax.training.train import write_eval_results
 
         index = pipelines.load_index(store)
-        check_store_fits(index, config.model, "eval_store", clip_fps=config.data.clip_fps)
+        check_store_fits(index, config.model, "data.eval_store", clip_fps=config.data.clip_fps)
         mesh = shd.make_mesh(config.mesh)
         step, params = restore_params(workdir, config, mesh)
     except (ValueError, FileNotFoundError) as e:

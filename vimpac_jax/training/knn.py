@@ -5,7 +5,8 @@ clip per video of a labelled train and eval token store with the current backbon
 then classify each eval video by a similarity-weighted vote of its k = 200 nearest train videos
 (cosine similarity, weights exp(sim / 0.07), the InstDisc/MoCo recipe), reporting top-1 and
 top-5 (%). The clip is the released loaders' `only_one_aug, is_train` one: the center crop, no
-flip, at the smallest stored resize, and one random clip of it per video. Ours is drawn from a
+flip, at the smallest stored resize, and one random clip of it per video, at 2 fps (the released
+loaders read the 2-fps LMDBs: `knn.clip_fps`, checked against both stores before the run). Ours is drawn from a
 seeded generator, so every evaluation of a run embeds the same clips (the released code draws
 new ones each time); the monitor's curve then moves with the model only.
 """
@@ -58,13 +59,15 @@ def knn_dataset(index: pipelines.StoreIndex, *, batch_size: int, clip_len: int, 
 
 
 class KnnMonitor:
-    """`monitor(params) -> {'knn_top1', 'knn_top5'}` on `config.knn.train_store` / `eval_store`."""
+    """`monitor(params) -> {'knn_top1', 'knn_top5'}` on `config.knn.train_store` / `eval_store`,
+    clips at `config.knn.clip_fps` (2 fps: the released monitor reads the 2-fps LMDBs,
+    `vimpac/data.py` with no `frame_rate`)."""
 
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
         self.model_cfg = config.model.to_dict()
-        self.train_index = pipelines.load_index(config.knn.train_store)
-        self.eval_index = pipelines.load_index(config.knn.eval_store)
+        self.train_index = self._load_checked(config, "train_store")
+        self.eval_index = self._load_checked(config, "eval_store")
         model = build_model(self.model_cfg)
 
         def cls_features(params, tokens):  # tokens [B, 1, T, H, W] -> [B, D]
@@ -73,12 +76,30 @@ class KnnMonitor:
 
         self._features = jax.jit(cls_features, out_shardings=shd.replicated(mesh))
 
-    def _embed(self, params, index):
+    def _load_checked(self, config, name: str) -> pipelines.StoreIndex:
+        """The index of config.knn.<name>, refused before the run starts when its tokens do not
+        fit the model, its fps cannot give config.knn.clip_fps, or a video has no label."""
+        from vimpac_jax.training.tasks import check_store_fits
+
+        index = pipelines.load_index(config.knn[name])
+        check_store_fits(index, self.model_cfg, f"knn.{name}", clip_fps=config.knn.clip_fps, rate_field="knn.clip_fps")
+        unlabelled = [index.video_ids[i] for i in np.flatnonzero(index.labels < 0)[:3]]
+        if unlabelled:
+            raise ValueError(f"config.knn.{name}={index.store_dir}: videos without a label (e.g. {unlabelled}); "
+                             "the kNN monitor votes with labels: use a labelled store (`vimpac tokenize` of a list "
+                             "with labels)")
+        return index
+
+    def dataset(self, index: pipelines.StoreIndex):
+        """This process's share of what the monitor embeds of `index` (`knn_dataset`), at config.knn.clip_fps."""
         shards = int(np.prod([self.mesh.shape[a] for a in shd.BATCH_AXES]))
         per_process = max(int(self.config.knn.batch_size) // jax.process_count(), 1)
         per_process = -(-per_process * jax.process_count() // shards) * shards // jax.process_count()
-        dataset = knn_dataset(index, batch_size=per_process, clip_len=self.model_cfg["clip_len"],
-                              clip_fps=self.config.data.clip_fps, seed=int(self.config.seed))
+        return knn_dataset(index, batch_size=per_process, clip_len=self.model_cfg["clip_len"],
+                           clip_fps=self.config.knn.clip_fps, seed=int(self.config.seed))
+
+    def _embed(self, params, index):
+        dataset = self.dataset(index)
         feats, labels = np.zeros((index.num_videos, self.model_cfg["hidden_dim"])), index.labels
         for local in pipelines.make_iterator(dataset, workers=0):
             batch = shd.make_global_batch(local, self.mesh)

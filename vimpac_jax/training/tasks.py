@@ -71,40 +71,42 @@ def check_run_config(config) -> None:
         raise ValueError("; ".join(problems))
 
 
-def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None) -> None:
-    """The store's tokens fit the model: the h x w grid; codes the embedding holds (from its
-    tokenizer's vocabulary in the metadata); a frame rate that gives clips at `clip_fps`
-    (config.data.clip_fps) exactly: a whole multiple of it, so that a clip keeps every
-    (store fps / clip fps)-th stored frame (the released `max(int(16 / frame_rate), 1)`, read
-    from a 16-fps store; configs/finetune.py); and clips that are not all padding. Checked
-    before anything compiles."""
+def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None,
+                     rate_field: str = "data.clip_fps") -> None:
+    """The store of config field `field` (e.g. 'data.train_store', 'knn.eval_store') fits the
+    model: the h x w grid; codes the embedding holds (from its tokenizer's vocabulary in the
+    metadata); a frame rate that gives clips at `clip_fps` (config field `rate_field`) exactly: a
+    whole multiple of it, so that a clip keeps every (store fps / clip fps)-th stored frame (the
+    released `max(int(16 / frame_rate), 1)`, read from a 16-fps store; configs/finetune.py); and
+    clips that are not all padding. Checked before anything compiles."""
+    where = f"config.{field}={index.store_dir}"
     grid = (int(model_cfg["height"]), int(model_cfg["width"]))
     if tuple(index.grid) != grid:
-        raise ValueError(f"config.data.{field}={index.store_dir}: tokens are {index.grid[0]}x{index.grid[1]} "
+        raise ValueError(f"{where}: tokens are {index.grid[0]}x{index.grid[1]} "
                          f"per frame, the model expects {grid[0]}x{grid[1]} (config.model.height/width)")
     codes = ((token_store.read_metadata(index.store_dir).get("tokenizer") or {}).get("config") or {}).get("vocab_size")
     if codes is not None and int(codes) > min(NUM_CODES, int(model_cfg["vocab_size"])):
-        raise ValueError(f"config.data.{field}={index.store_dir}: its tokenizer has {int(codes)} codes, more than "
+        raise ValueError(f"{where}: its tokenizer has {int(codes)} codes, more than "
                          f"the model's {NUM_CODES} (ids from {NUM_CODES} on are the special ids; "
                          f"config.model.vocab_size={model_cfg['vocab_size']})")
     if clip_fps is not None and clip_fps <= 0:
-        raise ValueError(f"config.data.clip_fps={clip_fps} must be > 0 (or None: every stored frame)")
+        raise ValueError(f"config.{rate_field}={clip_fps} must be > 0 (or None: every stored frame)")
     for fps in (np.unique(index.fps) if clip_fps is not None else ()):
         ratio = float(fps) / float(clip_fps)
         if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
             raise ValueError(
-                f"config.data.{field}={index.store_dir} holds frames at {float(fps):g} fps, which cannot give clips "
-                f"at config.data.clip_fps={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
+                f"{where} holds frames at {float(fps):g} fps, which cannot give clips "
+                f"at config.{rate_field}={float(clip_fps):g} (the store's fps must be a whole multiple of it): "
                 f"tokenize the videos again at a multiple of it (`vimpac tokenize --fps 16`: the released rate of the "
-                f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.data.clip_fps to {float(fps):g} / n")
+                f"downstream sets, a multiple of the presets' 2 and 4 fps), or set config.{rate_field} to {float(fps):g} / n")
     clip_len = int(model_cfg["clip_len"])
     steps = np.array([pipelines.frame_step(f, clip_fps) for f in index.fps], np.int64)
     frames = -(-index.num_frames // steps[:, None])  # [V, C] frames at the clip rate
     if index.num_videos and frames.max() < clip_len:
-        rate = "" if clip_fps is None else f" at config.data.clip_fps={clip_fps}"
-        raise ValueError(f"config.model.clip_len={clip_len} is longer than every video of config.data.{field}="
-                         f"{index.store_dir}: the longest has {int(frames.max())} frames{rate}, so every clip "
-                         f"would be mostly padding; lower config.model.clip_len (or config.data.clip_fps)")
+        rate = "" if clip_fps is None else f" at config.{rate_field}={clip_fps}"
+        raise ValueError(f"config.model.clip_len={clip_len} is longer than every video of {where}: "
+                         f"the longest has {int(frames.max())} frames{rate}, so every clip "
+                         f"would be mostly padding; lower config.model.clip_len (or config.{rate_field})")
 
 
 def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], field: str = "train_store") -> None:
@@ -186,7 +188,7 @@ class _StoreTask:
         if not config.data.train_store:
             raise ValueError("config.data.train_store is required (a token store from `vimpac tokenize`)")
         self.index = pipelines.load_index(config.data.train_store)
-        check_store_fits(self.index, self.model_cfg, "train_store", clip_fps=config.data.clip_fps)
+        check_store_fits(self.index, self.model_cfg, "data.train_store", clip_fps=config.data.clip_fps)
         self.process_count = jax.process_count()
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
@@ -294,6 +296,10 @@ class PretrainTask(_StoreTask):
         if config.data.eval_store:
             self._init_validation(config, mesh)
         self.knn = None
+        if bool(config.knn.train_store) != bool(config.knn.eval_store):
+            given, missing = ("train_store", "eval_store") if config.knn.train_store else ("eval_store", "train_store")
+            raise ValueError(f"config.knn.{given} is set but config.knn.{missing} is not: the kNN monitor needs both "
+                             "(labelled stores, e.g. UCF101 train and val)")
         if config.knn.train_store and config.knn.eval_store:
             from vimpac_jax.training.knn import KnnMonitor
 
@@ -304,10 +310,12 @@ class PretrainTask(_StoreTask):
 
     def _init_validation(self, config, mesh):
         """Held-out validation as the released pre-training script: two clips per video of the
-        center crop (`only_one_aug`), masked and scored in eval mode, batches of 1.5x the
+        center crop (`only_one_aug`), at config.pretrain.eval_clip_fps (2 fps: the released
+        validation reads the 2-fps LMDB), masked and scored in eval mode, batches of 1.5x the
         micro-batch (`bs_per_gpu * 1.5`) unless config.pretrain.eval_batch_size says otherwise."""
         index = pipelines.load_index(config.data.eval_store)
-        check_store_fits(index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
+        check_store_fits(index, self.model_cfg, "data.eval_store", clip_fps=config.pretrain.eval_clip_fps,
+                         rate_field="pretrain.eval_clip_fps")
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
         size = int(config.pretrain.get("eval_batch_size", 0)) or int(
             1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
@@ -319,13 +327,19 @@ class PretrainTask(_StoreTask):
         self.eval_step = make_pretrain_eval_step(self.model_cfg, self.optim_cfg, config.pretrain.to_dict(), mesh,
                                                  state_shardings=self.state_shardings)
 
+    def validation_dataset(self):
+        """This process's share of the held-out batches: two clips per video at
+        config.pretrain.eval_clip_fps, the same ones at every evaluation."""
+        c = self.config
+        return pipelines.train_dataset(
+            self.eval_index, "pretrain", batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
+            seed=int(c.seed), clip_fps=c.pretrain.eval_clip_fps, relevance_range=c.data.relevance_range, num_epochs=1)
+
     def validate(self, state) -> dict:
         """Mean over the held-out batches of the eval step's metrics (the released averaging);
         the same clips and masks at every evaluation. The last N mod B videos are not read."""
         c = self.config
-        dataset = pipelines.train_dataset(
-            self.eval_index, "pretrain", batch_size=self.eval_batch // self.process_count, clip_len=self.model_cfg["clip_len"],
-            seed=int(c.seed), clip_fps=c.data.clip_fps, relevance_range=c.data.relevance_range, num_epochs=1)
+        dataset = self.validation_dataset()
         mask_key = jax.random.key(int(c.seed) + 1)
         totals: dict[str, float] = {}
         for i, local in enumerate(pipelines.make_iterator(dataset, workers=0)):
@@ -375,7 +389,7 @@ class FinetuneTask(_StoreTask):
         self.eval_index = None
         if config.data.eval_store:
             self.eval_index = pipelines.load_index(config.data.eval_store)
-            check_store_fits(self.eval_index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
+            check_store_fits(self.eval_index, self.model_cfg, "data.eval_store", clip_fps=config.data.clip_fps)
         # One jitted test function for the run: each evaluation reuses its compilation.
         self.eval_step = make_eval_step(self.model_cfg, mesh)
 
