@@ -94,3 +94,27 @@ def test_predict_refuses_the_files_tokenize_refuses(released):
             vd.decode_frames(path, clf.protocol.fps, allow_partial=False)
         assert result.error == refused.value.reason and result.probs is None
     assert results[1].error.startswith("truncated:") and results[3].error.startswith("timestamp gap:")
+
+
+def test_class_names_beside_a_checkpoint_are_printed_and_exported(released, tmp_path, capsys):
+    """A checkpoint's class_names.txt (what `vimpac export` writes beside the weights) names the
+    classes of `vimpac predict`; an export of that checkpoint carries it on."""
+    import shutil
+
+    from vimpac_jax.commands import export as export_cmd
+    from vimpac_jax.export.source import CLASS_NAMES_FILE, write_class_names
+
+    ckpt, vq8192, _, video = released
+    named = tmp_path / "named"
+    shutil.copytree(ckpt, named)
+    names = ["Archery", "Basketball", "Biking", "Bowling", "Diving", "Fencing", "Rowing"]
+    write_class_names(named, names)
+    clf = vimpac_jax.load_classifier(named, tokenizer=vq8192, num_clips=2)
+    assert clf.class_names == names and {name for name, _ in clf.predict(video, top=7)} == set(names)
+    assert predict_cmd.main(["--workdir", str(named), "--tokenizer", str(vq8192), str(video), "--clips", "2",
+                             "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert sum(name in printed for name in names) == 2
+    assert export_cmd.main(["--workdir", str(named), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    assert (tmp_path / "st" / CLASS_NAMES_FILE).read_text().splitlines() == names
+    assert "class_names=7" in capsys.readouterr().out

@@ -512,6 +512,39 @@ def test_a_video_cut_short_is_listed_as_failed(tiny_tokenizer, videos, tmp_path)
     assert "timestamp gap" in reasons[str(gap)] and "bytes can hold" in reasons[str(gap)]
 
 
+def test_class_names_of_a_list_are_recorded_in_the_store(tiny_tokenizer, videos, tmp_path, caplog):
+    """`vimpac tokenize --class-names FILE`: an mmaction2 list's labels are numbers; the file says
+    what they mean and the store records it (labels outside it are refused, naming both files). A
+    store made without names takes them from a rerun; one with other names is refused."""
+    from vimpac_jax.commands import tokenize as tokenize_cmd
+
+    names = [f"class {i}" for i in range(8)]  # the list's labels are 3 and 7
+    (tmp_path / "names.txt").write_text("".join(f"{n}\n" for n in names))
+    (tmp_path / "list.txt").write_text(f"{videos / 'bikes.mp4'} 3\n{videos / 'carphone_pristine.mp4'} 7\n")
+    out = tmp_path / "store"
+    argv = ["--tokenizer", str(tiny_tokenizer), "--videos", str(tmp_path / "list.txt"), "--out", str(out),
+            "--fps", "2", "--size", "32", "--max-frames", "2", "--workers", "0", "--progress-interval", "0"]
+    assert tokenize_cmd.main(argv) == 0
+    assert token_store.read_metadata(out)["class_names"] is None  # a list alone says no names
+    with caplog.at_level(logging.WARNING):
+        assert tokenize_cmd.main([*argv, "--class-names", str(tmp_path / "names.txt")]) == 0
+    assert token_store.read_metadata(out)["class_names"] == names and "recorded the 8 class names" in caplog.text
+    assert tokenize_cmd.main([*argv, "--class-names", str(tmp_path / "names.txt")]) == 0  # the same: nothing to do
+    (tmp_path / "other.txt").write_text("".join(f"other {i}\n" for i in range(8)))
+    with pytest.raises(tk.StoreError, match=r"another configuration \(differs in: class_names\)"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, out, videos=str(tmp_path / "list.txt"), video_root=None,
+                                   max_frames=2, class_names_file=str(tmp_path / "other.txt")))
+    (tmp_path / "five.txt").write_text("a\nb\nc\nd\ne\n")
+    with pytest.raises(ValueError, match=r"list.txt: label 7 of .*carphone_pristine.* is outside \[0, 5\): "
+                                         r"--class-names .*five.txt names 5 classes"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", videos=str(tmp_path / "list.txt"),
+                                   video_root=None, class_names_file=str(tmp_path / "five.txt")))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="--class-names goes with --videos"):
+        tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "new", videos=None, video_root=None,
+                                   tfds="ucf101:train", class_names_file=str(tmp_path / "names.txt")))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
 def test_sigterm_stops_the_job_and_its_decode_workers(tiny_tokenizer, tmp_path):

@@ -25,6 +25,7 @@ from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip"]
+CLASS_NAMES = ["walking", "running", "jumping"]  # recorded by the labelled stores, as `vimpac tokenize --class-names`
 pytestmark = pytest.mark.slow  # every test runs `vimpac train` (or the loop) for real
 
 
@@ -33,9 +34,10 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
     videos = [dict(video_id=f"v{i:02d}", num_frames=4 + i % 5, label=i % 3) for i in range(16)]
     write_test_store(root / "pool", videos, grid=(4, 4), seed=0)
-    write_test_store(root / "train", [dict(v, variants=VARIANTS) for v in videos], grid=(4, 4), seed=1)
+    write_test_store(root / "train", [dict(v, variants=VARIANTS) for v in videos], grid=(4, 4), seed=1,
+                     class_names=CLASS_NAMES)
     val = [dict(v, video_id=f"val{i}", variants=VARIANTS) for i, v in enumerate(videos[:7])]
-    write_test_store(root / "val", val, grid=(4, 4), seed=2)
+    write_test_store(root / "val", val, grid=(4, 4), seed=2, class_names=CLASS_NAMES)
     return root
 
 
@@ -111,6 +113,10 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     # A progress line with an ETA per tested K, and the last K's confusion matrix (PNG + TensorBoard).
     assert re.search(r"evaluate 3 clips x 1 crops: 7/7 videos, [\d.]+ videos/s, [\d.]+ views/s, ETA", ev.stderr), ev.stderr
     assert str(ft / "confusion_matrix.png") in ev.stdout and list((ft / "tensorboard").glob("*.images"))
+    # The run's stores recorded class names: its results and its exports carry them.
+    assert sorted(again["per_class"]) == sorted(CLASS_NAMES) and sorted(saved["per_class"]) == sorted(CLASS_NAMES)
+    vimpac("export", "--workdir", ft, "--format", "safetensors", "--out", tmp_path / "export", env=env)
+    assert (tmp_path / "export" / "class_names.txt").read_text().splitlines() == CLASS_NAMES
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path):

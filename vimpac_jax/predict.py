@@ -18,6 +18,8 @@ The model source W is one of
                           must be given; the released protocol is used (10 clips x 3
                           crops, frames of 8 x the token grid, 2 fps: the released scripts' --frame-rate 2).
   a StableHLO directory   `vimpac export --format stablehlo`: as a model checkpoint.
+Class names: the run's (`tasks.class_names_of`), or the class_names.txt beside a checkpoint or an
+export (`vimpac export` writes the run's there); `class_names` / --class-names override them.
 A given tokenizer must make the model's token grid at that frame size and have the model's number
 of codes, else the load is refused naming both.
 """
@@ -325,7 +327,7 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
     from vimpac_jax.data import token_store
     from vimpac_jax.data.pipelines import frame_step
     from vimpac_jax.training import workdir as workdir_lib
-    from vimpac_jax.training.tasks import eval_crop_names, eval_crops_of
+    from vimpac_jax.training.tasks import class_names_of, eval_crop_names, eval_crops_of
 
     config = workdir_lib.read_config(path)
     store = config.data.eval_store or config.data.train_store
@@ -352,8 +354,7 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
         num_clips=int(num_clips or config.data.eval_clips), sampling=meta.get("sampling", "floor"),
         max_seconds=meta.get("max_seconds"), max_frames=meta.get("max_frames"))
     check_tokenizer_fits(tok, model_config, protocol.crops[0].crop, exact_codes=False, source=str(path))
-    names = config.get("class_names", None) or meta.get("class_names")
-    return protocol, names, tok, int(config.data.eval_batch_size)
+    return protocol, class_names_of(config), tok, int(config.data.eval_batch_size)
 
 
 def _given_protocol(path: Path, kind: str, model_config: dict, tokenizer, num_clips, crops, fps, devices, tok_batch):
@@ -373,7 +374,9 @@ def _given_protocol(path: Path, kind: str, model_config: dict, tokenizer, num_cl
     protocol = ViewProtocol(fps=fps, crops=tuple(v for v in variants if v.name in names),
                             clip_len=int(model_config["clip_len"]), clip_step=1,
                             num_clips=int(num_clips or RELEASED_NUM_CLIPS))
-    return protocol, None, tok, 8
+    from vimpac_jax.export.source import class_names  # an export's class_names.txt (`vimpac export`)
+
+    return protocol, class_names(path), tok, 8
 
 
 def _model_scores_fn(path: Path, kind: str, model_config: dict, mesh):

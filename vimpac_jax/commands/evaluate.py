@@ -140,7 +140,9 @@ def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Pa
                                     int(config.model.num_classes))
     title = (f"step {step}: top-1 {result['top1']:.2f}%, {result['num_clips']} clips x "
              f"{len(result['crops'])} crops, {result['num_videos']} videos")
-    image = plots.confusion_matrix_image(matrix, config.get("class_names", None), title=title)
+    from vimpac_jax.training.tasks import class_names_of
+
+    image = plots.confusion_matrix_image(matrix, class_names_of(config), title=title)
     path = plots.write_png(workdir / CONFUSION_MATRIX_FILE, image)
     plots.write_tensorboard_images(workdir / "tensorboard", step, {"eval/confusion_matrix": image})
     return path

@@ -6,7 +6,9 @@ step). PATH becomes a directory:
   safetensors  model.safetensors + model_config.json
   stablehlo    model.stablehlo + signature.json: the inference function, weights included,
                symbolic batch size; served with jax.export.deserialize, no vimpac code
-PATH is written under a temporary name and renamed when complete; it must lie outside DIR.
+PATH is written under a temporary name and renamed when complete; it must lie outside DIR. The
+classifier's class names (the run's, or a checkpoint's class_names.txt) go beside it in
+class_names.txt, where `vimpac predict` finds them.
 """
 
 import argparse
@@ -19,7 +21,8 @@ from pathlib import Path
 from vimpac_jax import exit_codes
 from vimpac_jax.export import FORMATS
 from vimpac_jax.io_utils import atomic_directory
-from vimpac_jax.export.source import ExportSourceError, load_exportable, load_model_config, source_kind
+from vimpac_jax.export.source import (ExportSourceError, class_names, load_exportable, load_model_config, source_kind,
+                                      write_class_names)
 from vimpac_jax.export.torch_format import ExportError, released_incompatibilities
 from vimpac_jax.models.config import complete
 
@@ -86,8 +89,12 @@ def main(argv) -> int:
             kwargs["platforms"] = _platforms(args.platforms)
         start = time.time()
         config, variables = load_exportable(args.workdir)
+        names = class_names(args.workdir)  # the run's (or the checkpoint's), carried on beside the export
         with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
             summary = writer(config, variables, tmp, **kwargs)
+            if names:
+                write_class_names(tmp, names)
+                summary["class_names"] = len(names)
     except (ExportSourceError, ExportError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"vimpac export: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT

@@ -68,8 +68,9 @@ def main(argv) -> int:
             raise lib.PredictError(f"--workers must be >= 0, got {args.workers}")
         class_names = None
         if args.class_names:
-            with open(args.class_names) as f:
-                class_names = [line.strip() for line in f if line.strip()]
+            from vimpac_jax.data.annotations import read_label_map  # the format of `vimpac tokenize --class-names`
+
+            class_names = read_label_map(args.class_names)
         paths = _expand(args.videos, lib.log)
         if not paths:
             raise lib.PredictError("no videos given")

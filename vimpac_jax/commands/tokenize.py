@@ -4,7 +4,10 @@ videos -> token store.
 --videos is an mmaction2 list (`path label` or `path` per line), a .csv of video ids, or a
 directory scanned for videos. --tfds instead reads decoded videos and labels from a TFDS dataset
 prepared beforehand (e.g. `ucf101:train`, with --data-dir; needs `pip install 'vimpac-jax[tfds]'`;
---source-fps where the dataset does not record its frame rate). Each video is decoded at --fps,
+--source-fps where the dataset does not record its frame rate). --class-names FILE (one name per
+line, in label order) records what a list's labels mean in the store's metadata.json, as a
+directory's class folders and a TFDS dataset's label names are: runs, `vimpac evaluate`,
+`vimpac predict` and exports print and carry them. Each video is decoded at --fps,
 its shorter side resized to --resize (default --size; the 'finetune' sets also use 1.25x that),
 cropped to --size squares (the --variants set: pretrain = 1 view, finetune = 12,
 finetune_noflip = 6) and every frame tokenized. Output (see vimpac_jax/tokenize/job.py): ArrayRecord shards holding,
@@ -46,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --tfds: frame rate of the dataset's videos (default: its metadata, or known for ucf101)")
     p.add_argument("--out", required=True, help="token store directory (created; an unfinished one is resumed)")
     p.add_argument("--video-root", default=None, help="prefix for the list's relative paths (default: as written)")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="class names, one per line in label order (label 0 first), recorded in the store")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
     p.add_argument("--size", type=int, default=128, help="square frame size in pixels (default 128)")
     p.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default --size)")
@@ -91,7 +96,7 @@ def main(argv) -> int:
         sampling=args.sampling, workers=args.workers, batch_size=args.batch_size, shard_size=args.shard_size,
         dtype=args.dtype, process_index=args.process_index, process_count=args.process_count,
         progress_interval=args.progress_interval, tfds=args.tfds, tfds_data_dir=args.data_dir,
-        source_fps=args.source_fps,
+        source_fps=args.source_fps, class_names_file=args.class_names,
         **({} if args.shard_options is None else {"shard_options": args.shard_options}),
         **({} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}))
     if args.distributed:

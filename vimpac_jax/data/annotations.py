@@ -155,7 +155,8 @@ def _parse_int(text: str, path: str, where: str, field: str) -> int:
         raise ValueError(f"{path}:{where}: {field} must be an integer, got {text!r}") from None
 
 
-def _check_labels(items: Sequence[VideoItem], class_names: Sequence[str] | None, source: str) -> None:
+def check_labels(items: Sequence[VideoItem], class_names: Sequence[str] | None, source: str) -> None:
+    """Every label indexes ``class_names`` (ValueError naming ``source`` and the video otherwise)."""
     if class_names is None:
         return
     n = len(class_names)
@@ -223,7 +224,7 @@ def read_mmaction_list(
         label = _parse_int(fields[1], list_file, str(lineno), "label") if len(fields) == 2 else None
         items.append(_item(fields[0], label, video_root))
     names = list(class_names) if class_names is not None else None
-    _check_labels(items, names, list_file)
+    check_labels(items, names, list_file)
     return Annotations(items, names)
 
 
@@ -324,7 +325,7 @@ def read_ucf101(
         return _read_ucf101_official(annotation_dir, split, subset, video_root)
     ann = read_mmaction_list(mm_list, video_root)
     names = _read_ucf101_class_index(class_ind) if os.path.exists(class_ind) else _class_names_from_dirs(ann.items)
-    _check_labels(ann.items, names, mm_list)
+    check_labels(ann.items, names, mm_list)
     return Annotations(ann.items, names)
 
 
@@ -488,7 +489,7 @@ def read_diving48(
         if isinstance(label, bool) or not isinstance(label, int):
             label = _parse_int(str(label), json_file, where, "'label'")
         items.append(_item(f"{entry['vid_name']}{ext}", label, video_root))
-    _check_labels(items, class_names, json_file)
+    check_labels(items, class_names, json_file)
     return Annotations(items, class_names)
 
 

@@ -49,6 +49,7 @@ def write_test_store(
     pattern: str = "random",
     options: str = "group_size:1",
     chunk_frames: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write a complete token store to ``store_dir`` (created; must not hold a store yet).
 
@@ -61,6 +62,7 @@ def write_test_store(
       per ArrayRecord chunk, default compression).
     chunk_frames: None writes the "whole" layout (one record per (video, variant), format 1);
       an int writes the "chunked" layout `vimpac tokenize` writes, with that many frames a record.
+    class_names: recorded in the metadata as `vimpac tokenize` records a dataset's names.
     Returns the store path.
     """
     if pattern not in PATTERNS:
@@ -108,5 +110,7 @@ def write_test_store(
             "tokenizer": {"kind": "test", "pattern": pattern, "seed": seed}, "shard_options": options}
     if chunk_frames is not None:
         meta.update(layout=CHUNKED_LAYOUT, chunk_frames=int(chunk_frames))
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
     (store / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return store

@@ -18,11 +18,15 @@ import flax
 import jax
 import numpy as np
 
-from vimpac_jax import checkpoints
+from vimpac_jax import checkpoints, io_utils
+from vimpac_jax.data import annotations
 from vimpac_jax.models.model import abstract_variables, build_model
 from vimpac_jax.training import workdir as workdir_lib
 
 VARIABLE_COLLECTIONS = ("params", "batch_stats")
+# A classifier's class names beside an export (or a checkpoint): one per line, label 0 first, the
+# format `vimpac tokenize --class-names` and `vimpac predict --class-names` read.
+CLASS_NAMES_FILE = "class_names.txt"
 
 
 class ExportSourceError(ValueError):
@@ -95,3 +99,22 @@ def read_exportable(path) -> tuple[dict[str, Any], dict, Any]:
     variables = {k: v for k, v in variables.items() if k in VARIABLE_COLLECTIONS and jax.tree.leaves(v)}
     check_variables(config, variables, path)
     return config, variables, step
+
+
+def class_names(path) -> list[str] | None:
+    """What the classifier at `path` calls its classes: the class_names.txt of an export or a
+    checkpoint directory, else a workdir's (`tasks.class_names_of`: its config, else its stores');
+    None when nothing says."""
+    path = Path(path)
+    if (path / CLASS_NAMES_FILE).is_file():
+        return annotations.read_label_map(str(path / CLASS_NAMES_FILE))
+    if workdir_lib.is_workdir(path):
+        from vimpac_jax.training.tasks import class_names_of
+
+        return class_names_of(workdir_lib.read_config(path))
+    return None
+
+
+def write_class_names(out_dir, names) -> None:
+    """`out_dir`/class_names.txt, one name per line (`class_names` reads it back)."""
+    io_utils.write_text_atomic(Path(out_dir) / CLASS_NAMES_FILE, "".join(f"{name}\n" for name in names))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vimpac_jax import io_utils
 from vimpac_jax.data import annotations, token_store
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenize.journal import PROGRESS_DIR, StoreError
@@ -15,12 +17,15 @@ from vimpac_jax.tokenize.lists import items_sha256
 if TYPE_CHECKING:
     from vimpac_jax.tokenize.job import TokenizeOptions
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"  # progress/config.json: the identity of an unfinished store
 
 
 def store_identity(tokenizer_identity: dict, opts: TokenizeOptions, variants: Sequence[vd.Variant],
-                   items: Sequence[annotations.VideoItem]) -> dict:
-    """What a store is made of; a store is extended or reused only by a run with the same identity."""
+                   items: Sequence[annotations.VideoItem], class_names: Sequence[str] | None = None) -> dict:
+    """What a store is made of; a store is extended or reused only by a run with the same identity.
+    class_names: what its labels mean (None: not known; see `LATER_KEYS`)."""
     return {
         "tokenizer": tokenizer_identity,
         "fps": float(opts.fps),
@@ -33,16 +38,23 @@ def store_identity(tokenizer_identity: dict, opts: TokenizeOptions, variants: Se
         "max_frames": opts.max_frames,
         "videos": {"count": len(items), "sha256": items_sha256(items)},
         "chunk_frames": int(opts.chunk_frames),
+        "class_names": None if class_names is None else list(class_names),
     }
 
 
 IDENTITY_KEYS = ("tokenizer", "fps", "size", "resize", "variant_set", "variants", "sampling", "max_seconds",
                  "max_frames", "videos", "source_fps",  # source_fps: --tfds only (absent = None for files)
-                 "chunk_frames")  # absent in stores of the "whole" layout (vimpac convert-store)
+                 "chunk_frames",  # absent in stores of the "whole" layout (vimpac convert-store)
+                 "class_names")
+# Compared only when both sides know them: a store tokenized without class names is the same
+# store with them (`check_out_dir` records them in its metadata).
+LATER_KEYS = ("class_names",)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
-    return [k for k in IDENTITY_KEYS if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+    return [k for k in IDENTITY_KEYS
+            if not (k in LATER_KEYS and (a.get(k) is None or b.get(k) is None))
+            and json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
 def check_out_dir(out: Path, identity: dict) -> dict | None:
@@ -67,6 +79,12 @@ def check_out_dir(out: Path, identity: dict) -> dict | None:
             raise StoreError(f"--out {out} holds a token store made with another configuration (differs in: "
                              f"{', '.join(diff)}); use another --out or delete it")
         if meta.get("complete"):
+            if meta.get("class_names") is None and identity.get("class_names") is not None:
+                meta = {**meta, "class_names": identity["class_names"]}
+                io_utils.write_json_atomic(meta_path, meta, indent=1)
+                log.warning(f"tokenize: recorded the {len(meta['class_names'])} class names in {meta_path} (a store "
+                            f"tokenized without them); a training run started on this store before cannot resume "
+                            f"(its checkpoints record the old metadata.json's hash)")
             return meta
     if config_path.is_file():
         diff = _differences(json.loads(config_path.read_text()), identity)

@@ -93,6 +93,7 @@ class TokenizeOptions:
     tfds: str | None = None  # NAME[/CONFIG]:SPLIT of a prepared TFDS dataset, instead of `videos`
     tfds_data_dir: str | None = None  # its TFDS data_dir (default: TFDS's own)
     source_fps: float | None = None  # frame rate of the TFDS dataset's videos, where it does not say
+    class_names_file: str | None = None  # one class name per line, in label order (--class-names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,8 @@ def check_options(opts: TokenizeOptions) -> None:
         raise ValueError("--data-dir and --source-fps go with --tfds")
     if opts.tfds is not None and opts.video_root is not None:
         raise ValueError("--video-root goes with --videos, not --tfds")
+    if opts.tfds is not None and opts.class_names_file is not None:
+        raise ValueError("--class-names goes with --videos; a TFDS dataset's names come from its label feature")
     if opts.source_fps is not None and not opts.source_fps > 0:
         raise ValueError(f"--source-fps must be positive, got {opts.source_fps}")
     if not opts.fps > 0:
@@ -206,7 +209,11 @@ def tokenize_videos(opts: TokenizeOptions) -> TokenizeResult:
 
         source = TfdsVideoSource(opts.tfds, data_dir=opts.tfds_data_dir, source_fps=opts.source_fps)
     else:
-        items, class_names = read_items(opts.videos, opts.video_root)
+        given = None if opts.class_names_file is None else annotations.read_label_map(opts.class_names_file)
+        if given is not None and not given:
+            raise ValueError(f"--class-names {opts.class_names_file}: no class names (one per line)")
+        items, class_names = read_items(opts.videos, opts.video_root, given,
+                                        f"--class-names {opts.class_names_file}")
         if not items:
             raise ValueError(f"--videos {opts.videos}: no videos listed")
     variants = vd.variants_for(opts.variants, opts.size, opts.resize)
@@ -222,7 +229,7 @@ def tokenize_videos(opts: TokenizeOptions) -> TokenizeResult:
         items, class_names = source.items(), source.class_names
         if not items:
             raise ValueError(f"--tfds {opts.tfds}: the split has no examples")
-    identity = store_identity(tok.identity(), opts, variants, items)
+    identity = store_identity(tok.identity(), opts, variants, items, class_names)
     if source is not None:  # the frames sampled depend on it
         identity["source_fps"] = source.source_fps
     out = Path(opts.out)
@@ -236,7 +243,7 @@ def tokenize_videos(opts: TokenizeOptions) -> TokenizeResult:
     pi, pc = _process_share(opts)
     hw = tok.token_hw(opts.size, opts.size)
     # tokenizer_dir: where `vimpac predict` finds the tokenizer again (its identity is checked on load).
-    extra_meta = {"token_shape": list(hw), "token_dtype": "int16", "class_names": class_names,
+    extra_meta = {"token_shape": list(hw), "token_dtype": "int16",
                   "tokenizer_dir": os.path.abspath(opts.tokenizer),
                   "source": os.path.abspath(opts.videos) if source is None else f"tfds:{opts.tfds}",
                   "process_count": pc, "shard_options": opts.shard_options,

@@ -12,8 +12,11 @@ from vimpac_jax.data import annotations
 log = logging.getLogger(__name__)
 
 
-def read_items(videos: str, video_root: str | None = None) -> tuple[list[annotations.VideoItem], list[str] | None]:
-    """The list (mmaction2 `path [label]` lines, or a .csv of ids) or directory -> unique items.
+def read_items(videos: str, video_root: str | None = None, class_names: Sequence[str] | None = None,
+               class_names_source: str = "--class-names") -> tuple[list[annotations.VideoItem], list[str] | None]:
+    """The list (mmaction2 `path [label]` lines, or a .csv of ids) or directory -> unique items,
+    and the class names: ``class_names`` when given (`vimpac tokenize --class-names`; every label
+    must index it), else what the list says (a directory's class folders).
 
     Repeats of a video id are dropped (a repeat with another label is an error).
     """
@@ -28,7 +31,13 @@ def read_items(videos: str, video_root: str | None = None) -> tuple[list[annotat
     items = annotations.unique_by_video_id(ann.items)
     if len(items) < len(ann.items):
         log.info(f"tokenize: {videos}: dropped {len(ann.items) - len(items)} repeated video id(s)")
-    return items, ann.class_names
+    if class_names is None:
+        return items, ann.class_names
+    try:
+        annotations.check_labels(items, class_names, videos)
+    except ValueError as e:
+        raise ValueError(f"{e}: {class_names_source} names {len(class_names)} classes") from None
+    return items, list(class_names)
 
 
 def items_sha256(items: Sequence[annotations.VideoItem]) -> str:

@@ -402,6 +402,23 @@ class FinetuneTask(_StoreTask):
         return result if full else {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
+def class_names_of(config) -> Optional[list[str]]:
+    """What a fine-tuning run's labels mean: config.class_names, else the names its training (or
+    held-out) store recorded (`vimpac tokenize`: a directory's class folders, a TFDS dataset's
+    label names, --class-names); None when neither says (or the stores are gone)."""
+    names = config.get("class_names", None)
+    if names:
+        return list(names)
+    for store in (config.data.train_store, config.data.eval_store):
+        try:
+            recorded = token_store.read_metadata(store).get("class_names") if store else None
+        except (OSError, ValueError):
+            continue
+        if recorded:
+            return list(recorded)
+    return None
+
+
 def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
     """The stored variants used as test crops: explicit names, or the no-flip crops at the
     smallest resize (3 crops); `crops='center'` (or 1) keeps the center crop only (SSV2)."""
@@ -465,7 +482,7 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     if len(np.unique(videos)) != len(videos) or len(videos) != index.num_videos:
         raise RuntimeError(f"evaluation counted {len(videos)} views of {len(np.unique(videos))} videos; "
                            f"the split has {index.num_videos}")
-    report = accuracy_report(probs, labels, config.get("class_names", None))
+    report = accuracy_report(probs, labels, class_names_of(config))
     report.update(loss=float(np.concatenate(losses).mean()), num_clips=k, crops=variants, predictions=[
         {"video_id": index.video_ids[v], "label": int(l), "prediction": int(p.argmax()), "score": float(p.max())}
         for v, l, p in zip(videos, labels, probs)])
