@@ -62,3 +62,38 @@ def test_eval_loss_is_the_mean_over_views_of_the_cross_entropy():
                               [[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]]]))         # video 1, label 2: p = 0.8 twice
     np.testing.assert_allclose(view_cross_entropy(logits, np.array([0, 2])),
                                [-(np.log(0.5) + np.log(0.25)) / 2, -np.log(0.8)], rtol=1e-12)
+
+
+def test_fine_tuning_from_a_pretrained_run_reports_in_a_few_lines(caplog):
+    """What a newcomer sees when fine-tuning from a pre-training run: one line for the heads left
+    out of the checkpoint (MLM, projection) and one for the classifier kept initialised, the
+    leaves themselves at debug level only; orbax's read-only notice of each restore at debug."""
+    import logging
+
+    from vimpac_jax.training import init_from
+
+    f32 = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    target = {"params": {"backbone": {"pos_embed": {"temporal": f32(4, 8)}, "dense": {"kernel": f32(8, 8)}},
+                         "classifier": {"dense": {"kernel": f32(8, 3), "bias": f32(3)}}}}
+    source = {"params": {"backbone": {"pos_embed": {"temporal": f32(5, 8)}, "dense": {"kernel": f32(8, 8)}},
+                         "mlm_head": {f"layer{i}": {"kernel": f32(8, 8)} for i in range(4)},
+                         "proj_head": {f"layer{i}": {"kernel": f32(8, 8)} for i in range(20)}}}
+    _, report = init_from.adapt_tree(target, source, expected_missing=("/classifier/",),
+                                     expected_unused=("/mlm_head/", "/proj_head/"))
+    assert len(report["unused"]) == 24
+    assert init_from.format_report(report).splitlines() == [
+        "init_from: 1 restored, 1 interpolated/shrunk, 2 not in the checkpoint (kept initialised), 24 unused",
+        "init_from: interpolated/shrunk to the model's shape: params/backbone/pos_embed/temporal",
+        "init_from: kept initialised (not in the checkpoint): params/classifier (2): this task's own head",
+        "init_from: left out (not in this model): params/mlm_head (4), params/proj_head (20): heads of the "
+        "checkpoint's task that this task does not have"]
+    assert len(init_from.report_details(report).splitlines()) == 1 + 2 + 24
+
+    from vimpac_jax.training import checkpointing
+
+    for level, seen in ((logging.INFO, False), (logging.DEBUG, True)):
+        caplog.clear()
+        with caplog.at_level(level):
+            checkpointing.read_only_manager(Path(__file__).parent).close()
+        notices = [r for r in caplog.records if "Given directory is read only" in r.getMessage()]
+        assert [r.levelno for r in notices] == ([logging.DEBUG] if seen else [])

@@ -64,3 +64,23 @@ def command_output() -> Iterator[None]:
         yield
     finally:
         logger.propagate = previous
+
+
+class _OrbaxReadOnlyNotice(logging.Filter):
+    """Orbax warns 'Given directory is read only=...' (absl) each time a read-only
+    CheckpointManager opens: every restore of export, evaluate, predict and init_from, which open
+    a run's checkpoints read-only on purpose. Dropped from the absl logger and passed on as a
+    DEBUG record of `vimpac_jax.checkpointing`, so VIMPAC_LOG_LEVEL=DEBUG still shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Given directory is read only"):
+            return True
+        logging.getLogger(f"{LOGGER}.checkpointing").debug("orbax: %s", record.getMessage())
+        return False
+
+
+def quiet_orbax_read_only_notice() -> None:
+    """Install `_OrbaxReadOnlyNotice` on the absl logger (once; read-only managers call it)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxReadOnlyNotice) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxReadOnlyNotice())

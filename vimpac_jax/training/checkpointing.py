@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vimpac_jax import logs
 from vimpac_jax.training.init_from import path_name
 
 CHECKPOINTS_DIR = "checkpoints"  # of a workdir (training/workdir.py)
@@ -60,6 +61,7 @@ def make_manager(workdir, *, save_every: int, keep: int) -> ocp.CheckpointManage
 
 def read_only_manager(checkpoints_dir, **kwargs) -> ocp.CheckpointManager:
     """A manager that never writes nor deletes (readers of a run: export, evaluate, init_from)."""
+    logs.quiet_orbax_read_only_notice()  # orbax's warning about the read-only open, at debug level
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(checkpoints_dir).absolute(), options=options, **kwargs)

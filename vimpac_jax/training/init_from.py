@@ -106,9 +106,45 @@ def adapt_tree(target: Any, source: Any, *, expected_missing: Iterable[str] = ()
     return jax.tree_util.tree_unflatten(treedef, out), report
 
 
+# The heads one task has and another lacks (classifier; MLM and contrastive projection): the
+# leaves `tasks.initialise_from` expects to find missing or unused.
+TASK_HEADS = ("classifier", "mlm_head", "proj_head")
+
+
+def _groups(keys: Iterable[str]) -> str:
+    """'params/mlm_head (4), params/proj_head (20)': leaves counted by head (`TASK_HEADS`), or by
+    their first two path components."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split("/")
+        heads = [i for i, part in enumerate(parts) if part in TASK_HEADS]
+        group = "/".join(parts[: heads[0] + 1] if heads else parts[:2])
+        counts[group] = counts.get(group, 0) + 1
+    return ", ".join(f"{group} ({n})" for group, n in counts.items())
+
+
+def _why(keys: Iterable[str], heads_reason: str) -> str:
+    return heads_reason if all(any(f"/{h}/" in f"/{k}/" for h in TASK_HEADS) for k in keys) else "allowed by " \
+        "config.init_from_allow_mismatch"
+
+
 def format_report(report: dict) -> str:
+    """What `adapt_tree` did, in at most four lines: the counts, then what was interpolated, what
+    the checkpoint lacks and what it holds that the model has not, by group and why (each leaf:
+    `report_details`, logged at debug level)."""
     lines = [f"init_from: {len(report['restored'])} restored, {len(report['adapted'])} interpolated/shrunk, "
              f"{len(report['missing'])} not in the checkpoint (kept initialised), {len(report['unused'])} unused"]
-    for kind in ("adapted", "missing", "unused"):
-        lines += [f"  {kind}: {k}" for k in report[kind]]
+    if report["adapted"]:
+        lines.append(f"init_from: interpolated/shrunk to the model's shape: {', '.join(report['adapted'])}")
+    if report["missing"]:
+        lines.append(f"init_from: kept initialised (not in the checkpoint): {_groups(report['missing'])}: "
+                     + _why(report["missing"], "this task's own head"))
+    if report["unused"]:
+        lines.append(f"init_from: left out (not in this model): {_groups(report['unused'])}: "
+                     + _why(report["unused"], "heads of the checkpoint's task that this task does not have"))
     return "\n".join(lines)
+
+
+def report_details(report: dict) -> str:
+    """Every adapted, missing and unused leaf, one per line."""
+    return "\n".join(f"  {kind}: {k}" for kind in ("adapted", "missing", "unused") for k in report[kind])

@@ -13,6 +13,7 @@ A task is built from the config and the mesh and exposes:
                                                evaluation; scalars (may be empty)
 """
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -166,11 +167,12 @@ def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_
         if source.get("opt_state") is None:
             raise ValueError(f"config.init_from_optimizer: {path} holds no optimizer state (use a training workdir)")
         target["opt_state"], src["opt_state"] = state.opt_state, source["opt_state"]
-    expected = ("/classifier/", "/mlm_head/", "/proj_head/")  # heads that differ by task
+    expected = tuple(f"/{head}/" for head in init_from_lib.TASK_HEADS)  # heads that differ by task
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     values, report = init_from_lib.adapt_tree(abstract, src, expected_missing=expected, expected_unused=expected,
                                               allow_mismatch=allow_mismatch)
     log(init_from_lib.format_report(report))
+    logging.getLogger(__name__).debug("init_from: every leaf not restored as is:\n%s", init_from_lib.report_details(report))
     filled = jax.tree.map(lambda v, old: v if isinstance(v, np.ndarray) else old, values, target)
     placed = jax.tree.map(lambda v, old: jax.device_put(np.asarray(v, old.dtype), old.sharding), filled, target)
     return state.replace(**placed)
