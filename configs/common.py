@@ -46,7 +46,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=50,
         checkpoint_every=1000,
         keep_checkpoints=3,
-        eval_every=0,                # steps; 0 = at the end only
+        eval_every=0,                # steps; 0 = every eval_every_epochs, else at the end only
+        eval_every_epochs=0.0,       # epochs between evaluations when eval_every is 0 (the released
+                                     # --eval-per-epochs); 0 = at the end only
         progress_seconds=10.0,
     ))
     t.update(overrides)
@@ -73,8 +75,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # whole multiple of it; the README's downstream stores are at 16 fps). None: every stored frame.
     config.pretrain.eval_clip_fps = ml_collections.FieldReference(2.0, field_type=float)
     # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
-    # data.batch_size videos from that many forward/backward passes (Large-Half at T=10, 256 px).
-    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1))
+    # data.batch_size videos from that many forward/backward passes. videos_per_device > 0 sets it
+    # from the device count instead, as the released --bs-per-gpu does (gradient_accumulation =
+    # batch / devices / bs_per_gpu): micro-batches of that many videos per data x fsdp device.
+    config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1, videos_per_device=0))
     # The released kNN monitor (vimpac/knn_monitor.py): k = 200, temperature 0.07; labelled stores
     # (UCF101 train / val). every: steps between kNN evaluations; 0 = with every evaluation
     # (train.eval_every) and at the end. clip_fps: the clips' frame rate, 2 fps as the released

@@ -41,10 +41,16 @@ def get_config(arg: str | None = None):
     # micro-batches (255 negatives per clip) in stage 1, 64-video ones (127 negatives) in stage 2
     # and in every analysis run (paper Appendix C.1 and Table 11's default row).
     config.pretrain.update(mlm_weight=1.0, nce_weight=1.0, mask_blocks=5, micro_batches=8)
+    # Validation (data.eval_store) and the kNN monitor (knn.*_store), when given, every epoch: the
+    # released scripts' --eval-per-epochs 1 (train.eval_every, in steps, overrides it).
+    config.train.eval_every_epochs = 1.0
     if arg.stage2:
         config.train.epochs = 10.0         # epochs [90, 100) of the 100-epoch schedule above
         config.pretrain.micro_batches = 16  # 64-video micro-batches
         config.pretrain.mask_blocks = 6  # Table 2: 6 blocks at 32x32 tokens is nearest 15%
+        # large_frame256cont.sh validates int(bs_per_gpu * 1.5) = int(1 * 1.5) = 1 video per GPU of
+        # its 64 (batch 1024 in 16-step accumulations of 64): 64 videos, not 1.5 x 64.
+        config.pretrain.eval_batch_size = 64
         config.init_from = ""  # set to the 128-px run's workdir: positional tables are interpolated,
         config.init_from_optimizer = True  # the Adam moments with them, and the schedule continues
     if arg.analysis:

@@ -81,7 +81,8 @@ def test_analysis_and_scratch_finetuning_variants(dataset):
     an = config(f"finetune.py:dataset={dataset},analysis")
     assert (an.model.num_layers, an.model.hidden_dim, an.model.clip_len, an.model.height) == (6, 512, 5, 16)
     assert an.data.eval_clips == 2 and base.data.eval_clips == 10 and an.train.epochs == epochs
-    assert an.data.clip_fps == fps and an.init_from == ""
+    # The released analysis scripts (small_*.sh, Table 7's runs) pass --frame-rate 2 for every set.
+    assert an.data.clip_fps == 2.0 and base.data.clip_fps == fps and an.init_from == ""
     sc = config(f"finetune.py:dataset={dataset},scratch")
     assert sc.train.epochs == scratch_epochs and sc.init_from == "" and sc.data.eval_clips == 10
     assert sc.train.epochs / epochs == (4.0 if dataset in ("ucf101", "hmdb51", "diving48") else 1.5)
@@ -360,3 +361,31 @@ def test_knn_stores_must_be_labelled_and_come_in_pairs(tmp_path):
                                         ("knn.eval_store", "val2", 2.0, True)])
     with pytest.raises(ValueError, match=r"config\.knn\.eval_store is set but config\.knn\.train_store is not"):
         pretrain_task(tmp_path, stores=[("knn.eval_store", "val2", 2.0, True)])
+
+
+def test_released_recipe_rows_validation_batch_cadence_and_accumulation(tmp_path):
+    """large_frame256cont.sh validates int(1 * 1.5) = 1 video per GPU of 64: 64 videos; every
+    pre-training script validates each epoch (--eval-per-epochs 1) when it has held-out stores;
+    large_frame256_ucf101.sh fine-tunes 2 videos per GPU and accumulates the rest of 128."""
+    assert config("pretrain.py:large_half,stage2").pretrain.eval_batch_size == 64
+    assert config("pretrain.py:large_half").pretrain.eval_batch_size == 0  # stage 1: 1.5 x the 128-video micro-batch
+    for spec in ("pretrain.py:small", "pretrain.py:large_half,stage2", "pretrain.py:small,analysis"):
+        assert config(spec).train.eval_every_epochs == 1.0 and config(spec).train.eval_every == 0
+    assert config("finetune.py:dataset=ucf101,model=large_half").finetune.videos_per_device == 2
+    assert config("finetune.py:dataset=ucf101,model=large_half,analysis").finetune.videos_per_device == 0
+
+    # 8 videos of the eval store, runlocal's 4-video batches of the 8-video pool: 2 steps an epoch.
+    val = ("data.eval_store", "val16", 16.0, True)
+    task = pretrain_task(tmp_path, stores=[val])
+    assert task.eval_every == 2 and [s for s in range(1, 7) if task.evaluation_due(s)] == [2, 4, 6]
+    assert pretrain_task(tmp_path, "--config.train.eval_every=3", stores=[val]).eval_every == 3
+    assert not any(pretrain_task(tmp_path).evaluation_due(s) for s in range(1, 7))  # nothing to evaluate
+    with pytest.raises(ValueError, match=r"config\.train\.eval_every_epochs=-1\.0 must be >= 0"):
+        from vimpac_jax.training.tasks import check_run_config
+        check_run_config(config("pretrain.py:runlocal", "--config.train.eval_every_epochs=-1"))
+
+    ft = finetune_task(tmp_path, "ucf101", fps=2.0, overrides=("--config.finetune.videos_per_device=2",))
+    assert ft.micro_batches == 4 // 2  # runlocal's 4-video batch, 2 per device on this 1-device mesh
+    with pytest.raises(ValueError, match=r"videos_per_device=3 on 1 data x fsdp devices does not divide "
+                                         r"config\.data\.batch_size=4"):
+        finetune_task(tmp_path, "ucf101", fps=2.0, overrides=("--config.finetune.videos_per_device=3",))

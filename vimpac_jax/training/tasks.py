@@ -54,6 +54,11 @@ def check_run_config(config) -> None:
             need(int(t[name]) >= low, f"train.{name}", t[name], expected)
     if "progress_seconds" in t:
         need(float(t.progress_seconds) >= 0, "train.progress_seconds", t.progress_seconds, ">= 0")
+    if "eval_every_epochs" in t:
+        need(float(t.eval_every_epochs) >= 0, "train.eval_every_epochs", t.eval_every_epochs, ">= 0 (0: at the end only)")
+    if "finetune" in config and "videos_per_device" in config.finetune:
+        need(int(config.finetune.videos_per_device) >= 0, "finetune.videos_per_device", config.finetune.videos_per_device,
+             ">= 0 (0: finetune.micro_batches)")
     if "epochs" in t and not int(t.get("num_steps", 0)):
         need(float(t.epochs) > 0, "train.epochs", t.epochs, "> 0 (or set train.num_steps)")
     if config.task in TASKS:
@@ -203,6 +208,10 @@ class _StoreTask:
             raise ValueError(f"config.data.batch_size={global_batch} is larger than the {self.index.num_videos} "
                              f"videos of {config.data.train_store}")
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
+        # Steps between periodic evaluations: train.eval_every, else train.eval_every_epochs (the
+        # released --eval-per-epochs) in this store's steps; 0: at the end only.
+        epochs = float(config.train.get("eval_every_epochs", 0.0))
+        self.eval_every = int(config.train.eval_every) or (max(1, int(round(epochs * steps_per_epoch))) if epochs else 0)
         self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
         self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)
         # Once per run (it traces the model's initialisation): the layout of the state for its
@@ -241,8 +250,7 @@ class _StoreTask:
         return shd.make_global_batch(local, self.mesh)
 
     def evaluation_due(self, step: int) -> bool:
-        every = int(self.config.train.eval_every)
-        return bool(every) and step % every == 0
+        return bool(self.eval_every) and step % self.eval_every == 0
 
     def dataset(self):
         c = self.config
@@ -351,12 +359,12 @@ class PretrainTask(_StoreTask):
         return {name: total / len(dataset) for name, total in totals.items()}
 
     def evaluation_due(self, step: int) -> bool:
-        return super().evaluation_due(step) or bool(self.knn is not None and self.knn_every
-                                                     and step % self.knn_every == 0)
+        periodic = super().evaluation_due(step) and (self.eval_index is not None or self.knn is not None)
+        return periodic or bool(self.knn is not None and self.knn_every and step % self.knn_every == 0)
 
     def evaluate(self, state, *, step: Optional[int] = None, full: bool = False) -> dict:
-        """Validation (config.data.eval_store) every train.eval_every steps, the kNN monitor every
-        knn.every steps (0: with validation); both at the end (`full`)."""
+        """Validation (config.data.eval_store) every train.eval_every steps (or eval_every_epochs),
+        the kNN monitor every knn.every steps (0: with validation); both at the end (`full`)."""
         periodic = full or super().evaluation_due(step)
         result = self.validate(state) if self.eval_index is not None and periodic else {}
         if self.knn is not None and (full or (step % self.knn_every == 0 if self.knn_every else periodic)):
@@ -372,6 +380,15 @@ class FinetuneTask(_StoreTask):
         self.items_per_step = int(config.data.batch_size)
         micro_batches = int(config.finetune.micro_batches)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+        per_device = int(config.finetune.get("videos_per_device", 0))
+        if per_device:  # the released --bs-per-gpu: gradient_accumulation = batch / devices / bs_per_gpu
+            if int(config.data.batch_size) % (per_device * shards):
+                raise ValueError(f"config.finetune.videos_per_device={per_device} on {shards} data x fsdp devices "
+                                 f"does not divide config.data.batch_size={config.data.batch_size}")
+            micro_batches = int(config.data.batch_size) // (per_device * shards)
+            log(f"fine-tuning: {config.data.batch_size}-video updates in {micro_batches} micro-batch(es) of "
+                f"{per_device} video(s) per device (config.finetune.videos_per_device)")
+        self.micro_batches = micro_batches
         if micro_batches < 1 or int(config.data.batch_size) % (micro_batches * shards):
             raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
                              f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
