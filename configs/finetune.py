@@ -73,11 +73,11 @@ def get_config(arg: str | None = None):
         # paper's 4 fps (Appendix C.1) is the final T=10 setting's.
         config.data.clip_fps = 2.0
     if full:
-        # large_frame256_ucf101.sh: --bs-per-gpu 2, the rest of the 128-video batch accumulated. By
-        # benchmarks/RESULTS.md's saved activations (Small's fine-tuning step at T=10, 32x32 tokens:
-        # 1,214 MB per clip; Large-Half's layers ~1.2x Small's each, 24 of them: ~5.7 GB per clip),
-        # 128 videos in one pass need ~730 GB, and ~84 GB even with model.remat=full: no single
-        # 80 GB GPU holds them. 2 per device (~12 GB) fits any of them; 8 (~46 GB) fits an 80 GB one.
+        # large_frame256_ucf101.sh: --bs-per-gpu 2, the rest of the 128-video batch accumulated. The
+        # step saves 6.5 GB of activations per clip (benchmarks/RESULTS.md, "Large-Half fine-tuning
+        # memory"): 128 videos in one pass are ~840 GB, ~68 GB even with model.remat=full before its
+        # recomputation and the 3.4 GB of weights, gradients and Adam moments: no 80 GB GPU holds them.
+        # 2 per device (13 GB) fits any GPU the released code ran on; 8 (52 GB) fits an 80 GB one.
         config.finetune.videos_per_device = 2
     # 10 uniformly spaced test clips per crop (Appendix C.1: 3 crops x 10 = 30 views); the
     # analysis runs use 2 (Appendix F: "we use 2 temporal crops for inference").
