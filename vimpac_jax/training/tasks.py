@@ -428,7 +428,8 @@ def class_names_of(config) -> Optional[list[str]]:
     names = config.get("class_names", None)
     if names:
         return list(names)
-    for store in (config.data.train_store, config.data.eval_store):
+    data = config.get("data", None) or {}  # a workdir's config.json written by hand may hold only `model`
+    for store in (data.get("train_store"), data.get("eval_store")):
         try:
             recorded = token_store.read_metadata(store).get("class_names") if store else None
         except (OSError, ValueError):
