@@ -3,7 +3,7 @@
 `--config configs/pretrain.py:small,runlocal --config.model.dropout=0.0` is parsed by
 ml_collections' own config flag on a private FlagValues, so that each command keeps argparse
 for its other options and configs are locked (a misspelt field is an error before anything
-compiles).
+compiles), then checked field by field (`config_schema.check`: types, ranges, fields no block has).
 
 Config files are found relative to the working directory first and, failing that, among the
 installed configs (`vimpac_jax.configs`, which is the repository's top-level `configs/`, see
@@ -141,6 +141,9 @@ def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
         raise ValueError(f"bad --config flag: {message}") from e
     if fv.config is None:
         raise ValueError("--config FILE.py[:ARG] is required")
+    from vimpac_jax import config_schema  # imports the blocks' modules (jax): not at config_utils' import
+
+    config_schema.check(fv.config)  # every field's type and range, unknown fields: before anything runs
     return fv.config
 
 

@@ -15,26 +15,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from vimpac_jax import config_schema
 from vimpac_jax.data import pipelines
 from vimpac_jax.tokenizer import vq, vq_data, vq_train
-from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
 
 
 def check_config(config) -> None:
-    """ValueError naming the field of a schedule or objective value out of range (before frames
-    are decoded or anything compiles)."""
-    optim, num_steps = config.optim, int(config.train.num_steps)
-    problems = []
-    if not float(optim.learning_rate) > 0:
-        problems.append(f"optim.learning_rate={float(optim.learning_rate)} must be > 0")
-    if not 0 <= optimizer_lib.warmup_steps(dict(warmup=optim.warmup, total_steps=num_steps)) <= num_steps:
-        problems.append(f"optim.warmup={optim.warmup} must be in [0, train.num_steps={num_steps}] "
-                        "(< 1: a fraction of it)")
-    if not 0.0 <= float(config.tokenizer.ema_decay) < 1.0:
-        problems.append(f"tokenizer.ema_decay={config.tokenizer.ema_decay} must be in [0, 1)")
-    if problems:
-        raise ValueError("config: " + "; ".join(problems))
+    """ValueError naming the fields out of range (`config_schema`: the schedule against
+    train.num_steps, the objective's ranges), before frames are decoded or anything compiles."""
+    config_schema.check(config)
 
 
 class VQTokenizerTask:

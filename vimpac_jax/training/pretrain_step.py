@@ -57,6 +57,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL, PAD_ID
 from vimpac_jax.models.losses import info_nce, mlm_loss
 from vimpac_jax.models.model import build_model, init_variables
@@ -111,33 +112,8 @@ def _field(cfg: Mapping[str, Any], key: str):
 
 
 def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
-    """Raises ValueError naming the `config.pretrain` field that is out of range."""
-    problems = []
-    if int(_field(cfg, "micro_batches")) < 1:
-        problems.append(f"micro_batches={_field(cfg, 'micro_batches')} must be >= 1")
-    if _field(cfg, "mask_kind") not in ("block", "iid"):
-        problems.append(f"mask_kind={_field(cfg, 'mask_kind')!r} must be 'block' or 'iid'")
-    if _field(cfg, "mask_noise") not in ("none", "bert"):
-        problems.append(f"mask_noise={_field(cfg, 'mask_noise')!r} must be 'none' or 'bert'")
-    if int(_field(cfg, "mask_blocks")) < 1:
-        problems.append(f"mask_blocks={_field(cfg, 'mask_blocks')} must be >= 1")
-    if int(_field(cfg, "max_masked")) < 0:
-        problems.append(f"max_masked={_field(cfg, 'max_masked')} must be >= 0 (0: from the quantile)")
-    if not 0.0 < float(_field(cfg, "max_masked_quantile")) <= 1.0:
-        problems.append(f"max_masked_quantile={_field(cfg, 'max_masked_quantile')} must be in (0, 1]")
-    for name in ("mlm_weight", "nce_weight"):
-        if float(_field(cfg, name)) < 0:
-            problems.append(f"{name}={_field(cfg, name)} must be >= 0")
-    if _field(cfg, "mlm_positions") not in MLM_POSITIONS:
-        problems.append(f"mlm_positions={_field(cfg, 'mlm_positions')!r} must be one of {MLM_POSITIONS}")
-    if not 0.0 < float(_field(cfg, "packed_quantile")) <= 1.0:
-        problems.append(f"packed_quantile={_field(cfg, 'packed_quantile')} must be in (0, 1]")
-    if int(_field(cfg, "mlm_vocab_multiple")) < 1:
-        problems.append(f"mlm_vocab_multiple={_field(cfg, 'mlm_vocab_multiple')} must be >= 1")
-    if _field(cfg, "dropout_rng") not in DROPOUT_RNGS:
-        problems.append(f"dropout_rng={_field(cfg, 'dropout_rng')!r} must be one of {DROPOUT_RNGS}")
-    if problems:
-        raise ValueError("config.pretrain: " + "; ".join(problems))
+    """Raises ValueError naming the `config.pretrain` fields out of range (`config_schema`)."""
+    config_schema.check_block("pretrain", "pretrain", cfg)
 
 
 def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
