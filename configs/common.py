@@ -65,9 +65,6 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config.init_from_allow_mismatch = False
     config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
     config.pretrain = pretrain_config()
-    # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
-    # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
-    config.pretrain.eval_batch_size = 0
     # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
     # data.batch_size videos from that many forward/backward passes (Large-Half at T=10, 256 px).
     config.finetune = ml_collections.ConfigDict(dict(label_smoothing=0.0, micro_batches=1))

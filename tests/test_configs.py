@@ -185,7 +185,25 @@ def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
     assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
     with pytest.raises(KeyError, match="height"):
         build_model({k: v for k, v in old.items() if k != "height"})
-    assert opt.warmup_steps(dict(total_steps=1000)) == 1000 * opt.optim_config().warmup  # 0.05, stated once
+
+
+def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks_definitions(tmp_path):
+    """A config file written before fields existed (or a block it leaves out) is completed when
+    it is loaded, each field from its block's one definition, so the library reads plain fields."""
+    from vimpac_jax.configs import common
+    from vimpac_jax.training import optimizer as opt
+    from vimpac_jax.training import pretrain_step as ps
+
+    spec = tmp_path / "old.py"
+    spec.write_text("from vimpac_jax.configs import pretrain\n\n"
+                    "def get_config(arg=None):\n    c = pretrain.get_config('small,runlocal')\n"
+                    "    del c.optim['warmup'], c.pretrain['dropout_rng'], c.model['embed_lookup'], c['knn']\n"
+                    "    return c\n")
+    loaded = load_config(["--config", f"{spec}:x"])
+    assert loaded.optim.warmup == opt.optim_config().warmup == 0.05  # stated once, in optim_config
+    assert loaded.pretrain.dropout_rng == ps.pretrain_config().dropout_rng
+    assert loaded.model.embed_lookup == "float32" and loaded.knn.to_dict() == common.base_config("pretrain").knn.to_dict()
+    assert opt.warmup_steps(dict(loaded.optim, total_steps=1000)) == 50
 
 
 def _rules_with(**changes):

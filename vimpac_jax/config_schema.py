@@ -17,6 +17,7 @@ pretrain: `training/pretrain_step.py`; mesh: `training/sharding.py`; data, train
 its block's table here, next to its default there.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -150,7 +151,7 @@ def _optim_fields() -> dict[str, Field]:
 
 
 def _pretrain_fields() -> dict[str, Field]:
-    """`config.pretrain` (training/pretrain_step.py `pretrain_config`, plus eval_batch_size)."""
+    """`config.pretrain` (training/pretrain_step.py `pretrain_config`)."""
     from vimpac_jax.training.pretrain_step import DROPOUT_RNGS, MLM_POSITIONS
 
     return dict(
@@ -256,12 +257,14 @@ def _model_rules(config, need) -> None:
                 need(False, f"model.{name}", m[name], f"valid ({e})")
     d, heads = m.get("hidden_dim"), m.get("num_heads")
     if isinstance(d, int) and d >= 1 and (heads is None or isinstance(heads, int) and heads >= 1):
-        heads = heads or d // 64
-        attention_dim = d // 2 if m.get("halve_att") else d
-        need(heads >= 1 and attention_dim % heads == 0, "model.hidden_dim", d,
-             f"a multiple of the heads ({heads}: model.num_heads, or hidden_dim // 64 when None)"
-             f"{' x 2 (halve_att: attention over hidden_dim // 2)' if m.get('halve_att') else ''}"
-             if heads >= 1 else "at least 64 (one head of 64 when model.num_heads is None), or set model.num_heads")
+        heads = heads or d // 64  # backbone.VideoTransformer: hidden_dim // 64 heads by default
+        halve = " x 2 (halve_att: attention over hidden_dim // 2)" if m.get("halve_att") else ""
+        if heads < 1:
+            need(False, "model.hidden_dim", d, ">= 64 (one head of 64 when model.num_heads is None), or set "
+                 "model.num_heads")
+        else:
+            need((d // 2 if halve else d) % heads == 0, "model.hidden_dim", d,
+                 f"a multiple of the heads ({heads}: model.num_heads, or hidden_dim // 64 when None){halve}")
     if isinstance(m.get("mlm_codes"), int) and isinstance(m.get("vocab_size"), int):
         need(m["mlm_codes"] <= m["vocab_size"], "model.mlm_codes", m["mlm_codes"],
              f"<= model.vocab_size={m['vocab_size']}")
@@ -296,8 +299,8 @@ def _rules(config, need) -> None:
 
     try:
         logical_axis_rules(config["mesh"])
-    except ValueError as e:
-        need(False, "mesh.logical_axis_rules", "...", f"valid ({e})")
+    except ValueError as e:  # its message names config.mesh.logical_axis_rules and the rule
+        need(False, "", None, str(e))
 
 
 def _tokenizer_rules(config, need) -> None:
@@ -321,6 +324,10 @@ RULES = {"pretrain": _store_task_rules, "finetune": _store_task_rules, "tokenize
 
 # ----------------------------------------------------------------------------------------------
 
+def _nothing():
+    return contextlib.nullcontext()
+
+
 def _plain(value):
     return value.to_dict() if hasattr(value, "to_dict") else value
 
@@ -336,8 +343,9 @@ def problems(config: Mapping[str, Any]) -> list[str]:
     found: list[str] = []
 
     def need(ok: bool, field: str, value, expected: str) -> None:
+        """A rule: unless `ok`, 'config.FIELD=VALUE must be EXPECTED' (no FIELD: EXPECTED as it is)."""
         if not ok:
-            found.append(f"config.{field}={value!r} must be {expected}")
+            found.append(f"config.{field}={_plain(value)!r} must be {expected}" if field else expected)
 
     task = config.get("task")
     if task not in SCHEMAS:
@@ -361,6 +369,48 @@ def problems(config: Mapping[str, Any]) -> list[str]:
     if not found:  # the rules read values whose types and ranges are known to be right
         RULES[task](config, need)
     return found
+
+
+def defaults(task: str):
+    """Every block of a TASK config at its one definition's defaults (a ConfigDict), or None for
+    the tokenizer, whose blocks are its presets' (configs/tokenizer.py)."""
+    if task not in ("pretrain", "finetune"):
+        return None
+    from vimpac_jax.configs import common
+    from vimpac_jax.models.config import model_config
+
+    config = common.base_config(task)
+    config.model = model_config(task=task)  # the size has no default (0): a model block must give it
+    return config
+
+
+def complete(config) -> list[str]:
+    """Adds to `config` (a ConfigDict, in place) the fields its blocks lack (a config written
+    before they existed, or built by hand) at their blocks' defaults; returns them, dotted.
+    Blocks and fields that no task block has are left for `check` to name."""
+    base = defaults(config.get("task"))
+    if base is None:
+        return []
+    added = []
+    with config.ignore_type() if hasattr(config, "ignore_type") else _nothing(), \
+            config.unlocked() if hasattr(config, "unlocked") else _nothing():
+        for name in base.keys():
+            if name not in config:
+                config[name] = base[name]
+                added.append(name)
+            elif hasattr(base[name], "keys") and hasattr(config[name], "keys"):
+                for field in base[name].keys():
+                    if field not in config[name]:
+                        config[name][field] = base[name][field]
+                        added.append(f"{name}.{field}")
+    return added
+
+
+def resolve(config):
+    """`config` completed (`complete`) and checked (`check`): what the library is handed. Returns it."""
+    complete(config)
+    check(config)
+    return config
 
 
 def check_block(task: str, block: str, values: Mapping[str, Any]) -> None:

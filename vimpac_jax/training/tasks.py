@@ -273,7 +273,7 @@ class PretrainTask(_StoreTask):
         index = pipelines.load_index(config.data.eval_store)
         check_store_fits(index, self.model_cfg, "eval_store", clip_fps=config.data.clip_fps)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
-        size = int(config.pretrain.get("eval_batch_size", 0)) or int(
+        size = int(config.pretrain.eval_batch_size) or int(
             1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
         self.eval_batch = -(-size // shards) * shards  # whole batches over the devices and processes
         if index.num_videos < self.eval_batch:

@@ -128,9 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     hook called after each step with the step number.
     """
     workdir = Path(workdir)
-    # Every field's type and range, before anything is locked, read or compiled (a config built in
-    # Python; `config_utils.load_config` has checked a loaded one already).
-    config_schema.check(config)
+    # Completed and checked, before anything is locked, read or compiled (a config built in Python;
+    # `config_utils.load_config` has resolved a loaded one already: then this changes nothing).
+    config_schema.resolve(config)
     # Multi-host: every process must run the same config; checked before anything compiles.
     from vimpac_jax.runtime.distributed import check_same_config
     check_same_config(config)
