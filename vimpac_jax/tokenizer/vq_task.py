@@ -15,16 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vimpac_jax import config_schema
 from vimpac_jax.data import pipelines
 from vimpac_jax.tokenizer import vq, vq_data, vq_train
 from vimpac_jax.training import sharding as shd
-
-
-def check_config(config) -> None:
-    """ValueError naming the fields out of range (`config_schema`: the schedule against
-    train.num_steps, the objective's ranges), before frames are decoded or anything compiles."""
-    config_schema.check(config)
 
 
 class VQTokenizerTask:
@@ -33,10 +26,7 @@ class VQTokenizerTask:
 
     def __init__(self, config, mesh, *, log):
         self.config, self.mesh, self.log = config, mesh, log
-        self.total_steps = int(config.train.num_steps)
-        if self.total_steps <= 0:
-            raise ValueError(f"config.train.num_steps must be > 0, got {self.total_steps}")
-        check_config(config)
+        self.total_steps = int(config.train.num_steps)  # >= 1, and the warm-up within it (config_schema)
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
         if global_batch % jax.process_count() or global_batch % shards:

@@ -263,8 +263,6 @@ class PretrainTask(_StoreTask):
 
             self.knn = KnnMonitor(config, mesh)
         self.knn_every = int(config.knn.every)
-        if self.knn_every < 0:
-            raise ValueError(f"config.knn.every={self.knn_every} must be >= 0 (0: with every evaluation)")
 
     def _init_validation(self, config, mesh):
         """Held-out validation as the released pre-training script: two clips per video of the
