@@ -124,7 +124,7 @@ def test_bad_sweep_files_are_rejected(tmp_path, store, capsys):
         "typo.py": ("def get_sweep():\n    return [{'seed': 1}, {'pretrain.nce_wieght': 0.5}]\n", "nce_wieght"),
         # Out of its range: refused at load (config_schema), before run 0 starts.
         "range.py": ("def get_sweep():\n    return [{'seed': 1}, {'pretrain.mask_blocks': 0}]\n",
-                     "run 01_mask_blocks=0: config.pretrain.mask_blocks=0 must be an integer >= 1"),
+                     "run 01_mask_blocks=0: config.pretrain.mask_blocks=0 must be >= 1"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

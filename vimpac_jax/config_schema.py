@@ -43,11 +43,11 @@ class Field:
     def problem(self, value: Any) -> Optional[str]:
         """What `value` should have been ('must be ...'), or None when it is fine."""
         if value is None:
-            return None if self.optional else f"must be {self._expected()}"
+            return None if self.optional else f"must be {self._expected(kind=True)}"
         if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, self.kind):
-            return f"must be {self._expected()}"
+            return f"must be {self._expected(kind=True)}"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"must be {self._expected()} (a finite number)"
+            return f"must be a finite number {self._expected()}".rstrip()
         if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}"
         if (self.low is not None and (value < self.low or (self.open_low and value == self.low))) or \
@@ -55,26 +55,30 @@ class Field:
             return f"must be {self._expected()}"
         return None
 
-    def _expected(self) -> str:
+    def _expected(self, kind: bool = False) -> str:
+        """The range ('>= 1 (0: ...)', 'in [0, 1)'); with `kind`, the type first ('an integer >= 1')."""
         def num(x):
             return f"{x:g}" if isinstance(x, float) else str(x)
 
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                 list: "a list", tuple: "a list"}
-        what = " or ".join(dict.fromkeys(words.get(k, k.__name__) for k in kinds))
-        if self.kind == _NUMBER:
-            what = "a number"
+        parts = []
+        if kind:
+            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+            words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                     list: "a list", tuple: "a list"}
+            parts.append("a number" if self.kind == _NUMBER else
+                         " or ".join(dict.fromkeys(words.get(k, k.__name__) for k in kinds)))
         if self.low is not None and self.high is not None:
-            what += (f" in {'(' if self.open_low else '['}{num(self.low)}, {num(self.high)}"
-                     f"{')' if self.open_high else ']'}")
+            parts.append(f"in {'(' if self.open_low else '['}{num(self.low)}, {num(self.high)}"
+                         f"{')' if self.open_high else ']'}")
         elif self.low is not None:
-            what += f" {'>' if self.open_low else '>='} {num(self.low)}"
+            parts.append(f"{'>' if self.open_low else '>='} {num(self.low)}")
         elif self.high is not None:
-            what += f" {'<' if self.open_high else '<='} {num(self.high)}"
-        if self.optional:
-            what += " or None"
-        return what + (f" ({self.note})" if self.note else "")
+            parts.append(f"{'<' if self.open_high else '<='} {num(self.high)}")
+        if kind and self.optional:
+            parts.append("or None")
+        if self.note:
+            parts.append(f"({self.note})")
+        return " ".join(parts)
 
 
 def Int(low=None, high=None, **kw) -> Field:  # noqa: N802 (a field's type, as in a table)
