@@ -1,14 +1,16 @@
-"""Every field of a run config with its type and range, checked once when a config is loaded.
+"""Every field of a run config with its type and range: a config is resolved once, when it is loaded.
 
-`check(config)` runs in `config_utils.load_config` (so in `vimpac train`, `vimpac sweep`, `vimpac
-params`, the demo) and at the start of `training.train.train` (a config built in Python): before
-a data index is read, anything is allocated, written or compiled. It raises one ValueError that
+`resolve(config)` runs in `config_utils.load_config` (so in `vimpac train`, `vimpac sweep`,
+`vimpac params`, the demo) and at the start of `training.train.train` (a config built in Python),
+before a data index is read, anything is allocated, written or compiled. It completes the config
+(`complete`: the fields a pre-training or fine-tuning config lacks, at their blocks' defaults:
+`configs/common.py` `base_config` and `models/config.py` `model_config`, the one definition of
+each), so the library reads plain fields, then checks it (`check`): one ValueError that
 names every field out of its type or range (`config.optim.learning_rate=-1.0 must be > 0`),
 every field no block has (with the nearest valid name, as ml_collections does for a misspelt
 `--config.FIELD=` override; a config *file* can add fields that nothing would read), and the
 cross-field rules a single range cannot state (heads that divide the width, block masks that a
-clip can hold, warm-up within the run, ...). A field a config lacks is not an error here (a
-config written before it existed); the blocks' definitions give its default.
+clip can hold, warm-up within the run, ...).
 
 The tables are per task and per block (`SCHEMAS`): one `Field` per field, in the order of the
 block's definition (the model block: `models/config.py`; optim: `training/optimizer.py`;
@@ -17,7 +19,6 @@ pretrain: `training/pretrain_step.py`; mesh: `training/sharding.py`; data, train
 its block's table here, next to its default there.
 """
 
-import contextlib
 import dataclasses
 import difflib
 import math
@@ -328,10 +329,6 @@ RULES = {"pretrain": _store_task_rules, "finetune": _store_task_rules, "tokenize
 
 # ----------------------------------------------------------------------------------------------
 
-def _nothing():
-    return contextlib.nullcontext()
-
-
 def _plain(value):
     return value.to_dict() if hasattr(value, "to_dict") else value
 
@@ -396,8 +393,7 @@ def complete(config) -> list[str]:
     if base is None:
         return []
     added = []
-    with config.ignore_type() if hasattr(config, "ignore_type") else _nothing(), \
-            config.unlocked() if hasattr(config, "unlocked") else _nothing():
+    with config.ignore_type(), config.unlocked():  # a loaded config is locked (config_utils)
         for name in base.keys():
             if name not in config:
                 config[name] = base[name]
