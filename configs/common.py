@@ -67,13 +67,6 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config.init_from_allow_mismatch = False
     config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
     config.pretrain = pretrain_config()
-    # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
-    # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
-    config.pretrain.eval_batch_size = 0
-    # Frame rate of the validation clips: 2 fps, as the released pre-training validation (it reads
-    # the 2-fps LMDB: vimpac/data.py with no frame_rate), whatever the held-out store's fps (a
-    # whole multiple of it; the README's downstream stores are at 16 fps). None: every stored frame.
-    config.pretrain.eval_clip_fps = ml_collections.FieldReference(2.0, field_type=float)
     # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
     # data.batch_size videos from that many forward/backward passes. videos_per_device > 0 sets it
     # from the device count instead, as the released --bs-per-gpu does (gradient_accumulation =

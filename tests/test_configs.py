@@ -187,7 +187,25 @@ def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
     assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
     with pytest.raises(KeyError, match="height"):
         build_model({k: v for k, v in old.items() if k != "height"})
-    assert opt.warmup_steps(dict(total_steps=1000)) == 1000 * opt.optim_config().warmup  # 0.05, stated once
+
+
+def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks_definitions(tmp_path):
+    """A config file written before fields existed (or a block it leaves out) is completed when
+    it is loaded, each field from its block's one definition, so the library reads plain fields."""
+    from vimpac_jax.configs import common
+    from vimpac_jax.training import optimizer as opt
+    from vimpac_jax.training import pretrain_step as ps
+
+    spec = tmp_path / "old.py"
+    spec.write_text("from vimpac_jax.configs import pretrain\n\n"
+                    "def get_config(arg=None):\n    c = pretrain.get_config('small,runlocal')\n"
+                    "    del c.optim['warmup'], c.pretrain['dropout_rng'], c.model['embed_lookup'], c['knn']\n"
+                    "    return c\n")
+    loaded = load_config(["--config", f"{spec}:x"])
+    assert loaded.optim.warmup == opt.optim_config().warmup == 0.05  # stated once, in optim_config
+    assert loaded.pretrain.dropout_rng == ps.pretrain_config().dropout_rng
+    assert loaded.model.embed_lookup == "float32" and loaded.knn.to_dict() == common.base_config("pretrain").knn.to_dict()
+    assert opt.warmup_steps(dict(loaded.optim, total_steps=1000)) == 50
 
 
 def _rules_with(**changes):
@@ -278,7 +296,7 @@ def test_ssv2_never_trains_on_flipped_clips(tmp_path):
 
 def test_the_tokenizer_task_has_the_blocks_of_the_others():
     from vimpac_jax.configs import common
-    from vimpac_jax.tokenizer import vq_task, vq_train
+    from vimpac_jax.tokenizer import vq_train
 
     c = config("tokenizer.py:tiny")
     assert {"model", "optim", "data", "train", "tokenizer", "mesh", "seed"} <= set(c.keys())
@@ -294,9 +312,9 @@ def test_the_tokenizer_task_has_the_blocks_of_the_others():
         assert float(schedule(steps)) == pytest.approx(3e-3) and float(schedule(steps - 1)) < 3e-3 * (1 - 0.5 / steps)
     assert c.model.codebook_size == 64
     with pytest.raises(ValueError, match=r"optim.warmup=400.0 must be in \[0, train.num_steps=300\]"):
-        vq_task.check_config(config("tokenizer.py:tiny", "--config.optim.warmup=400"))
+        config("tokenizer.py:tiny", "--config.optim.warmup=400")
     with pytest.raises(ValueError, match="tokenizer.ema_decay=1.0"):
-        vq_task.check_config(config("tokenizer.py:tiny", "--config.tokenizer.ema_decay=1.0"))
+        config("tokenizer.py:tiny", "--config.tokenizer.ema_decay=1.0")
 
 
 def pretrain_task(tmp_path, *overrides, stores=()):
@@ -381,11 +399,103 @@ def test_released_recipe_rows_validation_batch_cadence_and_accumulation(tmp_path
     assert pretrain_task(tmp_path, "--config.train.eval_every=3", stores=[val]).eval_every == 3
     assert not any(pretrain_task(tmp_path).evaluation_due(s) for s in range(1, 7))  # nothing to evaluate
     with pytest.raises(ValueError, match=r"config\.train\.eval_every_epochs=-1\.0 must be >= 0"):
-        from vimpac_jax.training.tasks import check_run_config
-        check_run_config(config("pretrain.py:runlocal", "--config.train.eval_every_epochs=-1"))
+        config("pretrain.py:runlocal", "--config.train.eval_every_epochs=-1")
 
     ft = finetune_task(tmp_path, "ucf101", fps=2.0, overrides=("--config.finetune.videos_per_device=2",))
     assert ft.micro_batches == 4 // 2  # runlocal's 4-video batch, 2 per device on this 1-device mesh
     with pytest.raises(ValueError, match=r"videos_per_device=3 on 1 data x fsdp devices does not divide "
                                          r"config\.data\.batch_size=4"):
         finetune_task(tmp_path, "ucf101", fps=2.0, overrides=("--config.finetune.videos_per_device=3",))
+
+
+# A fault probe's values (issue 24, item 6): each ran to the end with exit 0, ended in a reshape
+# traceback (hidden_dim=63) or grew to 24 GB until the OOM killer came (mask_blocks=100000).
+ABSURD = [("model.num_layers", "0"), ("optim.warmup", "2.0"), ("optim.clip_grad_norm", "-1"),
+          ("optim.learning_rate", "-1"), ("optim.learning_rate", "nan"), ("model.hidden_dim", "63"),
+          ("pretrain.mask_blocks", "100000"), ("seed", "-1"), ("model.dropout", "1.0"),
+          ("pretrain.micro_batches", "3"), ("data.batch_size", "0"), ("knn.k", "0")]
+
+
+@pytest.mark.parametrize("field,value", ABSURD)
+def test_an_absurd_value_is_refused_at_load_naming_its_field(field, value):
+    with pytest.raises(ValueError, match=rf"^config\.{field}={value}(\.0)? must be "):
+        config("pretrain.py:small,runlocal", f"--config.{field}={value}")
+
+
+def test_the_probes_values_are_refused_with_what_was_expected():
+    def refusal(*overrides):
+        with pytest.raises(ValueError) as e:
+            config("pretrain.py:small,runlocal", *overrides)
+        return str(e.value)
+
+    assert "heads" in refusal("--config.model.hidden_dim=63")  # 2 heads (tiny) do not divide 63
+    assert "heads" in refusal("--config.model.hidden_dim=32", "--config.model.num_heads=None")  # 32 // 64 = 0 heads
+    assert "the clip's 48 tokens" in refusal("--config.pretrain.mask_blocks=49")  # runlocal clips: 3 x 4 x 4
+    config("pretrain.py:small,runlocal", "--config.pretrain.mask_blocks=48")
+    assert "a fraction" in refusal("--config.optim.warmup=1.0")
+    # Every problem at once, each with its field.
+    both = refusal("--config.optim.learning_rate=-1", "--config.model.num_layers=0")
+    assert "config.optim.learning_rate=-1.0" in both and "config.model.num_layers=0" in both
+    # The tokenizer's warm-up counts updates (< 1: a fraction) within its run.
+    assert "train.num_steps=20" in refusal_of("tokenizer.py:tiny,runlocal", "--config.optim.warmup=21")
+    config("tokenizer.py:tiny,runlocal", "--config.optim.warmup=20")
+
+
+def refusal_of(spec, *overrides):
+    with pytest.raises(ValueError) as e:
+        config(spec, *overrides)
+    return str(e.value)
+
+
+def test_a_field_no_block_has_is_refused_with_the_nearest_name(tmp_path):
+    """A config file can add fields to its blocks (the file's ConfigDict is not locked yet); one
+    that nothing reads is a typo that would silently train with the default."""
+    spec = tmp_path / "mine.py"
+    spec.write_text("from vimpac_jax.configs import pretrain\n\n"
+                    "def get_config(arg=None):\n    c = pretrain.get_config('small,runlocal')\n"
+                    "    c.optim.learning_rat = 1e-3\n    c.pretrian = {}\n    return c\n")
+    message = refusal_of_file(spec)
+    assert "config.optim.learning_rat is not a field of config.optim; did you mean learning_rate?" in message
+    assert "config.pretrian is not a field of a config; did you mean pretrain?" in message
+
+
+def refusal_of_file(path):
+    with pytest.raises(ValueError) as e:
+        load_config(["--config", f"{path}:x"])
+    return str(e.value)
+
+
+def test_every_shipped_preset_passes_the_check():
+    from vimpac_jax import config_schema
+    from vimpac_jax.configs import demo, finetune, pretrain, tokenizer
+
+    variants = [(pretrain, f"{m}{x}") for m in pretrain.PRESETS for x in ("", ",stage2", ",analysis", ",runlocal")]
+    variants += [(finetune, f"dataset={d},model={m}{x}") for d in finetune.DATASETS for m in ("small", "large_half")
+                 for x in ("", ",analysis", ",scratch", ",runlocal")]
+    variants += [(tokenizer, f"{p}{x}") for p in tokenizer.PRESETS for x in ("", ",runlocal")]
+    variants += [(demo, f"stage={s},preset={p}") for s in ("tokenizer", "pretrain", "finetune") for p in demo.PRESETS]
+    refused = {f"{module.__name__}:{arg}": config_schema.problems(module.get_config(arg)) for module, arg in variants}
+    assert {k: v for k, v in refused.items() if v} == {}
+
+
+def test_train_from_python_checks_the_config_before_touching_the_workdir(tmp_path):
+    from vimpac_jax.configs import pretrain
+    from vimpac_jax.training import train as train_lib
+
+    c = pretrain.get_config("small,runlocal")
+    c.optim.warmup = 2.0
+    with pytest.raises(ValueError, match=r"config.optim.warmup=2.0 must be"):
+        train_lib.train(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_vimpac_train_refuses_an_absurd_value_with_one_error_line(tmp_path):
+    from conftest import run_vimpac
+
+    result = run_vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w",
+                        f"--config.data.train_store={tmp_path / 'store'}", "--config.pretrain.mask_blocks=100000")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("vimpac train: error: config.pretrain.mask_blocks=100000 must be"), \
+        result.stderr[-2000:]
+    assert not (tmp_path / "w").exists()

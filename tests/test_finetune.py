@@ -51,8 +51,12 @@ def test_micro_batches_that_do_not_divide_the_batch_are_refused(tmp_path):
     from vimpac_jax.training.tasks import FinetuneTask
 
     store = write_test_store(tmp_path / "s", [dict(video_id=f"v{i}", num_frames=4, label=0) for i in range(8)])
-    config = load_config(["--config", f"{CONFIGS}/finetune.py:runlocal", "--config.model.num_classes=3",
-                          f"--config.data.train_store={store}", "--config.finetune.micro_batches=3"])
+    overrides = ["--config", f"{CONFIGS}/finetune.py:runlocal", "--config.model.num_classes=3",
+                 f"--config.data.train_store={store}"]
+    with pytest.raises(ValueError, match="config.finetune.micro_batches=3"):  # at load: 3 does not divide 4
+        load_config([*overrides, "--config.finetune.micro_batches=3"])
+    config = load_config(overrides)
+    config.finetune.micro_batches = 3  # set in Python after loading: the task checks it too (with the devices)
     with pytest.raises(ValueError, match="config.finetune.micro_batches=3"):
         FinetuneTask(config, shd.make_mesh(), log=print)
 

@@ -248,6 +248,19 @@ def test_masked_positions_bound():
     assert 192 < iid < 300
 
 
+def test_the_bounds_sampling_works_in_chunks_of_bounded_memory(monkeypatch):
+    """The quantile's clips are counted a chunk at a time (mask_blocks=100000 once grew the process
+    to 24 GB here): the same counts as one `block_mask` while the boxes fit, and the same
+    distribution when they are drawn in chunks too."""
+    clip, key = (3, 4, 4), jax.random.PRNGKey(3)
+    whole = np.asarray(masking.block_mask(key, (512, *clip), 5).sum(axis=(1, 2, 3)))
+    monkeypatch.setattr(masking, "_COVER_BYTES", 5 * 48 * 100)  # covers of 100 clips at a time
+    np.testing.assert_array_equal(np.asarray(masking._block_mask_counts(key, 512, clip, 5)), whole)
+    monkeypatch.setattr(masking, "_BOX_BYTES", 24 * 5 * 64)  # boxes of 64 clips at a time
+    chunked = np.asarray(masking._block_mask_counts(key, 4096, clip, 5))
+    assert chunked.shape == (4096,) and abs(chunked.mean() / 48 - masking.expected_mask_ratio(clip, 5)) < 0.01
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 def test_cli_prints_one_line_per_block_count(capsys):

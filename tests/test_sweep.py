@@ -122,6 +122,9 @@ def test_bad_sweep_files_are_rejected(tmp_path, store, capsys):
         "notlist.py": ("def get_sweep():\n    return {'a': 1}\n", "non-empty list"),
         "badvalue.py": ("def get_sweep():\n    return [{'seed': [1, 2]}]\n", "seed="),
         "typo.py": ("def get_sweep():\n    return [{'seed': 1}, {'pretrain.nce_wieght': 0.5}]\n", "nce_wieght"),
+        # Out of its range: refused at load (config_schema), before run 0 starts.
+        "range.py": ("def get_sweep():\n    return [{'seed': 1}, {'pretrain.mask_blocks': 0}]\n",
+                     "run 01_mask_blocks=0: config.pretrain.mask_blocks=0 must be >= 1"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -243,21 +246,22 @@ def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
 @pytest.mark.slow
 def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     sweep_file = tmp_path / "with_failure.py"
-    # mask_blocks=0 loads as a config (an int) but `vimpac train` rejects it: run 0 fails, run 1
-    # (the runlocal default, compiled already by the test above) must still run.
+    # height=8 loads as a config (every field in its range) but `vimpac train` rejects it: the
+    # store holds 4x4 tokens per frame. Run 0 fails, run 1 (the runlocal default, compiled
+    # already by the test above) must still run.
     sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
-                          "def get_sweep():\n    return sweep('pretrain.mask_blocks', [0, 2])\n")
+                          "def get_sweep():\n    return sweep('model.height', [8, 4])\n")
     root = tmp_path / "fail"
     result = vimpac("sweep", *base_args(store), "--sweep", sweep_file, "--workdir", root, env=env)
     assert result.returncode == 1 and "1 of 2 runs failed" in result.stderr
     rows = read_csv(root / "summary.csv")
     assert [(r["run"], r["status"], r["returncode"]) for r in rows] == [
-        ("00_mask_blocks=0", "failed (rc=2)", "2"), ("01_mask_blocks=2", "ok", "0")]
-    assert rows[0]["step"] == "" and rows[0]["train/total_loss"] == "" and "mask_blocks" in rows[0]["note"]
+        ("00_height=8", "failed (rc=2)", "2"), ("01_height=4", "ok", "0")]
+    assert rows[0]["step"] == "" and rows[0]["train/total_loss"] == "" and "config.model.height" in rows[0]["note"]
     assert rows[1]["step"] == "2" and float(rows[1]["train/total_loss"]) > 0
     markdown = (root / "summary.md").read_text()
     assert "| failed (rc=2) |" in markdown and "1/2 runs ok" in markdown
-    assert "mask_blocks=0 must be >= 1" in (root / "00_mask_blocks=0" / "log.txt").read_text()
+    assert "the model expects 8x4" in (root / "00_height=8" / "log.txt").read_text()
 
 
 @pytest.mark.slow

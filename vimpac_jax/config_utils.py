@@ -3,7 +3,8 @@
 `--config configs/pretrain.py:small,runlocal --config.model.dropout=0.0` is parsed by
 ml_collections' own config flag on a private FlagValues, so that each command keeps argparse
 for its other options and configs are locked (a misspelt field is an error before anything
-compiles).
+compiles), then resolved once (`config_schema.resolve`: every block completed from its defaults,
+every field checked against its type and range, fields no block has refused).
 
 Config files are found relative to the working directory first and, failing that, among the
 installed configs (`vimpac_jax.configs`, which is the repository's top-level `configs/`, see
@@ -141,7 +142,11 @@ def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
         raise ValueError(f"bad --config flag: {message}") from e
     if fv.config is None:
         raise ValueError("--config FILE.py[:ARG] is required")
-    return fv.config
+    from vimpac_jax import config_schema  # imports the blocks' modules (jax): not at config_utils' import
+
+    # Completed (fields a config file lacks, at their blocks' defaults) and checked (every field's
+    # type and range, unknown fields): before anything runs.
+    return config_schema.resolve(fv.config)
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -220,9 +220,10 @@ def config_flags(config: str, base_overrides: Sequence[str], overrides: Override
 
 
 def check_configs(config: str, base_overrides: Sequence[str], runs: Sequence[Run]) -> None:
-    """Loads every run's config (cheap, nothing compiles): a misspelt field or a value of the wrong
-    type fails here, naming the run, before any run starts. Values that only `train` judges
-    (e.g. mask_kind='bogus') pass and fail in their run, which the summary then reports."""
+    """Loads every run's config (cheap, nothing compiles): a misspelt field, or a value of the wrong
+    type or out of its range (`config_schema`), fails here, naming the run, before any run starts.
+    What only `train` judges (the stores, e.g. a model grid the store does not hold) passes and
+    fails in its run, which the summary then reports."""
     from vimpac_jax.config_utils import load_config
 
     for run in runs:

@@ -17,24 +17,7 @@ import numpy as np
 
 from vimpac_jax.data import pipelines
 from vimpac_jax.tokenizer import vq, vq_data, vq_train
-from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
-
-
-def check_config(config) -> None:
-    """ValueError naming the field of a schedule or objective value out of range (before frames
-    are decoded or anything compiles)."""
-    optim, num_steps = config.optim, int(config.train.num_steps)
-    problems = []
-    if not float(optim.learning_rate) > 0:
-        problems.append(f"optim.learning_rate={float(optim.learning_rate)} must be > 0")
-    if not 0 <= optimizer_lib.warmup_steps(dict(warmup=optim.warmup, total_steps=num_steps)) <= num_steps:
-        problems.append(f"optim.warmup={optim.warmup} must be in [0, train.num_steps={num_steps}] "
-                        "(< 1: a fraction of it)")
-    if not 0.0 <= float(config.tokenizer.ema_decay) < 1.0:
-        problems.append(f"tokenizer.ema_decay={config.tokenizer.ema_decay} must be in [0, 1)")
-    if problems:
-        raise ValueError("config: " + "; ".join(problems))
 
 
 class VQTokenizerTask:
@@ -43,10 +26,7 @@ class VQTokenizerTask:
 
     def __init__(self, config, mesh, *, log):
         self.config, self.mesh, self.log = config, mesh, log
-        self.total_steps = int(config.train.num_steps)
-        if self.total_steps <= 0:
-            raise ValueError(f"config.train.num_steps must be > 0, got {self.total_steps}")
-        check_config(config)
+        self.total_steps = int(config.train.num_steps)  # >= 1, and the warm-up within it (config_schema)
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
         if global_batch % jax.process_count() or global_batch % shards:

@@ -280,6 +280,31 @@ def sampled_mask_ratios(key: jax.Array, clip_shape: Sequence[int], block_counts:
     return {int(k): float(mean[k - 1]) for k in block_counts}
 
 
+# Bytes of the boxes (start, length: int32 [clips, n, 3]) and of the [clips, n, T, H, W] cover
+# array that `_block_mask_counts` builds at once.
+_BOX_BYTES, _COVER_BYTES = 2**25, 2**27
+
+
+def _block_mask_counts(key: jax.Array, samples: int, clip_shape: tuple, num_blocks: int) -> jax.Array:
+    """int [samples]: masked tokens per clip of block masks, in bounded memory however many boxes
+    (16384 clips x 1280 boxes of a 5x16x16 clip: 27 GB of covers and 0.5 GB of boxes at once).
+
+    The boxes are `block_mask(key, (samples, *clip_shape), num_blocks)`'s when they take at most
+    _BOX_BYTES (every preset: the bounds are those of earlier versions), else drawn for chunks of
+    clips from keys folded from `key`; the covers are built for chunks of clips."""
+    count = jax.jit(lambda b: box_covers(b, clip_shape).any(axis=1).sum(axis=(1, 2, 3)))
+    per_clip = 2 * 3 * 4 * num_blocks
+    if samples * per_clip <= _BOX_BYTES:
+        draws = [sample_boxes(key, (samples, *clip_shape), num_blocks)]
+    else:
+        size = max(1, _BOX_BYTES // per_clip)
+        draws = [sample_boxes(jax.random.fold_in(key, i), (min(size, samples - start), *clip_shape), num_blocks)
+                 for i, start in enumerate(range(0, samples, size))]
+    chunk = max(1, _COVER_BYTES // (num_blocks * math.prod(clip_shape)))
+    return jnp.concatenate([count(Boxes(b.start[i:i + chunk], b.length[i:i + chunk]))
+                            for b in draws for i in range(0, b.start.shape[0], chunk)])
+
+
 def _sum_quantile(counts: np.ndarray, clips: int, quantile: float) -> int:
     """The `quantile` of the sum of `clips` independent draws from the empirical distribution of
     `counts` (int [S]): the clips-fold convolution of its histogram, computed with one FFT."""
@@ -319,7 +344,7 @@ def masked_positions_bound(clip_shape: Sequence[int], *, kind: str = "block",
         with jax.ensure_compile_time_eval():
             key = jax.random.PRNGKey(seed)
             if kind == "block":
-                counts = block_mask(key, (samples, *clip_shape), num_blocks).sum(axis=(1, 2, 3))
+                counts = _block_mask_counts(key, samples, clip_shape, num_blocks)
             else:
                 counts = jax.random.binomial(key, num_tokens, prob, (samples,))
             counts = np.asarray(counts).astype(np.int64)

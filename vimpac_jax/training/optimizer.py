@@ -33,7 +33,6 @@ import jax
 import ml_collections
 import optax
 
-from vimpac_jax.config_utils import with_defaults
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -46,7 +45,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,
         schedule="linear",           # one of SCHEDULES
-        warmup=0.05,                 # < 1: fraction of total_steps; >= 1: a number of steps
+        warmup=0.05,                 # a fraction of total_steps, in [0, 1): the released --warm-up ratio
         total_steps=100_000,         # schedule length in optimizer updates (not micro-batches)
         # Schedule length apart from the run's (`train.epochs` / `train.num_steps`); the task
         # turns them into `total_steps`. 0 / None: the schedule is as long as the run.
@@ -62,8 +61,9 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def warmup_steps(cfg: Mapping[str, Any]) -> int:
-    """Warm-up length in updates: `warmup` < 1 is a fraction of total_steps (as released)."""
-    cfg = with_defaults(cfg, optim_config())
+    """Warm-up length in updates: `warmup` < 1 is a fraction of total_steps (as released; the
+    only form `config.optim` of pre-training and fine-tuning takes, `config_schema`), >= 1 a
+    number of updates (the tokenizer's `optim.warmup`)."""
     warmup, total = float(cfg["warmup"]), int(cfg["total_steps"])
     return int(total * warmup) if warmup < 1 else int(warmup)
 
@@ -71,17 +71,13 @@ def warmup_steps(cfg: Mapping[str, Any]) -> int:
 def schedule_length(cfg: Mapping[str, Any], steps_per_epoch: int, run_steps: int) -> int:
     """The schedule's length in updates (`total_steps`) from an `optim` config block:
     `schedule_steps` if > 0, else `schedule_epochs` x steps_per_epoch if set, else the run's own
-    length `run_steps` (the released `--epochs` when `--interval` is not given)."""
-    cfg = with_defaults(cfg, optim_config())
-    steps = int(cfg["schedule_steps"] or 0)
-    if steps < 0:
-        raise ValueError(f"config.optim.schedule_steps={steps} must be >= 0 (0: from schedule_epochs or the run)")
+    length `run_steps` (the released `--epochs` when `--interval` is not given). The block is a
+    resolved one (`config_schema`: every field, each in its range)."""
+    steps = int(cfg["schedule_steps"])
     if steps:
         return steps
     epochs = cfg["schedule_epochs"]
     if epochs is not None:
-        if float(epochs) <= 0:
-            raise ValueError(f"config.optim.schedule_epochs={epochs} must be > 0 (None: as long as the run)")
         return int(round(float(epochs) * steps_per_epoch))
     return int(run_steps)
 
@@ -93,7 +89,6 @@ def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:
     cosine:   0 -> lr, then lr * (1 + cos(pi * progress)) / 2 down to 0 at total_steps.
     constant: 0 -> lr, then lr.
     """
-    cfg = with_defaults(cfg, optim_config())
     lr, total, kind = float(cfg["learning_rate"]), int(cfg["total_steps"]), cfg["schedule"]
     warm = warmup_steps(cfg)
     if total <= 0 or not 0 <= warm <= total:
@@ -151,7 +146,6 @@ def make_optimizer(cfg: Mapping[str, Any]) -> tuple[optax.GradientTransformation
     Gradient accumulation is not done here: the pre-training step accumulates micro-batches
     itself (see `vimpac_jax.training.pretrain_step`), so every call of `update` is one update.
     """
-    cfg = with_defaults(cfg, optim_config())
     schedule = make_schedule(cfg)
     match_released = bool(cfg["match_released_decay"])
     adamw = optax.adamw(

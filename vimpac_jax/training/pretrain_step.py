@@ -57,6 +57,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL, PAD_ID
 from vimpac_jax.models.losses import info_nce, mlm_loss
 from vimpac_jax.models.model import build_model, init_variables
@@ -85,6 +86,14 @@ def pretrain_config(**overrides) -> ml_collections.ConfigDict:
         dropout_rng="rbg",           # PRNG of the dropout bits: 'rbg' / 'unsafe_rbg' (XLA's
                                      # RngBitGenerator) or 'threefry' (mesh-independent bits)
         micro_batches=1,             # k: gradient accumulation inside the step
+        # Videos per held-out validation batch (config.data.eval_store); 0: 1.5x the micro-batch, as
+        # the released pre-training script (`bs_per_gpu * 1.5`): its NCE loss has that many negatives.
+        eval_batch_size=0,
+        # Frame rate of the validation clips: 2 fps, as the released pre-training validation (it
+        # reads the 2-fps LMDB: vimpac/data.py with no frame_rate), whatever the held-out store's
+        # fps (a whole multiple of it; the README's downstream stores are at 16 fps). None: every
+        # stored frame.
+        eval_clip_fps=ml_collections.FieldReference(2.0, field_type=float),
     ))
     cfg.update(overrides)
     return cfg
@@ -105,39 +114,9 @@ MLM_POSITIONS = ("micro_batch", "clip")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
 
 
-def _field(cfg: Mapping[str, Any], key: str):
-    """cfg[key], or its default in `pretrain_config` (dicts written before the field existed)."""
-    return cfg[key] if key in cfg else pretrain_config()[key]
-
-
 def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
-    """Raises ValueError naming the `config.pretrain` field that is out of range."""
-    problems = []
-    if int(_field(cfg, "micro_batches")) < 1:
-        problems.append(f"micro_batches={_field(cfg, 'micro_batches')} must be >= 1")
-    if _field(cfg, "mask_kind") not in ("block", "iid"):
-        problems.append(f"mask_kind={_field(cfg, 'mask_kind')!r} must be 'block' or 'iid'")
-    if _field(cfg, "mask_noise") not in ("none", "bert"):
-        problems.append(f"mask_noise={_field(cfg, 'mask_noise')!r} must be 'none' or 'bert'")
-    if int(_field(cfg, "mask_blocks")) < 1:
-        problems.append(f"mask_blocks={_field(cfg, 'mask_blocks')} must be >= 1")
-    if int(_field(cfg, "max_masked")) < 0:
-        problems.append(f"max_masked={_field(cfg, 'max_masked')} must be >= 0 (0: from the quantile)")
-    if not 0.0 < float(_field(cfg, "max_masked_quantile")) <= 1.0:
-        problems.append(f"max_masked_quantile={_field(cfg, 'max_masked_quantile')} must be in (0, 1]")
-    for name in ("mlm_weight", "nce_weight"):
-        if float(_field(cfg, name)) < 0:
-            problems.append(f"{name}={_field(cfg, name)} must be >= 0")
-    if _field(cfg, "mlm_positions") not in MLM_POSITIONS:
-        problems.append(f"mlm_positions={_field(cfg, 'mlm_positions')!r} must be one of {MLM_POSITIONS}")
-    if not 0.0 < float(_field(cfg, "packed_quantile")) <= 1.0:
-        problems.append(f"packed_quantile={_field(cfg, 'packed_quantile')} must be in (0, 1]")
-    if int(_field(cfg, "mlm_vocab_multiple")) < 1:
-        problems.append(f"mlm_vocab_multiple={_field(cfg, 'mlm_vocab_multiple')} must be >= 1")
-    if _field(cfg, "dropout_rng") not in DROPOUT_RNGS:
-        problems.append(f"dropout_rng={_field(cfg, 'dropout_rng')!r} must be one of {DROPOUT_RNGS}")
-    if problems:
-        raise ValueError("config.pretrain: " + "; ".join(problems))
+    """Raises ValueError naming the `config.pretrain` fields out of range (`config_schema`)."""
+    config_schema.check_block("pretrain", "pretrain", cfg)
 
 
 def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -145,7 +124,7 @@ def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 def _packed(pretrain_cfg) -> bool:
-    return _field(pretrain_cfg, "mlm_positions") == "micro_batch"
+    return pretrain_cfg["mlm_positions"] == "micro_batch"
 
 
 def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> int:
@@ -154,13 +133,13 @@ def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, 
     1280 for T=5, 16x16 and 5 blocks at 0.999, against 185 masked on average and 960 at most),
     and with 'micro_batch' the hard bound (960 there: no clip drops anything; the packed bound of
     `packed_masked_bound` does the bounding)."""
-    k = int(_field(pretrain_cfg, "max_masked"))
+    k = int(pretrain_cfg["max_masked"])
     if k > 0:
         return min(k, math.prod(clip_shape(model_cfg)))
     return masked_positions_bound(
-        clip_shape(model_cfg), kind=_field(pretrain_cfg, "mask_kind"),
-        num_blocks=int(_field(pretrain_cfg, "mask_blocks")), prob=float(_field(pretrain_cfg, "mask_prob")),
-        quantile=1.0 if _packed(pretrain_cfg) else float(_field(pretrain_cfg, "max_masked_quantile")))
+        clip_shape(model_cfg), kind=pretrain_cfg["mask_kind"],
+        num_blocks=int(pretrain_cfg["mask_blocks"]), prob=float(pretrain_cfg["mask_prob"]),
+        quantile=1.0 if _packed(pretrain_cfg) else float(pretrain_cfg["max_masked_quantile"]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,9 +155,9 @@ def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int
     the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
     their per-clip lists). Small, T=5 at 128 px: ~27.6k slots (~216 per clip) for 128 clips at
     1 - 1e-6 (rounded up to a multiple of 8), against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
-    return _packed_bound(tuple(int(x) for x in clip), _field(pretrain_cfg, "mask_kind"),
-                         int(_field(pretrain_cfg, "mask_blocks")), float(_field(pretrain_cfg, "mask_prob")),
-                         float(_field(pretrain_cfg, "packed_quantile")), int(clips), int(per_clip))
+    return _packed_bound(tuple(int(x) for x in clip), pretrain_cfg["mask_kind"],
+                         int(pretrain_cfg["mask_blocks"]), float(pretrain_cfg["mask_prob"]),
+                         float(pretrain_cfg["packed_quantile"]), int(clips), int(per_clip))
 
 
 def _batch_shards(mesh) -> int:
@@ -210,7 +189,7 @@ def scored_count(masked: dict, pretrain_cfg: Mapping[str, Any], mesh=None) -> ja
     labels = masked["labels"]
     if not _packed(pretrain_cfg):
         return (labels != IGNORE_LABEL).sum()
-    k, groups = int(_field(pretrain_cfg, "micro_batches")), _batch_shards(mesh)
+    k, groups = int(pretrain_cfg["micro_batches"]), _batch_shards(mesh)
     per_micro = jax.vmap(views_major)(split_micro_batches(labels, k))  # [k, 2n, K]
     counts = (per_micro != IGNORE_LABEL).reshape(k, groups, -1).sum(-1)
     bound = packed_masked_bound(pretrain_cfg, masked["inputs"].shape[2:], per_micro.shape[1] // groups,
@@ -307,10 +286,10 @@ def mask_batch(tokens: jax.Array, key: jax.Array, pretrain_cfg: Mapping[str, Any
     """
     b, views, *clip = tokens.shape
     flat = tokens.reshape(b * views, *clip)  # video-major: row 2v + j is view j of video v
-    m = mask_tokens(key, flat, kind=_field(pretrain_cfg, "mask_kind"),
-                    num_blocks=int(_field(pretrain_cfg, "mask_blocks")),
-                    prob=float(_field(pretrain_cfg, "mask_prob")),
-                    noise=_field(pretrain_cfg, "mask_noise"), max_masked=max_masked)
+    m = mask_tokens(key, flat, kind=pretrain_cfg["mask_kind"],
+                    num_blocks=int(pretrain_cfg["mask_blocks"]),
+                    prob=float(pretrain_cfg["mask_prob"]),
+                    noise=pretrain_cfg["mask_noise"], max_masked=max_masked)
     labels = gather_positions(m.labels.reshape(b * views, -1), m.positions)
     labels = jnp.where(m.position_valid, labels, IGNORE_LABEL)
     num_masked = m.position_valid.sum(axis=1) + m.num_dropped
@@ -352,7 +331,7 @@ def micro_batch_loss(params, batch_stats, micro: dict, dropout_key, *, model, pr
     inputs = _constrain(views_major(micro["inputs"]), mesh)
     positions = _constrain(views_major(micro["positions"]), mesh)
     labels = _constrain(views_major(micro["labels"]), mesh)
-    options = dict(vocab_multiple=int(_field(pretrain_cfg, "mlm_vocab_multiple")))
+    options = dict(vocab_multiple=int(pretrain_cfg["mlm_vocab_multiple"]))
     if _packed(pretrain_cfg):
         groups = _batch_shards(mesh)
         clip = inputs.shape[1:]
@@ -368,7 +347,7 @@ def micro_batch_loss(params, batch_stats, micro: dict, dropout_key, *, model, pr
     mean_nll, count, correct = mlm_loss(out["mlm_logits"], labels)
     mlm_share = mean_nll * count / jnp.maximum(total_scored, 1)
     nce_share = info_nce(out["cls_proj"]) / num_micro
-    loss = _field(pretrain_cfg, "mlm_weight") * mlm_share + _field(pretrain_cfg, "nce_weight") * nce_share
+    loss = pretrain_cfg["mlm_weight"] * mlm_share + pretrain_cfg["nce_weight"] * nce_share
     aux = dict(batch_stats=mutated.get("batch_stats", batch_stats), mlm=mlm_share, nce=nce_share,
                correct=correct.astype(jnp.float32))
     return loss, aux
@@ -394,7 +373,7 @@ def accumulate_gradients(params, batch_stats, masked: dict, dropout_key, *, mode
     (grads like params, new batch_stats, sums) with sums = {loss, mlm, nce, correct}: the
     update's total loss, its MLM and NCE parts and the number of correct scored positions.
     """
-    k = int(_field(pretrain_cfg, "micro_batches"))
+    k = int(pretrain_cfg["micro_batches"])
     total_scored = scored_count(masked, pretrain_cfg, mesh)
     loss_fn = functools.partial(micro_batch_loss, model=model, pretrain_cfg=pretrain_cfg,
                                 total_scored=total_scored, num_micro=k, mesh=mesh)
@@ -423,10 +402,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
                pretrain_cfg, model_cfg, max_masked: int, mesh=None) -> tuple[TrainState, dict]:
     """The pure (un-jitted) step; see the module docstring. batch['tokens']: int [B, 2, T, H, W]."""
     tokens = batch["tokens"]
-    _check_batch(tokens, model_cfg, int(_field(pretrain_cfg, "micro_batches")), mesh)
+    _check_batch(tokens, model_cfg, int(pretrain_cfg["micro_batches"]), mesh)
     mask_key, drop_key = jax.random.split(key)
     masked = mask_batch(tokens, mask_key, pretrain_cfg, max_masked)
-    drop_key = dropout_key(drop_key, _field(pretrain_cfg, "dropout_rng"))
+    drop_key = dropout_key(drop_key, pretrain_cfg["dropout_rng"])
     grads, batch_stats, sums = accumulate_gradients(state.params, state.batch_stats, masked, drop_key,
                                                     model=model, pretrain_cfg=pretrain_cfg, mesh=mesh)
     grad_norm = optax.tree.norm(grads)  # global L2 norm, before clipping
@@ -491,7 +470,7 @@ def pretrain_eval_step(state: TrainState, batch: Mapping[str, jax.Array], key: j
     mlm, count, correct = mlm_loss(out["mlm_logits"], views_major(masked["labels"]))
     nce = info_nce(out["cls_proj"])
     metrics = dict(
-        total_loss=_field(pretrain_cfg, "mlm_weight") * mlm + _field(pretrain_cfg, "nce_weight") * nce,
+        total_loss=pretrain_cfg["mlm_weight"] * mlm + pretrain_cfg["nce_weight"] * nce,
         mlm_loss=mlm,
         nce_loss=nce,
         mask_accuracy=correct / jnp.maximum(count, 1),

@@ -36,47 +36,6 @@ def _variants(value: Optional[str]) -> Optional[list[str]]:
     return None if not value else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def check_run_config(config) -> None:
-    """Raises ValueError naming every field of a training config out of its range: the loop's
-    step counts (`config.train`) for every task; data and model fields for pre-training and
-    fine-tuning. Reads no data: it runs before anything is written to the workdir or compiled."""
-    problems = []
-
-    def need(ok: bool, field: str, value, expected: str) -> None:
-        if not ok:
-            problems.append(f"config.{field}={value!r} must be {expected}")
-
-    t = config.train
-    for name, low, expected in (("log_every", 1, ">= 1"), ("checkpoint_every", 1, ">= 1"),
-                                ("keep_checkpoints", 1, ">= 1"), ("eval_every", 0, ">= 0 (0: at the end only)"),
-                                ("num_steps", 0, ">= 0 (0: from train.epochs)")):
-        if name in t:
-            need(int(t[name]) >= low, f"train.{name}", t[name], expected)
-    if "progress_seconds" in t:
-        need(float(t.progress_seconds) >= 0, "train.progress_seconds", t.progress_seconds, ">= 0")
-    if "eval_every_epochs" in t:
-        need(float(t.eval_every_epochs) >= 0, "train.eval_every_epochs", t.eval_every_epochs, ">= 0 (0: at the end only)")
-    if "finetune" in config and "videos_per_device" in config.finetune:
-        need(int(config.finetune.videos_per_device) >= 0, "finetune.videos_per_device", config.finetune.videos_per_device,
-             ">= 0 (0: finetune.micro_batches)")
-    if "epochs" in t and not int(t.get("num_steps", 0)):
-        need(float(t.epochs) > 0, "train.epochs", t.epochs, "> 0 (or set train.num_steps)")
-    if config.task in TASKS:
-        d, m = config.data, config.model
-        for name in ("batch_size", "eval_batch_size", "eval_clips"):
-            need(int(d[name]) >= 1, f"data.{name}", d[name], ">= 1")
-        need(int(d.workers) >= 0, "data.workers", d.workers, ">= 0 (0: in this process)")
-        for name in ("dropout", "attention_dropout", "last_dropout"):
-            if name in m:  # a probability of dropping: 1 would drop everything
-                need(0.0 <= float(m[name]) < 1.0, f"model.{name}", m[name], "in [0, 1)")
-        need(int(m.clip_len) >= 1, "model.clip_len", m.clip_len, ">= 1")
-        # The special ids (PAD, MASK, ...) follow the codes: the table must hold them.
-        need(int(m.vocab_size) >= VOCAB_SIZE, "model.vocab_size", m.vocab_size,
-             f">= {VOCAB_SIZE} ({NUM_CODES} codes, then the special ids up to MASK_ID={MASK_ID})")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def check_store_fits(index: pipelines.StoreIndex, model_cfg, field: str, *, clip_fps: Optional[float] = None,
                      rate_field: str = "data.clip_fps") -> None:
     """The store of config field `field` (e.g. 'data.train_store', 'knn.eval_store') fits the
@@ -315,8 +274,6 @@ class PretrainTask(_StoreTask):
 
             self.knn = KnnMonitor(config, mesh)
         self.knn_every = int(config.knn.every)
-        if self.knn_every < 0:
-            raise ValueError(f"config.knn.every={self.knn_every} must be >= 0 (0: with every evaluation)")
 
     def _init_validation(self, config, mesh):
         """Held-out validation as the released pre-training script: two clips per video of the
@@ -327,7 +284,7 @@ class PretrainTask(_StoreTask):
         check_store_fits(index, self.model_cfg, "data.eval_store", clip_fps=config.pretrain.eval_clip_fps,
                          rate_field="pretrain.eval_clip_fps")
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
-        size = int(config.pretrain.get("eval_batch_size", 0)) or int(
+        size = int(config.pretrain.eval_batch_size) or int(
             1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
         self.eval_batch = -(-size // shards) * shards  # whole batches over the devices and processes
         if index.num_videos < self.eval_batch:

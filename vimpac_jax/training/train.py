@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vimpac_jax import exit_codes, io_utils
+from vimpac_jax import config_schema, exit_codes, io_utils
 from vimpac_jax.progress import Progress
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import workdir as workdir_lib
@@ -128,6 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     hook called after each step with the step number.
     """
     workdir = Path(workdir)
+    # Completed and checked, before anything is locked, read or compiled (a config built in Python;
+    # `config_utils.load_config` has resolved a loaded one already: then this changes nothing).
+    config_schema.resolve(config)
     # Multi-host: every process must run the same config; checked before anything compiles.
     from vimpac_jax.runtime.distributed import check_same_config
     check_same_config(config)
@@ -143,10 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
                   on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
-    from vimpac_jax.training.tasks import check_run_config
-
     # Every check before config.json is written: a rejected config must not claim the workdir.
-    check_run_config(config)  # the fields' ranges
     workdir_lib.check_config(workdir, config)
     mesh = shd.make_mesh(config.mesh)
     task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
