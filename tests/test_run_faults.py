@@ -9,7 +9,6 @@ import struct
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -56,15 +55,9 @@ def test_enospc_from_the_event_writer_is_an_error_not_a_hang(tmp_path, monkeypat
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs(tmpfs):
     """A 64 KiB tmpfs (root only); skipped where mounting is not allowed."""
-    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return tmpfs("64k")
 
 
 def test_a_really_full_disk_ends_the_writes_with_an_error(small_tmpfs):
@@ -154,6 +147,61 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_step_before(tmp_path):
     assert _truncate_array_files(tmp_path / "checkpoints" / "1")  # now none restores: an error, no traceback
     with pytest.raises(checkpointing.CheckpointRestoreError, match="no checkpoint in .* can be restored"):
         checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=warnings.append)
+
+
+def test_a_damaged_checkpoint_is_moved_aside_so_saves_below_it_happen_and_it_is_not_kept(tmp_path):
+    """The run falls back from a damaged step 3 to 2: 3 is renamed `3.damaged`, so orbax saves
+    steps 3 and 4 again (a damaged 3 left in place made it skip every save up to 3) and keeps 2
+    good ones (left in place, it counted among the kept)."""
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=2)
+    state = {"w": jnp.arange(4096, dtype=jnp.float32)}
+    for step in (1, 2, 3):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    assert _truncate_array_files(tmp_path / "checkpoints" / "3")
+    warnings = []
+    step, _, _ = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=warnings.append,
+                                              move_aside=True)
+    damaged = tmp_path / "checkpoints" / "3.damaged"
+    assert step == 2 and manager.all_steps() == [2] and damaged.is_dir()
+    assert len(warnings) == 1 and f"moved it to {damaged}; falling back to step 2" in warnings[0]
+    for step in (3, 4):
+        assert checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    assert manager.all_steps() == [3, 4] and damaged.is_dir()
+    # A new run's manager (which clears interrupted saves) lists the same steps and leaves it alone.
+    assert checkpointing.make_manager(tmp_path, save_every=1, keep=2).all_steps() == [3, 4] and damaged.is_dir()
+
+
+def test_a_full_disk_during_a_save_is_one_error_not_orbax_tracebacks(tmpfs, monkeypatch, caplog):
+    """A save that cannot fit is refused before writing; one that fills the disk while orbax
+    writes (the free-space check passed, or another writer filled it) raises CheckpointSaveError
+    naming the directory and the full disk, and orbax's error records are not shown."""
+    import logging
+
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+
+    disk = tmpfs("2m")
+    manager = checkpointing.make_manager(disk, save_every=1, keep=3)
+    state = {"w": jnp.arange(1 << 20, dtype=jnp.float32) * 1.0001}  # 4 MiB
+    with pytest.raises(checkpointing.CheckpointSaveError, match="the disk is full .*4.0 MiB"):
+        checkpointing.save(manager, 1, state, None, {"step": 1})
+    assert not list((disk / "checkpoints").iterdir())  # nothing written
+
+    monkeypatch.setattr(checkpointing, "_check_free_space", lambda *args: None)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(checkpointing.CheckpointSaveError) as failed:
+        checkpointing.save(manager, 1, state, None, {"step": 1})
+        checkpointing.wait_until_finished(manager)
+    assert f"in {disk / 'checkpoints'} failed: the disk is full (No space left on device)" in str(failed.value)
+    assert "\n" not in str(failed.value) and manager.all_steps() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage()[:200] for r in caplog.records]
 
 
 def _truncate_array_files(step_dir):

@@ -6,8 +6,8 @@ ml_collections files with variants, e.g. `configs/pretrain.py:small`,
 to shrink any of them to seconds on one CPU. Started again in the same workdir, it resumes.
 
 Exit codes: 0 done; 75 preempted (SIGTERM or SIGINT: the checkpoint of the current step is
-saved; run the same command again to resume); 1 failed during the run (e.g. metrics could not
-be written); 2 bad config, data or workdir; 3 a non-finite loss.
+saved; run the same command again to resume); 1 failed during the run (e.g. metrics or a
+checkpoint could not be written); 2 bad config, data or workdir; 3 a non-finite loss.
 """
 
 import argparse
@@ -34,6 +34,7 @@ def main(argv) -> int:
 
     maybe_initialize()
     from vimpac_jax.training import train as train_lib
+    from vimpac_jax.training.checkpointing import CheckpointSaveError
     from vimpac_jax.training.metrics import MetricWriteError
 
     try:
@@ -44,7 +45,7 @@ def main(argv) -> int:
     except train_lib.NonFiniteLossError as e:
         print(f"vimpac train: {e}", file=sys.stderr)
         return exit_codes.NON_FINITE
-    except (MetricWriteError, train_lib.RunInterruptedError) as e:
+    except (MetricWriteError, CheckpointSaveError, train_lib.RunInterruptedError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
         return exit_codes.FAILED
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))

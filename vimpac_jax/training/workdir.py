@@ -179,9 +179,10 @@ def check_identity(meta: dict, identity: dict, where: str) -> None:
 def restore_state(manager, abstract_state: Any, data_iterator: Any, identity: dict,
                   log: Callable[[str], None]) -> Optional[tuple[int, Any, dict]]:
     """The loop's resume: (step, state, meta) of the newest intact checkpoint of this run, the
-    data iterator restored in place; None for a fresh workdir. See checkpointing.restore_latest."""
+    data iterator restored in place; None for a fresh workdir. A damaged step skipped is moved
+    aside (`<step>.damaged`): the run saves below its step again. See checkpointing.restore_latest."""
     return checkpointing.restore_latest(
-        manager, abstract_state, data_iterator, log=log, keep_going=(WorkdirError,),
+        manager, abstract_state, data_iterator, log=log, keep_going=(WorkdirError,), move_aside=True,
         check_meta=lambda meta: check_identity(meta, identity, f"{manager.directory}"))
 
 
