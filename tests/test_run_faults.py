@@ -5,6 +5,7 @@ before any work, as one error line. In-process and without compiling where the f
 import errno
 import json
 import os
+import re
 import struct
 import subprocess
 import threading
@@ -290,6 +291,40 @@ def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store
         assert it.get_state() == {"next_batch": 6}
     with pytest.raises(ValueError, match="unknown data iterator state"):
         P.make_iterator(ds, workers=0).set_state({"something": 1})
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "one flipped bit"])
+def test_a_damaged_token_shard_is_an_error_naming_the_shard_and_videos(tmp_path, damage):
+    """A shard cut in half fails when the store is indexed; a flipped bit in a chunk fails when a
+    clip reads it (Riegeli's hash): both a StoreDamagedError (a ValueError: one `error:` line)
+    naming the shard, the videos of the failed read where known, and `--verify`."""
+    import shutil
+
+    from vimpac_jax.data import pipelines as P
+    from vimpac_jax.data import token_store
+    from vimpac_jax.data.testing import write_test_store
+
+    videos = [dict(video_id=f"v{i}", label=i % 3, num_frames=60, variants=["r32_center_noflip"]) for i in range(6)]
+    store = write_test_store(tmp_path / "store", videos, shards=2, grid=(16, 16), chunk_frames=4)
+    shard = store / token_store.read_metadata(store)["shards"][1]
+    in_shard = {h["video_id"] for _, h in token_store.scan_headers(store, token_store.RecordReader([str(shard)]))}
+    data = bytearray(shard.read_bytes())
+    if damage == "cut in half":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0x04
+    shard.write_bytes(bytes(data))
+    with pytest.raises(token_store.StoreDamagedError) as failed:
+        index = P.load_index(store, cache=False)
+        ds = P.train_dataset(index, "pretrain", batch_size=6, clip_len=5, seed=3, process_index=0, process_count=1)
+        for batch in range(10):  # every video, several clip positions
+            ds[batch]
+    message = str(failed.value)
+    assert f"shard {shard} is damaged" in message and "Riegeli" in message and "--verify" in message
+    if damage == "one flipped bit":  # found by a read of known videos: named, and only the shard's own
+        named = set(re.findall(r"'(v\d)'", message))
+        assert named and named <= in_shard, (named, in_shard)
+    shutil.rmtree(store)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -427,6 +427,7 @@ class ClipReader:
         self.records = index.records
         self.num_frames = index.num_frames
         self.labels = index.labels
+        self.video_ids = index.video_ids
         self.grid = index.grid
         self.num_videos = index.num_videos
         self.clip_len = clip_len
@@ -450,7 +451,12 @@ class ClipReader:
         record_of = frames // self.frames_per_record
         keys = self.records[videos, columns][:, None] + record_of
         unique, where = np.unique(keys[valid], return_inverse=True)
-        chunks = [self._decode(r) for r in self.source.read(unique)]
+        try:
+            chunks = [self._decode(r) for r in self.source.read(unique)]
+        except token_store.StoreDamagedError as e:  # name the videos whose records it failed to read
+            bad = np.isin(keys, e.keys) & valid
+            names = sorted({self.video_ids[v] for v in videos[bad.any(axis=1)]})
+            raise token_store.damaged_shard_error(e.shard, e.reason, e.keys, names) from None
         offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)
         out = np.full((len(videos), self.clip_len) + self.grid, PAD_ID, np.int32)
         if chunks:
