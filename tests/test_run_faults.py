@@ -324,6 +324,11 @@ def test_a_damaged_token_shard_is_an_error_naming_the_shard_and_videos(tmp_path,
     if damage == "one flipped bit":  # found by a read of known videos: named, and only the shard's own
         named = set(re.findall(r"'(v\d)'", message))
         assert named and named <= in_shard, (named, in_shard)
+    # Raised in a grain worker (data.workers > 0), it reaches the trainer pickled: the same error.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(failed.value))
+    assert type(again) is token_store.StoreDamagedError and str(again) == message and again.shard == str(shard)
     shutil.rmtree(store)
 
 

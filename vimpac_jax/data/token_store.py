@@ -59,6 +59,9 @@ class StoreDamagedError(ValueError):
         super().__init__(message)
         self.shard, self.keys, self.reason = shard, tuple(int(k) for k in keys), reason
 
+    def __reduce__(self):  # raised in a grain worker process, re-raised in the trainer's
+        return type(self), (self.args[0], self.shard, self.keys, self.reason)
+
 
 def damaged_shard_error(shard: str, error, keys: Sequence[int] = (), videos: Sequence[str] = ()
                         ) -> StoreDamagedError:
