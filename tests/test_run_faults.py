@@ -272,6 +272,47 @@ def test_the_data_iterator_resumes_under_another_worker_count(pretrain_store, tm
         np.testing.assert_array_equal(a, e, err_msg=f"batch {b}")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_data_workers_exit_when_the_trainer_is_killed(pretrain_store, tmp_path):
+    """`data.workers=2` and SIGKILL of the process reading: its two grain workers end too (they
+    stayed under PID 1 before, ~200 MB each)."""
+    import signal
+    import sys
+
+    import video_fixtures
+
+    script = tmp_path / "reader.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from vimpac_jax.data import pipelines as P\n"
+        "if __name__ == '__main__':\n"
+        "    ds = P.train_dataset(P.load_index(sys.argv[1]), 'pretrain', batch_size=2, clip_len=5, seed=3,\n"
+        "                         process_index=0, process_count=1)\n"
+        "    it = P.make_iterator(ds, workers=2, read_threads=1)\n"
+        "    next(it)\n"
+        "    print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "    time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(pretrain_store)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    workers = []
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) >= 2 and all(video_fixtures.process_alive(pid) for pid in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(video_fixtures.process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if video_fixtures.process_alive(pid)]
+    finally:
+        proc.kill()
+        for pid in workers:
+            if video_fixtures.process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
     """grain's own states (written before the state was the batch count): 0 workers' prefetch
     index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""

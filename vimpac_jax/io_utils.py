@@ -1,5 +1,5 @@
 """Publishing a file or a directory only when it is complete (temporary name, then rename);
-exclusive locks on a workdir or a store."""
+exclusive locks on a workdir or a store; worker processes that end with their parent."""
 
 import contextlib
 import fcntl
@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,6 +76,31 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Initializer of a worker process (decode workers, grain's data workers): end it (os._exit)
+    once the process that started it is gone, e.g. SIGKILLed. Otherwise an orphaned worker waits
+    for jobs for ever: it holds the write end of its own call queue, so the queue never reports
+    the parent's end.
+
+    A thread polls the parent pid (the worker's parent changes when the parent dies: to the
+    forkserver's, then to a reaper's). Not PR_SET_PDEATHSIG: on Linux it fires when the *thread*
+    that forked the worker exits (prctl(2)), and a pool may start workers from a thread of its own.
+    """
+    start_ppid = os.getppid()
+    if parent_pid != start_ppid and not pid_alive(parent_pid):  # died before this worker ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == start_ppid and pid_alive(parent_pid):
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class InUseError(ValueError):
