@@ -18,6 +18,20 @@ from vimpac_jax import exit_codes
 from vimpac_jax.config_utils import load_config, split_config_args
 
 
+def _stop_with_sweep() -> None:
+    """Started by `vimpac sweep` (sweeps.PARENT_PID_ENV): stop as on SIGTERM (save, exit 75)
+    once the sweep is gone, so a sweep killed with SIGKILL leaves no run going on alone."""
+    import os
+    import signal
+
+    from vimpac_jax import io_utils
+    from vimpac_jax.sweeps import PARENT_PID_ENV
+
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit():
+        io_utils.watch_parent(int(parent), lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def main(argv) -> int:
     config_args, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(prog="vimpac train", description=__doc__,
@@ -33,6 +47,7 @@ def main(argv) -> int:
     from vimpac_jax.runtime.distributed import maybe_initialize
 
     maybe_initialize()
+    _stop_with_sweep()
     from vimpac_jax.training import train as train_lib
     from vimpac_jax.training.checkpointing import CheckpointSaveError
     from vimpac_jax.training.metrics import MetricWriteError

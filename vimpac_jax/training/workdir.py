@@ -28,7 +28,7 @@ from vimpac_jax.training import checkpointing
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = checkpointing.CHECKPOINTS_DIR
-LOCK_FILE = ".lock"
+LOCK_FILE = io_utils.WORKDIR_LOCK_FILE
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
