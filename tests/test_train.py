@@ -111,6 +111,17 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     # A progress line with an ETA per tested K, and the last K's confusion matrix (PNG + TensorBoard).
     assert re.search(r"evaluate 3 clips x 1 crops: 7/7 videos, [\d.]+ videos/s, [\d.]+ views/s, ETA", ev.stderr), ev.stderr
     assert str(ft / "confusion_matrix.png") in ev.stdout and list((ft / "tensorboard").glob("*.images"))
+    assert again["eval_store"] == str(stores / "val")
+
+    # Another store's results go beside the run's own, named by the store, which they record.
+    own = {name: (ft / name).read_bytes() for name in ("eval_results.json", "predictions.csv")}
+    other = vimpac("evaluate", "--workdir", ft, "--eval-store", stores / "train", "--clips", 1, "--crops", 1,
+                   "--no-pictures", env=env)
+    assert {name: (ft / name).read_bytes() for name in own} == own
+    beside = json.loads((ft / "eval-train" / "eval_results.json").read_text())
+    assert beside["eval_store"] == str(stores / "train") and beside["num_videos"] == 16
+    assert len((ft / "eval-train" / "predictions.csv").read_text().splitlines()) == 17
+    assert str(ft / "eval-train" / "eval_results.json") in other.stdout
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
