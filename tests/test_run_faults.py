@@ -593,6 +593,39 @@ def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_res
     np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
 
 
+def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_used(tmp_path):
+    """Fine-tuning from a run whose step 2 is damaged starts from step 1: the log line says so and
+    the new run's init_from.json records it (written once: a resume keeps the record of the start)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing, tasks
+    from vimpac_jax.training import workdir as workdir_lib
+
+    source = tmp_path / "pre"
+    manager = checkpointing.make_manager(source, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "batch_stats": {"b": jnp.ones(3)}}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}}))
+    _flip_a_bit_of_the_largest_data_file(source / "checkpoints" / "2")
+
+    warnings = []
+    model, variables, record = tasks.load_init_source(str(source), log=warnings.append)
+    assert model == {"hidden_dim": 8} and record["step"] == 1 and record["init_from"] == str(source)
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+    assert record["skipped"] == warnings and "checkpoints/2 cannot be restored" in warnings[0]
+    line = tasks.init_source_line(record)
+    assert line.startswith(f"init_from: {source} at step 1; 1 newer checkpoint(s) could not be restored")
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    workdir_lib.record_init_source(run, record)
+    workdir_lib.record_init_source(run, dict(record, step=7))  # a resume later: the start's record stays
+    assert json.loads((run / workdir_lib.INIT_FROM_FILE).read_text()) == record
+
+
 def test_checksums_do_not_depend_on_the_sharding_and_catch_any_flipped_bit():
     import jax
     import jax.numpy as jnp

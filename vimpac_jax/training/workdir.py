@@ -29,6 +29,7 @@ from vimpac_jax.training import checkpointing
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = checkpointing.CHECKPOINTS_DIR
 LOCK_FILE = io_utils.WORKDIR_LOCK_FILE
+INIT_FROM_FILE = "init_from.json"  # what the run was initialised from (`record_init_source`)
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
@@ -129,6 +130,16 @@ def write_config(path, config) -> None:
     """Write the resolved config to W/config.json (process 0), after every check of the run."""
     if jax.process_index() == 0:
         io_utils.write_json_atomic(Path(path) / CONFIG_FILE, _as_dict(config), indent=2)
+
+
+def record_init_source(path, record: dict) -> None:
+    """W/init_from.json: the `config.init_from` the run started from and the step of its
+    checkpoint used (a damaged newest one is skipped: `tasks.load_init_source`). Written once
+    (process 0), when the run starts: a resume keeps the record of the start, even if the source
+    run has gone on since."""
+    target = Path(path) / INIT_FROM_FILE
+    if jax.process_index() == 0 and not target.exists():
+        io_utils.write_json_atomic(target, record, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------
