@@ -477,6 +477,32 @@ def _cli(capsys, *argv):
     return rc, capsys.readouterr().err
 
 
+def test_a_workdir_that_is_a_file_or_read_only_is_one_error_line(short_store, tmp_path, tmpfs, capsys, no_compiling):
+    _, store = short_store
+    (tmp_path / "afile").write_text("not a run")
+    assert _train(store, tmp_path / "afile") == exit_codes.BAD_INPUT
+    assert f"--workdir {tmp_path / 'afile'} is a file; expected a run directory" in capsys.readouterr().err
+    read_only = tmpfs("64k")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    rc, err = _cli(capsys, "train", "--config", REPO / "configs/pretrain.py:runlocal",
+                   f"--config.data.train_store={store}", "--workdir", read_only / "run")
+    assert rc == exit_codes.BAD_INPUT and err.strip() == (f"vimpac train: error: cannot write {read_only / 'run'}: "
+                                                          f"Read-only file system")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "stablehlo"])
+def test_export_to_a_full_disk_is_one_error_line_and_leaves_nothing(golden_dir, tmp_path, tmpfs, capsys, fmt):
+    from vimpac_jax.conversion.official import convert_official
+
+    convert_official(golden_dir / "vimpac_a", tmp_path / "ckpt")
+    disk = tmpfs("64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    rc, err = _cli(capsys, "export", "--workdir", tmp_path / "ckpt", "--format", fmt, "--out", disk / "e")
+    assert rc == exit_codes.FAILED, err
+    assert err.startswith(f"vimpac export: error: cannot write --out {disk / 'e'}") and err.count("\n") == 1, err
+    assert "No space left on device" in err and sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
 def test_convert_official_on_files_that_are_not_torch_zips(tmp_path, capsys):
     import pickle
     import zipfile

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -189,6 +190,24 @@ def test_verify_finds_a_damaged_shard_of_a_complete_store_and_redoes_its_videos(
     caplog.clear()
     assert tk.tokenize_videos(options(tiny_tokenizer, videos, out, verify=True)).processed == 0  # nothing damaged now
     assert "every record reads" in caplog.text
+
+
+def test_a_full_or_read_only_out_is_one_error_line(tiny_tokenizer, videos, tmpfs, capsys):
+    """A full --out: exit 1 (run it again once there is room: it resumes); a read-only one: 2."""
+    from vimpac_jax import cli
+
+    disk = tmpfs("64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    argv = ["tokenize", "--tokenizer", str(tiny_tokenizer), "--videos", str(videos / "list.txt"), "--video-root",
+            str(videos), "--size", str(SIZE), "--fps", str(FPS), "--workers", "0"]
+    assert cli.main(argv + ["--out", str(disk / "s")]) == 1
+    err = capsys.readouterr().err
+    assert f"vimpac tokenize: error: cannot write --out {disk / 's'}" in err and "No space left on device" in err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert cli.main(argv + ["--out", str(disk / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vimpac tokenize: error: cannot write --out {disk / 't'} ({disk / 't'}): Read-only file system"
 
 
 def test_hosts_take_disjoint_shares(full_store, tiny_tokenizer, videos, tmp_path):

@@ -112,6 +112,16 @@ def main(argv) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except OSError as e:
+        from vimpac_jax.cli import WRITE_ERRORS, write_error_message
+
+        if e.errno not in WRITE_ERRORS:
+            raise
+        # Shards are journaled only once closed and synced: a rerun resumes from what is journaled.
+        resume = ("; what was journaled is kept: run the same command again to resume"
+                  if WRITE_ERRORS[e.errno] == exit_codes.FAILED else "")
+        print(f"vimpac tokenize: error: {write_error_message(e, f'--out {args.out}')}{resume}", file=sys.stderr)
+        return WRITE_ERRORS[e.errno]
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not result.complete:

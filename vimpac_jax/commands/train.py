@@ -39,6 +39,12 @@ def main(argv) -> int:
     parser.add_argument("--config", help="FILE.py[:ARG], plus --config.FIELD=VALUE overrides")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config.json)")
     args = parser.parse_args(rest + (["--config", "x"] if config_args else []))
+    from pathlib import Path
+
+    if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        print(f"vimpac train: error: --workdir {args.workdir} is a file; expected a run directory (made if absent)",
+              file=sys.stderr)
+        return exit_codes.BAD_INPUT
     try:
         config = load_config(config_args)
     except ValueError as e:
