@@ -313,6 +313,32 @@ def test_data_workers_exit_when_the_trainer_is_killed(pretrain_store, tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_killed_data_worker_is_one_error_saying_what_happened(pretrain_store):
+    """grain's "Worker process was terminated unexpectedly with exit code -9" traceback becomes a
+    DataWorkerError (vimpac train: one `error:` line, exit 1) naming the signal and the batch."""
+    import multiprocessing
+    import signal
+
+    from vimpac_jax.data import pipelines as P
+
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
+                         process_count=1)
+    it = P.make_iterator(ds, workers=2, read_threads=1, worker_buffer_size=1)
+    try:
+        next(it)
+        workers = [p for p in multiprocessing.active_children() if p.name != "resource_tracker"]
+        assert workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        with pytest.raises(P.DataWorkerError) as died:
+            for _ in range(100):  # the batches already made still come out first
+                next(it)
+    finally:
+        it.close()
+    assert "a data worker process ended while reading batch" in str(died.value)
+    assert "killed by SIGKILL" in str(died.value) and "\n" not in str(died.value)
+
+
 def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
     """grain's own states (written before the state was the batch count): 0 workers' prefetch
     index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""

@@ -54,6 +54,7 @@ def main(argv) -> int:
 
     maybe_initialize()
     _stop_with_sweep()
+    from vimpac_jax.data.pipelines import DataWorkerError
     from vimpac_jax.training import train as train_lib
     from vimpac_jax.training.checkpointing import CheckpointSaveError
     from vimpac_jax.training.metrics import MetricWriteError
@@ -66,7 +67,7 @@ def main(argv) -> int:
     except train_lib.NonFiniteLossError as e:
         print(f"vimpac train: {e}", file=sys.stderr)
         return exit_codes.NON_FINITE
-    except (MetricWriteError, CheckpointSaveError, train_lib.RunInterruptedError) as e:
+    except (MetricWriteError, CheckpointSaveError, DataWorkerError, train_lib.RunInterruptedError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
         return exit_codes.FAILED
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))

@@ -45,6 +45,8 @@ import hashlib
 import io
 import logging
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -722,7 +724,10 @@ def _batch_iterator_class():
             self._iterator = start_at(0)
 
         def __next__(self):
-            batch = next(self._iterator)
+            try:
+                batch = next(self._iterator)
+            except RuntimeError as e:
+                raise _worker_error(e, self._next_batch) from None
             self._next_batch += 1
             return batch
 
@@ -742,6 +747,28 @@ def _batch_iterator_class():
             super().close()
 
     return _BatchIterator
+
+
+class DataWorkerError(RuntimeError):
+    """A data worker process (`make_iterator`'s workers > 0) ended without an error of its own:
+    killed (the OOM killer, a signal) or crashed. The run fails (exit_codes.FAILED); its
+    checkpoints are intact, and the data iterator's state resumes it exactly."""
+
+
+_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+
+
+def _worker_error(error: RuntimeError, batch: int) -> BaseException:
+    """grain's error for a dead worker as one line saying what happened; other errors unchanged."""
+    found = _WORKER_DIED.search(str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+           else f"exit code {code}")
+    hint = " (often the kernel's OOM killer: fewer config.data.workers need less memory)" if code == -9 else ""
+    return DataWorkerError(f"a data worker process ended while reading batch {batch}: {how}{hint}; the checkpoints "
+                           f"saved are intact: run the same command again to resume")
 
 
 def _worker_init(parent_pid: int, worker_index: int, worker_count: int) -> None:
