@@ -231,7 +231,10 @@ def _check_free_space(manager: ocp.CheckpointManager, step: int, state: Any) -> 
     together: the save is collective). The previous checkpoints are still there while the
     new one is written, so its whole size must be free."""
     need = _bytes_to_write(state)
-    free = shutil.disk_usage(manager.directory).free
+    try:
+        free = shutil.disk_usage(manager.directory).free
+    except OSError:  # a file system that does not say (a remote mount): orbax's own error then
+        free = need
     if _anywhere(free < need):
         raise CheckpointSaveError(
             f"saving the checkpoint of step {step} in {manager.directory} failed: the disk is full (No space left on "
