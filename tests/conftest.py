@@ -47,6 +47,27 @@ def xla_optimized():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, name="tmpfs") -> a new directory with a tmpfs of `size` (mount's syntax: "64k",
+    "12m") mounted on it: a small disk that really fills (ENOSPC from the kernel). Root only: the
+    test is skipped where mounting is not allowed. Unmounted after the test."""
+    mounted = []
+
+    def mount(size: str, name: str = "tmpfs") -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (not root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():

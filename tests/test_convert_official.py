@@ -91,6 +91,27 @@ def test_mismatches_are_errors_not_skips(golden_dir):
         variables_from_state_dict(state, dict(cfg, num_layers=3))
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(golden_dir, tmp_path, capsys):
+    """Converted, NaN weights gave all-NaN features from `vimpac features` with exit code 0."""
+    import shutil
+
+    from vimpac_jax.conversion import torch_zip
+    from vimpac_jax.conversion.official import main
+
+    state, _ = _golden_state(golden_dir)
+    name = "backbone.transformer.resblocks.1.mlp.c_fc.weight"
+    bad = np.array(state[name])
+    bad.flat[7] = np.nan
+    src = tmp_path / "nan"
+    src.mkdir()
+    torch_zip.save_state_dict(dict(state, **{name: bad}), src / "classifier.pt")
+    shutil.copyfile(golden_dir / "vimpac_a" / "args.pickle", src / "args.pickle")
+    assert main([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'classifier.pt'}: 1 tensor(s) hold NaN or infinite values: {name} (1 of {bad.size} values)" in err
+    assert not (tmp_path / "out").exists()
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

@@ -118,3 +118,36 @@ def test_class_names_beside_a_checkpoint_are_printed_and_exported(released, tmp_
     assert export_cmd.main(["--workdir", str(named), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
     assert (tmp_path / "st" / CLASS_NAMES_FILE).read_text().splitlines() == names
     assert "class_names=7" in capsys.readouterr().out
+def test_predictions_go_out_as_they_are_made(released, tmp_path, capsys, monkeypatch):
+    """Stopped at the third of four videos (here Ctrl-C in the model call), `vimpac predict` has
+    already printed the first two and --json holds them: before, a run stopped midway printed and
+    wrote nothing."""
+    import json
+
+    from vimpac_jax import predict as lib
+
+    ckpt, vq8192, _, video = released
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"v{i}.mp4")
+        paths[-1].symlink_to(video)
+    out = tmp_path / "pred.json"
+    real_scores, calls, seen = lib.Classifier.scores, [], []
+
+    def scores(self, views):
+        calls.append(len(views))
+        if len(calls) == 3:
+            seen.append(json.loads(out.read_text()))  # what a kill at this moment would leave
+            raise KeyboardInterrupt
+        return real_scores(self, views)
+
+    monkeypatch.setattr(lib.Classifier, "scores", scores)
+    with pytest.raises(KeyboardInterrupt):
+        predict_cmd.main(["--workdir", str(ckpt), "--tokenizer", str(vq8192), *map(str, paths), "--clips", "1",
+                          "--batch-size", "1", "--workers", "0", "--json", str(out)])
+    assert calls == [1, 1, 1]
+    printed = capsys.readouterr().out
+    assert f"{paths[0]}\n  1. " in printed and f"{paths[1]}\n  1. " in printed and str(paths[2]) not in printed
+    for record in (seen[0], json.loads(out.read_text())):
+        assert [p["path"] for p in record["predictions"]] == [str(p) for p in paths[:2]]
+        assert record["complete"] is False and record["videos"] == 4

@@ -5,11 +5,11 @@ before any work, as one error line. In-process and without compiling where the f
 import errno
 import json
 import os
+import re
 import struct
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -56,15 +56,9 @@ def test_enospc_from_the_event_writer_is_an_error_not_a_hang(tmp_path, monkeypat
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs(tmpfs):
     """A 64 KiB tmpfs (root only); skipped where mounting is not allowed."""
-    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return tmpfs("64k")
 
 
 def test_a_really_full_disk_ends_the_writes_with_an_error(small_tmpfs):
@@ -156,6 +150,61 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_step_before(tmp_path):
         checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=warnings.append)
 
 
+def test_a_damaged_checkpoint_is_moved_aside_so_saves_below_it_happen_and_it_is_not_kept(tmp_path):
+    """The run falls back from a damaged step 3 to 2: 3 is renamed `3.damaged`, so orbax saves
+    steps 3 and 4 again (a damaged 3 left in place made it skip every save up to 3) and keeps 2
+    good ones (left in place, it counted among the kept)."""
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=2)
+    state = {"w": jnp.arange(4096, dtype=jnp.float32)}
+    for step in (1, 2, 3):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    assert _truncate_array_files(tmp_path / "checkpoints" / "3")
+    warnings = []
+    step, _, _ = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=warnings.append,
+                                              move_aside=True)
+    damaged = tmp_path / "checkpoints" / "3.damaged"
+    assert step == 2 and manager.all_steps() == [2] and damaged.is_dir()
+    assert len(warnings) == 1 and f"moved it to {damaged}; falling back to step 2" in warnings[0]
+    for step in (3, 4):
+        assert checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    assert manager.all_steps() == [3, 4] and damaged.is_dir()
+    # A new run's manager (which clears interrupted saves) lists the same steps and leaves it alone.
+    assert checkpointing.make_manager(tmp_path, save_every=1, keep=2).all_steps() == [3, 4] and damaged.is_dir()
+
+
+def test_a_full_disk_during_a_save_is_one_error_not_orbax_tracebacks(tmpfs, monkeypatch, caplog):
+    """A save that cannot fit is refused before writing; one that fills the disk while orbax
+    writes (the free-space check passed, or another writer filled it) raises CheckpointSaveError
+    naming the directory and the full disk, and orbax's error records are not shown."""
+    import logging
+
+    import jax.numpy as jnp
+
+    from vimpac_jax.training import checkpointing
+
+    disk = tmpfs("2m")
+    manager = checkpointing.make_manager(disk, save_every=1, keep=3)
+    state = {"w": jnp.arange(1 << 20, dtype=jnp.float32) * 1.0001}  # 4 MiB
+    with pytest.raises(checkpointing.CheckpointSaveError, match="the disk is full .*4.0 MiB"):
+        checkpointing.save(manager, 1, state, None, {"step": 1})
+    assert not list((disk / "checkpoints").iterdir())  # nothing written
+
+    monkeypatch.setattr(checkpointing, "_check_free_space", lambda *args: None)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(checkpointing.CheckpointSaveError) as failed:
+        checkpointing.save(manager, 1, state, None, {"step": 1})
+        checkpointing.wait_until_finished(manager)
+    assert f"in {disk / 'checkpoints'} failed: the disk is full (No space left on device)" in str(failed.value)
+    assert "\n" not in str(failed.value) and manager.all_steps() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage()[:200] for r in caplog.records]
+
+
 def _truncate_array_files(step_dir):
     """Cuts the array data files (orbax's */d/<hash>) of a checkpoint step to 100 bytes."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
@@ -223,6 +272,73 @@ def test_the_data_iterator_resumes_under_another_worker_count(pretrain_store, tm
         np.testing.assert_array_equal(a, e, err_msg=f"batch {b}")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_data_workers_exit_when_the_trainer_is_killed(pretrain_store, tmp_path):
+    """`data.workers=2` and SIGKILL of the process reading: its two grain workers end too (they
+    stayed under PID 1 before, ~200 MB each)."""
+    import signal
+    import sys
+
+    import video_fixtures
+
+    script = tmp_path / "reader.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from vimpac_jax.data import pipelines as P\n"
+        "if __name__ == '__main__':\n"
+        "    ds = P.train_dataset(P.load_index(sys.argv[1]), 'pretrain', batch_size=2, clip_len=5, seed=3,\n"
+        "                         process_index=0, process_count=1)\n"
+        "    it = P.make_iterator(ds, workers=2, read_threads=1)\n"
+        "    next(it)\n"
+        "    print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "    time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(pretrain_store)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    workers = []
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) >= 2 and all(video_fixtures.process_alive(pid) for pid in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(video_fixtures.process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if video_fixtures.process_alive(pid)]
+    finally:
+        proc.kill()
+        for pid in workers:
+            if video_fixtures.process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_data_worker_is_one_error_saying_what_happened(pretrain_store):
+    """grain's "Worker process was terminated unexpectedly with exit code -9" traceback becomes a
+    DataWorkerError (vimpac train: one `error:` line, exit 1) naming the signal and the batch."""
+    import multiprocessing
+    import signal
+
+    from vimpac_jax.data import pipelines as P
+
+    ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
+                         process_count=1)
+    it = P.make_iterator(ds, workers=2, read_threads=1, worker_buffer_size=1)
+    try:
+        next(it)
+        workers = [p for p in multiprocessing.active_children() if p.name != "resource_tracker"]
+        assert workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        with pytest.raises(P.DataWorkerError) as died:
+            for _ in range(100):  # the batches already made still come out first
+                next(it)
+    finally:
+        it.close()
+    assert "a data worker process ended while reading batch" in str(died.value)
+    assert "killed by SIGKILL" in str(died.value) and "\n" not in str(died.value)
+
+
 def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
     """grain's own states (written before the state was the batch count): 0 workers' prefetch
     index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""
@@ -242,6 +358,45 @@ def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store
         assert it.get_state() == {"next_batch": 6}
     with pytest.raises(ValueError, match="unknown data iterator state"):
         P.make_iterator(ds, workers=0).set_state({"something": 1})
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "one flipped bit"])
+def test_a_damaged_token_shard_is_an_error_naming_the_shard_and_videos(tmp_path, damage):
+    """A shard cut in half fails when the store is indexed; a flipped bit in a chunk fails when a
+    clip reads it (Riegeli's hash): both a StoreDamagedError (a ValueError: one `error:` line)
+    naming the shard, the videos of the failed read where known, and `--verify`."""
+    import shutil
+
+    from vimpac_jax.data import pipelines as P
+    from vimpac_jax.data import token_store
+    from vimpac_jax.data.testing import write_test_store
+
+    videos = [dict(video_id=f"v{i}", label=i % 3, num_frames=60, variants=["r32_center_noflip"]) for i in range(6)]
+    store = write_test_store(tmp_path / "store", videos, shards=2, grid=(16, 16), chunk_frames=4)
+    shard = store / token_store.read_metadata(store)["shards"][1]
+    in_shard = {h["video_id"] for _, h in token_store.scan_headers(store, token_store.RecordReader([str(shard)]))}
+    data = bytearray(shard.read_bytes())
+    if damage == "cut in half":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0x04
+    shard.write_bytes(bytes(data))
+    with pytest.raises(token_store.StoreDamagedError) as failed:
+        index = P.load_index(store, cache=False)
+        ds = P.train_dataset(index, "pretrain", batch_size=6, clip_len=5, seed=3, process_index=0, process_count=1)
+        for batch in range(10):  # every video, several clip positions
+            ds[batch]
+    message = str(failed.value)
+    assert f"shard {shard} is damaged" in message and "Riegeli" in message and "--verify" in message
+    if damage == "one flipped bit":  # found by a read of known videos: named, and only the shard's own
+        named = set(re.findall(r"'(v\d)'", message))
+        assert named and named <= in_shard, (named, in_shard)
+    # Raised in a grain worker (data.workers > 0), it reaches the trainer pickled: the same error.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(failed.value))
+    assert type(again) is token_store.StoreDamagedError and str(again) == message and again.shard == str(shard)
+    shutil.rmtree(store)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +501,32 @@ def _cli(capsys, *argv):
 
     rc = cli.main([str(a) for a in argv])
     return rc, capsys.readouterr().err
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_one_error_line(short_store, tmp_path, tmpfs, capsys, no_compiling):
+    _, store = short_store
+    (tmp_path / "afile").write_text("not a run")
+    assert _train(store, tmp_path / "afile") == exit_codes.BAD_INPUT
+    assert f"--workdir {tmp_path / 'afile'} is a file; expected a run directory" in capsys.readouterr().err
+    read_only = tmpfs("64k")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    rc, err = _cli(capsys, "train", "--config", REPO / "configs/pretrain.py:runlocal",
+                   f"--config.data.train_store={store}", "--workdir", read_only / "run")
+    assert rc == exit_codes.BAD_INPUT and err.strip() == (f"vimpac train: error: cannot write {read_only / 'run'}: "
+                                                          f"Read-only file system")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "stablehlo"])
+def test_export_to_a_full_disk_is_one_error_line_and_leaves_nothing(golden_dir, tmp_path, tmpfs, capsys, fmt):
+    from vimpac_jax.conversion.official import convert_official
+
+    convert_official(golden_dir / "vimpac_a", tmp_path / "ckpt")
+    disk = tmpfs("64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    rc, err = _cli(capsys, "export", "--workdir", tmp_path / "ckpt", "--format", fmt, "--out", disk / "e")
+    assert rc == exit_codes.FAILED, err
+    assert err.startswith(f"vimpac export: error: cannot write --out {disk / 'e'}") and err.count("\n") == 1, err
+    assert "No space left on device" in err and sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
 def test_convert_official_on_files_that_are_not_torch_zips(tmp_path, capsys):
@@ -462,6 +643,39 @@ def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_res
     step, variables = workdir_lib.restore_variables(tmp_path, ("params",), log=warnings.append)
     assert step == 1 and sorted(variables) == ["params"] and "checksum mismatch" in warnings[0]
     np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+
+
+def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_used(tmp_path):
+    """Fine-tuning from a run whose step 2 is damaged starts from step 1: the log line says so and
+    the new run's init_from.json records it (written once: a resume keeps the record of the start)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing, tasks
+    from vimpac_jax.training import workdir as workdir_lib
+
+    source = tmp_path / "pre"
+    manager = checkpointing.make_manager(source, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "batch_stats": {"b": jnp.ones(3)}}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        checkpointing.wait_until_finished(manager)
+    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}}))
+    _flip_a_bit_of_the_largest_data_file(source / "checkpoints" / "2")
+
+    warnings = []
+    model, variables, record = tasks.load_init_source(str(source), log=warnings.append)
+    assert model == {"hidden_dim": 8} and record["step"] == 1 and record["init_from"] == str(source)
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+    assert record["skipped"] == warnings and "checkpoints/2 cannot be restored" in warnings[0]
+    line = tasks.init_source_line(record)
+    assert line.startswith(f"init_from: {source} at step 1; 1 newer checkpoint(s) could not be restored")
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    workdir_lib.record_init_source(run, record)
+    workdir_lib.record_init_source(run, dict(record, step=7))  # a resume later: the start's record stays
+    assert json.loads((run / workdir_lib.INIT_FROM_FILE).read_text()) == record
 
 
 def test_checksums_do_not_depend_on_the_sharding_and_catch_any_flipped_bit():

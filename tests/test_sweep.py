@@ -310,3 +310,64 @@ def test_preempted_runs_are_resumed_not_done(tmp_path, monkeypatch):
     assert task.returncode == exit_codes.PREEMPTED, task.stderr
     assert [r["status"] for r in sw.collect(tmp_path / "slurm")] == ["preempted"]
     assert requeued.read_text().split() == ["requeue", "42_0"]
+
+
+def test_a_run_still_going_is_not_started_again_beside_it(tmp_path):
+    """A rerun of a sweep that finds a run's workdir held by a live `vimpac train` (a killed
+    sweep's child, another sweep) says so and leaves it alone: before, it recorded that run as
+    FAILED (rc 2, "workdir in use") after overwriting its log, and started the next run beside it."""
+    from vimpac_jax import exit_codes, io_utils
+
+    runs = sw.expand([{"seed": 0}, {"seed": 1}], tmp_path)
+    ran = tmp_path / "ran.txt"
+    commands = [[sys.executable, "-c", f"open({str(ran)!r}, 'a').write('{i}')"] for i in range(2)]
+    runs[0].workdir.mkdir(parents=True)
+    (runs[0].workdir / sw.LOG_FILE).write_text("the running train's log\n")
+    logged = []
+    with io_utils.exclusive_lock(runs[0].workdir / io_utils.WORKDIR_LOCK_FILE, "workdir"):
+        assert sw.run_local(runs, commands, log=logged.append) == [exit_codes.PREEMPTED, 0]
+    assert f"still running (pid {os.getpid()} on host" in logged[0] and "not started again" in logged[0]
+    assert ran.read_text() == "1" and (runs[0].workdir / sw.LOG_FILE).read_text() == "the running train's log\n"
+    assert not (runs[0].workdir / sw.STATUS_FILE).exists()
+    assert sw.run_local(runs, commands, log=logged.append) == [0, 0]  # the lock is free: it runs now
+    assert ran.read_text() == "10"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_sweep_killed_with_sigkill_takes_its_running_train_with_it(store, env, tmp_path):
+    """SIGKILL of `vimpac sweep` (no handler runs): its `vimpac train` sees the sweep gone, saves
+    as on SIGTERM and exits 75, so nothing runs on alone and the next sweep resumes it."""
+    import signal
+    import time
+
+    import video_fixtures
+
+    sweep_file = tmp_path / "one.py"
+    sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
+                          "def get_sweep():\n    return sweep('seed', [0])\n")
+    root = tmp_path / "sweep"
+    args = ["--config", RUNLOCAL, f"--config.data.train_store={store}", "--config.train.num_steps=100000",
+            "--config.optim.schedule_steps=100000", "--config.train.log_every=1", "--config.train.checkpoint_every=100000"]
+    proc = vimpac("sweep", *args, "--sweep", sweep_file, "--workdir", root, env=env, background=True)
+    run_dir = root / "00_seed=0"
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.1)
+    train_pid = int((run_dir / ".lock").read_text().split()[0])  # the holder of the workdir's lock
+    assert video_fixtures.process_alive(train_pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while video_fixtures.process_alive(train_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not video_fixtures.process_alive(train_pid), "the sweep's train runs on alone"
+        assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()], "it did not save"
+        assert "saved the checkpoint of step" in (run_dir / sw.LOG_FILE).read_text()
+    finally:
+        if video_fixtures.process_alive(train_pid):
+            os.kill(train_pid, signal.SIGKILL)
+

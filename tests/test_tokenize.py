@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,6 +161,53 @@ def test_complete_store_is_reused_and_other_configs_refused(full_store, tiny_tok
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(journal.StoreError, match="not a token store"):
         tk.tokenize_videos(options(tiny_tokenizer, videos, tmp_path / "junk"))
+
+
+def test_verify_finds_a_damaged_shard_of_a_complete_store_and_redoes_its_videos(full_store, tiny_tokenizer, videos,
+                                                                              tmp_path, caplog):
+    """A complete store whose shard was cut in half: a plain rerun finds nothing to do (it reads
+    no shard); --verify reads them, drops the damaged one and tokenizes its videos again, to the
+    same store as before."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_store[0], out)
+    (shard,) = token_store.read_metadata(out)["shards"]
+    data = (out / shard).read_bytes()
+    (out / shard).write_bytes(data[:len(data) // 2])
+    with pytest.raises(token_store.StoreDamagedError, match=f"shard {out / shard} is damaged"):
+        read_store(out)
+    assert tk.tokenize_videos(options(tiny_tokenizer, videos, out)).processed == 0
+
+    caplog.set_level("INFO", logger="vimpac_jax")
+    result = tk.tokenize_videos(options(tiny_tokenizer, videos, out, verify=True))
+    assert result.complete and result.processed == len(GOOD) + len(BAD) and result.counts == full_store[1].counts
+    assert f"shard {out / shard} is damaged" in caplog.text and "tokenized again: bikes, carphone_pristine" in caplog.text
+    first, again = read_store(full_store[0]), read_store(out)
+    assert first.keys() == again.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key]["tokens"], again[key]["tokens"])
+    caplog.clear()
+    assert tk.tokenize_videos(options(tiny_tokenizer, videos, out, verify=True)).processed == 0  # nothing damaged now
+    assert "every record reads" in caplog.text
+
+
+def test_a_full_or_read_only_out_is_one_error_line(tiny_tokenizer, videos, tmpfs, capsys):
+    """A full --out: exit 1 (run it again once there is room: it resumes); a read-only one: 2."""
+    from vimpac_jax import cli
+
+    disk = tmpfs("64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    argv = ["tokenize", "--tokenizer", str(tiny_tokenizer), "--videos", str(videos / "list.txt"), "--video-root",
+            str(videos), "--size", str(SIZE), "--fps", str(FPS), "--workers", "0"]
+    assert cli.main(argv + ["--out", str(disk / "s")]) == 1
+    err = capsys.readouterr().err
+    assert f"vimpac tokenize: error: cannot write --out {disk / 's'}" in err and "No space left on device" in err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert cli.main(argv + ["--out", str(disk / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vimpac tokenize: error: cannot write --out {disk / 't'} ({disk / 't'}): Read-only file system"
 
 
 def test_hosts_take_disjoint_shares(full_store, tiny_tokenizer, videos, tmp_path):

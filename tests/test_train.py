@@ -123,6 +123,17 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert sorted(again["per_class"]) == sorted(CLASS_NAMES) and sorted(saved["per_class"]) == sorted(CLASS_NAMES)
     vimpac("export", "--workdir", ft, "--format", "safetensors", "--out", tmp_path / "export", env=env)
     assert (tmp_path / "export" / "class_names.txt").read_text().splitlines() == CLASS_NAMES
+    assert again["eval_store"] == str(stores / "val")
+
+    # Another store's results go beside the run's own, named by the store, which they record.
+    own = {name: (ft / name).read_bytes() for name in ("eval_results.json", "predictions.csv")}
+    other = vimpac("evaluate", "--workdir", ft, "--eval-store", stores / "train", "--clips", 1, "--crops", 1,
+                   "--no-pictures", env=env)
+    assert {name: (ft / name).read_bytes() for name in own} == own
+    beside = json.loads((ft / "eval-train" / "eval_results.json").read_text())
+    assert beside["eval_store"] == str(stores / "train") and beside["num_videos"] == 16
+    assert len((ft / "eval-train" / "predictions.csv").read_text().splitlines()) == 17
+    assert str(ft / "eval-train" / "eval_results.json") in other.stdout
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
@@ -205,6 +216,60 @@ def test_sigterm_saves_and_exits_cleanly(stores, env, tmp_path):
     assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
     step, _ = latest_state(tmp_path / "run")
     assert 4 < step < 40 and "SIGTERM" in err
+
+
+def _only_error_line(stderr):
+    """The stderr of a run that failed: one `error:` line, no traceback."""
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr and "ERROR:" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_a_full_disk_during_a_save_exits_1_with_one_line_and_the_resume_is_exact(stores, env, tmp_path, tmpfs):
+    """A workdir on a 12 MiB disk: the checkpoint of step 2 (about 8 MiB) fits, the one of step 4
+    does not. The run ends with exit 1 (a failed run, not rejected input) and one error line;
+    with room again, the same command resumes from step 2 to the parameters of a run that never
+    stopped."""
+    from vimpac_jax import exit_codes
+
+    args = pretrain_args(stores, steps=6, extra=["--config.train.checkpoint_every=2"])
+    vimpac("train", *args, "--workdir", tmp_path / "ref", env=env)
+    disk = tmpfs("12m")
+    full = run_vimpac("train", *args, "--workdir", disk / "run", env=env)
+    assert full.returncode == exit_codes.FAILED, full.stderr[-3000:]
+    line = _only_error_line(full.stderr)
+    assert line.startswith(f"vimpac train: error: saving the checkpoint of step 4 in {disk / 'run' / 'checkpoints'}")
+    assert "No space left on device" in line
+    assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["2"]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    resumed = vimpac("train", *args, "--workdir", disk / "run", env=env)
+    assert f"resumed from {disk / 'run'}/checkpoints/2" in resumed.stderr
+    (step_a, a), (step_b, b) = latest_state(tmp_path / "ref"), latest_state(disk / "run")
+    assert step_a == step_b == 6
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_full_disk_in_the_sigterm_save_exits_1_with_one_line(stores, env, tmp_path, tmpfs):
+    from vimpac_jax import exit_codes
+
+    disk = tmpfs("5m")  # the metrics fit, a checkpoint (about 8 MiB) does not
+    workdir = disk / "run"
+    proc = run_vimpac("train", *pretrain_args(stores, steps=40, extra=["--config.train.checkpoint_every=100",
+                                                                       "--config.train.log_every=1"]),
+                      "--workdir", workdir, env=env, background=True)
+    deadline = time.monotonic() + 300
+    while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == exit_codes.FAILED, err[-3000:]
+    assert "No space left on device" in _only_error_line(err)
 
 
 def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, env, tmp_path):

@@ -7,12 +7,15 @@ Rejected input is one line, not a traceback: a command's checks raise ValueError
 file, field or flag and what was expected (the project's convention: `InUseError`,
 `CheckpointRestoreError`, ... are ValueErrors too), and a path given on the command line may
 raise an `INPUT_ERRORS` OSError. Whatever of these a command does not handle itself is printed
-here as `vimpac CMD: error: MESSAGE` with exit code `exit_codes.BAD_INPUT` (2). Set
-VIMPAC_TRACEBACK=1 to get the traceback instead. Flags that must be positive use
+here as `vimpac CMD: error: MESSAGE` with exit code `exit_codes.BAD_INPUT` (2); so is a
+read-only file system under an output (`--out`, `--workdir`). A full disk (or quota) met while
+writing is `exit_codes.FAILED` (1), the code of a run that failed: the same command resumes or
+redoes the work once there is room. Set VIMPAC_TRACEBACK=1 to get the traceback instead. Flags that must be positive use
 `positive_int` (argparse's own error, also exit code 2).
 """
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -22,6 +25,15 @@ from vimpac_jax import exit_codes
 # Errors of input that a command rejected (see the module docstring).
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
+# OSErrors of the place a command writes to, by errno: the exit code each is reported with.
+WRITE_ERRORS = {errno.EROFS: exit_codes.BAD_INPUT, errno.ENOSPC: exit_codes.FAILED, errno.EDQUOT: exit_codes.FAILED}
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: reason' of an OSError (not Python's "[Errno N] reason: 'PATH'")."""
+    if e.filename is None:
+        return e.strerror or str(e)
+    return f"{e.filename}: {e.strerror or e}" + (f" (-> {e.filename2})" if e.filename2 else "")
 
 COMMANDS = {
     "demo": ("vimpac_jax.commands.demo", "the built-in default end to end: videos -> tokens -> pre-train -> fine-tune -> test"),
@@ -71,8 +83,21 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:
         if os.environ.get("VIMPAC_TRACEBACK"):
             raise
-        print(f"vimpac {name}: error: {e}", file=sys.stderr)
+        print(f"vimpac {name}: error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except OSError as e:
+        if os.environ.get("VIMPAC_TRACEBACK") or e.errno not in WRITE_ERRORS:
+            raise
+        print(f"vimpac {name}: error: {write_error_message(e)}", file=sys.stderr)
+        return WRITE_ERRORS[e.errno]
+
+
+def write_error_message(e: OSError, output: str = "") -> str:
+    """'cannot write [OUTPUT][ (PATH)]: reason' of a `WRITE_ERRORS` OSError; output: the flag and
+    path the command writes to ("--out DIR"), when the command knows it."""
+    path = "" if e.filename is None else str(e.filename)
+    where = f" {output} ({path})" if output and path else f" {output or path}" if output or path else ""
+    return f"cannot write{where}: {e.strerror or e}"
 
 
 def positive_int(text: str) -> int:

@@ -1,5 +1,5 @@
 """Publishing a file or a directory only when it is complete (temporary name, then rename);
-exclusive locks on a workdir or a store."""
+exclusive locks on a workdir or a store; worker processes that end with their parent."""
 
 import contextlib
 import fcntl
@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
@@ -76,6 +78,41 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+PARENT_POLL_SECONDS = 0.5
+
+
+def watch_parent(parent_pid: int, on_gone: Callable[[], None]) -> None:
+    """Call `on_gone()` (in a daemon thread) once process `parent_pid`, which started this one,
+    is gone, e.g. SIGKILLed; at once if it already is.
+
+    A thread polls the parent pid (the process's parent changes when the parent dies: to the
+    forkserver's, then to a reaper's). Not PR_SET_PDEATHSIG: on Linux it fires when the *thread*
+    that forked the process exits (prctl(2)), and a pool may start workers from a thread of its own.
+    """
+    start_ppid = os.getppid()
+    if parent_pid != start_ppid and not pid_alive(parent_pid):  # died before this process ran
+        on_gone()
+        return
+
+    def watch() -> None:
+        while os.getppid() == start_ppid and pid_alive(parent_pid):
+            time.sleep(PARENT_POLL_SECONDS)
+        on_gone()
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Initializer of a worker process (decode workers, grain's data workers): end it (os._exit)
+    once the process that started it is gone (`watch_parent`). Otherwise an orphaned worker
+    waits for jobs for ever: it holds the write end of its own call queue, so the queue never
+    reports the parent's end."""
+    watch_parent(parent_pid, lambda: os._exit(1))
+
+
+WORKDIR_LOCK_FILE = ".lock"  # of a run's workdir: held by its `vimpac train` (training/workdir.py, sweeps.py)
+
+
 class InUseError(ValueError):
     """Another live process holds the lock (a ValueError: the command's input is rejected)."""
 
@@ -96,11 +133,33 @@ def exclusive_lock(lock_file, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid, host = (os.pread(fd, 512, 0).decode(errors="replace").split() + ["?", "?"])[:2]
-            raise InUseError(f"{what} is in use by pid {pid} on host {host} (lock {lock_file}); wait for that job "
+            raise InUseError(f"{what} is in use by {_holder(fd)} (lock {lock_file}); wait for that job "
                              f"to end or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """'pid N on host H', as the holder of a lock wrote it in the file."""
+    pid, host = (os.pread(fd, 512, 0).decode(errors="replace").split() + ["?", "?"])[:2]
+    return f"pid {pid} on host {host}"
+
+
+def lock_holder(lock_file) -> Optional[str]:
+    """'pid N on host H' of the live process holding `lock_file` (`exclusive_lock`), None when
+    nobody does (a lock file left by a killed job is free); never takes the lock or writes."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        return None
+    finally:
+        os.close(fd)

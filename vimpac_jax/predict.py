@@ -185,8 +185,11 @@ class Classifier:
         return result.top
 
     def predict_files(self, paths: Iterable, *, top: Optional[int] = 5, workers: int = 0,
-                      progress=None) -> list[Prediction]:
+                      progress=None, on_result: Optional[Callable[[int, Prediction], None]] = None
+                      ) -> list[Prediction]:
         """Many files, in input order; a file that cannot be decoded gets `error` and is skipped.
+        on_result(index, prediction) is called as each file's result is made (in the order they
+        finish), so a caller can put results out before the last file is done.
 
         Decoding runs in `workers` processes (`video_decode.decode_many`; 0 = this process), the
         frames of many videos share the tokenizer's device batches, and the views of up to
@@ -206,6 +209,8 @@ class Classifier:
             probs = self.scores(np.stack([views for _, views in batch]))
             for (index, _), row in zip(batch, probs):
                 results[index] = Prediction(paths[index], self.ranked(row, top), row)
+                if on_result is not None:
+                    on_result(index, results[index])
 
         def add(done) -> None:
             for index, tokens in done:
@@ -222,6 +227,8 @@ class Classifier:
         for index, path, result in decoded:
             if isinstance(result, vd.VideoDecodeError):
                 results[index] = Prediction(path, error=result.reason)
+                if on_result is not None:
+                    on_result(index, results[index])
                 if progress is not None:
                     progress.update(failed=1)
                 continue

@@ -47,6 +47,9 @@ FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # '
 OVERRIDES_FILE = "overrides.json"
 STATUS_FILE = "status.json"
 LOG_FILE = "log.txt"
+# The sweep's pid, given to each `vimpac train` it starts, which stops (saving, as on SIGTERM)
+# when that process is gone: a sweep killed with SIGKILL leaves no run behind (commands/train.py).
+PARENT_PID_ENV = "VIMPAC_SWEEP_PID"
 # Metrics shown in summary.md (summary.csv has every logged metric); eval/* are always shown.
 MARKDOWN_METRICS = ("train/total_loss", "train/mlm_loss", "train/nce_loss", "train/mask_accuracy", "train/mask_ratio",
                     "train/loss", "train/accuracy")
@@ -262,9 +265,14 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
     Runs whose status.json says they finished with code 0 are skipped unless `rerun`; every
     other run (failed, preempted: exit_codes.PREEMPTED, not started) runs again and resumes
     from its checkpoints. SIGTERM/SIGINT (Ctrl-C) reach the running `vimpac train` too (one
-    process group), which saves and exits PREEMPTED; the sweep records that and stops.
+    process group), which saves and exits PREEMPTED; the sweep records that and stops. Killed
+    outright (SIGKILL), the sweep takes its running `vimpac train` with it (`PARENT_PID_ENV`:
+    that run saves and exits PREEMPTED). A run whose workdir is still held by a live `vimpac
+    train` (one a killed sweep started, or another sweep's) is not started again beside it: it
+    is reported as still running, code PREEMPTED (unfinished), its log and status left alone.
     Returns the return codes in order (of the runs started or skipped).
     """
+    env = dict(os.environ if env is None else env, **{PARENT_PID_ENV: str(os.getpid())})
     codes, start, done = [], time.monotonic(), 0
     stop = []
     handler = lambda signum, frame: stop.append(signal.Signals(signum).name)  # noqa: E731
@@ -281,6 +289,12 @@ def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]], *, rerun: 
             if status and status.get("returncode") == exit_codes.DONE and not rerun:
                 log(f"[{i + 1}/{len(runs)}] {run.name}: done before, skipped")
                 codes.append(0)
+                continue
+            holder = io_utils.lock_holder(run.workdir / io_utils.WORKDIR_LOCK_FILE)
+            if holder is not None:
+                log(f"[{i + 1}/{len(runs)}] {run.name}: still running ({holder}); not started again: run the sweep "
+                    f"again once it has ended")
+                codes.append(exit_codes.PREEMPTED)
                 continue
             write_run_files(run, command)
             (run.workdir / STATUS_FILE).unlink(missing_ok=True)

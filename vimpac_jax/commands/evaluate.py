@@ -7,11 +7,15 @@ log; needs the viz extra, or --no-pictures) to the workdir, and prints a table. 
 done, videos/s, views/s, ETA) goes to stderr. Several K in one
 call (`--clips 2,5,10`, the released `--last-test-clips`) test each in turn: the files hold the
 last K's results, and eval_results.json also `by_clips` {K: top1, top5, loss, mean class accuracy}.
+eval_results.json names the store it tested (`eval_store`). With --eval-store another than the
+run's own, the files go to `DIR/eval-<store name>/` instead (beside the run's own results, never
+over them; a second store of that name gets its path's hash added).
 """
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
@@ -45,6 +49,25 @@ def parse_clips(value: str) -> list[int]:
     if not clips or min(clips) < 1:
         raise ValueError(f"--clips must be positive integers separated by commas (e.g. 2,5,10), got {value!r}")
     return clips
+
+
+def results_dir(workdir: Path, store: str, own_store: str) -> Path:
+    """Where the results on `store` go: the workdir for the run's own held-out store, else
+    `workdir/eval-<store's name>` (`-<hash of its path>` added if that one holds another store's)."""
+    import hashlib
+    import json
+
+    store_path = Path(store).absolute()
+    if own_store and store_path == Path(own_store).absolute():
+        return workdir
+    out = workdir / f"eval-{store_path.name}"
+    try:
+        recorded = json.loads((out / "eval_results.json").read_text()).get("eval_store")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded not in (None, str(store_path)):
+        out = workdir / f"eval-{store_path.name}-{hashlib.sha256(str(store_path).encode()).hexdigest()[:8]}"
+    return out
 
 
 def main(argv) -> int:
@@ -116,23 +139,28 @@ def main(argv) -> int:
         results.append(evaluate_classifier(config, mesh, index, params, num_clips=k, crops=crops,
                                            progress=progress, eval_step=eval_step))
         progress.close()
-    result = dict(results[-1], step=step)
+    result = dict(results[-1], step=step, eval_store=str(Path(store).absolute()))
     if len(results) > 1:
         result["by_clips"] = {str(r["num_clips"]): {key: r[key] for key in ("top1", "top5", "loss", "mean_class_accuracy")}
                               for r in results}
     if jax.process_index() == 0:
-        write_eval_results(workdir, result)
+        out = results_dir(workdir, store, config.data.eval_store)
+        out.mkdir(exist_ok=True)
+        write_eval_results(out, result)
         print(format_table(results))
-        written = [workdir / "eval_results.json", workdir / "predictions.csv"]
+        written = [out / "eval_results.json", out / "predictions.csv"]
         if not args.no_pictures:
-            written.append(write_confusion_matrix(workdir, result, config, step))
+            tag = "eval" if out == workdir else f"eval/{out.name}"
+            written.append(write_confusion_matrix(workdir, result, config, step, out=out, tag=tag))
         print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
-def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Path:
-    """workdir/confusion_matrix.png of the last tested K (rows: true class, normalised), also in
-    the run's TensorBoard log (tag `eval/confusion_matrix` at the checkpoint's step)."""
+def write_confusion_matrix(workdir: Path, result: dict, config, step: int, out: Optional[Path] = None, tag: str = "eval"
+                           ) -> Path:
+    """out (default workdir)/confusion_matrix.png of the last tested K (rows: true class,
+    normalised), also in the run's TensorBoard log (tag `<tag>/confusion_matrix` at the
+    checkpoint's step)."""
     from vimpac_jax import plots
 
     predictions = result["predictions"]
@@ -143,6 +171,6 @@ def write_confusion_matrix(workdir: Path, result: dict, config, step: int) -> Pa
     from vimpac_jax.training.tasks import class_names_of
 
     image = plots.confusion_matrix_image(matrix, class_names_of(config), title=title)
-    path = plots.write_png(workdir / CONFUSION_MATRIX_FILE, image)
-    plots.write_tensorboard_images(workdir / "tensorboard", step, {"eval/confusion_matrix": image})
+    path = plots.write_png((out or workdir) / CONFUSION_MATRIX_FILE, image)
+    plots.write_tensorboard_images(workdir / "tensorboard", step, {f"{tag}/confusion_matrix": image})
     return path

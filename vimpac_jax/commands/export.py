@@ -98,6 +98,13 @@ def main(argv) -> int:
     except (ExportSourceError, ExportError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"vimpac export: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except OSError as e:  # a read-only or full --out (nothing is left there: atomic_directory)
+        from vimpac_jax.cli import WRITE_ERRORS, write_error_message
+
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"vimpac export: error: {write_error_message(e, f'--out {args.out}')}", file=sys.stderr)
+        return WRITE_ERRORS[e.errno]
     for warning in summary.get("warnings", []):
         logging.getLogger(__name__).warning(f"vimpac export: warning: {warning}")
     details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")

@@ -7,8 +7,9 @@ size, crops, class names, the tokenizer), a `vimpac convert official` checkpoint
 export --format stablehlo` directory (these need --tokenizer; the released protocol is used:
 10 clips x 3 crops at --fps 2). A tokenizer that does not fit the model is refused.
 
-Prints the top classes of each video; --json writes them with the video paths, the views used
-and the model's identity. A file that cannot be decoded is listed with the reason and skipped;
+Prints the top classes of each video as it is done; --json writes them with the video paths, the
+views used and the model's identity, rewritten as results come ("complete": false until the last),
+so a run stopped midway (killed, Ctrl-C) keeps every finished file's result. A file that cannot be decoded is listed with the reason and skipped;
 the exit code is 1 when any was, 2 for a usage error. VIDEO may also be a list file (one path
 per line, as for `vimpac tokenize --videos`: mmaction2 lists, .csv) or a directory of videos.
 """
@@ -79,7 +80,6 @@ def main(argv) -> int:
     except (lib.PredictError, FileNotFoundError) as e:
         print(f"vimpac predict: error: {e}", file=sys.stderr)
         return 2
-    from vimpac_jax.io_utils import write_json_atomic
     from vimpac_jax.progress import Progress
 
     workers = args.workers
@@ -87,22 +87,59 @@ def main(argv) -> int:
         workers = max(1, (os.cpu_count() or 2) - 1) if len(paths) > 4 else 0
     progress = Progress(len(paths), label="predict: ", unit="videos", counted=("frames",), failed=True,
                         every_seconds=args.progress_interval) if len(paths) > 1 else None
+    views = clf.protocol.describe()
+    print(f"{views['views']} views per video: {views['clips']} clips x {len(views['crops'])} crops "
+          f"({', '.join(views['crops'])}), model {clf.identity['path']}", flush=True)
+    done: dict = {}  # input index -> Prediction, as they are made
+    json_out = _JsonOut(Path(args.json).absolute(), clf, len(paths)) if args.json else None
+
+    def put_out(index, result) -> None:
+        """Each result as it is made: printed (or the skip warned), and --json rewritten, so a run
+        stopped midway (a kill, Ctrl-C) leaves every finished file's result behind."""
+        done[index] = result
+        if result.error is None:
+            print(lib.format_prediction(result), flush=True)
+        else:
+            logging.getLogger(__name__).warning(f"vimpac predict: skipped {result.path}: {result.error}")
+        if json_out is not None:
+            json_out.write(done)
+
     try:
-        results = clf.predict_files(paths, top=min(args.top, clf.num_classes), workers=workers, progress=progress)
+        clf.predict_files(paths, top=min(args.top, clf.num_classes), workers=workers, progress=progress,
+                          on_result=put_out)
     finally:
         if progress is not None:
             progress.close()
-    views = clf.protocol.describe()
-    print(f"{views['views']} views per video: {views['clips']} clips x {len(views['crops'])} crops "
-          f"({', '.join(views['crops'])}), model {clf.identity['path']}")
-    for result in results:
-        if result.error is None:
-            print(lib.format_prediction(result))
-    failed = [r for r in results if r.error is not None]
-    for result in failed:
-        logging.getLogger(__name__).warning(f"vimpac predict: skipped {result.path}: {result.error}")
-    if args.json:
-        write_json_atomic(Path(args.json).absolute(), lib.predictions_json(clf, results))
-    print(f"{len(results) - len(failed)} predicted, {len(failed)} failed"
-          + (f"; wrote {args.json}" if args.json else ""))
+        if json_out is not None:
+            json_out.write(done, force=True)
+    failed = sum(r.error is not None for r in done.values())
+    print(f"{len(done) - failed} predicted, {failed} failed" + (f"; wrote {args.json}" if args.json else ""))
     return 1 if failed else 0
+
+
+class _JsonOut:
+    """--json, rewritten (atomically) after each result: the results so far in input order, and
+    "complete" (every file done). A rewrite's cost grows with the results: once one takes over
+    QUICK_WRITE_SECONDS (tens of thousands of files), rewrites are spaced to keep them under a
+    tenth of the run, the last one always made."""
+
+    QUICK_WRITE_SECONDS = 0.05
+
+    def __init__(self, path: Path, clf, total: int):
+        self.path, self.clf, self.total = path, clf, total
+        self.next_at, self.cost = 0.0, 0.0
+
+    def write(self, done: dict, force: bool = False) -> None:
+        import time
+
+        from vimpac_jax import predict as lib
+        from vimpac_jax.io_utils import write_json_atomic
+
+        now = time.monotonic()
+        if not force and self.cost > self.QUICK_WRITE_SECONDS and now < self.next_at:
+            return
+        record = dict(lib.predictions_json(self.clf, [done[i] for i in sorted(done)]),
+                      complete=len(done) == self.total, videos=self.total)
+        write_json_atomic(self.path, record)
+        self.cost = time.monotonic() - now
+        self.next_at = now + 10 * self.cost

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--process-count", type=int, default=None, help="number of hosts (default jax.process_count())")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host)")
     p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
+    p.add_argument("--verify", action="store_true",
+                   help="read every record of this process's shards (a complete store too) and tokenize the videos "
+                        "of damaged ones again")
     return p
 
 
@@ -96,7 +99,7 @@ def main(argv) -> int:
         sampling=args.sampling, workers=args.workers, batch_size=args.batch_size, shard_size=args.shard_size,
         dtype=args.dtype, process_index=args.process_index, process_count=args.process_count,
         progress_interval=args.progress_interval, tfds=args.tfds, tfds_data_dir=args.data_dir,
-        source_fps=args.source_fps, class_names_file=args.class_names,
+        source_fps=args.source_fps, class_names_file=args.class_names, verify=args.verify,
         **({} if args.shard_options is None else {"shard_options": args.shard_options}),
         **({} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}))
     if args.distributed:
@@ -114,6 +117,16 @@ def main(argv) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"vimpac tokenize: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except OSError as e:
+        from vimpac_jax.cli import WRITE_ERRORS, write_error_message
+
+        if e.errno not in WRITE_ERRORS:
+            raise
+        # Shards are journaled only once closed and synced: a rerun resumes from what is journaled.
+        resume = ("; what was journaled is kept: run the same command again to resume"
+                  if WRITE_ERRORS[e.errno] == exit_codes.FAILED else "")
+        print(f"vimpac tokenize: error: {write_error_message(e, f'--out {args.out}')}{resume}", file=sys.stderr)
+        return WRITE_ERRORS[e.errno]
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not result.complete:

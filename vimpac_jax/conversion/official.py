@@ -92,6 +92,17 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config
     return flax.traverse_util.unflatten_dict(filled)
 
 
+def check_finite(state_dict: dict, source) -> None:
+    """ConversionError naming the tensors holding NaN or infinity: converted, they would give
+    NaN features and predictions downstream without a word (no step's loss checks them)."""
+    bad = {name: int(np.size(a) - np.isfinite(a).sum()) for name, a in state_dict.items()
+           if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()}
+    if bad:
+        names = ", ".join(f"{name} ({n} of {np.size(state_dict[name])} values)" for name, n in sorted(bad.items())[:4])
+        raise ConversionError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {names}"
+                              f"{', ...' if len(bad) > 4 else ''}; the checkpoint is damaged or diverged")
+
+
 def convert_official(src, dst, *, overwrite: bool = False) -> tuple[dict, dict]:
     src = Path(src)
     weights, args_file = src / "classifier.pt", src / "args.pickle"
@@ -102,6 +113,7 @@ def convert_official(src, dst, *, overwrite: bool = False) -> tuple[dict, dict]:
     if not isinstance(args, dict):
         raise ConversionError(f"{args_file}: expected a pickled argparse.Namespace, got {type(args).__name__}")
     state_dict = torch_pickle.load_state_dict(weights)
+    check_finite(state_dict, weights)
     config = model_config_from_args(args, state_dict)
     variables = variables_from_state_dict(state_dict, config)
     checkpoints.save_model(dst, variables, config, overwrite=overwrite,

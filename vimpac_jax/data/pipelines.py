@@ -45,6 +45,8 @@ import hashlib
 import io
 import logging
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -427,6 +429,7 @@ class ClipReader:
         self.records = index.records
         self.num_frames = index.num_frames
         self.labels = index.labels
+        self.video_ids = index.video_ids
         self.grid = index.grid
         self.num_videos = index.num_videos
         self.clip_len = clip_len
@@ -450,7 +453,12 @@ class ClipReader:
         record_of = frames // self.frames_per_record
         keys = self.records[videos, columns][:, None] + record_of
         unique, where = np.unique(keys[valid], return_inverse=True)
-        chunks = [self._decode(r) for r in self.source.read(unique)]
+        try:
+            chunks = [self._decode(r) for r in self.source.read(unique)]
+        except token_store.StoreDamagedError as e:  # name the videos whose records it failed to read
+            bad = np.isin(keys, e.keys) & valid
+            names = sorted({self.video_ids[v] for v in videos[bad.any(axis=1)]})
+            raise token_store.damaged_shard_error(e.shard, e.reason, e.keys, names) from None
         offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)
         out = np.full((len(videos), self.clip_len) + self.grid, PAD_ID, np.int32)
         if chunks:
@@ -673,7 +681,8 @@ def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch:
 
     An element of the pipelines is a whole batch, made by one thread: read_threads batches are
     made in parallel, and prefetch (default 2 x read_threads) bounds the batches held ahead.
-    workers > 0 runs this in that many processes (mp_prefetch), each with its own threads.
+    workers > 0 runs this in that many processes (mp_prefetch), each with its own threads; they
+    end with this process even when it is killed (`_worker_init`).
     The state is the number of batches read (`_BatchIterator`), so a state restores under
     another worker count. Save/restore it with orbax:
         mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it)))
@@ -690,7 +699,8 @@ def make_iterator(dataset, *, workers: int = 0, read_threads: int = 8, prefetch:
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
         if workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                             per_worker_buffer_size=worker_buffer_size))
+                                                             per_worker_buffer_size=worker_buffer_size),
+                                worker_init_fn=functools.partial(_worker_init, os.getpid()))
         return iter(ds)
 
     return _batch_iterator_class()(start_at)
@@ -714,7 +724,10 @@ def _batch_iterator_class():
             self._iterator = start_at(0)
 
         def __next__(self):
-            batch = next(self._iterator)
+            try:
+                batch = next(self._iterator)
+            except RuntimeError as e:
+                raise _worker_error(e, self._next_batch) from None
             self._next_batch += 1
             return batch
 
@@ -734,6 +747,34 @@ def _batch_iterator_class():
             super().close()
 
     return _BatchIterator
+
+
+class DataWorkerError(RuntimeError):
+    """A data worker process (`make_iterator`'s workers > 0) ended without an error of its own:
+    killed (the OOM killer, a signal) or crashed. The run fails (exit_codes.FAILED); its
+    checkpoints are intact, and the data iterator's state resumes it exactly."""
+
+
+_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+
+
+def _worker_error(error: RuntimeError, batch: int) -> BaseException:
+    """grain's error for a dead worker as one line saying what happened; other errors unchanged."""
+    found = _WORKER_DIED.search(str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+           else f"exit code {code}")
+    hint = " (often the kernel's OOM killer: fewer config.data.workers need less memory)" if code == -9 else ""
+    return DataWorkerError(f"a data worker process ended while reading batch {batch}: {how}{hint}; the checkpoints "
+                           f"saved are intact: run the same command again to resume")
+
+
+def _worker_init(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """grain's worker_init_fn: a data worker exits when the trainer that started it is gone
+    (SIGKILL leaves no chance to stop it; ~200 MB each would stay under PID 1)."""
+    io_utils.exit_with_parent(parent_pid)
 
 
 def _next_batch_of(state: dict) -> int:

@@ -20,6 +20,10 @@ Two record layouts, named by metadata.json's "layout" (absent: "whole", stores o
              in record first_chunk + f // C, and a clip spanning at most C + 1 frames costs at
              most two small reads whatever the video's length. C is metadata's "chunk_frames".
 
+A shard damaged on disk (cut short, a flipped bit: ArrayRecord's Riegeli blocks carry hashes)
+is a `StoreDamagedError` naming the shard (and, where the reader knows them, the videos);
+`vimpac tokenize --verify` finds such shards and redoes their videos.
+
 Nothing in a record is pickled, so a store from elsewhere is safe to read. `convert_store`
 (`vimpac convert-store`) rewrites a "whole" store as a "chunked" one.
 """
@@ -44,6 +48,31 @@ CHUNKED_LAYOUT = "chunked"
 DEFAULT_CHUNK_FRAMES = 16
 # Reader options as grain's ArrayRecordDataSource: no read-ahead (reads are random).
 _READER_OPTIONS = "readahead_buffer_size:0"
+
+
+class StoreDamagedError(ValueError):
+    """A shard of a token store cannot be read. `shard`: its path; `keys`: the global record
+    indices of the failed read (empty when the shard could not even be opened); `reason`: the
+    reader's error."""
+
+    def __init__(self, message: str, shard: str, keys: Sequence[int] = (), reason: str = ""):
+        super().__init__(message)
+        self.shard, self.keys, self.reason = shard, tuple(int(k) for k in keys), reason
+
+    def __reduce__(self):  # raised in a grain worker process, re-raised in the trainer's
+        return type(self), (self.args[0], self.shard, self.keys, self.reason)
+
+
+def damaged_shard_error(shard: str, error, keys: Sequence[int] = (), videos: Sequence[str] = ()
+                        ) -> StoreDamagedError:
+    """The one message for a shard that cannot be read (`error`: the reader's exception or its
+    text): which shard, which videos, the cause, and what to do."""
+    store = Path(shard).parent.parent
+    text = " ".join(str(error).split())[:300] or type(error).__name__
+    which = f" (video {', '.join(repr(v) for v in videos[:5])}{', ...' if len(videos) > 5 else ''})" if videos else ""
+    return StoreDamagedError(
+        f"token store {store}: shard {shard} is damaged{which}: {text}; run the `vimpac tokenize` that made it again "
+        f"with --verify to redo its videos", shard, keys, text)
 
 
 def encode_record(tokens: np.ndarray, *, video_id: str, label: Optional[int], fps: float, variant: str) -> bytes:
@@ -145,9 +174,12 @@ class RecordReader:
         self.paths = list(paths)
         counts = []
         for p in self.paths:
-            reader = ArrayRecordReader(p, _READER_OPTIONS)
-            counts.append(reader.num_records())
-            reader.close()
+            try:
+                reader = ArrayRecordReader(p, _READER_OPTIONS)
+                counts.append(reader.num_records())
+                reader.close()
+            except Exception as e:  # noqa: BLE001 - array_record raises RuntimeError / ValueError for a damaged file
+                raise damaged_shard_error(p, e) from None
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._readers: list = [None] * len(self.paths)
         self._lock = threading.Lock()
@@ -184,7 +216,10 @@ class RecordReader:
         out: list[bytes] = [b""] * len(keys)
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
-            records = self._reader(int(shard)).read((keys[rows] - self.starts[shard]).tolist())
+            try:
+                records = self._reader(int(shard)).read((keys[rows] - self.starts[shard]).tolist())
+            except Exception as e:  # noqa: BLE001 - as in __init__: Riegeli's hash mismatches, a short file
+                raise damaged_shard_error(self.paths[shard], e, keys[rows]) from None
             for row, record in zip(rows.tolist(), records):
                 out[row] = record
         return out

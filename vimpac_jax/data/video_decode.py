@@ -611,31 +611,6 @@ def decode_variants(
 # Parallel decoding.
 # ----------------------------------------------------------------------------------------------
 
-PARENT_POLL_SECONDS = 0.5
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this worker (os._exit) once the process that started the pool is
-    gone, e.g. SIGKILLed. Otherwise an orphaned worker waits for jobs for ever: it holds the
-    write end of its own call queue, so the queue never reports the parent's end.
-
-    A thread polls the parent pid (the worker's parent changes when the parent dies: to the
-    forkserver's, then to a reaper's). Not PR_SET_PDEATHSIG: on Linux it fires when the *thread*
-    that forked the worker exits (prctl(2)), and the pool may start workers from a thread of its
-    own.
-    """
-    start_ppid = os.getppid()
-    if parent_pid != start_ppid and not io_utils.pid_alive(parent_pid):  # died before this worker ran
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == start_ppid and io_utils.pid_alive(parent_pid):
-            time.sleep(PARENT_POLL_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _decode_job(index: int, path: str, fps, variants, decode_kwargs: dict) -> tuple[int, str, Any]:
     """Worker entry point: never raises for a bad file; errors come back as values."""
     try:
@@ -677,7 +652,7 @@ def decode_many(
 
     Workers end when this process does: closing the generator (or an exception through it, e.g.
     `vimpac tokenize`'s SIGTERM) shuts the pool down, and a worker whose parent was killed exits
-    within `PARENT_POLL_SECONDS` (`_exit_with_parent`).
+    within `io_utils.PARENT_POLL_SECONDS` (`io_utils.exit_with_parent`).
 
     A worker that dies (a libav crash, the OOM killer) breaks the whole pool, and every file in
     flight fails with it. The pool is restarted and those files are re-run one at a time; a file
@@ -698,7 +673,7 @@ def decode_many(
     ctx = multiprocessing.get_context(mp_context)
 
     def new_pool() -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_exit_with_parent,
+        return cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=io_utils.exit_with_parent,
                                       initargs=(os.getpid(),))
 
     pool = new_pool()

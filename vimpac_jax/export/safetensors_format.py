@@ -12,6 +12,8 @@ Needs the `safetensors` package (the `export` extra).
 """
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,7 +46,14 @@ def export_safetensors(cfg: Mapping[str, Any], variables: Mapping[str, Any], out
     out_dir = Path(out_dir)
     tensors = flat_tensors(variables)
     config_json = json.dumps(dict(cfg), sort_keys=True)
-    st.save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": FORMAT, "model_config": config_json})
+    try:
+        st.save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": FORMAT, "model_config": config_json})
+    except Exception as e:  # noqa: BLE001 - safetensors' Rust writer raises SafetensorError for an I/O error
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        # As an OSError of the file, so a full disk is one `error:` line (cli.WRITE_ERRORS).
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out_dir / WEIGHTS_FILE)) from None
     (out_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors creates the file owner-only
     (out_dir / CONFIG_FILE).write_text(json.dumps({"model": dict(cfg)}, indent=2, sort_keys=True) + "\n")
     return {"tensors": len(tensors), "warnings": []}

@@ -54,7 +54,8 @@ from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenize.batcher import FrameBatcher
 from vimpac_jax.tokenize.identity import CONFIG_FILE, check_out_dir, store_identity
 from vimpac_jax.tokenize.journal import (PROGRESS_DIR, StoreCounts, StoreError, journal_path, lock_path,
-                                         read_all_journals, read_journal, repair_duplicates, summarize)
+                                         read_all_journals, read_journal, repair_duplicates, rewrite_journal,
+                                         summarize)
 from vimpac_jax.tokenize.lists import check_video_root, read_items
 from vimpac_jax.progress import Progress
 from vimpac_jax.tokenize.shards import (SHARD_OPTIONS, ShardWriter, check_shard_options, next_shard_seq,
@@ -94,6 +95,7 @@ class TokenizeOptions:
     tfds_data_dir: str | None = None  # its TFDS data_dir (default: TFDS's own)
     source_fps: float | None = None  # frame rate of the TFDS dataset's videos, where it does not say
     class_names_file: str | None = None  # one class name per line, in label order (--class-names)
+    verify: bool = False  # read every record of this process's shards; redo the videos of damaged ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +236,10 @@ def tokenize_videos(opts: TokenizeOptions) -> TokenizeResult:
         identity["source_fps"] = source.source_fps
     out = Path(opts.out)
     existing = check_out_dir(out, identity)
-    if existing is not None:
+    if existing is not None and not opts.verify:
         c = existing["counts"]
-        log.info(f"tokenize: {out} is already a complete store of this configuration; nothing to do")
+        log.info(f"tokenize: {out} is already a complete store of this configuration; nothing to do "
+                 f"(--verify reads every shard and redoes the videos of damaged ones)")
         return TokenizeResult(StoreCounts(c["videos_ok"], c["videos_failed"], c["frames"], c["records"]), True, 0)
     if source is None:
         check_video_root(items, opts.video_root)
@@ -267,6 +270,8 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
 
     # Restart: trust the journals, drop this process's shards they do not name (cut by a kill).
     read_journal(journal_path(out, pi), repair=True)
+    if opts.verify:
+        _drop_damaged_shards(out, pi)
     share, processed = items[pi::pc], 0
     _repair_duplicates(out, pi)
     for second_pass in (False, True):  # the second redoes videos of lines a repair dropped after the first
@@ -301,6 +306,40 @@ def _tokenize_share(opts: TokenizeOptions, tok, variants, hw, items, identity, e
 # A video file cut short (a libav error, or fewer frames than its index lists) is a failure
 # listed in errors.txt, not a shorter video in the store.
 _decode_files = functools.partial(vd.decode_many, allow_partial=False)
+
+
+def _drop_damaged_shards(out: Path, pi: int) -> list[str]:
+    """--verify: read every record of the shards this process's journal names; a shard that
+    cannot be read (cut short, a flipped bit: `token_store.StoreDamagedError`) loses its journal
+    line (the journal rewritten atomically, under this share's lock) and its file, and the store
+    its metadata.json, so the resume that follows tokenizes its videos (and the failures of that
+    line) again and marks the store complete anew. Returns the shards dropped."""
+    path = journal_path(out, pi)
+    entries = read_journal(path)
+    shards = [e["shard"] for e in entries if e.get("shard")]
+    progress = Progress(len(shards), label=f"verify[{pi}]: ", unit="shards", every_seconds=10)
+    damaged = {}
+    for i, shard in enumerate(shards):
+        try:
+            reader = token_store.RecordReader([str(out / shard)])
+            for lo in range(0, len(reader), 256):
+                reader.read(np.arange(lo, min(lo + 256, len(reader))))
+        except (token_store.StoreDamagedError, FileNotFoundError) as e:
+            damaged[shard] = getattr(e, "reason", str(e))
+        progress.update(i + 1)
+    if not damaged:
+        log.info(f"tokenize: verified the {len(shards)} shard(s) of process {pi}: every record reads")
+        return []
+    for e in entries:
+        if e.get("shard") in damaged:
+            videos = [v[0] for v in e.get("videos", [])]
+            log.warning(f"tokenize: shard {out / e['shard']} is damaged ({damaged[e['shard']]}); its {len(videos)} "
+                        f"video(s) are tokenized again: {', '.join(videos[:5])}{', ...' if len(videos) > 5 else ''}")
+    (out / token_store.METADATA_FILE).unlink(missing_ok=True)  # first: a store missing shards is not complete
+    rewrite_journal(path, [e for e in entries if e.get("shard") not in damaged])
+    for shard in damaged:
+        (out / shard).unlink(missing_ok=True)
+    return sorted(damaged)
 
 
 def _repair_duplicates(out: Path, pi: int) -> bool:

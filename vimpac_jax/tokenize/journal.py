@@ -47,9 +47,18 @@ def lock_path(out: Path, process_index: int) -> Path:
     return out / PROGRESS_DIR / f"process-{process_index:03d}.lock"
 
 
+def _journal_line(entry: dict) -> str:
+    return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
+def rewrite_journal(path: Path, entries: Sequence[dict]) -> None:
+    """Replace a journal by `entries` at once (atomic rename); its writer's lock must be held."""
+    io_utils.write_text_atomic(path, "".join(map(_journal_line, entries)))
+
+
 def append_journal(path: Path, entry: dict) -> None:
     """Append one line and make it durable before returning (the line commits a shard)."""
-    line = json.dumps(entry, separators=(",", ":")) + "\n"
+    line = _journal_line(entry)
     with open(path, "a") as f:
         f.write(line)
         f.flush()
@@ -238,8 +247,7 @@ def repair_duplicates(out: Path, own_index: int | None) -> DuplicateRepair | Non
                     repair.skipped_journals.append(str(e))
                     continue
             entries = read_journal(path)
-            io_utils.write_text_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n"
-                                                     for i, e in enumerate(entries) if i + 1 not in numbers))
+            rewrite_journal(path, [e for i, e in enumerate(entries) if i + 1 not in numbers])
             repair.dropped += [f"{path.relative_to(out)} line {n}" for n in sorted(numbers)]
         listed = {e["shard"] for e in read_all_journals(out) if e.get("shard")}
         for line in drop:

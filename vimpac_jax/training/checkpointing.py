@@ -15,11 +15,23 @@ a flipped bit does not (the array data is zstd-compressed without a content chec
 orbax's zarr3 layout checksums only the chunk index, `crc32c` in `index_codecs`), so each
 array's words are summed on its devices when saving (`array_checksums`) and again after a
 restore. Either failure skips the step with a warning naming why, and the step before it is
-tried, down to the oldest kept.
+tried, down to the oldest kept. The training run (the one writer of the directory) also moves a
+step it skipped aside, to `<step>.damaged` (a name orbax does not read as a step): left in place,
+the manager would skip every later save below its step and count it among the kept ones.
+
+A save that fails (a full disk, a lost mount) raises `CheckpointSaveError`, one line naming the
+directory and the cause, which `vimpac train` reports with exit code 1 (exit_codes.FAILED); the
+steps saved before it are intact. A save that cannot fit is refused before anything is written
+(`_check_free_space`); orbax's own error records and the stray callbacks of its interrupted
+writes are not printed (`_quiet_failed_saves`): the exception raised to the caller says it all.
 """
 
+import errno
 import functools
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -51,11 +63,21 @@ class CheckpointCorruptError(ValueError):
     """A restored array does not match the checksum recorded when it was saved."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a failed run, not rejected input: exit_codes.FAILED)."""
+
+
+DAMAGED_SUFFIX = ".damaged"  # `<step>.damaged`: a step moved aside; orbax reads only digit names as steps
+
+
 def make_manager(workdir, *, save_every: int, keep: int) -> ocp.CheckpointManager:
-    """The training run's (writing) manager of `workdir/checkpoints`."""
+    """The training run's (writing) manager of `workdir/checkpoints`. The temporary directory
+    of a save interrupted by a crash or a full disk is removed when the manager starts (the run
+    holds the workdir's lock: no other writer)."""
+    _quiet_failed_saves()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=max(int(keep), 1), create=True,
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
 
 
@@ -135,17 +157,110 @@ def verify_checksums(tree: Any, recorded: Optional[dict], prefix: str = "") -> b
 # ----------------------------------------------------------------------------------------------
 # Save and restore.
 
+class _DemoteOrbaxErrors(logging.Filter):
+    """orbax logs each failure of its save threads at ERROR with the traceback (several records
+    per failed save), then raises it to `wait_until_finished`, where `save_failed` makes it one
+    line; asyncio adds one "Task exception was never retrieved" per write of the save that was
+    still running. These records (from orbax's files, or naming them) become DEBUG ones, shown
+    only where their logger's level is DEBUG."""
+
+    def filter(self, record):
+        orbax = f"{os.sep}orbax{os.sep}"
+        if record.levelno >= logging.ERROR and (orbax in record.pathname or orbax in record.getMessage()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _quiet_failed_saves() -> None:
+    """Once per process: orbax's error records to DEBUG (`_DemoteOrbaxErrors`), and the 'Event
+    loop is closed' errors of an interrupted save dropped. When one write of a save fails, orbax
+    closes the event loop of its thread while tensorstore's other writes are still running; each
+    of those then fails to post its result to the closed loop, an unraisable RuntimeError that
+    Python prints as a traceback (hundreds on a full disk). The failure itself reaches the caller."""
+    absl = logging.getLogger("absl")
+    if any(isinstance(f, _DemoteOrbaxErrors) for f in absl.filters):
+        return
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DemoteOrbaxErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            logging.getLogger(__name__).debug("a write of an interrupted checkpoint save finished after its event loop")
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def save_failed(manager: ocp.CheckpointManager, error: BaseException, step: Optional[int] = None) -> CheckpointSaveError:
+    """The one-line error of a failed save: the directory, the cause, what is left."""
+    text = str(error).strip()
+    first = text.splitlines()[0][:400] if text else type(error).__name__
+    full = "No space left on device" in text or "os_error_code='28'" in text or getattr(error, "errno", None) == errno.ENOSPC
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    cause = "the disk is full (No space left on device)" if full else first
+    return CheckpointSaveError(f"saving {what} in {manager.directory} failed: {cause}; the steps saved before it "
+                               f"are intact: run the same command again to resume once the cause is fixed")
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """manager.wait_until_finished(), a failed save raised as CheckpointSaveError."""
+    try:
+        manager.wait_until_finished()
+    except CheckpointSaveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a failed write
+        raise save_failed(manager, e) from None
+
+
+def _bytes_to_write(tree: Any) -> int:
+    """Bytes of `tree`'s arrays that this process writes (one replica of each of its shards),
+    uncompressed: weights and moments barely compress, so this is what a save needs free."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            total += sum(s.data.nbytes for s in x.addressable_shards if s.replica_id == 0)
+        else:
+            total += np.asarray(x).nbytes
+    return total
+
+
+def _check_free_space(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Refuse a save that cannot fit before anything is written (decided by every process
+    together: the save is collective). The previous checkpoints are still there while the
+    new one is written, so its whole size must be free."""
+    need = _bytes_to_write(state)
+    try:
+        free = shutil.disk_usage(manager.directory).free
+    except OSError:  # a file system that does not say (a remote mount): orbax's own error then
+        free = need
+    if _anywhere(free < need):
+        raise CheckpointSaveError(
+            f"saving the checkpoint of step {step} in {manager.directory} failed: the disk is full (No space left on "
+            f"device: {free / 2**20:.1f} MiB free, the checkpoint needs about {need / 2**20:.1f} MiB); the steps saved "
+            f"before it are intact: run the same command again to resume once there is space")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict,
          *, force: bool = False) -> bool:
     """Asynchronous save (returns once the arrays are copied off the devices and summed);
-    `manager.wait_until_finished()` before exiting."""
+    `wait_until_finished(manager)` before exiting. CheckpointSaveError when this save or the
+    one before it (still being written) failed, or the disk has no room for it."""
     if not force and not manager.should_save(step):
         return False
+    wait_until_finished(manager)  # the previous save's files count in the free space
+    _check_free_space(manager, step, state)
     meta = dict(meta, **{CHECKSUMS: array_checksums(state)})
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
         items[DATA] = grain_ckpt.CheckpointSave(data_iterator)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 - as in wait_until_finished
+        raise save_failed(manager, e, step) from None
 
 
 def _reason(e: BaseException) -> str:
@@ -163,12 +278,33 @@ def _anywhere(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Renames step directory `step` to `<step>.damaged` (`.damaged.1`, ... if taken), which orbax
+    does not list as a step: the manager then saves below its step again and does not count it
+    among the kept checkpoints (`max_to_keep`). Process 0 renames, every process reloads the list."""
+    src = Path(manager.directory) / str(step)
+    dst, n = src.with_name(f"{step}{DAMAGED_SUFFIX}"), 0
+    while dst.exists():
+        n += 1
+        dst = src.with_name(f"{step}{DAMAGED_SUFFIX}.{n}")
+    if jax.process_index() == 0:
+        src.rename(dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"vimpac_move_aside_{step}")
+    manager.reload()
+    return dst
+
+
 def _newest_first(manager: ocp.CheckpointManager, restore_step: Callable[[int], Any],
-                  log: Callable[[str], None], keep_going: tuple = ()) -> Optional[tuple[int, Any]]:
+                  log: Callable[[str], None], keep_going: tuple = (),
+                  move_aside: bool = False) -> Optional[tuple[int, Any]]:
     """(step, restore_step(step)) for the newest step that restores on every process; a step
     whose restore raises is skipped with a warning naming why (exceptions of the `keep_going`
-    types propagate: they are about the run, not the files); CheckpointRestoreError when none
-    restores; None when there are no steps."""
+    types propagate: they are about the run, not the files), and moved aside when `move_aside`
+    (the writer of the directory: `_move_aside`); CheckpointRestoreError when none restores;
+    None when there are no steps."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         error = None
@@ -184,21 +320,23 @@ def _newest_first(manager: ocp.CheckpointManager, restore_step: Callable[[int], 
         if i + 1 == len(steps):
             raise CheckpointRestoreError(f"no checkpoint in {manager.directory} can be restored; the oldest, "
                                          f"step {step}: {reason}") from error
-        log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}); "
+        moved = f"; moved it to {_move_aside(manager, step)}" if move_aside else ""
+        log(f"warning: checkpoint {manager.directory}/{step} cannot be restored ({reason}){moved}; "
             f"falling back to step {steps[i + 1]}")
     return None
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
                    log: Callable[[str], None] = log_to_stderr, check_meta: Optional[Callable[[dict], None]] = None,
-                   keep_going: tuple = ()) -> Optional[tuple[int, Any, dict]]:
+                   keep_going: tuple = (), move_aside: bool = False) -> Optional[tuple[int, Any, dict]]:
     """-> (step, state, meta) of the newest complete checkpoint that restores and matches its
     checksums, restoring the iterator in place; None when there is none. `abstract_state`
     carries the target shardings. meta['verified'] says whether checksums were checked (a
     checkpoint from before they were recorded has none).
 
     check_meta(meta) runs on the step's meta before its arrays are read (the run's identity);
-    what it raises of the `keep_going` types propagates instead of falling back.
+    what it raises of the `keep_going` types propagates instead of falling back. move_aside:
+    the steps skipped are renamed `<step>.damaged` (the training run, the directory's writer).
     """
 
     def restore_step(step):
@@ -211,7 +349,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
         state = manager.restore(step, args=ocp.args.Composite(**items))[STATE]
         return state, dict(meta, verified=verify_checksums(state, meta.get(CHECKSUMS)))
 
-    found = _newest_first(manager, restore_step, log, keep_going)
+    found = _newest_first(manager, restore_step, log, keep_going, move_aside)
     return None if found is None else (found[0], *found[1])
 
 

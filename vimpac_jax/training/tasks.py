@@ -23,6 +23,7 @@ import numpy as np
 from vimpac_jax import checkpoints
 from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
 from vimpac_jax.data import pipelines, token_store
+from vimpac_jax.training import checkpointing
 from vimpac_jax.training import init_from as init_from_lib
 from vimpac_jax.training import optimizer as optimizer_lib
 from vimpac_jax.training import sharding as shd
@@ -103,28 +104,49 @@ def check_variant_set(index: pipelines.StoreIndex, variant_set: Optional[str], f
             f"changes this dataset's labels): tokenize it with `vimpac tokenize ... --variants {variant_set}`{select}")
 
 
-def load_init_source(path: str) -> tuple[dict, dict]:
-    """(model config, {'params', 'batch_stats'[, 'opt_state']}) of a model checkpoint or of the
-    newest intact checkpoint of a training workdir (which also has the optimizer state)."""
+def load_init_source(path: str, log=checkpointing.log_to_stderr) -> tuple[dict, dict, dict]:
+    """(model config, {'params', 'batch_stats'[, 'opt_state']}, record) of a model checkpoint or
+    of the newest intact checkpoint of a training workdir (which also has the optimizer state).
+    record: {'init_from': path, 'step': the workdir checkpoint's step (None for a model
+    checkpoint), 'skipped': the warnings about newer steps that could not be restored}."""
     p = Path(path)
+    record = {"init_from": str(path), "step": None, "skipped": []}
     if checkpoints.is_model_checkpoint(p):
-        return checkpoints.load_model(p)
+        return (*checkpoints.load_model(p), record)
     if workdir_lib.is_workdir(p):
+        def warn(message: str) -> None:
+            record["skipped"].append(message)
+            log(message)
+
         try:
-            _, restored = workdir_lib.restore_variables(p, ("params", "batch_stats", "opt_state"))
+            step, restored = workdir_lib.restore_variables(p, ("params", "batch_stats", "opt_state"), log=warn)
         except workdir_lib.WorkdirError as e:
             raise ValueError(f"config.init_from={path}: {e}") from None
+        record["step"] = int(step)
         return workdir_lib.read_model_config(p), {"params": restored["params"],
                                                    "batch_stats": restored.get("batch_stats", {}),
-                                                   "opt_state": restored.get("opt_state")}
+                                                   "opt_state": restored.get("opt_state")}, record
     raise FileNotFoundError(f"config.init_from={path}: not a model checkpoint (model_config.json) nor a training "
                             f"workdir ({workdir_lib.CONFIG_FILE} + {workdir_lib.CHECKPOINTS_DIR}/)")
 
 
-def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_optimizer: bool, log) -> TrainState:
+def init_source_line(record: dict) -> str:
+    """The log line naming what a run was initialised from (the step, and whether newer ones
+    were skipped as damaged)."""
+    if record["step"] is None:
+        return f"init_from: {record['init_from']} (a model checkpoint)"
+    skipped = (f"; {len(record['skipped'])} newer checkpoint(s) could not be restored (warned above), so not its "
+               f"newest" if record["skipped"] else " (its newest intact checkpoint)")
+    return f"init_from: {record['init_from']} at step {record['step']}{skipped}"
+
+
+def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_optimizer: bool,
+                    log) -> tuple[TrainState, dict]:
     """Overwrite the state's parameters and BatchNorm statistics (and, `with_optimizer`, the Adam
-    moments: the second pre-training stage) from `path`, interpolating positional tables."""
-    _, source = load_init_source(path)
+    moments: the second pre-training stage) from `path`, interpolating positional tables.
+    Returns the state and `load_init_source`'s record of what was read."""
+    _, source, record = load_init_source(path)
+    log(init_source_line(record))
     target = {"params": state.params, "batch_stats": state.batch_stats}
     src = {"params": source["params"], "batch_stats": source.get("batch_stats") or {}}
     if with_optimizer:
@@ -139,7 +161,7 @@ def initialise_from(state: TrainState, path: str, *, allow_mismatch: bool, with_
     logging.getLogger(__name__).debug("init_from: every leaf not restored as is:\n%s", init_from_lib.report_details(report))
     filled = jax.tree.map(lambda v, old: v if isinstance(v, np.ndarray) else old, values, target)
     placed = jax.tree.map(lambda v, old: jax.device_put(np.asarray(v, old.dtype), old.sharding), filled, target)
-    return state.replace(**placed)
+    return state.replace(**placed), record
 
 
 class _StoreTask:
@@ -179,11 +201,14 @@ class _StoreTask:
 
     def init_state(self, key) -> TrainState:
         state = init_train_state(self.model_cfg, self.optim_cfg, key, self.mesh, state_shardings=self.state_shardings)
+        record = None
         if self.config.init_from:
-            state = initialise_from(state, self.config.init_from,
-                                    allow_mismatch=bool(self.config.init_from_allow_mismatch),
-                                    with_optimizer=bool(self.config.init_from_optimizer), log=self.log)
+            state, record = initialise_from(state, self.config.init_from,
+                                            allow_mismatch=bool(self.config.init_from_allow_mismatch),
+                                            with_optimizer=bool(self.config.init_from_optimizer), log=self.log)
         self.check_schedule(state)
+        if record is not None and getattr(self, "workdir", None) is not None:
+            workdir_lib.record_init_source(self.workdir, record)
         return state
 
     def check_schedule(self, state: TrainState) -> None:

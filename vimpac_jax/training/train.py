@@ -8,7 +8,8 @@ Exact resume: a checkpoint holds the train state, the data iterator's state and 
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
 what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
 makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
-exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`.
+exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`, a
+checkpoint save that fails (a full disk) with `checkpointing.CheckpointSaveError`.
 A non-finite loss stops the run naming the step; checkpoints are only saved after a finite loss,
 with a checksum of every array that a restore checks (`checkpointing.py`), so a checkpoint
 damaged on disk is skipped rather than restored into a NaN.
@@ -231,14 +232,17 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                     if not must_save:
                         last_metrics = finite_or_raise(step, metrics)
                         save(step, force=True)
-                    manager.wait_until_finished()
+                    checkpointing.wait_until_finished(manager)
                     _log(f"{preemption.signal_name or 'another process got a stop signal'}: saved the checkpoint of step {step} in {workdir}/checkpoints; exiting")
                     return {"preempted": True, "step": step, **last_metrics}
                 if stop_after is not None and step - start >= stop_after:
-                    manager.wait_until_finished()
+                    checkpointing.wait_until_finished(manager)
                     return {"stopped": True, "step": step, **last_metrics}
-        finally:
-            manager.wait_until_finished()
+        except BaseException:
+            with contextlib.suppress(checkpointing.CheckpointSaveError):  # the error in flight is the one to report
+                checkpointing.wait_until_finished(manager)
+            raise
+        checkpointing.wait_until_finished(manager)
     final = task.evaluate(state, full=True)
     scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}
     writer.write(step, scalars, prefix="eval/")

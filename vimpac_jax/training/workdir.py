@@ -28,7 +28,8 @@ from vimpac_jax.training import checkpointing
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = checkpointing.CHECKPOINTS_DIR
-LOCK_FILE = ".lock"
+LOCK_FILE = io_utils.WORKDIR_LOCK_FILE
+INIT_FROM_FILE = "init_from.json"  # what the run was initialised from (`record_init_source`)
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
@@ -131,6 +132,16 @@ def write_config(path, config) -> None:
         io_utils.write_json_atomic(Path(path) / CONFIG_FILE, _as_dict(config), indent=2)
 
 
+def record_init_source(path, record: dict) -> None:
+    """W/init_from.json: the `config.init_from` the run started from and the step of its
+    checkpoint used (a damaged newest one is skipped: `tasks.load_init_source`). Written once
+    (process 0), when the run starts: a resume keeps the record of the start, even if the source
+    run has gone on since."""
+    target = Path(path) / INIT_FROM_FILE
+    if jax.process_index() == 0 and not target.exists():
+        io_utils.write_json_atomic(target, record, indent=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run's identity, recorded in each checkpoint's meta.
 
@@ -179,9 +190,10 @@ def check_identity(meta: dict, identity: dict, where: str) -> None:
 def restore_state(manager, abstract_state: Any, data_iterator: Any, identity: dict,
                   log: Callable[[str], None]) -> Optional[tuple[int, Any, dict]]:
     """The loop's resume: (step, state, meta) of the newest intact checkpoint of this run, the
-    data iterator restored in place; None for a fresh workdir. See checkpointing.restore_latest."""
+    data iterator restored in place; None for a fresh workdir. A damaged step skipped is moved
+    aside (`<step>.damaged`): the run saves below its step again. See checkpointing.restore_latest."""
     return checkpointing.restore_latest(
-        manager, abstract_state, data_iterator, log=log, keep_going=(WorkdirError,),
+        manager, abstract_state, data_iterator, log=log, keep_going=(WorkdirError,), move_aside=True,
         check_meta=lambda meta: check_identity(meta, identity, f"{manager.directory}"))
 
 
