@@ -97,7 +97,8 @@ def test_fine_tuning_from_a_pretrained_run_reports_in_a_few_lines(caplog):
 
     for level, seen in ((logging.INFO, False), (logging.DEBUG, True)):
         caplog.clear()
-        with caplog.at_level(level):
+        # The package logger's own level too: a command run in process before (logs.setup) sets it to INFO.
+        with caplog.at_level(level), caplog.at_level(level, logger="vimpac_jax"):
             checkpointing.read_only_manager(Path(__file__).parent).close()
         notices = [r for r in caplog.records if "Given directory is read only" in r.getMessage()]
         assert [r.levelno for r in notices] == ([logging.DEBUG] if seen else [])
