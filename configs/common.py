@@ -48,6 +48,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         eval_every=0,                # steps; 0 = at the end only
         progress_seconds=10.0,
+        # A jax.profiler trace by process 0 of profile_steps steps from step profile_first_step,
+        # under WORKDIR/tensorboard (training/profiling.py); profile_steps=0: none.
+        profile_first_step=10,
+        profile_steps=0,
     ))
     t.update(overrides)
     return t

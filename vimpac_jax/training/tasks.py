@@ -53,6 +53,11 @@ def check_run_config(config) -> None:
             need(int(t[name]) >= low, f"train.{name}", t[name], expected)
     if "progress_seconds" in t:
         need(float(t.progress_seconds) >= 0, "train.progress_seconds", t.progress_seconds, ">= 0")
+    if "profile_first_step" in t:
+        need(int(t.profile_first_step) >= 1, "train.profile_first_step", t.profile_first_step,
+             ">= 1 (steps count from 1)")
+    if "profile_steps" in t:
+        need(int(t.profile_steps) >= 0, "train.profile_steps", t.profile_steps, ">= 0 (0: no profile)")
     if "epochs" in t and not int(t.get("num_steps", 0)):
         need(float(t.epochs) > 0, "train.epochs", t.epochs, "> 0 (or set train.num_steps)")
     if config.task in TASKS:
