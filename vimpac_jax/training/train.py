@@ -7,8 +7,11 @@
 Exact resume: a checkpoint holds the train state, the data iterator's state and the step; the
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
 what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
-makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
-exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`.
+makes the loop save at the next step (with several processes: the step they agree on,
+`_Preemption`) and return {"preempted": True} (`vimpac train` exits exit_codes.PREEMPTED).
+Between log, checkpoint and evaluation steps the loop does not wait for the devices
+(docs/architecture.md: "Where the loop waits for the devices"). A log or metrics write that
+fails ends the run with `MetricWriteError`.
 A non-finite loss stops the run naming the step; checkpoints are only saved after a finite loss,
 with a checksum of every array that a restore checks (`checkpointing.py`), so a checkpoint
 damaged on disk is skipped rather than restored into a NaN.
