@@ -65,6 +65,22 @@ def _sync_point(step: int) -> bool:
 PER_STEP_CHECKS = {"bare": None, "bare+allgather": _allgather_flag, "bare+sync_point": _sync_point}
 
 
+def check_microseconds(calls: int) -> dict[str, float]:
+    """Each per-step preemption check alone (no step in flight): microseconds per call."""
+    import jax
+
+    out = {}
+    for name, check in PER_STEP_CHECKS.items():
+        if check is None or (jax.process_count() == 1 and check is _allgather_flag):
+            continue
+        check(0)  # compiles the all-gather
+        start = time.perf_counter()
+        for step in range(1, calls + 1):
+            check(step)
+        out[name.split("+")[1]] = round(1e6 * (time.perf_counter() - start) / calls, 1)
+    return out
+
+
 def bare_steps_per_second(config, warmup: int, steps: int, repeats: int) -> dict[str, list[float]]:
     """The task's step alone, N steps on one batch dispatched back to back, and the same with
     each preemption check of `PER_STEP_CHECKS` after every step; the variants alternate."""
@@ -133,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="steps before the timed window (a multiple of log_every)")
     p.add_argument("--steps", type=int, default=60, help="timed steps (a multiple of log_every)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--checks-only", type=int, default=0, metavar="CALLS",
+                   help="only time each per-step preemption check alone, CALLS calls each (no model, no store)")
     a = p.parse_args(argv)
     distributed.maybe_initialize()
 
@@ -142,6 +160,15 @@ def main(argv=None) -> int:
     from vimpac_jax.config_utils import load_config
     from vimpac_jax.data.testing import write_test_store
 
+    if a.checks_only:
+        if jax.process_count() > 1:
+            multihost_utils.reached_preemption_sync_point(0)
+        checks = check_microseconds(a.checks_only)
+        if jax.process_index() == 0:
+            print(json.dumps(dict(check_microseconds_per_call=checks, calls=a.checks_only,
+                                  processes=jax.process_count(), devices=jax.device_count(), jax=jax.__version__,
+                                  date=datetime.date.today().isoformat())), flush=True)
+        return 0
     out = Path(a.out).absolute()
     store = out / "store"
     if jax.process_index() == 0 and not (store / "metadata.json").is_file():
