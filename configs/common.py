@@ -50,6 +50,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         eval_every_epochs=0.0,       # epochs between evaluations when eval_every is 0 (the released
                                      # --eval-per-epochs); 0 = at the end only
         progress_seconds=10.0,
+        # A jax.profiler trace by process 0 of profile_steps steps from step profile_first_step,
+        # under WORKDIR/tensorboard (training/profiling.py); profile_steps=0: none.
+        profile_first_step=10,
+        profile_steps=0,
     ))
     t.update(overrides)
     return t

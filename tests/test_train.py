@@ -450,3 +450,38 @@ def test_a_rejected_config_leaves_the_workdir_free_and_a_resume_checks_the_run(s
     meta.write_text(meta.read_text() + " ")  # rewritten in place: another store for all the run knows
     with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has changed"):
         train_lib.train(config(), run)
+
+
+def test_profile_window_writes_a_trace_that_tensorboard_and_perfetto_read(stores, tmp_path):
+    """config.train.profile_first_step=2, profile_steps=2: process 0 writes one jax.profiler trace
+    under WORKDIR/tensorboard, whose .xplane.pb (TensorBoard's profile plugin) and
+    perfetto_trace.json.gz (Perfetto) both read back holding the training step; by default a run
+    writes none."""
+    import gzip
+
+    import jax
+
+    from vimpac_jax.config_utils import load_config
+    from vimpac_jax.training import train as train_lib
+
+    def run(workdir, steps, *extra):
+        config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
+                              f"--config.data.train_store={stores / 'pool'}", f"--config.train.num_steps={steps}",
+                              *extra])
+        assert train_lib.train(config, workdir)["step"] == steps
+
+    run(tmp_path / "on", 4, "--config.train.profile_first_step=2", "--config.train.profile_steps=2")
+    traces = list((tmp_path / "on" / "tensorboard" / "plugins" / "profile").iterdir())
+    assert len(traces) == 1, traces
+    step_event = "PjitFunction(train_step)"  # the jitted pre-training step (pretrain_step.make_pretrain_step)
+    xplanes = list(traces[0].glob("*.xplane.pb"))
+    assert len(xplanes) == 1, list(traces[0].iterdir())
+    profile = jax.profiler.ProfileData.from_file(str(xplanes[0]))
+    assert step_event in {e.name for plane in profile.planes for line in plane.lines for e in line.events}
+    perfetto = json.load(gzip.open(traces[0] / "perfetto_trace.json.gz"))
+    events = perfetto["traceEvents"] if isinstance(perfetto, dict) else perfetto
+    assert step_event in {e.get("name") for e in events}
+
+    run(tmp_path / "off", 1)
+    assert (tmp_path / "off" / "tensorboard").is_dir()
+    assert not (tmp_path / "off" / "tensorboard" / "plugins").exists()

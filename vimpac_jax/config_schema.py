@@ -201,7 +201,8 @@ TRAIN_FIELDS = dict(  # configs/common.py `train_config`: the loop's own fields,
     eval_every=Int(0, note="0: every train.eval_every_epochs, else at the end only"),
     eval_every_epochs=Float(0.0, note="0: at the end only"),
     progress_seconds=Float(0.0),
-    # train.profile (the profiler window) goes here.
+    # The profiler window (training/profiling.py): steps [first, first + steps) by process 0.
+    profile_first_step=Int(1, note="steps count from 1"), profile_steps=Int(0, note="0: no profile"),
 )
 
 FINETUNE_FIELDS = dict(label_smoothing=Float(0.0, 1.0, open_high=True), micro_batches=Int(1),

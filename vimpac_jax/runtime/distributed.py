@@ -19,11 +19,16 @@ A misconfigured launch fails instead of hanging:
     processes that never come), a watchdog prints what was expected just before JAX aborts;
   - hosts with different configs: `check_same_config` (called by the training program before
     anything is compiled) compares a hash of the resolved config over all processes.
+
+A stop signal that reaches one host is shared through the same runtime: `announce_preemption`
+starts JAX's preemption sync protocol (`multihost_utils.reached_preemption_sync_point`), which
+gives every process the same step to stop at without a device collective per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -224,3 +229,31 @@ def check_same_config(config: Any) -> None:
         names = ", ".join(f"process {i} on {hosts[i]}" for i in bad)
         raise ValueError(f"the resolved config differs between hosts: {names} differ from process 0 on {hosts[0]}; "
                          f"start every process with the same --config and --config.FIELD overrides")
+
+
+# The coordination service's key under which XLA's SIGTERM notifier announces a preemption to
+# every process, its value the death time in absl's RFC 3339 format (kPreemptionNoticeKey in
+# xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc). Every process's
+# preemption sync manager waits on it; once it is set they agree on the step to stop at (one
+# past the furthest process's last `reached_preemption_sync_point` call, found over the
+# coordination service, not the devices).
+PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def announce_preemption() -> bool:
+    """Starts JAX's preemption sync protocol on every process of the run, as XLA's own SIGTERM
+    notifier would; False when this process is not part of a multi-process run.
+
+    The training loop takes SIGTERM and SIGINT in Python (so that a second signal stops at once
+    and Ctrl-C is a stop too), which replaces the C++ handler that XLA's notifier installs in
+    `jax.distributed.initialize`; this hands the first signal on to the protocol instead. The
+    death time is now: the protocol starts at once (it waits only for a later death time).
+    """
+    from jax._src import distributed as jax_distributed  # the runtime's client, as orbax's multihost reads it
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        return False
+    death_time = datetime.datetime.now(datetime.timezone.utc).isoformat()  # 2026-01-02T03:04:05.678901+00:00
+    client.key_value_set(PREEMPTION_NOTICE_KEY, death_time, allow_overwrite=True)  # several hosts may announce
+    return True

@@ -19,6 +19,8 @@ class MetricWriteError(RuntimeError):
     """Logs or metrics could not be written (a full disk, a lost mount): the run must stop."""
 
 
+TENSORBOARD_DIR = "tensorboard"  # under the workdir: the event files, and the profile of `config.train.profile_steps`
+
 # How long a write may go on after a stop signal (SIGTERM/SIGINT) before the run gives up on it:
 # a healthy write returns in milliseconds; SLURM kills 30 s (its KillWait) after its SIGTERM.
 BLOCKED_WRITE_GRACE_SECONDS = 10.0
@@ -51,8 +53,8 @@ class MetricWriter:
     def _open(self):
         from tensorboardX.event_file_writer import EventsWriter
 
-        (self._workdir / "tensorboard").mkdir(parents=True, exist_ok=True)
-        self._events = EventsWriter(str(self._workdir / "tensorboard" / "events"))
+        (self._workdir / TENSORBOARD_DIR).mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(self._workdir / TENSORBOARD_DIR / "events"))
         self._jsonl = open(self._workdir / "metrics.jsonl", "a")
 
     def _serve(self):

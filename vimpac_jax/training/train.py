@@ -7,9 +7,12 @@
 Exact resume: a checkpoint holds the train state, the data iterator's state and the step; the
 step's key is fold_in(seed key, step). A run restarted in the same workdir therefore computes
 what an uninterrupted run would have. SIGTERM (a preempted VM, a cancelled SLURM job) or SIGINT
-makes the loop save at the next step and return {"preempted": True} (`vimpac train` exits
-exit_codes.PREEMPTED). A log or metrics write that fails ends the run with `MetricWriteError`, a
-checkpoint save that fails (a full disk) with `checkpointing.CheckpointSaveError`.
+makes the loop save at the next step (with several processes: the step they agree on,
+`_Preemption`) and return {"preempted": True} (`vimpac train` exits exit_codes.PREEMPTED).
+Between log, checkpoint and evaluation steps the loop does not wait for the devices
+(docs/architecture.md: "Where the loop waits for the devices"). A log or metrics write that
+fails ends the run with `MetricWriteError`, a checkpoint save that fails (a full disk) with
+`checkpointing.CheckpointSaveError`.
 A non-finite loss stops the run naming the step; checkpoints are only saved after a finite loss,
 with a checksum of every array that a restore checks (`checkpointing.py`), so a checkpoint
 damaged on disk is skipped rather than restored into a NaN.
@@ -35,7 +38,8 @@ from vimpac_jax.progress import Progress
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training.metrics import MetricWriter
+from vimpac_jax.training.metrics import TENSORBOARD_DIR, MetricWriter
+from vimpac_jax.training.profiling import ProfileWindow
 
 def exit_code(result: dict) -> int:
     """The exit code of a `train()` that returned (vimpac_jax/exit_codes.py)."""
@@ -53,14 +57,26 @@ class RunInterruptedError(RuntimeError):
 class _Preemption:
     """Turns SIGTERM (a preempted VM, SLURM's time limit) and SIGINT (Ctrl-C) into a flag read at
     step boundaries, where the loop saves and returns (exit code exit_codes.PREEMPTED). A second signal raises
-    `RunInterruptedError` wherever the program is."""
+    `RunInterruptedError` wherever the program is.
+
+    With several processes, each host sees the signal at its own moment (or alone); deciding
+    alone, hosts would enter orbax's collective save at different steps and wait for each other
+    for ever. They agree through JAX's preemption sync point instead
+    (`multihost_utils.reached_preemption_sync_point`, the coordination service's protocol, as
+    orbax's `CheckpointManager.reached_preemption` and MaxText use it): the host that got the
+    signal announces it (`distributed.announce_preemption`), and every host stops at the step
+    the protocol picks. Asking costs a lock in this process per step, no device collective and
+    no wait for the devices, so the host keeps dispatching steps ahead of them.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, start_step: int):
         self.requested = False
         self.signal_name = ""
         self._previous = {}
+        self._start_step = start_step
+        self._announced = False
 
     def __enter__(self):
         for signum in self.SIGNALS:
@@ -68,6 +84,13 @@ class _Preemption:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: no preemption handling
                 break
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # Every process's call counter starts at the run's first step, so a signal before
+            # the first step agrees on a step that every process still reaches; raises if JAX's
+            # preemption service is off (jax_enable_preemption_service).
+            multihost_utils.reached_preemption_sync_point(self._start_step)
         return self
 
     def _handle(self, signum, frame):
@@ -76,20 +99,17 @@ class _Preemption:
         if again:
             raise RunInterruptedError(f"{self.signal_name} a second time: stopped without saving a checkpoint")
 
-    def agreed(self) -> bool:
-        """Whether any process got the signal, decided by all processes at this same step.
-
-        Each host sees SIGTERM at its own moment; deciding alone, hosts would enter orbax's
-        collective save at different steps and wait for each other for ever. So with several
-        processes the flag is all-gathered (a few bytes) at every step: the decision is taken
-        by the step count, identical everywhere.
-        """
+    def agreed(self, step: int) -> bool:
+        """Whether to stop after `step` (the number of steps done), the same answer on every
+        process: a step of the protocol's choosing once any process got a signal."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
+        from vimpac_jax.runtime.distributed import announce_preemption
 
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.any(flags))
+        if self.requested and not self._announced:
+            self._announced = announce_preemption()
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
@@ -169,7 +189,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
         _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total}"
              f"{'' if resumed_verified else '; written before checkpoints had checksums: not verified'})")
     workdir_lib.write_config(workdir, config)
-    preemption = _Preemption()
+    preemption = _Preemption(start)
+    profile = ProfileWindow(int(config.train.profile_first_step), int(config.train.profile_steps),
+                            workdir / TENSORBOARD_DIR)
     writer = MetricWriter(workdir, stop_requested=lambda: preemption.requested)
     progress = Progress(total, label="step ", unit="steps", count_unit=False,
                         per_unit={getattr(task, "items_name", "clips"): task.items_per_step}, start=start,
@@ -209,9 +231,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
     with preemption:
         try:
             while step < total:
+                profile.before_step(step + 1)
                 batch = task.global_batch(next(data_iter))
                 state, metrics = task.step(state, batch, jax.random.fold_in(step_key_base, step))
                 step += 1
+                profile.after_step(step, (state, metrics))
                 must_save = step % int(config.train.checkpoint_every) == 0 or step == total
                 if step % log_every == 0 or must_save or step == total:
                     last_metrics = finite_or_raise(step, metrics)
@@ -228,7 +252,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                     writer.write(step, task.evaluate(state, step=step), prefix="eval/")
                 if on_step is not None:
                     on_step(step)
-                if preemption.agreed():  # the same step on every process: the save is collective
+                if preemption.agreed(step):  # the same step on every process: the save is collective
                     if not must_save:
                         last_metrics = finite_or_raise(step, metrics)
                         save(step, force=True)
@@ -242,6 +266,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
             with contextlib.suppress(checkpointing.CheckpointSaveError):  # the error in flight is the one to report
                 checkpointing.wait_until_finished(manager)
             raise
+        finally:
+            profile.close()
         checkpointing.wait_until_finished(manager)
     final = task.evaluate(state, full=True)
     scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}

@@ -4,6 +4,7 @@
     W/checkpoints/<step>/  orbax steps (`training/checkpointing.py`): state, data iterator, meta
     W/.lock                held by process 0 of the run in progress (pid and host inside)
     W/metrics.jsonl, tensorboard/, eval_results.json, predictions.csv   outputs (train.py, metrics.py)
+    W/tensorboard/plugins/profile/   the jax.profiler trace of `config.train.profile_steps` (profiling.py)
 
 Everything that reads a run comes here: the loop's resume (`restore_state`), `config.init_from`,
 `vimpac evaluate`, `vimpac export`, `vimpac visualize` and `vimpac predict` (`restore_variables`:
@@ -33,7 +34,7 @@ INIT_FROM_FILE = "init_from.json"  # what the run was initialised from (`record_
 
 # Fields that may change when a run is resumed (they do not change what it computes).
 RESUME_FREE_FIELDS = ("train.log_every", "train.progress_seconds", "train.checkpoint_every", "train.keep_checkpoints",
-                      "train.eval_every", "data.workers", "knn.every", "pretrain.eval_batch_size")
+                      "train.eval_every", "train.profile", "data.workers", "knn.every", "pretrain.eval_batch_size")
 
 # Token stores a run reads; their metadata.json (written last by `vimpac tokenize`) names what they hold.
 STORE_FIELDS = ("data.train_store", "data.eval_store", "knn.train_store", "knn.eval_store")
