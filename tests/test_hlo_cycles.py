@@ -1,0 +1,51 @@
+"""The per-instruction cost-model report (vimpac_jax/aot/hlo_cycles.py) on a hand-made module
+in the text format of a compiled TPU program (no libtpu needed)."""
+
+import pytest
+
+from vimpac_jax.aot import hlo_cycles
+
+# The shape of libtpu's printout: a fused computation (its instructions must not be counted),
+# then ENTRY with a tuple-shaped ROOT, a custom-call without an estimate, two layers' fusions.
+HLO = '''HloModule jit_train_step, entry_computation_layout={(f32[8,128]{1,0})->f32[8,128]{1,0}}
+
+%fused_computation (param_0: f32[8,128]) -> f32[8,128] {
+  %param_0 = f32[8,128]{1,0} parameter(0)
+  ROOT %multiply.1 = f32[8,128]{1,0} multiply(%param_0, %param_0), backend_config={"estimated_cycles":"999999"}
+}
+
+ENTRY %main.10 (Arg_0.1: f32[8,128]) -> (f32[8,128], u32[2]) {
+  %Arg_0.1 = f32[8,128]{1,0:T(8,128)} parameter(0), metadata={op_name="x"}
+  %fusion.1 = f32[8,128]{1,0:T(8,128)(2,1)} fusion(%Arg_0.1), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(train_step)/jvp(VideoTransformer)/backbone/layer_0/attn_0/dot_general" source_file="a.py" source_line=3}, backend_config={"flag_configs":[],"estimated_cycles":"300","used_scoped_memory_configs":[]}
+  %fusion.2 = f32[8,128]{1,0:T(8,128)(2,1)} fusion(%fusion.1), kind=kOutput, calls=%fused_computation, metadata={op_name="jit(train_step)/jvp(VideoTransformer)/backbone/layer_11/attn_0/dot_general"}, backend_config={"flag_configs":[],"estimated_cycles":"200"}
+  %copy.3 = f32[8,128]{0,1:T(8,128)} copy(%fusion.2), metadata={op_name="jit(train_step)/transpose(jvp(VideoTransformer))/head/transpose"}, backend_config={"estimated_cycles":"100"}
+  %custom-call.4 = u32[2]{0} custom-call(%Arg_0.1), custom_call_target="X64Combine"
+  ROOT %tuple.5 = (f32[8,128]{1,0}, u32[2]{0}) tuple(%copy.3, %custom-call.4)
+}
+'''
+
+
+def test_entry_instructions_only_the_entry():
+    insts = hlo_cycles.entry_instructions(HLO)
+    assert [i.name for i in insts] == ["Arg_0.1", "fusion.1", "fusion.2", "copy.3", "custom-call.4", "tuple.5"]
+    assert [i.opcode for i in insts] == ["parameter", "fusion:kLoop", "fusion:kOutput", "copy", "custom-call", "tuple"]
+    assert insts[1].estimated_cycles == 300 and insts[4].estimated_cycles is None
+
+
+def test_cycle_report_sums_and_folds_layers():
+    report = hlo_cycles.cycle_report(HLO, depth=4)
+    assert report.total_cycles == 600  # the fused computation's 999999 is not counted
+    assert report.num_estimated == 3
+    assert report.without_estimate == {"parameter": 1, "custom-call": 1, "tuple": 1}
+    # layer_0 and layer_11 are one group, the jit(...) prefix dropped
+    assert report.by_source == [("jvp(VideoTransformer)/backbone/layer_*/attn_0", 500),
+                                ("transpose(jvp(VideoTransformer))/head/transpose", 100)]
+    assert dict(report.by_opcode) == {"fusion:kLoop": 300, "fusion:kOutput": 200, "copy": 100}
+    assert report.seconds(1e9) == pytest.approx(600e-9)
+    text = hlo_cycles.format_report(report, top=1, clock_hz=1e9)
+    assert "total 600 cycles" in text and "83.33%" in text and "head/transpose" not in text
+
+
+def test_not_an_hlo_module():
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        hlo_cycles.entry_instructions("HloModule m\n")
