@@ -40,20 +40,31 @@ class Generation:
     chips_per_host: int  # chips a host of the slice drives (hosts' bounds 2x2x1)
     cores_per_chip: int  # the TensorCores the product name counts per chip (1 or 2)
     chip_config: str  # get_topology_desc's chip_config_name: "megacore" joins a chip's two cores
+    mxu_flops_per_cycle: int  # bf16 FLOPs per cycle of the chip's MXUs: MXUs x (size x size MACs) x 2
+
+    @property
+    def clock_hz(self) -> float:
+        """The clock the bf16 peak implies: peak / the MXUs' FLOPs per cycle (v4: 1.05 GHz, the
+        figure of Jouppi et al., ISCA 2023, "TPU v4", Table 1). Converts the cost model's
+        estimated cycles to seconds (`aot/compile.py`)."""
+        return self.bf16_tflops * 1e12 / self.mxu_flops_per_cycle
 
 
-# Sources: the module docstring. device_kind: what libtpu's topology description reports
+# Sources: the module docstring. MXUs per chip (the same pages, "System architecture"): v4 and
+# v5p two TensorCores of four 128x128 MXUs, v5e one TensorCore of four 128x128 MXUs, v6e one
+# TensorCore of 256x256 MXUs, four by the page as read in 2025 (a later version says 2, which with
+# 918 TFLOP/s would mean a 3.5 GHz clock; 4 gives 1.75 GHz, v5p's). device_kind: what libtpu's topology description reports
 # (observed with libtpu 0.0.42.1: "TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite").
 GENERATIONS = {
     g.name: g for g in (
         Generation("v4", "v4", "TPU v4", hbm_gib=32, bf16_tflops=275, hbm_gbytes_per_s=1200, dims=3,
-                   chips_per_host=4, cores_per_chip=2, chip_config="megacore"),
+                   chips_per_host=4, cores_per_chip=2, chip_config="megacore", mxu_flops_per_cycle=2 * 4 * 128 * 128 * 2),
         Generation("v5e", "v5e", "TPU v5 lite", hbm_gib=16, bf16_tflops=197, hbm_gbytes_per_s=819, dims=2,
-                   chips_per_host=4, cores_per_chip=1, chip_config="default"),
+                   chips_per_host=4, cores_per_chip=1, chip_config="default", mxu_flops_per_cycle=4 * 128 * 128 * 2),
         Generation("v5p", "v5", "TPU v5", hbm_gib=95, bf16_tflops=459, hbm_gbytes_per_s=2765, dims=3,
-                   chips_per_host=4, cores_per_chip=2, chip_config="megacore"),
+                   chips_per_host=4, cores_per_chip=2, chip_config="megacore", mxu_flops_per_cycle=2 * 4 * 128 * 128 * 2),
         Generation("v6e", "v6e", "TPU v6 lite", hbm_gib=32, bf16_tflops=918, hbm_gbytes_per_s=1640, dims=2,
-                   chips_per_host=4, cores_per_chip=1, chip_config="default"),
+                   chips_per_host=4, cores_per_chip=1, chip_config="default", mxu_flops_per_cycle=4 * 256 * 256 * 2),
     )
 }
 _BY_PREFIX = {g.topology_prefix: g for g in GENERATIONS.values()} | {"v5p": GENERATIONS["v5p"]}
