@@ -114,7 +114,7 @@ def test_cli_impossible_batch_does_not_fit(tmp_path):
     r = run_vimpac("compile", "--config", "configs/finetune.py:runlocal", "--topology", "v5e-4",
                    "--config.data.batch_size=4194304", "--programs", "train", "--json", str(out), timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "vimpac compile: train: does not fit: needs" in r.stderr
     assert "GiB of 15.75 GiB per chip" in r.stderr or "GiB of 16.00 GiB per chip" in r.stderr
     assert "mesh: data=4 fsdp=1 tensor=1" in r.stdout
@@ -124,3 +124,10 @@ def test_cli_bad_topology_is_one_line():
     r = run_vimpac("compile", "--config", "configs/pretrain.py:runlocal", "--topology", "v9-8", timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("vimpac compile: error: --topology v9-8: unknown TPU generation")
+
+
+def test_no_topology_without_gpus_is_one_line(capsys):
+    from vimpac_jax import cli
+
+    assert cli.main(["compile", "--config", "configs/pretrain.py:runlocal"]) == 2
+    assert "vimpac compile: error: no GPUs here (jax's devices are cpu): give --topology" in capsys.readouterr().err

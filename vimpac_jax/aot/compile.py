@@ -43,15 +43,18 @@ from vimpac_jax.aot import hlo_cycles
 
 GIB = 2 ** 30
 
-# The environment a deviceless TPU compile needs, set before jax is imported: jax on its CPU
-# backend (libtpu would otherwise look for a TPU), and libtpu told not to query the GCE metadata
-# server for the host's TPU (it waits for it on a machine off Google's network).
-TPU_COMPILE_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1"}
+# What libtpu reads when its plugin starts (the first topology description): not to query the GCE
+# metadata server for the host's TPU (it waits for it off Google's network), and not to take the
+# one-process-per-host lock (/tmp/libtpu_lockfile) that a TPU's runtime needs but compile-only
+# devices do not: without it a second process compiling at the same time fails ("Internal error
+# when accessing libtpu multi-process lockfile"), e.g. two test workers or two `vimpac compile`.
+LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def prepare_tpu_environment() -> None:
-    """Sets TPU_COMPILE_ENV where the user has not set the variable (before jax is imported)."""
-    for name, value in TPU_COMPILE_ENV.items():
+    """Before jax is imported: jax on its CPU backend (libtpu would otherwise look for a TPU to
+    run on) and LIBTPU_ENV, each where the user has not set the variable."""
+    for name, value in dict(LIBTPU_ENV, JAX_PLATFORMS="cpu").items():
         os.environ.setdefault(name, value)
 
 
@@ -86,6 +89,8 @@ def tpu_target(slice_name: str) -> Target:
     from jax.experimental import topologies
 
     require_libtpu()
+    for name, value in LIBTPU_ENV.items():  # read when libtpu's plugin starts, below
+        os.environ.setdefault(name, value)
     tpu = chips_lib.parse_slice(slice_name)
     gen = tpu.generation
     desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu", chip_config_name=gen.chip_config,
