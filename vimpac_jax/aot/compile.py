@@ -15,14 +15,16 @@ how fast it runs (the cost model's estimate is an estimate), the input pipeline,
 across hosts at run time, or anything about the data.
 
 The estimate. XLA's TPU cost model puts `estimated_cycles` on every instruction of the compiled
-program; their sum over the ENTRY computation (`hlo_cycles`) at the chip's clock (`chips.py`:
+program; their sum over one run of the ENTRY computation, loops counted per trip (`hlo_cycles`:
+gradient accumulation and `model.scan_layers` are loops), at the chip's clock (`chips.py`:
 bf16 peak / the MXUs' FLOPs per cycle) is the step time reported, a sequential sum: custom-calls
 and custom fusions carry no estimate and count 0 (their number is reported), and overlap of
 transfers with compute is only what the model put inside each instruction. XLA's own total,
 `cost_analysis()['optimal_seconds']`, is reported as it came but not used: for programs with
 custom-calls it is wrong. Each custom-call without an estimate (the `rbg` dropout RNG's
 `X64Combine`, `PrepareAsyncCall*`) adds -1 s to it (-21.9995 with 22 of them, -2.9994 with 3 for
-the tiny runlocal step on one v5e chip, libtpu 0.0.42.1), and what is left after adding them back
+the tiny runlocal step on one v5e chip, libtpu 0.0.42.1; but -29.0 with 85 of them on a v5p slice
+with two micro-batches, so not even that rule is exact), and what is left after adding them back
 (0.46 ms, 0.57 ms) is still 3-4x below the instructions' own sum (2.48e6 and 2.34e6 cycles, 1.6
 ms at 1.5 GHz), where for programs without custom-calls (a matmul's gradient, 512-4096 wide)
 optimal_seconds is within 5-20% of that sum: so it is not a figure to correct by adding 1 s each.
@@ -226,7 +228,7 @@ class ProgramReport:
     xla_bytes: Optional[float] = None
     optimal_seconds: Optional[float] = None  # XLA's, as it came (not the estimate: module docstring)
     unestimated_custom_calls: int = 0  # custom-calls of the ENTRY computation without estimated_cycles
-    estimated_cycles: Optional[int] = None  # summed over the ENTRY computation
+    estimated_cycles: Optional[int] = None  # one step, loops per trip (hlo_cycles.cycle_report)
     clock_hz: Optional[float] = None
     estimate_s: Optional[float] = None  # estimated_cycles / clock_hz: the step time reported
     estimate_method: str = ""
@@ -249,8 +251,8 @@ def optimal_seconds_note(optimal_seconds: Optional[float], custom_calls: int) ->
         return "XLA gave no optimal_seconds"
     note = f"XLA's optimal_seconds {optimal_seconds:.6g} s"
     if custom_calls:
-        note += (f" (not used: the ENTRY computation has {custom_calls} custom-calls without an estimate, "
-                 f"which XLA's total counts as -1 s each)")
+        note += (f" (not used: with custom-calls that have no estimate, {custom_calls} in the ENTRY computation "
+                 f"here, XLA's total comes out negative or too low)")
     return note
 
 
@@ -307,15 +309,21 @@ def compile_program(program: Program, target: Target, *, keep_hlo: bool = False)
         text = compiled.as_text()
         report.cycles = hlo_cycles.cycle_report(text)
         report.estimated_cycles = report.cycles.total_cycles
-        report.unestimated_custom_calls = report.cycles.without_estimate.get("custom-call", 0)
+        report.unestimated_custom_calls = sum(1 for i in hlo_cycles.entry_instructions(text)
+                                              if i.opcode == "custom-call" and i.estimated_cycles is None)
         report.clock_hz = target.generation.clock_hz
         report.estimate_s = report.estimated_cycles / report.clock_hz
         uncounted = sum(n for op, n in report.cycles.without_estimate.items()
                         if op in ("custom-call", "fusion:kCustom"))
-        report.estimate_method = (f"the ENTRY instructions' estimated cycles, summed, at {report.clock_hz / 1e9:.3f} GHz "
-                                  f"({target.generation.name}'s clock from its bf16 peak, vimpac_jax/aot/chips.py); "
-                                  f"{uncounted} custom-calls and custom fusions without an estimate count 0; "
-                                  + optimal_seconds_note(report.optimal_seconds, report.unestimated_custom_calls))
+        loops = report.cycles.loops
+        report.estimate_method = (
+            f"the compiled instructions' estimated cycles summed over one step"
+            + (f" (loops per trip: {', '.join(str(n) for _, n in loops)} trips)" if loops else "")
+            + f" at {report.clock_hz / 1e9:.3f} GHz ({target.generation.name}'s clock from its bf16 peak, "
+            f"vimpac_jax/aot/chips.py); {uncounted} custom-calls and custom fusions without an estimate count 0; "
+            + (f"{report.cycles.unknown_loops} loops of unknown trip count left out, so a lower bound; "
+               if report.cycles.unknown_loops else "")
+            + optimal_seconds_note(report.optimal_seconds, report.unestimated_custom_calls))
     else:
         report.estimate_method = "none: XLA's GPU compile has no step-time model"
     if report.estimate_s:
@@ -366,12 +374,12 @@ def format_report(report: ProgramReport, target: Target, *, top: int = 0) -> str
     if report.estimate_s:
         speed = f"{report.estimate_s * 1e3:.4g} ms per call = {report.clips_per_s_per_device:,.1f} clips/s per chip"
         if report.peak_fraction is not None:
-            speed += (f", {report.peak_fraction:.1%} of the chip's bf16 peak from the required "
+            speed += (f", {100 * report.peak_fraction:.3g}% of the chip's bf16 peak from the required "
                       f"{report.required_flops_per_device:.4g} FLOPs per chip")
         lines.append(f"  cost model: {speed}")
     lines.append(f"  estimate: {report.estimate_method}")
     if report.cycles is not None:
-        lines.append(f"  estimated cycles of the ENTRY instructions: {report.cycles.total_cycles:,d}")
+        lines.append(f"  estimated cycles of one step: {report.cycles.total_cycles:,d}")
         if top:
             body = hlo_cycles.format_report(report.cycles, top=top)
             lines.extend("    " + line for line in body.splitlines())
