@@ -131,3 +131,16 @@ def test_no_topology_without_gpus_is_one_line(capsys):
 
     assert cli.main(["compile", "--config", "configs/pretrain.py:runlocal"]) == 2
     assert "vimpac compile: error: no GPUs here (jax's devices are cpu): give --topology" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit, maximum, expected", [(0, 64, 0), (1, 64, 1), (37, 64, 37), (64, 64, 64),
+                                                      (1000, 64, 64), (5, 6, 5)])
+def test_largest_fitting_batch_search(limit, maximum, expected):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= limit
+
+    assert aot.largest_fitting(fits, maximum) == expected
+    assert max(calls) <= maximum and len(calls) <= 2 * maximum.bit_length() + 1

@@ -333,6 +333,27 @@ def compile_program(program: Program, target: Target, *, keep_hlo: bool = False)
     return report
 
 
+def largest_fitting(fits, maximum: int) -> int:
+    """The largest b in [1, maximum] with fits(b), for a `fits` that is monotone (true up to some b,
+    false after), by doubling from 1 then bisection: about 2 log2(b) calls. 0 if fits(1) is false."""
+    if not fits(1):
+        return 0
+    low, high = 1, None  # low fits; high, once found, does not
+    while high is None and low < maximum:
+        b = min(2 * low, maximum)
+        if fits(b):
+            low = b
+        else:
+            high = b
+    while high is not None and high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 def mesh_description(mesh) -> str:
     return " ".join(f"{name}={size}" for name, size in mesh.shape.items())
 

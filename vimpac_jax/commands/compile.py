@@ -44,40 +44,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def _find_batch(config, target, max_batch: int, log) -> tuple[int, list]:
     """Largest per-chip batch b (config.data.batch_size = b x the data x fsdp devices x
-    micro-batches) whose training step fits: doubling, then bisection. (b, reports of the trials)."""
+    micro-batches) whose training step fits, by `aot.largest_fitting`. (b, [(b, report) tried])."""
     from vimpac_jax.training import sharding as shd
 
-    shards = shd.mesh_shape(config.mesh, len(target.devices))
-    shards = shards[shd.MESH_AXES.index("data")] * shards[shd.MESH_AXES.index("fsdp")]
+    sizes = shd.mesh_shape(config.mesh, len(target.devices))
     micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
     trials = []
 
     def fits(b: int) -> bool:
-        config.data.batch_size = b * shards * micro
+        config.data.batch_size = b * sizes[0] * sizes[1] * micro
         _, reports = aot.compile_run(config, target, programs=("train",))
         trials.append((b, reports[0]))
         log(f"per-chip batch {b}: {'fits' if reports[0].fits else 'does not fit'} "
             f"({aot.format_bytes(reports[0].total_bytes) if reports[0].total_bytes else reports[0].message})")
         return reports[0].fits
 
-    if not fits(1):
-        return 0, trials
-    low, high = 1, None  # low fits; high, once found, does not
-    while high is None and low < max_batch:
-        b = min(2 * low, max_batch)
-        if fits(b):
-            low = b
-        else:
-            high = b
-    if high is None:
-        return low, trials
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low, trials
+    return aot.largest_fitting(fits, max_batch), trials
 
 
 def main(argv) -> int:
@@ -112,19 +94,23 @@ def main(argv) -> int:
         g = target.generation
         where += (f"; per chip {g.hbm_gib:g} GiB HBM, {g.bf16_tflops:g} bf16 TFLOP/s, "
                   f"{g.hbm_gbytes_per_s:g} GB/s (vimpac_jax/aot/chips.py)")
-    found = None
+    found, searched = None, {}
     if args.find_batch:
         found, trials = _find_batch(config, target, args.max_batch, log)
         if not found:
-            print(f"vimpac compile: a per-chip batch of 1 does not fit on {target.name}: {trials[0][1].message}")
+            print(f"vimpac compile: train: a per-chip batch of 1 does not fit on {target.name}: "
+                  f"{trials[0][1].message}", file=sys.stderr)
             return exit_codes.FAILED
+        searched = {"train": dict(trials)[found]}  # compiled already, at the batch found
         from vimpac_jax.training import sharding as shd
 
         sizes = shd.mesh_shape(config.mesh, len(target.devices))
         micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
         config.data.batch_size = found * sizes[0] * sizes[1] * micro
         log(f"largest per-chip batch that fits: {found} (config.data.batch_size={config.data.batch_size})")
-    mesh, reports = aot.compile_run(config, target, programs=programs)
+    mesh, compiled = aot.compile_run(config, target, programs=[p for p in programs if p not in searched])
+    compiled = {r.name: r for r in compiled}
+    reports = [searched.get(name) or compiled[name] for name in programs]
     print(f"{where}\nmesh: {aot.mesh_description(mesh)} (config.mesh over all {len(target.devices)} chips)")
     if found is not None:
         print(f"largest per-chip batch whose training step fits: {found} videos "
