@@ -13,7 +13,8 @@ all devices on 'data' unless --mesh says otherwise. Reports:
                    K > masked count, softmax/LayerNorm/element-wise work are not counted;
   % of peak        TFLOP/s / the device's bf16 dense peak, looked up from its device kind in
                    PEAK_TFLOPS (H100 / H200: 790, the tensor cores at sustained clocks;
-                   NVIDIA's sheet says 989, printed too) or given with --peak-tflops;
+                   NVIDIA's sheet says 989, printed too), TPUs from vimpac_jax/aot/chips.py,
+                   or given with --peak-tflops;
   peak memory      device.memory_stats()['peak_bytes_in_use'] where the backend has it (GPU);
   compile time     lowering + XLA compilation of the step: wall and process CPU seconds, and
                    the compiled HLO's instructions (all computations; the entry computation).
@@ -56,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vimpac_jax.aot import chips  # noqa: E402
 from vimpac_jax.aot.flops import FLOPS_FORMULA, forward_flops_per_clip, required_flops_per_clip  # noqa: E402,F401
 from vimpac_jax.configs import common  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
@@ -71,8 +73,9 @@ PRESETS = ("tiny", "small", "base", "large_half")
 PEAK_TFLOPS = (
     ("H200", 790.0, 989.0), ("H100 PCIe", 756.0, 756.0), ("H100", 790.0, 989.0),
     ("A100", 312.0, 312.0), ("L4", 121.0, 121.0),
-    ("TPU v6", 918.0, 918.0), ("TPU v5p", 459.0, 459.0), ("TPU v5", 197.0, 197.0), ("TPU v4", 275.0, 275.0),
-)
+)  # TPUs: vimpac_jax/aot/chips.py, by exact device kind (v5p's is "TPU v5", v5e's "TPU v5 lite")
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", d.platform)
@@ -87,6 +90,9 @@ def device_peak_tflops(override: float = 0.0):
     kind = getattr(jax.devices()[0], "device_kind", "")
     if override > 0:
         return override, None, "--peak-tflops"
+    tpu = chips.generation_of_device_kind(kind)
+    if tpu is not None:
+        return tpu.bf16_tflops, tpu.bf16_tflops, f"vimpac_jax/aot/chips.py entry {tpu.name!r} for device kind {kind!r}"
     for name, used, sheet in PEAK_TFLOPS:
         if name.lower() in kind.lower():
             return used, sheet, f"table entry {name!r} for device kind {kind!r}"

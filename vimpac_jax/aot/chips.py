@@ -70,6 +70,12 @@ GENERATIONS = {
 _BY_PREFIX = {g.topology_prefix: g for g in GENERATIONS.values()} | {"v5p": GENERATIONS["v5p"]}
 
 
+def generation_of_device_kind(device_kind: str) -> Generation | None:
+    """The generation whose chips jax reports as `device_kind` (exactly: "TPU v5" is v5p, "TPU v5
+    lite" v5e), or None."""
+    return next((g for g in GENERATIONS.values() if g.device_kind == device_kind), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """A TPU slice: its generation, libtpu's topology string and its size."""
