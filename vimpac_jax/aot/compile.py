@@ -26,8 +26,9 @@ custom-calls it is wrong. Each custom-call without an estimate (the `rbg` dropou
 the tiny runlocal step on one v5e chip, libtpu 0.0.42.1; but -29.0 with 85 of them on a v5p slice
 with two micro-batches, so not even that rule is exact), and what is left after adding them back
 (0.46 ms, 0.57 ms) is still 3-4x below the instructions' own sum (2.48e6 and 2.34e6 cycles, 1.6
-ms at 1.5 GHz), where for programs without custom-calls (a matmul's gradient, 512-4096 wide)
-optimal_seconds is within 5-20% of that sum: so it is not a figure to correct by adding 1 s each.
+ms at 1.5 GHz), where for programs without custom-calls (a matmul's gradient, 2048 and 4096 wide,
+on each of the four generations) optimal_seconds is within 20% of that sum (3-7% on v4, v5e and
+v5p): so it is not a figure to correct by adding 1 s each.
 """
 
 from __future__ import annotations
