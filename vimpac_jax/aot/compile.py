@@ -225,7 +225,7 @@ class ProgramReport:
     temp_bytes: int = 0
     total_bytes: int = 0  # arguments + outputs - aliased (donated) + temporaries
     capacity_bytes: Optional[int] = None
-    xla_flops: Optional[float] = None
+    xla_flops: Optional[float] = None  # XLA's cost_analysis: a loop's body counted once, not per trip
     xla_bytes: Optional[float] = None
     optimal_seconds: Optional[float] = None  # XLA's, as it came (not the estimate: module docstring)
     unestimated_custom_calls: int = 0  # custom-calls of the ENTRY computation without estimated_cycles
@@ -392,7 +392,9 @@ def format_report(report: ProgramReport, target: Target, *, top: int = 0) -> str
                  f"temporaries {format_bytes(report.temp_bytes)}; total {format_bytes(report.total_bytes)} of "
                  f"{format_bytes(report.capacity_bytes)}: {verdict}")
     if report.xla_flops is not None:
-        lines.append(f"  XLA per chip: {report.xla_flops:.4g} FLOPs, {report.xla_bytes or 0:.4g} bytes accessed")
+        once = (" (cost_analysis: each loop body counted once, so 1/trips of the loop's share)"
+                if report.cycles is not None and report.cycles.loops else "")
+        lines.append(f"  XLA per chip: {report.xla_flops:.4g} FLOPs, {report.xla_bytes or 0:.4g} bytes accessed{once}")
     if report.estimate_s:
         speed = f"{report.estimate_s * 1e3:.4g} ms per call = {report.clips_per_s_per_device:,.1f} clips/s per chip"
         if report.peak_fraction is not None:
