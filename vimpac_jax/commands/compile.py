@@ -14,8 +14,6 @@ vimpac_jax/aot/compile.py for what it verifies. Exit 0: every program fits; 1: o
 """
 
 import argparse
-import json
-import os
 import sys
 
 from vimpac_jax import exit_codes
