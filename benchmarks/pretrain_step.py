@@ -13,7 +13,8 @@ all devices on 'data' unless --mesh says otherwise. Reports:
                    K > masked count, softmax/LayerNorm/element-wise work are not counted;
   % of peak        TFLOP/s / the device's bf16 dense peak, looked up from its device kind in
                    PEAK_TFLOPS (H100 / H200: 790, the tensor cores at sustained clocks;
-                   NVIDIA's sheet says 989, printed too) or given with --peak-tflops;
+                   NVIDIA's sheet says 989, printed too), TPUs from vimpac_jax/aot/chips.py,
+                   or given with --peak-tflops;
   peak memory      device.memory_stats()['peak_bytes_in_use'] where the backend has it (GPU);
   compile time     lowering + XLA compilation of the step: wall and process CPU seconds, and
                    the compiled HLO's instructions (all computations; the entry computation).
@@ -48,7 +49,6 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -57,13 +57,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vimpac_jax.aot import chips  # noqa: E402
+from vimpac_jax.aot.flops import FLOPS_FORMULA, forward_flops_per_clip, required_flops_per_clip  # noqa: E402,F401
 from vimpac_jax.configs import common  # noqa: E402
-from vimpac_jax.models.layout import parse_layout  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.training import finetune_step as fs  # noqa: E402
 from vimpac_jax.training import pretrain_step as ps  # noqa: E402
 from vimpac_jax.training import sharding as shd  # noqa: E402
-from vimpac_jax.training.masking import expected_mask_ratio  # noqa: E402
 from vimpac_jax.training.optimizer import optim_config  # noqa: E402
 
 PRESETS = ("tiny", "small", "base", "large_half")
@@ -73,39 +73,7 @@ PRESETS = ("tiny", "small", "base", "large_half")
 PEAK_TFLOPS = (
     ("H200", 790.0, 989.0), ("H100 PCIe", 756.0, 756.0), ("H100", 790.0, 989.0),
     ("A100", 312.0, 312.0), ("L4", 121.0, 121.0),
-    ("TPU v6", 918.0, 918.0), ("TPU v5p", 459.0, 459.0), ("TPU v5", 197.0, 197.0), ("TPU v4", 275.0, 275.0),
-)
-FLOPS_FORMULA = """\
-required FLOPs per clip = 3 x forward (backward = 2 x forward); forward, N = T*H*W tokens (+1 CLS),
-d model width, a = attention width (d, or d/2 with halve_att), m = MLP width (4d, or 2d with
-halve_mlp), V = 8197, K = expected masked positions = ratio(T,H,W,blocks) * N:
-  per layer, per attention block with p parallel attentions over lines of length l_i = 1 + |axes_i|
-  (N/|axes_i| lines each):  q,k,v: 3*2*(N+1)*d*a   out: 2*(N+1)*a*d   QK^T and PV: sum_i 4*(N/|axes_i|)*l_i^2*(a/p)
-  per layer, MLP: 2*2*(N+1)*d*m
-  MLM head at K positions: 2*K*d*d + 2*K*d*V
-  projection head on CLS: 2*(d*h + (n-2)*h*h + h*256) for n >= 2 layers of width h"""
-
-
-def forward_flops_per_clip(cfg, mask_ratio: float) -> dict:
-    """Forward matmul FLOPs of one clip, by part (see FLOPS_FORMULA)."""
-    t, h, w, d = cfg["clip_len"], cfg["height"], cfg["width"], cfg["hidden_dim"]
-    n = t * h * w
-    a = d // 2 if cfg.get("halve_att") else d
-    m = 2 * d if cfg.get("halve_mlp") else 4 * d
-    sizes = {"T": t, "H": h, "W": w}
-    layer = 0.0
-    for block in parse_layout(cfg.get("layout", "T,H|W")):
-        layer += 3 * 2 * (n + 1) * d * a + 2 * (n + 1) * a * d
-        for axes in block:
-            line = math.prod(sizes[x] for x in axes)
-            layer += 4 * (n // line) * (1 + line) ** 2 * (a / len(block))
-    layer += 2 * 2 * (n + 1) * d * m
-    k = mask_ratio * n
-    mlm = 2 * k * d * d + 2 * k * d * cfg.get("vocab_size", 8197)
-    hid, layers = cfg.get("proj_hidden_dim", 2048), cfg.get("proj_layers", 2)
-    out = cfg.get("proj_dim", 256)
-    proj = 2 * (d * hid + (layers - 2) * hid * hid + hid * out) if layers >= 2 else 2 * d * out
-    return {"layers": cfg["num_layers"] * layer, "mlm_head": mlm, "proj_head": proj}
+)  # TPUs: vimpac_jax/aot/chips.py, by exact device kind (v5p's is "TPU v5", v5e's "TPU v5 lite")
 
 
 def device_name() -> str:
@@ -122,6 +90,9 @@ def device_peak_tflops(override: float = 0.0):
     kind = getattr(jax.devices()[0], "device_kind", "")
     if override > 0:
         return override, None, "--peak-tflops"
+    tpu = chips.generation_of_device_kind(kind)
+    if tpu is not None:
+        return tpu.bf16_tflops, tpu.bf16_tflops, f"vimpac_jax/aot/chips.py entry {tpu.name!r} for device kind {kind!r}"
     for name, used, sheet in PEAK_TFLOPS:
         if name.lower() in kind.lower():
             return used, sheet, f"table entry {name!r} for device kind {kind!r}"
@@ -358,14 +329,7 @@ def run(args) -> dict:
     program_bytes = _program_bytes(compiled)
 
     clips = clips_per_step(args)
-    if args.task == "finetune":
-        ratio = 0.0
-        parts = forward_flops_per_clip(model_cfg, 0.0)
-        parts = {"layers": parts["layers"], "classifier": 2 * model_cfg["hidden_dim"] * args.num_classes}
-    else:
-        ratio = expected_mask_ratio((model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]),
-                                    pretrain_cfg["mask_blocks"])
-        parts = forward_flops_per_clip(model_cfg, ratio)
+    parts, ratio = required_flops_per_clip(args.task, model_cfg, pretrain_cfg)
     train_flops = 3 * sum(parts.values()) * clips
     tflops = train_flops / step_s / 1e12
     peak, sheet, peak_source = device_peak_tflops(args.peak_tflops)

@@ -202,3 +202,9 @@ def test_benchmark_memory_report_and_peak_table(capsys, monkeypatch):
         device_kind = "NVIDIA H200"
     monkeypatch.setattr(jax, "devices", lambda: [Device()])
     assert bps.device_peak_tflops()[:2] == (790.0, 989.0)
+    # TPUs by exact device kind: v5p's chips are "TPU v5", v5e's "TPU v5 lite" (a substring match
+    # gave v5p the v5e's 197).
+    Device.device_kind = "TPU v5"
+    assert bps.device_peak_tflops()[:2] == (459.0, 459.0)
+    Device.device_kind = "TPU v5 lite"
+    assert bps.device_peak_tflops()[:2] == (197.0, 197.0)

@@ -51,6 +51,7 @@ COMMANDS = {
     "export": ("vimpac_jax.commands.export", "export a model: released PyTorch layout, safetensors, StableHLO"),
     "sweep": ("vimpac_jax.commands.sweep", "expand a config sweep into runs, launch them, summarise their metrics"),
     "visualize": ("vimpac_jax.commands.visualize", "draw the paper's Fig. 5: masked tokens and the model's reconstruction"),
+    "compile": ("vimpac_jax.commands.compile", "compile a run's programs for a TPU slice (on a CPU host) or the local GPUs: memory per chip, the cost model's step time"),
     "demo-data": ("vimpac_jax.commands.demo_data", "generate the built-in motion video dataset (mp4 + lists)"),
 }
 

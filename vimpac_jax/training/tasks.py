@@ -309,9 +309,7 @@ class PretrainTask(_StoreTask):
         check_store_fits(index, self.model_cfg, "data.eval_store", clip_fps=config.pretrain.eval_clip_fps,
                          rate_field="pretrain.eval_clip_fps")
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES])) * self.process_count
-        size = int(config.pretrain.eval_batch_size) or int(
-            1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
-        self.eval_batch = -(-size // shards) * shards  # whole batches over the devices and processes
+        self.eval_batch = validation_batch_size(config, shards)
         if index.num_videos < self.eval_batch:
             raise ValueError(f"config.data.eval_store={config.data.eval_store} holds {index.num_videos} videos, fewer "
                              f"than one validation batch of {self.eval_batch} (config.pretrain.eval_batch_size)")
@@ -419,6 +417,19 @@ def class_names_of(config) -> Optional[list[str]]:
         if recorded:
             return list(recorded)
     return None
+def validation_batch_size(config, shards: int) -> int:
+    """Videos per held-out validation batch of pre-training: config.pretrain.eval_batch_size, else
+    1.5x the micro-batch (the released `bs_per_gpu * 1.5`), rounded up to whole batches over
+    `shards` (the data x fsdp devices times the processes)."""
+    size = int(config.pretrain.eval_batch_size) or int(
+        1.5 * int(config.data.batch_size) // int(config.pretrain.micro_batches))
+    return -(-size // shards) * shards
+
+
+def multiview_batch_size(config, shards: int) -> int:
+    """Videos per batch of the multi-view test: config.data.eval_batch_size rounded up to whole
+    batches over `shards` (the data x fsdp devices times the processes)."""
+    return -(-int(config.data.eval_batch_size) // shards) * shards
 
 
 def eval_variant_names(index: pipelines.StoreIndex, crops: Optional[str], explicit: Optional[str]) -> list[str]:
@@ -462,9 +473,8 @@ def evaluate_classifier(config, mesh, index: pipelines.StoreIndex, params, *, nu
     model_cfg = config.model.to_dict()
     k, variants = multiview_protocol(config, index, num_clips, crops)
     process_count = jax.process_count()
-    global_batch = int(config.data.eval_batch_size)
     shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
-    global_batch = -(-global_batch // (shards * process_count)) * shards * process_count
+    global_batch = multiview_batch_size(config, shards * process_count)
     dataset = pipelines.eval_dataset(index, batch_size=global_batch // process_count, clip_len=model_cfg["clip_len"],
                                      num_clips=k, clip_fps=config.data.clip_fps, variants=variants)
     eval_step = eval_step or make_eval_step(model_cfg, mesh)

@@ -1,0 +1,128 @@
+"""`vimpac compile --config CONFIG --topology NAME`: compile a run's programs ahead of time for a
+TPU slice on a CPU host (or, without --topology, for the local GPUs) and report, per program and
+per chip, whether they fit in HBM and how fast XLA's cost model expects them to run.
+
+  vimpac compile --config configs/pretrain.py:small --topology v5p-8
+  vimpac compile --config configs/finetune.py:ucf101 --topology v5e-64 --config.data.batch_size=128
+  vimpac compile --config configs/pretrain.py:small --topology v5p-8 --find-batch
+
+Slices are named as Cloud TPU names them (v5p-8, v5e-64, v4-32, v6e-256) or by topology
+(v5p:2x2x1, v5e:2x4); the mesh is the run's (config.mesh over all chips of the slice, every host
+included). TPU compiles need the `tpu` extra (libtpu). A compile is not a run: see
+vimpac_jax/aot/compile.py for what it verifies. Exit 0: every program fits; 1: one does not
+(the "does not fit" line says by how much); 2: bad input.
+"""
+
+import argparse
+import sys
+
+from vimpac_jax import exit_codes
+from vimpac_jax.aot import chips
+from vimpac_jax.aot import compile as aot
+from vimpac_jax.cli import positive_int
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vimpac compile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file FILE.py[:ARG] (plus --config.FIELD=VALUE overrides)")
+    parser.add_argument("--topology", help="TPU slice: v5p-8, v5e-64, v4-32, v6e-256, or v5p:2x2x1, v5e:2x4, ... "
+                                           "(default: the local GPUs)")
+    parser.add_argument("--programs", default="train,evaluate",
+                        help="which programs: train, evaluate (comma-separated; default both)")
+    parser.add_argument("--report", choices=["ops"], help="ops: the cost model's cycles by JAX source op (TPU)")
+    parser.add_argument("--top", type=positive_int, default=20, help="rows of --report ops (default 20)")
+    parser.add_argument("--find-batch", action="store_true",
+                        help="the largest per-chip batch (videos) whose training step fits, by bisection over compiles")
+    parser.add_argument("--max-batch", type=positive_int, default=1024,
+                        help="upper bound of --find-batch, per chip (default 1024)")
+    parser.add_argument("--json", dest="json_out", help="also write the reports to this JSON file")
+    return parser
+
+
+def _find_batch(config, target, max_batch: int, log) -> tuple[int, list]:
+    """Largest per-chip batch b (config.data.batch_size = b x the data x fsdp devices x
+    micro-batches) whose training step fits, by `aot.largest_fitting`. (b, [(b, report) tried])."""
+    from vimpac_jax.training import sharding as shd
+
+    sizes = shd.mesh_shape(config.mesh, len(target.devices))
+    micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
+    trials = []
+
+    def fits(b: int) -> bool:
+        config.data.batch_size = b * sizes[0] * sizes[1] * micro
+        _, reports = aot.compile_run(config, target, programs=("train",))
+        trials.append((b, reports[0]))
+        log(f"per-chip batch {b}: {'fits' if reports[0].fits else 'does not fit'} "
+            f"({aot.format_bytes(reports[0].total_bytes) if reports[0].total_bytes else reports[0].message})")
+        return reports[0].fits
+
+    return aot.largest_fitting(fits, max_batch), trials
+
+
+def main(argv) -> int:
+    from vimpac_jax.config_utils import split_config_args
+
+    config_args, rest = split_config_args(argv)
+    args = _parser().parse_args(rest + (["--config", "x"] if config_args else []))
+    if not config_args:
+        print("vimpac compile: error: --config is required", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    if args.topology:
+        chips.parse_slice(args.topology)  # a bad name: its error line before anything is built
+        # Before jax is imported (loading a config imports it).
+        aot.prepare_tpu_environment()
+        aot.require_libtpu()
+    from vimpac_jax.config_utils import load_config
+
+    programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
+    unknown = sorted(set(programs) - {"train", "evaluate"})
+    if unknown or not programs:
+        print(f"vimpac compile: error: --programs {args.programs}: expected train and/or evaluate", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    config = load_config(config_args)
+    target = aot.tpu_target(args.topology) if args.topology else aot.local_gpu_target()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    where = (f"{target.name}: {len(target.devices)} x {target.device_kind}, {target.processes} "
+             f"host{'s' if target.processes > 1 else ''}")
+    if target.generation is not None:
+        g = target.generation
+        where += (f"; per chip {g.hbm_gib:g} GiB HBM, {g.bf16_tflops:g} bf16 TFLOP/s, "
+                  f"{g.hbm_gbytes_per_s:g} GB/s (vimpac_jax/aot/chips.py)")
+    found, searched = None, {}
+    if args.find_batch:
+        found, trials = _find_batch(config, target, args.max_batch, log)
+        if not found:
+            print(f"vimpac compile: train: a per-chip batch of 1 does not fit on {target.name}: "
+                  f"{trials[0][1].message}", file=sys.stderr)
+            return exit_codes.FAILED
+        searched = {"train": dict(trials)[found]}  # compiled already, at the batch found
+        from vimpac_jax.training import sharding as shd
+
+        sizes = shd.mesh_shape(config.mesh, len(target.devices))
+        micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
+        config.data.batch_size = found * sizes[0] * sizes[1] * micro
+        log(f"largest per-chip batch that fits: {found} (config.data.batch_size={config.data.batch_size})")
+    mesh, compiled = aot.compile_run(config, target, programs=[p for p in programs if p not in searched])
+    compiled = {r.name: r for r in compiled}
+    reports = [searched.get(name) or compiled[name] for name in programs]
+    print(f"{where}\nmesh: {aot.mesh_description(mesh)} (config.mesh over all {len(target.devices)} chips)")
+    if found is not None:
+        print(f"largest per-chip batch whose training step fits: {found} videos "
+              f"(--config.data.batch_size={config.data.batch_size}; searched up to {args.max_batch})")
+    for report in reports:
+        print(aot.format_report(report, target, top=args.top if args.report == "ops" else 0))
+    if args.json_out:
+        from vimpac_jax import io_utils
+
+        io_utils.write_json_atomic(args.json_out, dict(
+            target=target.name, device_kind=target.device_kind, chips=len(target.devices), hosts=target.processes,
+            mesh=dict(mesh.shape), batch_size=int(config.data.batch_size), largest_fitting_batch_per_chip=found,
+            programs=[r.to_json() for r in reports]))
+    misfits = [r for r in reports if not r.fits]
+    for r in misfits:
+        print(f"vimpac compile: {r.name}: {r.message}", file=sys.stderr)
+    return exit_codes.FAILED if misfits else exit_codes.DONE
