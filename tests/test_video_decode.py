@@ -466,3 +466,26 @@ def test_decode_workers_exit_when_their_parent_is_killed(synth, tmp_path):
         for pid in workers if "workers" in locals() else []:
             if video_fixtures.process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_decode_worker_killed_from_outside_costs_no_file(synth):
+    """A decode worker killed by someone else (the OOM killer, a user's kill -9) while files are in
+    flight: the pool is restarted and those files decoded again; nothing is raised and no file is
+    reported as failed, since none of them killed the worker (issue 24, item 6)."""
+    import multiprocessing
+    import signal
+
+    paths = [synth["cfr25"]] * 6
+    expected = vd.decode_frames(synth["cfr25"], 5)
+    results, killed = {}, []
+    for index, path, result in vd.decode_many(paths, 5, None, num_workers=1, max_in_flight=3):
+        results[index] = result
+        if not killed:  # after the first result: the worker holds the next files
+            killed = [p.pid for p in multiprocessing.active_children()]
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+    assert killed and sorted(results) == list(range(6))
+    for result in results.values():
+        assert not isinstance(result, vd.VideoDecodeError), result
+        np.testing.assert_array_equal(result, expected)

@@ -155,6 +155,7 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     import jax
     import jax.numpy as jnp
 
+    from vimpac_jax import config_schema
     from vimpac_jax.data import video_decode
     from vimpac_jax.training import finetune_step, pretrain_step, tasks
     from vimpac_jax.training import sharding as shd
@@ -162,7 +163,7 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     if config.task not in tasks.TASKS:
         raise ValueError(f"config.task={config.task!r}: `vimpac compile` compiles the pre-training and fine-tuning "
                          f"tasks ({sorted(tasks.TASKS)})")
-    tasks.check_run_config(config)
+    config_schema.resolve(config)  # a config built in Python: completed and checked (a loaded one already is)
     model_cfg = config.model.to_dict()
     # The schedule's length is a constant of the program, not a shape: any positive value.
     optim_cfg = dict(config.optim.to_dict(), total_steps=int(config.optim.get("total_steps") or 0) or 1000)
