@@ -237,7 +237,7 @@ def _write_training_workdir(workdir: Path, config: dict, variables: dict) -> Non
     import orbax.checkpoint as ocp
 
     workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"model": config, "optimizer": {"lr": 1e-4}}))
+    (workdir / "config.json").write_text(json.dumps({"model": config, "optimizer": {"lr": 1e-4}, "format_version": 1}))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
     zeros = jax.tree.map(np.zeros_like, variables["params"])
     manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints",
@@ -264,7 +264,7 @@ def test_training_workdir_is_a_source(golden_a, tmp_path, capsys):
     assert_same_variables(load_safetensors(tmp_path / "st")[1], variables)
 
     # A config that does not describe the saved weights is named, variable by variable.
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": dict(config, num_layers=3)}))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": dict(config, num_layers=3), "format_version": 1}))
     with pytest.raises(ExportSourceError, match="missing params/backbone/layer_2"):
         load_exportable(tmp_path / "run")
 
@@ -292,7 +292,7 @@ def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_source(golden_a,
     ckpt, _, _ = golden_a
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"format_version": 1}')
     (run / "checkpoints").mkdir()
     (tmp_path / "link").symlink_to(run)
     cases = [(run, run, "is the source"), (run, tmp_path / "link", "is the source"),

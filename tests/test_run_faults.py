@@ -339,12 +339,14 @@ def test_a_killed_data_worker_is_one_error_saying_what_happened(pretrain_store):
     assert "killed by SIGKILL" in str(died.value) and "\n" not in str(died.value)
 
 
-def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store):
-    """grain's own states (written before the state was the batch count): 0 workers' prefetch
-    index, and 2 workers' interleave (grain 0.2.18's layout, after 5 batches)."""
+def test_grain_iterator_states_of_older_runs_are_refused_and_migrate_converts_them(pretrain_store):
+    """grain's own states (runs before the state was the batch count: 0 workers' prefetch index,
+    2 workers' interleave in grain 0.2.18's layout, after 5 batches) are not read by the
+    pipelines; `vimpac migrate`'s conversion turns them into the batch the run resumes at."""
     import numpy as np
 
     from vimpac_jax.data import pipelines as P
+    from vimpac_jax.training.migrate import grain_state_next_batch
 
     ds = P.train_dataset(P.load_index(pretrain_store), "pretrain", batch_size=2, clip_len=5, seed=3, process_index=0,
                             process_count=1)
@@ -352,12 +354,14 @@ def test_iterator_states_of_checkpoints_before_ours_still_restore(pretrain_store
                    "iterators_in_use_states": [{"next_index": 3}, {"next_index": 2}], "exhausted": [0, 0],
                    "future_states": {}}
     for state in ({"next_index": 5}, two_workers):
+        with pytest.raises(ValueError, match="unknown data iterator state"):
+            P.make_iterator(ds, workers=0).set_state(state)
         it = P.make_iterator(ds, workers=0, read_threads=1)
-        it.set_state(state)
+        it.set_state({"next_batch": grain_state_next_batch(state)})
         np.testing.assert_array_equal(next(it)["tokens"], ds[5]["tokens"])
         assert it.get_state() == {"next_batch": 6}
     with pytest.raises(ValueError, match="unknown data iterator state"):
-        P.make_iterator(ds, workers=0).set_state({"something": 1})
+        grain_state_next_batch({"something": 1})
 
 
 @pytest.mark.parametrize("damage", ["cut in half", "one flipped bit"])
@@ -485,7 +489,7 @@ def test_evaluate_refuses_zero_clips(short_store, tmp_path, capsys):
     from vimpac_jax.commands import evaluate
 
     _, store = short_store
-    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}}))
+    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}, "format_version": 1}))
     for clips in ("0", "2,0", "x"):
         assert evaluate.main(["--workdir", str(tmp_path), "--clips", clips]) == 2
         assert "--clips must be positive integers" in capsys.readouterr().err
@@ -594,7 +598,7 @@ def test_evaluate_with_no_checkpoint_that_restores_is_an_error_line(short_store,
     _, store = short_store
     config = load_config(["--config", str(REPO / "configs/finetune.py:dataset=ucf101,runlocal"),
                           f"--config.data.eval_store={store}"])
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads(config.to_json_best_effort()), "format_version": 1}))
     manager = checkpointing.make_manager(tmp_path, save_every=1, keep=2)
     checkpointing.save(manager, 1, {"w": np.arange(4096, dtype=np.float32)}, None, {"step": 1})
     manager.wait_until_finished()
@@ -625,7 +629,7 @@ def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_res
     for step in (1, 2):
         checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
         manager.wait_until_finished()
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"format_version": 1}')
     intact = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=print)
     assert intact[0] == 2 and intact[2]["verified"] is True
     _flip_a_bit_of_the_largest_data_file(tmp_path / "checkpoints" / "2")
@@ -660,7 +664,7 @@ def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_use
     for step in (1, 2):
         checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
         checkpointing.wait_until_finished(manager)
-    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}}))
+    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}, "format_version": 1}))
     _flip_a_bit_of_the_largest_data_file(source / "checkpoints" / "2")
 
     warnings = []
@@ -738,7 +742,7 @@ def test_a_resume_with_another_config_names_changed_and_absent_fields(tmp_path):
     from vimpac_jax.training import workdir as workdir_lib
 
     stored = {"seed": 0, "train": {"log_every": 10}, "optim": {"lr": 1e-3}, "model": {"dropout": 0.1}}
-    (tmp_path / "config.json").write_text(json.dumps(stored))
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "format_version": 1}))
     workdir_lib.check_config(tmp_path, dict(stored, train={"log_every": 50}))  # a free field: resumes
     with pytest.raises(workdir_lib.WorkdirError, match=r"\(optim\.lr differ\); use a new --workdir"):
         workdir_lib.check_config(tmp_path, dict(stored, optim={"lr": 2e-3}))

@@ -298,7 +298,7 @@ def test_preempted_runs_are_resumed_not_done(tmp_path, monkeypatch):
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(sw, "launcher_script", lambda name: tmp_path / "absent")  # each task runs `srun COMMAND`
+    monkeypatch.setattr(sw.launchers, "launcher_script", lambda name: tmp_path / "absent")  # each task runs `srun COMMAND`
     (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
     (bin_dir / "srun").chmod(0o755)
     runs = sw.expand([{"seed": 0}], tmp_path / "slurm")

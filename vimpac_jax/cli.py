@@ -42,6 +42,7 @@ COMMANDS = {
     "features": ("vimpac_jax.commands.features", "run a checkpoint on token clips and save its outputs"),
     "mask-ratio": ("vimpac_jax.commands.mask_ratio", "induced masking ratio of block masking"),
     "train": ("vimpac_jax.commands.train", "train a tokenizer, pre-train or fine-tune (config picks the task)"),
+    "migrate": ("vimpac_jax.commands.migrate", "rewrite a run of an older vimpac-jax in the current run format"),
     "evaluate": ("vimpac_jax.commands.evaluate", "multi-view test of a fine-tuned workdir"),
     "predict": ("vimpac_jax.commands.predict", "classify video files with a fine-tuned model (top classes per video)"),
     "codes": ("vimpac_jax.commands.codes", "encode images to codes / decode codes to images with a tokenizer directory"),

@@ -110,7 +110,7 @@ def exit_with_parent(parent_pid: int) -> None:
     watch_parent(parent_pid, lambda: os._exit(1))
 
 
-WORKDIR_LOCK_FILE = ".lock"  # of a run's workdir: held by its `vimpac train` (training/workdir.py, sweeps.py)
+WORKDIR_LOCK_FILE = ".lock"  # of a run's workdir: held by its `vimpac train` (training/workdir.py, sweeps/launchers.py)
 
 
 class InUseError(ValueError):

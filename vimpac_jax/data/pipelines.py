@@ -778,18 +778,10 @@ def _worker_init(parent_pid: int, worker_index: int, worker_count: int) -> None:
 
 
 def _next_batch_of(state: dict) -> int:
-    """The next batch index of an iterator state: ours, or grain's own (checkpoints written before
-    the state was ours): {"next_index": b} at 0 workers; at N workers an interleave of the N
-    workers' states, worker w reading batches w, w + N, ... of which it has passed next_index."""
-    if "next_batch" in state:
+    """The next batch index of an iterator state {"next_batch": b} (`get_state`); a checkpoint
+    holding grain's own state is of an older run format (`vimpac migrate` converts it)."""
+    if isinstance(state, dict) and isinstance(state.get("next_batch"), int):
         return int(state["next_batch"])
-    if "next_index" in state:
-        return int(state["next_index"])
-    workers = state.get("iterators_in_use_states")
-    if isinstance(workers, list) and workers and all(isinstance(w, dict) and "next_index" in w for w in workers):
-        batch = sum(int(w["next_index"]) for w in workers)
-        if int(state.get("next_index_in_cycle", batch % len(workers))) == batch % len(workers):
-            return batch
     raise ValueError(f"unknown data iterator state {str(state)[:200]}: not written by this version's pipelines")
 
 

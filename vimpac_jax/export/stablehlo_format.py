@@ -41,7 +41,7 @@ def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> 
     The attention implementation is left to XLA (`attention_impl=None`) so that the function
     lowers for every platform, whatever kernel the training config picked.
     """
-    cfg = dict(cfg, attention_impl=None, remat=False)
+    cfg = dict(cfg, attention_impl=None, remat="none")
     model = build_model(cfg)
     finetuned = complete(cfg)["task"] == "finetune"
     variables = jax.tree.map(jnp.asarray, dict(variables))

@@ -115,10 +115,7 @@ def remat_policy(spec):
     """`model.remat` -> (recompute?, jax checkpoint policy). `none`: keep what autodiff keeps;
     `full`: keep each layer's input only; `dots`: keep every matmul output; `dots_no_batch`: keep
     the matmuls without batch dimensions (the projections and MLP, not the attention scores);
-    `save:qkv,attention,...`: keep the named activations (SAVEABLE_NAMES) only. True/False are
-    read as `full`/`none` (configs written before the policies)."""
-    if isinstance(spec, bool) or spec is None:
-        spec = "full" if spec else "none"
+    `save:qkv,attention,...`: keep the named activations (SAVEABLE_NAMES) only."""
     if not isinstance(spec, str):
         raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {spec!r}")
     if spec == "none":

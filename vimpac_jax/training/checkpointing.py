@@ -48,6 +48,10 @@ from vimpac_jax.training.init_from import path_name
 CHECKPOINTS_DIR = "checkpoints"  # of a workdir (training/workdir.py)
 STATE, DATA, META = "state", "data", "meta"
 CHECKSUMS = "checksums"  # meta field: {leaf path: "s1-s2"} (`array_checksums`)
+# The run format: each step's meta and the workdir's config.json record it; the library reads this
+# version only, an older run is brought to it by `vimpac migrate --workdir W` (commands/migrate.py).
+FORMAT_VERSION = 1
+FORMAT_FIELD = "format_version"
 
 
 def log_to_stderr(message: str) -> None:
@@ -253,7 +257,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
         return False
     wait_until_finished(manager)  # the previous save's files count in the free space
     _check_free_space(manager, step, state)
-    meta = dict(meta, **{CHECKSUMS: array_checksums(state)})
+    meta = dict(meta, **{CHECKSUMS: array_checksums(state), FORMAT_FIELD: FORMAT_VERSION})
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
         items[DATA] = grain_ckpt.CheckpointSave(data_iterator)

@@ -44,6 +44,29 @@ class WorkdirError(ValueError):
     """A directory that is not a usable run directory, or a resume that does not match its run."""
 
 
+class RunFormatError(WorkdirError):
+    """A run written in another format than this version's (`checkpointing.FORMAT_VERSION`)."""
+
+
+def migrate_command(path) -> str:
+    """The one command that brings the run in workdir `path` to the current format."""
+    return f"vimpac migrate --workdir {path}"
+
+
+def check_format(record: dict, path, what: str) -> None:
+    """RunFormatError naming `vimpac migrate` unless `record` (config.json, a checkpoint's meta)
+    is of the current run format."""
+    version = record.get(checkpointing.FORMAT_FIELD)
+    if version == checkpointing.FORMAT_VERSION:
+        return
+    if isinstance(version, int) and version > checkpointing.FORMAT_VERSION:
+        raise RunFormatError(f"{what} is of run format {version}, newer than this vimpac-jax reads "
+                             f"({checkpointing.FORMAT_VERSION}): use the version that wrote it")
+    written = f"run format {version}" if version is not None else "no run format (an older vimpac-jax)"
+    raise RunFormatError(f"{what} records {written}; this vimpac-jax reads format {checkpointing.FORMAT_VERSION} "
+                         f"only: run `{migrate_command(path)}` first")
+
+
 def is_workdir(path) -> bool:
     path = Path(path)
     return (path / CONFIG_FILE).is_file() and (path / CHECKPOINTS_DIR).is_dir()
@@ -71,7 +94,8 @@ def read_config_dict(path) -> dict[str, Any]:
         raise WorkdirError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise WorkdirError(f"{config_file}: not a run config (a JSON object)")
-    return config
+    check_format(config, path, str(config_file))
+    return {k: v for k, v in config.items() if k != checkpointing.FORMAT_FIELD}
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -130,7 +154,9 @@ def check_config(path, config) -> None:
 def write_config(path, config) -> None:
     """Write the resolved config to W/config.json (process 0), after every check of the run."""
     if jax.process_index() == 0:
-        io_utils.write_json_atomic(Path(path) / CONFIG_FILE, _as_dict(config), indent=2)
+        io_utils.write_json_atomic(Path(path) / CONFIG_FILE,
+                                   {**_as_dict(config), checkpointing.FORMAT_FIELD: checkpointing.FORMAT_VERSION},
+                                   indent=2)
 
 
 def record_init_source(path, record: dict) -> None:
@@ -168,11 +194,9 @@ def run_identity(config) -> dict[str, Any]:
 
 
 def check_identity(meta: dict, identity: dict, where: str) -> None:
-    """Raise WorkdirError naming what differs between a checkpoint's recorded identity and this run's.
-
-    A checkpoint written before identities were recorded is only checked for its seed."""
+    """Raise WorkdirError naming what differs between a checkpoint's recorded identity and this run's."""
     problems = []
-    if "seed" in meta and int(meta["seed"]) != identity["seed"]:
+    if int(meta["seed"]) != identity["seed"]:
         problems.append(f"config.seed is {identity['seed']}, the checkpoint's run used {meta['seed']}")
     for field, recorded in (meta.get("stores") or {}).items():
         now = identity["stores"].get(field)
@@ -195,7 +219,14 @@ def restore_state(manager, abstract_state: Any, data_iterator: Any, identity: di
     aside (`<step>.damaged`): the run saves below its step again. See checkpointing.restore_latest."""
     return checkpointing.restore_latest(
         manager, abstract_state, data_iterator, log=log, keep_going=(WorkdirError,), move_aside=True,
-        check_meta=lambda meta: check_identity(meta, identity, f"{manager.directory}"))
+        check_meta=lambda meta: _check_meta(meta, identity, manager))
+
+
+def _check_meta(meta: dict, identity: dict, manager) -> None:
+    """A step's meta: of the current run format (else RunFormatError naming `vimpac migrate`),
+    of this run (`check_identity`)."""
+    check_format(meta, Path(manager.directory).parent, f"checkpoint {manager.directory}")
+    check_identity(meta, identity, f"{manager.directory}")
 
 
 def restore_variables(path, collections: Iterable[str] = ("params", "batch_stats"), *,
