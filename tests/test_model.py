@@ -289,3 +289,42 @@ def test_bf16_layer_norm_backward_from_its_output():
     saved = [aval for aval, why in saved_residuals(lambda x: loss(ours, x)(params, x), x)
              if "argument" not in why and "common.py" in why]  # the LayerNorm's own, not the loss's
     assert sorted((str(a.dtype), a.shape) for a in saved if a.size > 1) == [("bfloat16", x.shape), ("float32", (8, 16, 1))]
+
+
+def test_lines_attended_in_windows_equal_lines_attended_one_by_one(monkeypatch):
+    """Several lines in one masked window (attention.WINDOW_TOKENS) give each line's own
+    attention: the same outputs and gradients as windows of one line, with PAD keys and with
+    the attention-dropout masks laid over the windows."""
+    import einops
+
+    from vimpac_jax.models import attention
+
+    b, n, length, h, d = 2, 12, 3, 2, 4
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, length, h, d)), jnp.float32) for _ in range(3))
+    qc, kc, vc = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
+    pad = jnp.asarray(rng.random((b, n, length)) < 0.3)
+    keep_lines = attention.draw_dropout_masks(jax.random.key(3), 0.8, b, n, length, h, 1)
+    group = attention.lines_per_window(n, length, window=4 * length)
+    assert group == 4
+
+    def windows_of(keep):  # the per-line masks laid over windows of `group` lines
+        tok, tok_cls, c, cc = (x.reshape(b, n // group, group, h, *x.shape[3:]).swapaxes(2, 3) for x in keep)
+        tok = jnp.broadcast_to(tok[..., None, :], (*tok.shape[:-1], group, length))
+        tok = tok.reshape(b, n // group, h, group * length, group * length)
+        return tok, tok_cls.reshape(b, n // group, h, -1), c.reshape(b, n // group, h, group, length), cc[..., 0]
+
+    def attend(g, keep, q, k, v, qc, kc, vc):
+        to_w = lambda x: einops.rearrange(x, "b (w g) l h d -> b w h (g l) d", g=g)  # noqa: E731
+        out, out_c = attention._line_attention(to_w(q), to_w(k), to_w(v), qc, kc, vc,
+                                               pad.reshape(b, n // g, g * length), keep, 0.8, length)
+        return einops.rearrange(out, "b w h (g l) d -> b (w g) l h d", g=g), out_c
+
+    for one, many in ((None, None), (keep_lines, windows_of(keep_lines))):
+        args = (q, k, v, qc, kc, vc)
+        ref, got = attend(1, one, *args), attend(group, many, *args)
+        for a, c in zip(ref, got):
+            np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+        loss = lambda g, keep: lambda *x: sum(jnp.sum(o * o) for o in attend(g, keep, *x))  # noqa: E731
+        for a, c in zip(jax.grad(loss(1, one), argnums=range(6))(*args), jax.grad(loss(group, many), argnums=range(6))(*args)):
+            np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,9 @@ products that join the line's scores before the softmax (`_line_attention`), so 
 the projections of the grid as they are, and [CLS] rides in the hidden state as row 0 of
 [B, 1 + T*H*W, D] (one stream of kernels for both; `AttentionBlock`). The q, k, v projections of
 all parallel attentions of a block are one matmul with their kernels concatenated at compute
-time (the parameters stay one Dense per q, k, v, as the released names).
+time (the parameters stay one Dense per q, k, v, as the released names). Short lines are
+attended several at a time, in windows of about WINDOW_TOKENS tokens masked to each line,
+with the heads as a batch dimension ahead of the tokens: layouts a TPU's tiles fill.
 """
 
 import functools
@@ -21,6 +23,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from vimpac_jax.models.common import INIT_STD, Dropout, apply_dropout_mask, dense, layer_norm
@@ -49,45 +52,97 @@ def from_lines(y: jax.Array, axes: tuple[str, ...], grid: tuple[int, int, int]) 
     return einops.rearrange(y, f"b {other} {line} {extra} -> b t h w {extra}", t=t, h=h, w=w)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(9,))
-def _line_attention(q, k, v, qc, kc, vc, key_is_pad, keep, keep_cls, keep_prob: float):
+# Lines are attended in windows of about this many tokens: several short lines side by side in
+# one [window, window] score matrix, masked to the pairs of the same line. A TPU lays an array's
+# last two dimensions out in tiles of 8 x 128 and its matrix units are 128 x 128 (v4, v5p;
+# https://cloud.google.com/tpu/docs/system-architecture-tpu-vm): scores of one line of 6 or 17
+# tokens fill 3-12% of a tile, so their elementwise work and layout copies cost 8-40x their
+# size. A window of 80-128 tokens fills most of a tile for a few times the (small) FLOPs of
+# QK^T and PV (benchmarks/RESULTS.md, "The pre-training step on a TPU by XLA's cost model").
+WINDOW_TOKENS = 128
+
+
+def lines_per_window(num_lines: int, length: int, window: Optional[int] = None) -> int:
+    """The largest divisor G of `num_lines` with G * `length` <= `window` (default WINDOW_TOKENS;
+    at least 1)."""
+    window = WINDOW_TOKENS if window is None else window
+    return max(g for g in range(1, num_lines + 1) if num_lines % g == 0 and (g == 1 or g * length <= window))
+
+
+def _softmax_with_extra_key(s, s_extra):
+    """Softmax over the keys of s [..., K] and one more key s_extra [...] -> (p [..., K], p_extra
+    [...]): jax.nn.softmax of their concatenation, without concatenating. The running maximum
+    is a constant of the softmax, so no gradient flows through it (as in jax.nn.softmax)."""
+    m = jax.lax.stop_gradient(jnp.maximum(s.max(-1), s_extra))
+    e, e_extra = jnp.exp(s - m[..., None]), jnp.exp(s_extra - m)
+    z = e.sum(-1) + e_extra
+    return e / z[..., None], e_extra / z
+
+
+def draw_dropout_masks(key, keep_prob: float, batch: int, lines: int, length: int, heads: int, group: int):
+    """Keep masks of the attention probabilities of `_line_attention`, in its window shapes
+    (G = `group` lines per window of G*L tokens, W = lines / G windows): for the tokens'
+    queries [B, W, heads, GL, GL] (entries outside a query's line are unused) and [B, W, heads,
+    GL] ([CLS] as key); for [CLS]'s query per line [B, W, heads, G, L] and [B, W, heads, G]."""
+    windows = lines // group
+    shapes = ((batch, windows, heads, group * length, group * length), (batch, windows, heads, group * length),
+              (batch, windows, heads, group, length), (batch, windows, heads, group))
+    return tuple(jax.random.bernoulli(k, keep_prob, shape) for k, shape in zip(jax.random.split(key, 4), shapes))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(8, 9))
+def _line_attention(q, k, v, qc, kc, vc, key_is_pad, keep, keep_prob: float, length: int):
     """Attention within lines with [CLS] as an extra key and query, without copying it in.
 
-    q, k, v [B, N, L, heads, hd] (the lines' tokens), qc, kc, vc [B, heads, hd] ([CLS]),
-    key_is_pad [B, N, L] or None, keep [B, N, heads, L, 1 + L] and keep_cls [B, N, heads, 1 + L]
-    (attention-dropout masks; key 0 is [CLS]) or None. Returns the tokens' outputs
-    [B, N, L, heads, hd] and [CLS]'s output per line [B, N, heads, hd].
+    q, k, v [B, W, heads, G*L, hd]: the lines' tokens in windows of G lines of `length` L (a
+    window's tokens line after line; WINDOW_TOKENS says why windows), qc, kc, vc [B, heads, hd]
+    ([CLS]), key_is_pad [B, W, G*L] or None, keep: the attention-dropout masks
+    (`draw_dropout_masks`) or None. Returns the tokens' outputs [B, W, heads, G*L, hd] and
+    [CLS]'s output averaged over the lines [B, heads, hd].
 
-    Each query's scores against [CLS] (one column) are concatenated to its scores against the
-    line before the softmax: the small scores tensor is concatenated, not q, k, v. Recomputed in
-    the backward pass from its inputs, as flash attention does: at lines of 6-17 tokens the
-    scores are 0.6% of the FLOPs, and the backward keeps no [.., L, 1 + L] float32 scores,
-    probabilities or masks (saved-residual bytes in benchmarks/RESULTS.md).
+    A window's scores are masked to the pairs of the same line: the other pairs get exactly zero
+    probability, so the result is the per-line attention's. Each query's score against [CLS]
+    joins its line's scores in the softmax (`_softmax_with_extra_key`): neither q, k, v nor the
+    scores are concatenated. Heads are a batch dimension ahead of the tokens (one transpose of
+    q, k, v by the caller, not one per dot). Recomputed in the backward pass from its inputs, as flash
+    attention does: the scores are a small share of the FLOPs, and the backward keeps no float32
+    scores, probabilities or masks.
     """
-    scale = q.shape[-1] ** -0.5
+    b, windows, h, width, d = q.shape
+    group = width // length
+    scale = d ** -0.5
     # The dots' outputs in the compute dtype (f32 accumulation inside), then the softmax in f32
     # (float64 under a float64 run): so the backward's dq, dk dots take compute-dtype operands,
     # not f32 x f32. Unchanged in f32.
     sd = jnp.promote_types(q.dtype, jnp.float32)
-    s_lines = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k).astype(sd) * scale  # [B, N, h, L, L]
-    s_cls = jnp.einsum("bnqhd,bhd->bnhq", q, kc).astype(sd) * scale  # [B, N, h, L]
-    c_lines = jnp.einsum("bhd,bnkhd->bnhk", qc, k).astype(sd) * scale  # [B, N, h, L]
+    neg = jnp.finfo(sd).min
+    # The tokens' queries: against the window's keys (own line only) and [CLS].
+    s_lines = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(sd) * scale  # [B, W, h, GL, GL]
+    s_cls = jnp.einsum("bwhqd,bhd->bwhq", q, kc).astype(sd) * scale  # [B, W, h, GL]
+    line_of = np.arange(width) // length
+    allowed = jnp.asarray(line_of[:, None] == line_of[None, :])  # [GL, GL]
+    # [CLS]'s query: against each line's keys, one softmax per line with [CLS] as its extra key.
+    c_lines = jnp.einsum("bhd,bwhkd->bwhk", qc, k).astype(sd) * scale  # [B, W, h, GL]
     c_cls = jnp.einsum("bhd,bhd->bh", qc, kc).astype(sd) * scale  # [B, h]
     if key_is_pad is not None:
-        neg = jnp.finfo(sd).min
-        s_lines = jnp.where(key_is_pad[:, :, None, None, :], neg, s_lines)
-        c_lines = jnp.where(key_is_pad[:, :, None, :], neg, c_lines)
-    probs = jax.nn.softmax(jnp.concatenate([s_cls[..., None], s_lines], axis=-1), axis=-1)
-    c_cls = jnp.broadcast_to(c_cls[:, None, :, None], (*c_lines.shape[:-1], 1))
-    probs_c = jax.nn.softmax(jnp.concatenate([c_cls, c_lines], axis=-1), axis=-1)
+        pad = key_is_pad[:, :, None, :]
+        allowed = allowed & ~pad[:, :, :, None, :]
+        c_lines = jnp.where(pad, neg, c_lines)
+    s_lines = jnp.where(allowed, s_lines, neg)
+    probs, probs_cls = _softmax_with_extra_key(s_lines, s_cls)
+    c_lines = c_lines.reshape(b, windows, h, group, length)
+    probs_c, probs_cc = _softmax_with_extra_key(c_lines, jnp.broadcast_to(c_cls[:, None, :, None], c_lines.shape[:-1]))
     if keep is not None:
-        probs, probs_c = apply_dropout_mask(probs, keep, keep_prob), apply_dropout_mask(probs_c, keep_cls, keep_prob)
-    probs, probs_c = probs.astype(v.dtype), probs_c.astype(v.dtype)
-    out = (jnp.einsum("bnhqk,bnkhd->bnqhd", probs[..., 1:], v)
-           + jnp.einsum("bnhq,bhd->bnqhd", probs[..., 0], vc))
-    out_c = (jnp.einsum("bnhk,bnkhd->bnhd", probs_c[..., 1:], v)
-             + jnp.einsum("bnh,bhd->bnhd", probs_c[..., 0], vc))
-    return out, out_c
+        probs, probs_cls, probs_c, probs_cc = (apply_dropout_mask(x, m, keep_prob) for x, m in
+                                               zip((probs, probs_cls, probs_c, probs_cc), keep))
+    probs, probs_cls = probs.astype(v.dtype), probs_cls.astype(v.dtype)
+    out = (jnp.einsum("bwhqk,bwhkd->bwhqd", probs, v)
+           + jnp.einsum("bwhq,bhd->bwhqd", probs_cls, vc))
+    # [CLS]'s outputs summed over all lines in float32, then averaged (TimeSformer, the released code).
+    probs_c, probs_cc = probs_c.astype(v.dtype).reshape(b, windows, h, width), probs_cc.astype(v.dtype)
+    out_c = (jnp.einsum("bwhk,bwhkd->bhd", probs_c, v, preferred_element_type=sd)
+             + jnp.einsum("bwhg,bhd->bhd", probs_cc, vc, preferred_element_type=sd))
+    return out, (out_c / (windows * group)).astype(v.dtype)
 
 
 def _fused_attention(q, k, v, qc, kc, vc, key_is_pad, implementation):
@@ -163,23 +218,28 @@ class AxialAttention(nn.Module):
 
     def attend_projected(self, qkv_cls, qkv, key_is_pad, *, deterministic: bool):
         b, h, d = qkv.shape[0], self.num_heads, self.head_dim
-        q, k, v = einops.rearrange(to_lines(qkv, self.axes), "b n l (s h d) -> s b n l h d", s=3, h=h)
+        lines = to_lines(qkv, self.axes)  # [B, N, L, 3F]
+        n, length = lines.shape[1], lines.shape[2]
         qc, kc, vc = einops.rearrange(qkv_cls, "b (s h d) -> s b h d", s=3, h=h)
         pad = None if key_is_pad is None else to_lines(key_is_pad, self.axes)  # [B, N, L]
         active = not deterministic and self.attention_dropout > 0.0
-        if not active and self.implementation is not None and q.dtype != jnp.float64:
+        if not active and self.implementation is not None and qkv.dtype != jnp.float64:
+            q, k, v = einops.rearrange(lines, "b n l (s h d) -> s b n l h d", s=3, h=h)
             out, out_c = _fused_attention(q, k, v, qc, kc, vc, pad, self.implementation)
+            out, out_c = out.reshape(b, n, length, h * d), out_c.mean(axis=1)
         else:
-            keep = keep_cls = None
+            group = lines_per_window(n, length)
+            # One transpose of the projections to [B, W, heads, G*L, hd] (windows of G lines).
+            q, k, v = einops.rearrange(lines, "b (w g) l (s h d) -> s b w h (g l) d", g=group, s=3, h=h)
+            keep = None
             if active:
-                n, length = q.shape[1], q.shape[2]
-                key_tok, key_cls = jax.random.split(self.make_rng("dropout"))
-                keep_prob = 1.0 - self.attention_dropout
-                keep = jax.random.bernoulli(key_tok, keep_prob, (b, n, h, length, 1 + length))
-                keep_cls = jax.random.bernoulli(key_cls, keep_prob, (b, n, h, 1 + length))
-            out, out_c = _line_attention(q, k, v, qc, kc, vc, pad, keep, keep_cls, 1.0 - self.attention_dropout)
-        cls_out = out_c.mean(axis=1).reshape(b, h * d)  # the mean of [CLS]'s outputs over all lines
-        x_out = from_lines(out.reshape(*out.shape[:3], h * d), self.axes, qkv.shape[1:4])
+                keep = draw_dropout_masks(self.make_rng("dropout"), 1.0 - self.attention_dropout, b, n, length, h,
+                                          group)
+            pad = None if pad is None else pad.reshape(b, n // group, group * length)
+            out, out_c = _line_attention(q, k, v, qc, kc, vc, pad, keep, 1.0 - self.attention_dropout, length)
+            out = einops.rearrange(out, "b w h (g l) d -> b (w g) l (h d)", g=group)
+        cls_out = out_c.reshape(b, h * d)  # the mean of [CLS]'s outputs over all lines
+        x_out = from_lines(out, self.axes, qkv.shape[1:4])
         return cls_out, x_out
 
 
