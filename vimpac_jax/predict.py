@@ -132,7 +132,7 @@ class Classifier:
         """views int [N, V, T, h, w] (V views of each of N videos) -> softmax averaged over V, float32 [N, C]."""
         import jax
 
-        from vimpac_jax.commands.features import check_tokens
+        from vimpac_jax.models.config import check_tokens
         from vimpac_jax.tokenizer.interface import bucket_size
 
         views = np.asarray(views)
