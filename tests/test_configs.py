@@ -248,13 +248,13 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------
-# What the presets require of a store, checked before anything compiles (vimpac_jax/training/tasks.py).
+# What the presets require of a store, checked before anything compiles (vimpac_jax/tasks/).
 
 
 def finetune_task(tmp_path, dataset, *, fps, variants=("r32_center_noflip",), eval_fps=None, overrides=()):
     from vimpac_jax.data.testing import write_test_store
     from vimpac_jax.training import sharding as shd
-    from vimpac_jax.training.tasks import FinetuneTask
+    from vimpac_jax.tasks.finetune import FinetuneTask
 
     videos = [dict(video_id=f"v{i}", num_frames=12, label=i % 3, variants=variants) for i in range(4)]
 
@@ -322,7 +322,7 @@ def pretrain_task(tmp_path, *overrides, stores=()):
     `frame_index` store (frame t's tokens read t) of 8 videos of 40 frames."""
     from vimpac_jax.data.testing import write_test_store
     from vimpac_jax.training import sharding as shd
-    from vimpac_jax.training.tasks import PretrainTask
+    from vimpac_jax.tasks.pretrain import PretrainTask
 
     def store(name, fps, labelled=True):
         videos = [dict(video_id=f"v{i}", num_frames=40, label=i % 2 if labelled else None,

@@ -179,7 +179,7 @@ def test_ablation_table_statistics():
 
 @pytest.mark.slow
 def test_mlm_codes_must_cover_the_store_tokenizer_codes(smoke):
-    from vimpac_jax.training.tasks import _check_mlm_codes
+    from vimpac_jax.tasks.pretrain import _check_mlm_codes
 
     workdir, _ = smoke
     store = str(workdir / "tokens" / "pool")  # its tokenizer has 16 codes (the smoke preset)

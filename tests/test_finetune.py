@@ -48,7 +48,7 @@ def test_two_micro_batches_make_the_same_update_as_one():
 
 def test_micro_batches_that_do_not_divide_the_batch_are_refused(tmp_path):
     from vimpac_jax.data.testing import write_test_store
-    from vimpac_jax.training.tasks import FinetuneTask
+    from vimpac_jax.tasks.finetune import FinetuneTask
 
     store = write_test_store(tmp_path / "s", [dict(video_id=f"v{i}", num_frames=4, label=0) for i in range(8)])
     overrides = ["--config", f"{CONFIGS}/finetune.py:runlocal", "--config.model.num_classes=3",

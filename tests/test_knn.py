@@ -4,7 +4,7 @@ import numpy as np
 
 from vimpac_jax.data import pipelines
 from vimpac_jax.data.testing import write_test_store
-from vimpac_jax.training.knn import knn_accuracy, knn_dataset
+from vimpac_jax.tasks.knn import knn_accuracy, knn_dataset
 
 VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip", "r40_center_noflip"]
 

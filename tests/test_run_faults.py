@@ -422,13 +422,13 @@ def short_store(tmp_path_factory):
 
 @pytest.fixture
 def no_compiling(monkeypatch):
-    from vimpac_jax.training import tasks
+    from vimpac_jax.tasks import finetune, pretrain
 
     def refuse(*args, **kwargs):
         raise AssertionError("the step was built: the check came too late")
 
-    monkeypatch.setattr(tasks, "make_pretrain_step", refuse)
-    monkeypatch.setattr(tasks, "make_finetune_step", refuse)
+    monkeypatch.setattr(pretrain, "make_pretrain_step", refuse)
+    monkeypatch.setattr(finetune, "make_finetune_step", refuse)
 
 
 def _train(store, workdir, *overrides, task="pretrain"):
@@ -655,7 +655,8 @@ def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_use
     import jax.numpy as jnp
     import numpy as np
 
-    from vimpac_jax.training import checkpointing, tasks
+    from vimpac_jax.tasks import init_source
+    from vimpac_jax.training import checkpointing
     from vimpac_jax.training import workdir as workdir_lib
 
     source = tmp_path / "pre"
@@ -668,11 +669,11 @@ def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_use
     _flip_a_bit_of_the_largest_data_file(source / "checkpoints" / "2")
 
     warnings = []
-    model, variables, record = tasks.load_init_source(str(source), log=warnings.append)
+    model, variables, record = init_source.load_init_source(str(source), log=warnings.append)
     assert model == {"hidden_dim": 8} and record["step"] == 1 and record["init_from"] == str(source)
     np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
     assert record["skipped"] == warnings and "checkpoints/2 cannot be restored" in warnings[0]
-    line = tasks.init_source_line(record)
+    line = init_source.init_source_line(record)
     assert line.startswith(f"init_from: {source} at step 1; 1 newer checkpoint(s) could not be restored")
 
     run = tmp_path / "ft"

@@ -18,7 +18,7 @@ The model source W is one of
                           must be given; the released protocol is used (10 clips x 3
                           crops, frames of 8 x the token grid, 2 fps: the released scripts' --frame-rate 2).
   a StableHLO directory   `vimpac export --format stablehlo`: as a model checkpoint.
-Class names: the run's (`tasks.class_names_of`), or the class_names.txt beside a checkpoint or an
+Class names: the run's (`tasks/multiview.py`: `class_names_of`), or the class_names.txt beside a checkpoint or an
 export (`vimpac export` writes the run's there); `class_names` / --class-names override them.
 A given tokenizer must make the model's token grid at that frame size and have the model's number
 of codes, else the load is refused naming both.
@@ -132,7 +132,7 @@ class Classifier:
         """views int [N, V, T, h, w] (V views of each of N videos) -> softmax averaged over V, float32 [N, C]."""
         import jax
 
-        from vimpac_jax.commands.features import check_tokens
+        from vimpac_jax.models.config import check_tokens
         from vimpac_jax.tokenizer.interface import bucket_size
 
         views = np.asarray(views)
@@ -334,7 +334,7 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
     from vimpac_jax.data import token_store
     from vimpac_jax.data.pipelines import frame_step
     from vimpac_jax.training import workdir as workdir_lib
-    from vimpac_jax.training.tasks import class_names_of, eval_crop_names, eval_crops_of
+    from vimpac_jax.tasks.multiview import class_names_of, eval_crop_names, eval_crops_of
 
     config = workdir_lib.read_config(path)
     store = config.data.eval_store or config.data.train_store
@@ -366,7 +366,7 @@ def _workdir_protocol(path: Path, model_config: dict, tokenizer, num_clips, crop
 
 def _given_protocol(path: Path, kind: str, model_config: dict, tokenizer, num_clips, crops, fps, devices, tok_batch):
     """A model that recorded no protocol: the released test at the frame size of its grid."""
-    from vimpac_jax.training.tasks import eval_crop_names
+    from vimpac_jax.tasks.multiview import eval_crop_names
 
     if not tokenizer:
         raise PredictError(f"{path} records no tokenizer (a converted or exported model): pass --tokenizer, the "

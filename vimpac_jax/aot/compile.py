@@ -157,12 +157,14 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
 
     from vimpac_jax import config_schema
     from vimpac_jax.data import video_decode
-    from vimpac_jax.training import finetune_step, pretrain_step, tasks
+    from vimpac_jax.tasks import multiview
+    from vimpac_jax.tasks.pretrain import validation_batch_size
+    from vimpac_jax.training import finetune_step, pretrain_step
     from vimpac_jax.training import sharding as shd
 
-    if config.task not in tasks.TASKS:
+    if config.task not in ("pretrain", "finetune"):  # the tokenizer task's program is not compiled here
         raise ValueError(f"config.task={config.task!r}: `vimpac compile` compiles the pre-training and fine-tuning "
-                         f"tasks ({sorted(tasks.TASKS)})")
+                         f"tasks ('finetune', 'pretrain')")
     config_schema.resolve(config)  # a config built in Python: completed and checked (a loaded one already is)
     model_cfg = config.model.to_dict()
     # The schedule's length is a constant of the program, not a shape: any positive value.
@@ -184,7 +186,7 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
                                                                   state_shardings=state_sh),
                         (state, {"tokens": tokens(videos, 2, *clip)}, key), clips=2 * videos,
                         batch=f"{videos} videos x 2 clips", required_flops=3 * sum(parts.values()) * 2 * videos)
-        eval_videos = tasks.validation_batch_size(config, shards * processes)
+        eval_videos = validation_batch_size(config, shards * processes)
         evaluate = Program("evaluate", pretrain_step.make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh,
                                                                              state_shardings=state_sh),
                            (state, {"tokens": tokens(eval_videos, 2, *clip)}, key), clips=2 * eval_videos,
@@ -201,9 +203,9 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     # over the variants its store holds).
     frame = int(model_cfg["height"]) * 8
     stored = [v.name for v in video_decode.variants_for(config.get("variant_set", None) or "finetune", frame)]
-    crops = tasks.eval_crop_names(stored, tasks.eval_crops_of(config), config.data.eval_variants)
+    crops = multiview.eval_crop_names(stored, multiview.eval_crops_of(config), config.data.eval_variants)
     views = int(config.data.eval_clips) * len(crops)
-    eval_videos = tasks.multiview_batch_size(config, shards * processes)
+    eval_videos = multiview.multiview_batch_size(config, shards * processes)
     evaluate = Program("evaluate", finetune_step.make_eval_step(model_cfg, mesh),
                        (state.params, {}, tokens(eval_videos, views, *clip)), clips=eval_videos * views,
                        batch=f"{eval_videos} videos x {views} views (multi-view test; also `vimpac predict`)")

@@ -110,7 +110,8 @@ def main(argv) -> int:
         maybe_initialize()
         from vimpac_jax.data import pipelines
         from vimpac_jax.training import sharding as shd
-        from vimpac_jax.training.tasks import check_store_fits, evaluate_classifier
+        from vimpac_jax.tasks.multiview import evaluate_classifier
+        from vimpac_jax.tasks.store_task import check_store_fits
         from vimpac_jax.training.train import write_eval_results
 
         index = pipelines.load_index(store)
@@ -123,7 +124,7 @@ def main(argv) -> int:
     import jax
 
     from vimpac_jax.progress import Progress
-    from vimpac_jax.training.tasks import multiview_protocol
+    from vimpac_jax.tasks.multiview import multiview_protocol
 
     crops = {"3": "three", None: None}.get(args.crops, args.crops)
     from vimpac_jax.training.finetune_step import make_eval_step
@@ -168,7 +169,7 @@ def write_confusion_matrix(workdir: Path, result: dict, config, step: int, out: 
                                     int(config.model.num_classes))
     title = (f"step {step}: top-1 {result['top1']:.2f}%, {result['num_clips']} clips x "
              f"{len(result['crops'])} crops, {result['num_videos']} videos")
-    from vimpac_jax.training.tasks import class_names_of
+    from vimpac_jax.tasks.multiview import class_names_of
 
     image = plots.confusion_matrix_image(matrix, class_names_of(config), title=title)
     path = plots.write_png((out or workdir) / CONFUSION_MATRIX_FILE, image)

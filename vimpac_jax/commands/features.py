@@ -16,24 +16,8 @@ import numpy as np
 from vimpac_jax import checkpoints
 from vimpac_jax.cli import check_output_file, positive_int
 from vimpac_jax.runtime.distributed import maybe_initialize
-from vimpac_jax.models.config import complete
+from vimpac_jax.models.config import check_tokens, complete
 from vimpac_jax.models.model import build_model
-
-
-def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndarray:
-    """Clear errors for token arrays that do not fit the checkpoint, before any compilation."""
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{source}: tokens must be integers, got dtype {tokens.dtype}")
-    expected = (model_config["clip_len"], model_config["height"], model_config["width"])
-    if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
-        raise ValueError(f"{source}: tokens must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
-                         f"(T, h, w of the checkpoint), got {list(tokens.shape)}")
-    vocab = complete(model_config)["vocab_size"]
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        bad = tokens[(tokens < 0) | (tokens >= vocab)]
-        raise ValueError(f"{source}: token ids must be in [0, {vocab}); found {bad.flat[0]} "
-                         f"({bad.size} ids out of range)")
-    return tokens.astype(np.int32)
 
 
 def compute_features(model_config: dict, variables: dict, tokens: np.ndarray, heads: bool,

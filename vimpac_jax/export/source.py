@@ -103,13 +103,13 @@ def read_exportable(path) -> tuple[dict[str, Any], dict, Any]:
 
 def class_names(path) -> list[str] | None:
     """What the classifier at `path` calls its classes: the class_names.txt of an export or a
-    checkpoint directory, else a workdir's (`tasks.class_names_of`: its config, else its stores');
+    checkpoint directory, else a workdir's (`tasks/multiview.py`: `class_names_of`: its config, else its stores');
     None when nothing says."""
     path = Path(path)
     if (path / CLASS_NAMES_FILE).is_file():
         return annotations.read_label_map(str(path / CLASS_NAMES_FILE))
     if workdir_lib.is_workdir(path):
-        from vimpac_jax.training.tasks import class_names_of
+        from vimpac_jax.tasks.multiview import class_names_of
 
         return class_names_of(workdir_lib.read_config(path))
     return None

@@ -10,6 +10,7 @@ fields a stored config lacks, e.g. a checkpoint written before a field existed, 
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
 from vimpac_jax.config_utils import with_defaults
 
@@ -68,3 +69,19 @@ def complete(cfg: Mapping[str, Any]) -> dict:
     if missing:
         raise KeyError(f"model config lacks {missing} (a model's size and token grid have no default)")
     return with_defaults(cfg, model_config())
+
+
+def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndarray:
+    """Clear errors for token arrays that do not fit the checkpoint, before any compilation."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{source}: tokens must be integers, got dtype {tokens.dtype}")
+    expected = (model_config["clip_len"], model_config["height"], model_config["width"])
+    if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
+        raise ValueError(f"{source}: tokens must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
+                         f"(T, h, w of the checkpoint), got {list(tokens.shape)}")
+    vocab = complete(model_config)["vocab_size"]
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        bad = tokens[(tokens < 0) | (tokens >= vocab)]
+        raise ValueError(f"{source}: token ids must be in [0, {vocab}); found {bad.flat[0]} "
+                         f"({bad.size} ids out of range)")
+    return tokens.astype(np.int32)

@@ -6,16 +6,13 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vimpac_jax import io_utils
 from vimpac_jax.data import annotations, token_store
 from vimpac_jax.data import video_decode as vd
 from vimpac_jax.tokenize.journal import PROGRESS_DIR, StoreError
 from vimpac_jax.tokenize.lists import items_sha256
-
-if TYPE_CHECKING:
-    from vimpac_jax.tokenize.job import TokenizeOptions
+from vimpac_jax.tokenize.options import TokenizeOptions
 
 log = logging.getLogger(__name__)
 

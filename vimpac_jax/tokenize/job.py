@@ -57,45 +57,14 @@ from vimpac_jax.tokenize.journal import (PROGRESS_DIR, StoreCounts, StoreError, 
                                          read_all_journals, read_journal, repair_duplicates, rewrite_journal,
                                          summarize)
 from vimpac_jax.tokenize.lists import check_video_root, read_items
+from vimpac_jax.tokenize.options import TokenizeOptions
 from vimpac_jax.progress import Progress
-from vimpac_jax.tokenize.shards import (SHARD_OPTIONS, ShardWriter, check_shard_options, next_shard_seq,
-                                        remove_unlisted_shards)
+from vimpac_jax.tokenize.shards import ShardWriter, check_shard_options, next_shard_seq, remove_unlisted_shards
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "vimpac-token-store"
 STORE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizeOptions:
-    """Everything `vimpac tokenize` takes; see `vimpac_jax.commands.tokenize` for the flags."""
-
-    tokenizer: str
-    videos: str | None  # a list file or directory; None with `tfds`
-    out: str
-    fps: float = 2.0
-    size: int = 128
-    resize: int | None = None
-    variants: str = "pretrain"
-    video_root: str | None = None
-    max_seconds: float | None = None
-    max_frames: int | None = None
-    sampling: str = "floor"
-    workers: int | None = None  # decode processes; None = cores - 1
-    batch_size: int | None = None  # frames per device step over all local devices
-    shard_size: int = 256  # videos per shard
-    shard_options: str = SHARD_OPTIONS  # ArrayRecordWriter options (e.g. add ",uncompressed")
-    chunk_frames: int = token_store.DEFAULT_CHUNK_FRAMES  # frames per token record (part of the identity)
-    dtype: str = "float32"  # tokenizer compute dtype (part of the store's identity)
-    process_index: int | None = None  # default jax.process_index()
-    process_count: int | None = None  # default jax.process_count()
-    progress_interval: float = 2.0  # seconds between progress lines
-    tfds: str | None = None  # NAME[/CONFIG]:SPLIT of a prepared TFDS dataset, instead of `videos`
-    tfds_data_dir: str | None = None  # its TFDS data_dir (default: TFDS's own)
-    source_fps: float | None = None  # frame rate of the TFDS dataset's videos, where it does not say
-    class_names_file: str | None = None  # one class name per line, in label order (--class-names)
-    verify: bool = False  # read every record of this process's shards; redo the videos of damaged ones
 
 
 @dataclasses.dataclass(frozen=True)

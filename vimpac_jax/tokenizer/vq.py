@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -54,9 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimpac_jax.tokenizer.dalle import Conv2d, ResBlock, _upsample_nearest_2x
-
-if TYPE_CHECKING:
-    from vimpac_jax.tokenizer.vq_train import VQTrainState
 
 KIND = "vq"
 DOWNSAMPLE = 8
@@ -358,11 +355,12 @@ def vq_decode(tok_params: Mapping, config: Mapping, tokens, dtype=jnp.float32):
 # Tokenizer directories
 
 
-def save_vq_tokenizer(directory, model_config: Mapping, state: VQTrainState, *, overwrite: bool = False,
+def save_vq_tokenizer(directory, model_config: Mapping, state, *, overwrite: bool = False,
                       metadata: Mapping | None = None):
     """Write a tokenizer directory of kind 'vq' (see `vimpac_jax.tokenizer.store`) from a training
-    state: tokenizer.json {"kind": "vq", "config": model_json_config(model_config), "step",
-    "metadata"} and the tree {'encoder', 'decoder', 'codebook'} as float32 numpy arrays."""
+    state (a `vq_train.VQTrainState`: its `tokenizer_params()` and `step`): tokenizer.json
+    {"kind": "vq", "config": model_json_config(model_config), "step", "metadata"} and the tree
+    {'encoder', 'decoder', 'codebook'} as float32 numpy arrays."""
     from vimpac_jax.tokenizer import store  # IO kept out of the model code
 
     config = model_json_config(model_config)

@@ -1,5 +1,5 @@
 """Training the VQ tokenizer (`vimpac_jax.tokenizer.vq`): EMA codebook, commitment loss,
-dead-code restarts, the optimizer and the jitted step (its task: `vq_task.py`).
+dead-code restarts, the optimizer and the jitted step (its task: `vimpac_jax/tasks/tokenizer.py`).
 
 The recipe is described in `vq`'s docstring. All codebook updates are pure jnp functions
 (`ema_update`, `restart_dead_codes`) called inside `train_step`; under `jax.jit` with a batch

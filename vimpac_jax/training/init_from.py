@@ -107,7 +107,7 @@ def adapt_tree(target: Any, source: Any, *, expected_missing: Iterable[str] = ()
 
 
 # The heads one task has and another lacks (classifier; MLM and contrastive projection): the
-# leaves `tasks.initialise_from` expects to find missing or unused.
+# leaves `tasks/init_source.py`'s `initialise_from` expects to find missing or unused.
 TASK_HEADS = ("classifier", "mlm_head", "proj_head")
 
 

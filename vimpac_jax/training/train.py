@@ -35,6 +35,7 @@ import numpy as np
 
 from vimpac_jax import config_schema, exit_codes, io_utils
 from vimpac_jax.progress import Progress
+from vimpac_jax.tasks import registry
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training import sharding as shd
@@ -122,23 +123,8 @@ def _log(message: str) -> None:
 
 
 def make_task(config, mesh, log=_log):
-    from vimpac_jax.training.tasks import TASKS
-
-    if config.task == "tokenizer":
-        from vimpac_jax.tokenizer.vq_task import VQTokenizerTask
-
-        return VQTokenizerTask(config, mesh, log=log)
-    if config.task not in TASKS:
-        raise ValueError(f"config.task must be one of {sorted(TASKS) + ['tokenizer']}, got {config.task!r}")
-    return TASKS[config.task](config, mesh, log=log)
-
-
-def _evaluation_due(task, step: int, eval_every: int) -> bool:
-    """The task's own schedule (pre-training: validation and the kNN monitor), else every
-    `train.eval_every` steps."""
-    if hasattr(task, "evaluation_due"):
-        return task.evaluation_due(step)
-    return bool(eval_every) and step % eval_every == 0
+    """The task of `config.task` (`vimpac_jax/tasks/registry.py`, the one map of tasks)."""
+    return registry.make_task(config, mesh, log=log)
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[int] = None,
@@ -196,7 +182,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
     progress = Progress(total, label="step ", unit="steps", count_unit=False,
                         per_unit={getattr(task, "items_name", "clips"): task.items_per_step}, start=start,
                         every_seconds=float(config.train.progress_seconds), enabled=jax.process_index() == 0)
-    log_every, eval_every = max(int(config.train.log_every), 1), int(config.train.eval_every)
+    log_every = max(int(config.train.log_every), 1)
     last_metrics: dict[str, float] = {}
     window_start, window_step = time.monotonic(), start
     meta = {"total_steps": total, **identity}
@@ -248,7 +234,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_afte
                 progress.update(step, note=None if loss is None else f"loss={loss:.4f}", force=step == total)
                 if must_save:
                     save(step, force=step == total)
-                if step < total and _evaluation_due(task, step, eval_every):
+                if step < total and task.evaluation_due(step):
                     writer.write(step, task.evaluate(state, step=step), prefix="eval/")
                 if on_step is not None:
                     on_step(step)

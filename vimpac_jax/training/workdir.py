@@ -161,7 +161,7 @@ def write_config(path, config) -> None:
 
 def record_init_source(path, record: dict) -> None:
     """W/init_from.json: the `config.init_from` the run started from and the step of its
-    checkpoint used (a damaged newest one is skipped: `tasks.load_init_source`). Written once
+    checkpoint used (a damaged newest one is skipped: `tasks/init_source.py`). Written once
     (process 0), when the run starts: a resume keeps the record of the start, even if the source
     run has gone on since."""
     target = Path(path) / INIT_FROM_FILE

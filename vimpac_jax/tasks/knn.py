@@ -17,6 +17,8 @@ import numpy as np
 
 from vimpac_jax.data import pipelines
 from vimpac_jax.models.model import build_model
+from vimpac_jax.tasks.multiview import eval_variant_names
+from vimpac_jax.tasks.store_task import check_store_fits
 from vimpac_jax.training import sharding as shd
 
 
@@ -52,8 +54,6 @@ def knn_accuracy(train_features, train_labels, eval_features, eval_labels, *, k:
 def knn_dataset(index: pipelines.StoreIndex, *, batch_size: int, clip_len: int, clip_fps, seed: int):
     """What the monitor embeds: every video of `index` once, one random clip of its center crop
     (`pipelines.eval_dataset` batches, tokens int32 [batch_size, 1, clip_len, h, w])."""
-    from vimpac_jax.training.tasks import eval_variant_names
-
     return pipelines.eval_dataset(index, batch_size=batch_size, clip_len=clip_len, num_clips=1, clip_fps=clip_fps,
                                   variants=eval_variant_names(index, "center", None), clip_seed=seed)
 
@@ -79,8 +79,6 @@ class KnnMonitor:
     def _load_checked(self, config, name: str) -> pipelines.StoreIndex:
         """The index of config.knn.<name>, refused before the run starts when its tokens do not
         fit the model, its fps cannot give config.knn.clip_fps, or a video has no label."""
-        from vimpac_jax.training.tasks import check_store_fits
-
         index = pipelines.load_index(config.knn[name])
         check_store_fits(index, self.model_cfg, f"knn.{name}", clip_fps=config.knn.clip_fps, rate_field="knn.clip_fps")
         unlabelled = [index.video_ids[i] for i in np.flatnonzero(index.labels < 0)[:3]]

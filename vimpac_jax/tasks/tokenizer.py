@@ -23,10 +23,12 @@ from vimpac_jax.training import sharding as shd
 class VQTokenizerTask:
     loss_name = "loss"
     items_name = "frames"
+    workdir = None  # set by the loop
 
     def __init__(self, config, mesh, *, log):
         self.config, self.mesh, self.log = config, mesh, log
         self.total_steps = int(config.train.num_steps)  # >= 1, and the warm-up within it (config_schema)
+        self.eval_every = int(config.train.eval_every)
         global_batch = int(config.data.batch_size)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
         if global_batch % jax.process_count() or global_batch % shards:
@@ -57,6 +59,10 @@ class VQTokenizerTask:
 
     def global_batch(self, local: dict):
         return shd.make_global_batch(local, self.mesh)["images"]
+
+    def evaluation_due(self, step: int) -> bool:
+        """Every `train.eval_every` steps (0: at the end only)."""
+        return bool(self.eval_every) and step % self.eval_every == 0
 
     def evaluate(self, state, *, step=None, full: bool = False) -> dict:
         """PSNR and codebook usage on (up to) 256 pool frames; at the end, also saves the tokenizer."""
