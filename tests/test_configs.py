@@ -179,7 +179,6 @@ def test_build_model_variants_are_the_configs_model_sizes():
 def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
     from vimpac_jax.models.config import model_config
     from vimpac_jax.models.model import build_model
-    from vimpac_jax.training import optimizer as opt
 
     full = model_config("tiny", clip_len=2, height=2, width=2)
     old = {k: full[k] for k in ("num_layers", "hidden_dim", "num_heads", "clip_len", "height", "width")}

@@ -321,7 +321,7 @@ def compile_program(program: Program, target: Target, *, keep_hlo: bool = False)
                         if op in ("custom-call", "fusion:kCustom"))
         loops = report.cycles.loops
         report.estimate_method = (
-            f"the compiled instructions' estimated cycles summed over one step"
+            "the compiled instructions' estimated cycles summed over one step"
             + (f" (loops per trip: {', '.join(str(n) for _, n in loops)} trips)" if loops else "")
             + f" at {report.clock_hz / 1e9:.3f} GHz ({target.generation.name}'s clock from its bf16 peak, "
             f"vimpac_jax/aot/chips.py); {uncounted} custom-calls and custom fusions without an estimate count 0; "

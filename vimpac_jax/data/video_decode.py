@@ -45,8 +45,6 @@ import math
 import multiprocessing
 import os
 import re
-import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
