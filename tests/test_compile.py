@@ -144,3 +144,41 @@ def test_largest_fitting_batch_search(limit, maximum, expected):
 
     assert aot.largest_fitting(fits, maximum) == expected
     assert max(calls) <= maximum and len(calls) <= 2 * maximum.bit_length() + 1
+
+
+def test_find_batch_searches_each_remat_policy_and_keeps_the_best(monkeypatch):
+    """`--find-batch --remat a,b,...`: the largest per-chip batch for each policy, and the policy
+    that fits the largest one kept (the first listed on a tie). The compiles are replaced by a
+    memory model (per-clip bytes by policy) so the search's logic is what is tested."""
+    import types
+
+    from vimpac_jax.commands import compile as compile_cmd
+    from vimpac_jax.configs import pretrain
+
+    per_video = {"none": 5, "dots_no_batch": 3, "full": 3, "save:qkv,attention": 4}  # GiB per video per chip
+    chips = 4
+
+    def fake_compile_run(config, target, programs=None):
+        per_chip = config.data.batch_size // (chips * config.pretrain.micro_batches)
+        need = per_video[config.model.remat] * per_chip
+        return None, [aot.ProgramReport(name="train", batch="", clips=0, fits=need <= 16, total_bytes=need << 30,
+                                        message="" if need <= 16 else f"needs {need} GiB of 16")]
+
+    monkeypatch.setattr(compile_cmd.aot, "compile_run", fake_compile_run)
+    config = pretrain.get_config("small,runlocal")
+    target = types.SimpleNamespace(devices=[None] * chips)
+    policies = compile_cmd._remat_policies("none, dots_no_batch,full,save:qkv,attention")
+    assert policies == ["none", "dots_no_batch", "full", "save:qkv,attention"]
+    found, trials, per_policy = compile_cmd._find_batch_and_remat(config, target, 64, policies, lambda line: None)
+    assert per_policy == {"none": 3, "dots_no_batch": 5, "full": 5, "save:qkv,attention": 4}
+    assert found == 5 and config.model.remat == "dots_no_batch"  # the tie with full: the first listed
+    assert [b for b, _ in trials] == [1, 2, 4, 8, 6, 5] and all(r.fits == (b <= 5) for b, r in trials)
+
+
+def test_cli_remat_without_find_batch_or_with_a_bad_policy_is_one_line(capsys):
+    from vimpac_jax.commands import compile as compile_cmd
+
+    assert compile_cmd.main(["--config", "configs/pretrain.py:runlocal", "--remat", "full"]) == 2
+    assert "--remat takes policies" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model.remat must be one of"):
+        compile_cmd.main(["--config", "configs/pretrain.py:runlocal", "--find-batch", "--remat", "none,everything"])

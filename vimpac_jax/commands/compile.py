@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the largest per-chip batch (videos) whose training step fits, by bisection over compiles")
     parser.add_argument("--max-batch", type=positive_int, default=1024,
                         help="upper bound of --find-batch, per chip (default 1024)")
+    parser.add_argument("--remat", help="with --find-batch: model.remat policies to search too (comma-separated, "
+                                        "e.g. none,dots_no_batch,full); the one that fits the largest batch is kept "
+                                        "(the first listed on a tie: list the cheapest first)")
     parser.add_argument("--json", dest="json_out", help="also write the reports to this JSON file")
     return parser
 
@@ -53,11 +56,40 @@ def _find_batch(config, target, max_batch: int, log) -> tuple[int, list]:
         config.data.batch_size = b * sizes[0] * sizes[1] * micro
         _, reports = aot.compile_run(config, target, programs=("train",))
         trials.append((b, reports[0]))
-        log(f"per-chip batch {b}: {'fits' if reports[0].fits else 'does not fit'} "
+        log(f"model.remat={config.model.remat}, per-chip batch {b}: {'fits' if reports[0].fits else 'does not fit'} "
             f"({aot.format_bytes(reports[0].total_bytes) if reports[0].total_bytes else reports[0].message})")
         return reports[0].fits
 
     return aot.largest_fitting(fits, max_batch), trials
+
+
+def _remat_policies(text: str) -> list[str]:
+    """'none,dots_no_batch,save:qkv,attention' -> ['none', 'dots_no_batch', 'save:qkv,attention']: a
+    saveable name after a `save:` policy belongs to it."""
+    from vimpac_jax.models.backbone import SAVEABLE_NAMES
+
+    policies: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if policies and policies[-1].startswith("save:") and token in SAVEABLE_NAMES:
+            policies[-1] += f",{token}"
+        elif token:
+            policies.append(token)
+    return policies
+
+
+def _find_batch_and_remat(config, target, max_batch: int, policies: list[str], log) -> tuple[int, list, dict]:
+    """`_find_batch` for each model.remat policy (as MaxText's estimator searches its remat
+    policies); config.model.remat is left at the policy that fits the largest batch, the first
+    listed on a tie. (b, its trials, {policy: largest batch})."""
+    best, per_policy = None, {}
+    for policy in policies:
+        config.model.remat = policy
+        found, trials = _find_batch(config, target, max_batch, log)
+        per_policy[policy] = found
+        if best is None or found > best[1]:
+            best = (policy, found, trials)
+    config.model.remat = best[0]
+    return best[1], best[2], per_policy
 
 
 def main(argv) -> int:
@@ -80,7 +112,16 @@ def main(argv) -> int:
     if unknown or not programs:
         print(f"vimpac compile: error: --programs {args.programs}: expected train and/or evaluate", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    policies = _remat_policies(args.remat or "")
+    if args.remat is not None and not (policies and args.find_batch):
+        print("vimpac compile: error: --remat takes policies (e.g. none,full) and goes with --find-batch",
+              file=sys.stderr)
+        return exit_codes.BAD_INPUT
     config = load_config(config_args)
+    from vimpac_jax.models.backbone import remat_policy
+
+    for policy in policies:  # a bad name: its error line (naming model.remat) before anything compiles
+        remat_policy(policy)
     target = aot.tpu_target(args.topology) if args.topology else aot.local_gpu_target()
 
     def log(line: str) -> None:
@@ -94,7 +135,12 @@ def main(argv) -> int:
                   f"{g.hbm_gbytes_per_s:g} GB/s (vimpac_jax/aot/chips.py)")
     found, searched = None, {}
     if args.find_batch:
-        found, trials = _find_batch(config, target, args.max_batch, log)
+        if policies:
+            found, trials, per_policy = _find_batch_and_remat(config, target, args.max_batch, policies, log)
+            log("largest per-chip batch by model.remat: " + ", ".join(f"{p} {b}" for p, b in per_policy.items())
+                + f"; kept {config.model.remat}")
+        else:
+            found, trials = _find_batch(config, target, args.max_batch, log)
         if not found:
             print(f"vimpac compile: train: a per-chip batch of 1 does not fit on {target.name}: "
                   f"{trials[0][1].message}", file=sys.stderr)
@@ -112,7 +158,9 @@ def main(argv) -> int:
     print(f"{where}\nmesh: {aot.mesh_description(mesh)} (config.mesh over all {len(target.devices)} chips)")
     if found is not None:
         print(f"largest per-chip batch whose training step fits: {found} videos "
-              f"(--config.data.batch_size={config.data.batch_size}; searched up to {args.max_batch})")
+              f"(--config.data.batch_size={config.data.batch_size}"
+              + (f" --config.model.remat={config.model.remat}" if policies else "")
+              + f"; searched up to {args.max_batch})")
     for report in reports:
         print(aot.format_report(report, target, top=args.top if args.report == "ops" else 0))
     if args.json_out:
@@ -121,6 +169,7 @@ def main(argv) -> int:
         io_utils.write_json_atomic(args.json_out, dict(
             target=target.name, device_kind=target.device_kind, chips=len(target.devices), hosts=target.processes,
             mesh=dict(mesh.shape), batch_size=int(config.data.batch_size), largest_fitting_batch_per_chip=found,
+            remat=str(config.model.remat),
             programs=[r.to_json() for r in reports]))
     misfits = [r for r in reports if not r.fits]
     for r in misfits:
