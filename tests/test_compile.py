@@ -182,3 +182,26 @@ def test_cli_remat_without_find_batch_or_with_a_bad_policy_is_one_line(capsys):
     assert "--remat takes policies" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model.remat must be one of"):
         compile_cmd.main(["--config", "configs/pretrain.py:runlocal", "--find-batch", "--remat", "none,everything"])
+
+
+def test_fine_tuning_programs_accumulate_as_the_run_does():
+    """The fine-tuning step compiled is the run's: with finetune.videos_per_device (the Large-Half
+    preset's 2, the released --bs-per-gpu) the update is accumulated over batch / (devices x 2)
+    micro-batches, in the task and in `vimpac compile` alike (tasks.finetune.finetune_micro_batches);
+    --find-batch then searches that per-device count."""
+    import types
+
+    from vimpac_jax.commands import compile as compile_cmd
+    from vimpac_jax.configs import finetune
+    from vimpac_jax.tasks.finetune import finetune_micro_batches
+
+    config = finetune.get_config("dataset=ucf101,model=large_half")
+    assert int(config.finetune.videos_per_device) == 2 and config.data.batch_size == 128
+    assert finetune_micro_batches(config, 16) == 4 and finetune_micro_batches(config, 64) == 1
+    with pytest.raises(ValueError, match="videos_per_device=2 on 48 data x fsdp devices does not divide"):
+        finetune_micro_batches(config, 48)
+    target = types.SimpleNamespace(devices=[None] * 16)
+    assert compile_cmd._searched_batch_size(config, target, 3) == 48 and config.finetune.videos_per_device == 3
+    config.finetune.videos_per_device = 0
+    config.finetune.micro_batches = 2
+    assert compile_cmd._searched_batch_size(config, target, 3) == 96 and finetune_micro_batches(config, 16) == 2

@@ -158,6 +158,7 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     from vimpac_jax import config_schema
     from vimpac_jax.data import video_decode
     from vimpac_jax.tasks import multiview
+    from vimpac_jax.tasks.finetune import finetune_micro_batches
     from vimpac_jax.tasks.pretrain import validation_batch_size
     from vimpac_jax.training import finetune_step, pretrain_step
     from vimpac_jax.training import sharding as shd
@@ -196,7 +197,7 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     labels = jax.ShapeDtypeStruct((videos,), jnp.int32, sharding=shd.batch_sharding(mesh))
     train = Program("train", finetune_step.make_finetune_step(
         model_cfg, optim_cfg, label_smoothing=float(config.finetune.label_smoothing),
-        micro_batches=int(config.finetune.micro_batches), mesh=mesh, state_shardings=state_sh),
+        micro_batches=finetune_micro_batches(config, shards), mesh=mesh, state_shardings=state_sh),
         (state, {"tokens": tokens(videos, *clip), "label": labels}, key), clips=videos,
         batch=f"{videos} clips", required_flops=3 * sum(parts.values()) * videos)
     # The multi-view test's views: K clips x the crops the run's test reads (tasks.eval_crop_names

@@ -43,17 +43,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _find_batch(config, target, max_batch: int, log) -> tuple[int, list]:
-    """Largest per-chip batch b (config.data.batch_size = b x the data x fsdp devices x
-    micro-batches) whose training step fits, by `aot.largest_fitting`. (b, [(b, report) tried])."""
+def _searched_batch_size(config, target, b: int) -> int:
+    """config.data.batch_size for a per-chip batch of b videos: b x the data x fsdp devices x the
+    micro-batches; with config.finetune.videos_per_device set (the released --bs-per-gpu), b is that
+    field (set here) and the update is one micro-batch of it: what a device holds at once is the
+    same for an update of any size accumulated in micro-batches of b."""
     from vimpac_jax.training import sharding as shd
 
     sizes = shd.mesh_shape(config.mesh, len(target.devices))
+    if config.task == "finetune" and int(config.finetune.videos_per_device):
+        config.finetune.videos_per_device = b
+        return b * sizes[0] * sizes[1]
     micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
+    return b * sizes[0] * sizes[1] * micro
+
+
+def _find_batch(config, target, max_batch: int, log) -> tuple[int, list]:
+    """Largest per-chip batch b (config.data.batch_size = b x the data x fsdp devices x
+    micro-batches) whose training step fits, by `aot.largest_fitting`. (b, [(b, report) tried])."""
     trials = []
 
     def fits(b: int) -> bool:
-        config.data.batch_size = b * sizes[0] * sizes[1] * micro
+        config.data.batch_size = _searched_batch_size(config, target, b)
         _, reports = aot.compile_run(config, target, programs=("train",))
         trials.append((b, reports[0]))
         log(f"model.remat={config.model.remat}, per-chip batch {b}: {'fits' if reports[0].fits else 'does not fit'} "
@@ -146,11 +157,7 @@ def main(argv) -> int:
                   f"{trials[0][1].message}", file=sys.stderr)
             return exit_codes.FAILED
         searched = {"train": dict(trials)[found]}  # compiled already, at the batch found
-        from vimpac_jax.training import sharding as shd
-
-        sizes = shd.mesh_shape(config.mesh, len(target.devices))
-        micro = int(config.pretrain.micro_batches if config.task == "pretrain" else config.finetune.micro_batches)
-        config.data.batch_size = found * sizes[0] * sizes[1] * micro
+        config.data.batch_size = _searched_batch_size(config, target, found)
         log(f"largest per-chip batch that fits: {found} (config.data.batch_size={config.data.batch_size})")
     mesh, compiled = aot.compile_run(config, target, programs=[p for p in programs if p not in searched])
     compiled = {r.name: r for r in compiled}
@@ -159,6 +166,8 @@ def main(argv) -> int:
     if found is not None:
         print(f"largest per-chip batch whose training step fits: {found} videos "
               f"(--config.data.batch_size={config.data.batch_size}"
+              + (f" --config.finetune.videos_per_device={found}"
+                 if config.task == "finetune" and int(config.finetune.videos_per_device) else "")
               + (f" --config.model.remat={config.model.remat}" if policies else "")
               + f"; searched up to {args.max_batch})")
     for report in reports:

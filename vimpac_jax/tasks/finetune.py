@@ -12,27 +12,36 @@ from vimpac_jax.training import sharding as shd
 from vimpac_jax.training.finetune_step import make_eval_step, make_finetune_step
 
 
+def finetune_micro_batches(config, shards: int) -> int:
+    """Micro-batches of a fine-tuning update (`shards`: the data x fsdp devices):
+    config.finetune.micro_batches, or, when config.finetune.videos_per_device is set (the released
+    --bs-per-gpu: gradient_accumulation = batch / devices / bs_per_gpu), the count that gives each
+    device that many videos. ValueError when they do not split config.data.batch_size."""
+    micro_batches = int(config.finetune.micro_batches)
+    per_device = int(config.finetune.videos_per_device)
+    if per_device:
+        if int(config.data.batch_size) % (per_device * shards):
+            raise ValueError(f"config.finetune.videos_per_device={per_device} on {shards} data x fsdp devices "
+                             f"does not divide config.data.batch_size={config.data.batch_size}")
+        micro_batches = int(config.data.batch_size) // (per_device * shards)
+    if micro_batches < 1 or int(config.data.batch_size) % (micro_batches * shards):
+        raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
+                         f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
+                         f"the {shards} data x fsdp devices")
+    return micro_batches
+
+
 class FinetuneTask(StoreTask):
     name = "finetune"
 
     def __init__(self, config, mesh, *, log):
         super().__init__(config, mesh, log=log)
         self.items_per_step = int(config.data.batch_size)
-        micro_batches = int(config.finetune.micro_batches)
         shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
-        per_device = int(config.finetune.get("videos_per_device", 0))
-        if per_device:  # the released --bs-per-gpu: gradient_accumulation = batch / devices / bs_per_gpu
-            if int(config.data.batch_size) % (per_device * shards):
-                raise ValueError(f"config.finetune.videos_per_device={per_device} on {shards} data x fsdp devices "
-                                 f"does not divide config.data.batch_size={config.data.batch_size}")
-            micro_batches = int(config.data.batch_size) // (per_device * shards)
+        self.micro_batches = micro_batches = finetune_micro_batches(config, shards)
+        if int(config.finetune.videos_per_device):
             log(f"fine-tuning: {config.data.batch_size}-video updates in {micro_batches} micro-batch(es) of "
-                f"{per_device} video(s) per device (config.finetune.videos_per_device)")
-        self.micro_batches = micro_batches
-        if micro_batches < 1 or int(config.data.batch_size) % (micro_batches * shards):
-            raise ValueError(f"config.finetune.micro_batches={micro_batches} must be >= 1 and split "
-                             f"config.data.batch_size={config.data.batch_size} into micro-batches that divide over "
-                             f"the {shards} data x fsdp devices")
+                f"{config.finetune.videos_per_device} video(s) per device (config.finetune.videos_per_device)")
         check_variant_set(self.index.select_variants(split_variants(config.data.train_variants)),
                           config.get("variant_set"))
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
