@@ -60,6 +60,8 @@ def _parse(argv):
     p.add_argument("--set", action="append", default=[], metavar="BLOCK.FIELD=VALUE",
                    help="as benchmarks/pretrain_step.py's, e.g. model.num_layers=2 (the plain step follows the layers)")
     p.add_argument("--plain", default="", help="path of plain_jax_step.py to compile it too (e.g. ../shared/perf/...)")
+    p.add_argument("--only", choices=("ours", "plain"), default="",
+                   help="compile one of the two (with --plain for 'plain'): the other's compile takes minutes")
     p.add_argument("--top", type=int, default=15, help="source ops listed per program")
     p.add_argument("--depth", type=int, default=5, help="path parts of a source op kept when grouping")
     p.add_argument("--dump-hlo", default="", help="write each compiled module's text to DIR/<program>.hlo")
@@ -106,7 +108,12 @@ def plain_program(args, target, model_cfg):
     spec = importlib.util.spec_from_file_location("plain_jax_step", args.plain)
     pj = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pj)
-    _, d, halve, nce_layers, nce_hidden = pj.PRESETS[args.preset]
+    # The plain file's sizes where it has the preset; Base (absent there) from our model config.
+    if args.preset in pj.PRESETS:
+        _, d, halve, nce_layers, nce_hidden = pj.PRESETS[args.preset]
+    else:
+        d, halve = int(model_cfg["hidden_dim"]), bool(model_cfg.get("halve_att", False))
+        nce_layers, nce_hidden = int(model_cfg["proj_layers"]), int(model_cfg["proj_hidden_dim"])
     layers = int(model_cfg["num_layers"])
     t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
     cfg = ((("T",), ("H", "W")), d // 64, 5, int(math.ceil(0.25 * t * h * w)), jnp.bfloat16)
@@ -157,8 +164,10 @@ def main(argv=None) -> int:
     args = _parse(argv)
     target = _target(args)
     program, model_cfg = our_program(args, target)
-    programs = [program]
-    if args.plain:
+    programs = [] if args.only == "plain" else [program]
+    if args.only == "plain" and not args.plain:
+        raise SystemExit("--only plain needs --plain PATH (the plain-JAX step's file)")
+    if args.plain and args.only != "ours":
         target_one = dataclasses.replace(target, devices=target.devices[:1])
         programs.append(plain_program(args, target_one, model_cfg))
     import libtpu  # noqa: F401  (its version, for the record)
