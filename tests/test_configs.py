@@ -218,6 +218,7 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
     import jax
     from jax.sharding import PartitionSpec as P
 
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import pretrain_step as ps
     from vimpac_jax.training import sharding as shd
     from vimpac_jax.training import train as train_lib
@@ -238,7 +239,7 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
     # `vimpac train` makes the config's rules the active ones for the whole run.
     seen = []
     monkeypatch.setattr(train_lib, "_train_locked", lambda *a, **k: seen.append(shd.active_rules()) or {})
-    train_lib.train(changed, tmp_path / "run")
+    train_lib.train(changed, tmp_path / "run", make_task)
     assert seen == [shd.logical_axis_rules(changed.mesh)] and dict(seen[0])["mlp"] == "fsdp"
     assert shd.active_rules() == shd.LOGICAL_AXIS_RULES  # and only for the run
     with pytest.raises(ValueError, match=r"config.mesh.logical_axis_rules: rule 'mlp' maps to 'model'"):
@@ -479,12 +480,13 @@ def test_every_shipped_preset_passes_the_check():
 
 def test_train_from_python_checks_the_config_before_touching_the_workdir(tmp_path):
     from vimpac_jax.configs import pretrain
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
     c = pretrain.get_config("small,runlocal")
     c.optim.warmup = 2.0
     with pytest.raises(ValueError, match=r"config.optim.warmup=2.0 must be"):
-        train_lib.train(c, tmp_path / "w")
+        train_lib.train(c, tmp_path / "w", make_task)
     assert not (tmp_path / "w").exists()
 
 
