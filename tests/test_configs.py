@@ -176,16 +176,33 @@ def test_build_model_variants_are_the_configs_model_sizes():
         build_model(variant="huge")
 
 
-def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
+def test_a_stored_model_block_without_newer_fields_is_completed_by_its_loader_not_by_build_model(tmp_path):
+    """A model checkpoint's model_config.json written before fields (and format_version) existed is
+    completed by its one loader from the block's definition; build_model fills nothing."""
+    import json
+
+    from vimpac_jax import checkpoints
     from vimpac_jax.models.config import model_config
     from vimpac_jax.models.model import build_model
 
     full = model_config("tiny", clip_len=2, height=2, width=2)
     old = {k: full[k] for k in ("num_layers", "hidden_dim", "num_heads", "clip_len", "height", "width")}
-    assert build_model(old) == build_model(dict(old, proj_hidden_dim=2048))  # model_config's default
-    assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
-    with pytest.raises(KeyError, match="height"):
-        build_model({k: v for k, v in old.items() if k != "height"})
+
+    def stored(model, **record):
+        (tmp_path / "ckpt" / "variables").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ckpt" / "model_config.json").write_text(json.dumps({"model": model, **record}))
+        return tmp_path / "ckpt"
+
+    loaded = checkpoints.load_model_config(stored(old))
+    assert loaded == {**model_config().to_dict(), **old}  # model_config's defaults for the rest
+    assert build_model(loaded) == build_model(model_config(**old))
+    assert build_model(loaded).backbone.embed_lookup == full.embed_lookup and build_model(loaded).proj_dim == 256
+    with pytest.raises(ValueError, match=r"model config lacks the field\(s\) \[.*'proj_dim'"):
+        build_model(old)
+    with pytest.raises(ValueError, match="model_config.json: model config lacks \\['height'\\]"):
+        checkpoints.load_model_config(stored({k: v for k, v in old.items() if k != "height"}))
+    with pytest.raises(ValueError, match="is of model checkpoint format 2; this vimpac-jax reads format 1 only"):
+        checkpoints.load_model_config(stored(old, format_version=2))
 
 
 def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks_definitions(tmp_path):
