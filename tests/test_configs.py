@@ -224,6 +224,28 @@ def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks
     assert opt.warmup_steps(dict(loaded.optim, total_steps=1000)) == 50
 
 
+def test_a_tokenizer_config_is_completed_and_checked_at_load_as_the_other_tasks(tmp_path):
+    """The tokenizer's task too: a file without a block or field is completed from
+    configs/common.py `tokenizer_config`; a size it lacks (no default) and bad widths are named."""
+    from vimpac_jax.configs import common
+
+    spec = tmp_path / "old_tokenizer.py"
+    spec.write_text("from vimpac_jax.configs import tokenizer\n\n"
+                    "def get_config(arg=None):\n    c = tokenizer.get_config('tiny,runlocal')\n"
+                    "    del c['tokenizer'], c.data['flip'], c.optim['flatten_optimizer']\n"
+                    "    if arg == 'sizeless':\n        del c.model['codebook_size']\n"
+                    "    if arg == 'widths':\n        c.model.widths = (16, 32, 64)\n"
+                    "    return c\n")
+    loaded = load_config(["--config", f"{spec}:x"])
+    base = common.tokenizer_config()
+    assert loaded.tokenizer.to_dict() == base.tokenizer.to_dict() and loaded.data.flip is True
+    assert loaded.optim.flatten_optimizer is True and loaded.model.codebook_size == 64  # the preset's, kept
+    with pytest.raises(ValueError, match=r"config.model.codebook_size=0 must be >= 2"):
+        load_config(["--config", f"{spec}:sizeless"])
+    with pytest.raises(ValueError, match=r"config.model.widths=\(16, 32, 64\) must be 4 positive multiples of 4"):
+        load_config(["--config", f"{spec}:widths"])
+
+
 def _rules_with(**changes):
     from vimpac_jax.training import sharding as shd
 

@@ -325,6 +325,12 @@ def _tokenizer_rules(config, need) -> None:
              f"in [0, train.num_steps={steps}] (< 1: a fraction of it)")
     if isinstance(d.get("size"), int):
         need(d["size"] % 8 == 0, "data.size", d["size"], "a multiple of 8 (the tokenizer's down-sampling)")
+    widths = (config.get("model") or {}).get("widths")
+    if isinstance(widths, (list, tuple)):
+        from vimpac_jax.tokenizer.vq import NUM_GROUPS
+
+        need(len(widths) == NUM_GROUPS and all(isinstance(w, int) and w > 0 and w % 4 == 0 for w in widths),
+             "model.widths", widths, f"{NUM_GROUPS} positive multiples of 4 (one per group)")
     if "logical_axis_rules" in (config.get("mesh") or {}):
         _rules(config, need)
 
@@ -378,13 +384,15 @@ def problems(config: Mapping[str, Any]) -> list[str]:
 
 
 def defaults(task: str):
-    """Every block of a TASK config at its one definition's defaults (a ConfigDict), or None for
-    the tokenizer, whose blocks are its presets' (configs/tokenizer.py)."""
-    if task not in ("pretrain", "finetune"):
+    """Every block of a TASK config at its one definition's defaults (a ConfigDict); None for a
+    task no schema has (`check` names it)."""
+    if task not in SCHEMAS:
         return None
     from vimpac_jax.configs import common
     from vimpac_jax.models.config import model_config
 
+    if task == "tokenizer":
+        return common.tokenizer_config()  # its size and length have none (0): a preset gives them
     config = common.base_config(task)
     config.model = model_config(task=task)  # the size has no default (0): a model block must give it
     return config
