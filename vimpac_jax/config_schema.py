@@ -3,9 +3,10 @@
 `resolve(config)` runs in `config_utils.load_config` (so in `vimpac train`, `vimpac sweep`,
 `vimpac params`, the demo) and at the start of `training.train.train` (a config built in Python),
 before a data index is read, anything is allocated, written or compiled. It completes the config
-(`complete`: the fields a pre-training or fine-tuning config lacks, at their blocks' defaults:
-`configs/common.py` `base_config` and `models/config.py` `model_config`, the one definition of
-each), so the library reads plain fields, then checks it (`check`): one ValueError that
+(`complete`: the fields a config lacks, at their blocks' defaults: `configs/common.py`
+`base_config` and `models/config.py` `model_config` for pre-training and fine-tuning,
+`configs/common.py` `tokenizer_config` for the tokenizer, the one definition of each), so the
+library reads plain fields, then checks it (`check`): one ValueError that
 names every field out of its type or range (`config.optim.learning_rate=-1.0 must be > 0`),
 every field no block has (with the nearest valid name, as ml_collections does for a misspelt
 `--config.FIELD=` override; a config *file* can add fields that nothing would read), and the
@@ -17,6 +18,14 @@ block's definition (the model block: `models/config.py`; optim: `training/optimi
 pretrain: `training/pretrain_step.py`; mesh: `training/sharding.py`; data, train, finetune, knn:
 `configs/common.py`; the tokenizer's blocks: `configs/tokenizer.py`). A new field is one line in
 its block's table here, next to its default there.
+
+Import direction: the schema sits above the modules whose fields it states (`models/`, `data/`,
+`configs/common.py`, `training/`'s optimizer, steps and sharding: it imports their choice sets,
+parsers and defaults, inside the functions that need them, so importing it stays cheap) and below
+what reads or builds a config (`config_utils`, `training/train.py`'s `train`, `aot/compile.py`,
+benchmarks that assemble blocks: `check_block`). No module it imports imports it back: a library
+function is handed checked blocks and never calls the schema (docs/architecture.md, "Import
+direction").
 """
 
 import dataclasses
@@ -428,7 +437,7 @@ def resolve(config):
 
 def check_block(task: str, block: str, values: Mapping[str, Any]) -> None:
     """ValueError naming the fields of one block (`config.BLOCK`) of a TASK config that are unknown
-    or out of range: for library functions handed a single block (`make_pretrain_step`)."""
+    or out of range: for whoever assembles a single block outside a config (benchmarks, tests)."""
     check({"task": task, block: values})
 
 
