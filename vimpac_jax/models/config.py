@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-
 # The paper's Table 3 models (heads = hidden_dim // 64 unless num_heads is set), and a tiny one
 # for tests and `runlocal`.
 MODEL_PRESETS = {
