@@ -258,8 +258,10 @@ def _source_kind(path: Path) -> str:
 def _model_config(path: Path, kind: str) -> dict:
     from vimpac_jax.export import source, stablehlo_format
 
-    # Completed by its loader (every field); a ValueError naming the file otherwise.
-    config = stablehlo_format.load_model_config(path) if kind == "stablehlo" else source.load_model_config(path)
+    try:  # completed by its loader (every field), or a ValueError naming the file
+        config = stablehlo_format.load_model_config(path) if kind == "stablehlo" else source.load_model_config(path)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
     if config["task"] != "finetune" or int(config["num_classes"] or 0) <= 0:
         raise PredictError(f"{path}: not a classifier (model task={config['task']!r}, "
                            f"num_classes={config['num_classes']}); predict needs a fine-tuned model")
