@@ -16,8 +16,8 @@ clip can hold, warm-up within the run, ...).
 The tables are per task and per block (`SCHEMAS`): one `Field` per field, in the order of the
 block's definition (the model block: `models/config.py`; optim: `training/optimizer.py`;
 pretrain: `training/pretrain_step.py`; mesh: `training/sharding.py`; data, train, finetune, knn:
-`configs/common.py`; the tokenizer's blocks: `configs/tokenizer.py`). A new field is one line in
-its block's table here, next to its default there.
+`configs/common.py`; the tokenizer's blocks: `configs/common.py` `tokenizer_config`). A new
+field is one line in its block's table here, next to its default there.
 
 Import direction: the schema sits above the modules whose fields it states (`models/`, `data/`,
 `configs/common.py`, `training/`'s optimizer, steps and sharding: it imports their choice sets,
