@@ -122,7 +122,7 @@ def _model_fields() -> dict[str, Field]:
     """`config.model` (models/config.py `model_config`)."""
     from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
     from vimpac_jax.models.backbone import EMBED_LOOKUPS, POS_EMB_KINDS
-    from vimpac_jax.models.model import _DTYPES
+    from vimpac_jax.models.model import DTYPES
 
     return dict(
         task=Str(("pretrain", "finetune")),
@@ -133,7 +133,7 @@ def _model_fields() -> dict[str, Field]:
         dropout=Probability(), attention_dropout=Probability(),
         # The special ids (PAD, MASK, ...) follow the codes: the table must hold them.
         vocab_size=Int(VOCAB_SIZE, note=f"{NUM_CODES} codes, then the special ids up to MASK_ID={MASK_ID}"),
-        dtype=Str(sorted(_DTYPES)),
+        dtype=Str(sorted(DTYPES)),
         remat=Str(),  # checked by backbone.remat_policy (`save:<names>` is open-ended), below
         embed_lookup=Str(EMBED_LOOKUPS),
         scan_layers=Bool(),

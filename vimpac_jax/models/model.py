@@ -18,8 +18,9 @@ from vimpac_jax.models.heads import ClassifierHead, MLMHead, ProjectionHead
 
 TASKS = ("pretrain", "finetune")
 
-# float64 is for numerics checks on CPU (needs jax_enable_x64).
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+# model.dtype names (config_schema checks against these); float64 is for numerics checks on CPU
+# (needs jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
 def gather_positions(hiddens, positions, position_groups: int = 0):
@@ -96,8 +97,8 @@ def _require_complete(cfg: Mapping[str, Any]) -> None:
 
 def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
     _require_complete(cfg)
-    if cfg["dtype"] not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
     return VideoTransformer(
         num_layers=cfg["num_layers"],
         hidden_dim=cfg["hidden_dim"],
@@ -113,7 +114,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         dropout=cfg["dropout"],
         attention_dropout=cfg["attention_dropout"],
         vocab_size=cfg["vocab_size"],
-        dtype=_DTYPES[cfg["dtype"]],
+        dtype=DTYPES[cfg["dtype"]],
         remat=cfg["remat"],
         attention_impl=cfg["attention_impl"],
         embed_lookup=cfg["embed_lookup"],
