@@ -22,6 +22,7 @@ import flax
 import numpy as np
 
 from vimpac_jax import checkpoints
+from vimpac_jax.models.config import complete
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = checkpoints.CONFIG_FILE
@@ -63,7 +64,7 @@ def export_safetensors(cfg: Mapping[str, Any], variables: Mapping[str, Any], out
 
 
 def load_safetensors(path) -> tuple[dict[str, Any], dict]:
-    """-> (model config, variables) from an export directory (or its model.safetensors file)."""
+    """-> (model config, completed; variables) from an export directory (or its model.safetensors file)."""
     st = _safetensors_numpy()
     from safetensors import safe_open
 
@@ -78,4 +79,4 @@ def load_safetensors(path) -> tuple[dict[str, Any], dict]:
                          f"{metadata.get('format')!r}, expected {FORMAT!r})")
     tensors = st.load_file(str(weights))
     variables = flax.traverse_util.unflatten_dict(tensors, sep="/")
-    return json.loads(metadata["model_config"]), variables
+    return complete(json.loads(metadata["model_config"])), variables  # the block completed, as its other loaders
