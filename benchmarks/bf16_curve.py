@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from vimpac_jax.config_utils import load_config  # noqa: E402
 from vimpac_jax.data.testing import write_test_store  # noqa: E402
+from vimpac_jax.tasks.registry import make_task  # noqa: E402
 from vimpac_jax.training.train import train  # noqa: E402
 
 LOSSES = ("train/total_loss", "train/mlm_loss", "train/nce_loss")
@@ -44,7 +45,7 @@ def run(config_arg: str, store: Path, workdir: Path, dtype: str, steps: int, ext
                           "--config.train.log_every=1",
                           f"--config.train.checkpoint_every={steps}", f"--config.model.dtype={dtype}", *extra])
     start = time.perf_counter()
-    train(config, workdir)
+    train(config, workdir, make_task)
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     rows = [r for r in rows if LOSSES[0] in r]

@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vimpac_jax import config_schema  # noqa: E402
 from vimpac_jax.aot import chips  # noqa: E402
 from vimpac_jax.aot.flops import FLOPS_FORMULA, forward_flops_per_clip, required_flops_per_clip  # noqa: E402,F401
 from vimpac_jax.configs import common  # noqa: E402
@@ -201,6 +202,10 @@ def configs(args):
         if field not in target:
             raise SystemExit(f"--set {block}.{field}: no such field (known: {', '.join(sorted(target))})")
         target[field] = _typed(target[field], value)
+    # Blocks built here rather than loaded: checked as `config_utils.load_config` checks a loaded
+    # config (a --set value out of its range is named before anything compiles).
+    config_schema.check_block(args.task, "model", model_cfg)
+    config_schema.check_block("pretrain", "pretrain", pretrain_cfg)
     return model_cfg, optim_cfg, pretrain_cfg
 
 

@@ -89,7 +89,7 @@ def bare_steps_per_second(config, warmup: int, steps: int, repeats: int) -> dict
     from jax.experimental import multihost_utils
 
     from vimpac_jax.training import sharding as shd
-    from vimpac_jax.training.train import make_task
+    from vimpac_jax.tasks.registry import make_task
 
     rates = {name: [] for name in PER_STEP_CHECKS}
     with nn.logical_axis_rules(shd.logical_axis_rules(config.mesh)):
@@ -124,6 +124,7 @@ def loop_steps_per_second(config, workdir: Path, warmup: int, steps: int) -> flo
     """`train.train` in a fresh workdir, timed between the ends of steps `warmup` and `warmup + steps`."""
     from jax.experimental import multihost_utils
 
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
     import jax
@@ -137,7 +138,7 @@ def loop_steps_per_second(config, workdir: Path, warmup: int, steps: int) -> flo
         if step in (warmup, warmup + steps):
             marks[step] = time.perf_counter()
 
-    train_lib.train(config, workdir, stop_after=warmup + steps, on_step=on_step)
+    train_lib.train(config, workdir, make_task, stop_after=warmup + steps, on_step=on_step)
     return steps / (marks[warmup + steps] - marks[warmup])
 
 

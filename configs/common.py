@@ -86,6 +86,49 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     return config
 
 
+def tokenizer_config() -> ml_collections.ConfigDict:
+    """Every block of the VQ tokenizer's task (configs/tokenizer.py) at its defaults. The size
+    (model.codebook_size, embedding_dim, widths, n_blk_per_group) and the length (train.num_steps)
+    have none (0, ()): a preset or the config file gives them."""
+    config = ml_collections.ConfigDict()
+    config.task = "tokenizer"
+    config.preset = ""
+    config.seed = 0
+    # Data parallel only: the tokenizer's parameters are replicated (see optim.flatten_optimizer).
+    config.mesh = mesh_config()
+    # The model block: vimpac_jax.tokenizer.vq.MODEL_FIELDS, plus the kind and compute dtype.
+    config.model = ml_collections.ConfigDict(dict(kind="vq", channels=3, dtype="float32", codebook_size=0,
+                                                  embedding_dim=0, widths=(), n_blk_per_group=0))
+    # Adam (b2 = 0.99, as common for VQ-VAEs) after global-norm clipping; the learning rate warms
+    # up over `warmup` updates (< 1: a fraction of train.num_steps, as in optim_config), then
+    # decays to 0 on a cosine (vimpac_jax.tokenizer.vq_train.make_schedule).
+    config.optim = ml_collections.ConfigDict(dict(
+        learning_rate=3e-4, warmup=0.0, b1=0.9, b2=0.99,
+        clip_grad_norm=1.0,      # 0 disables it
+        flatten_optimizer=True,  # Adam on one raveled vector: fast to compile; replicated params
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        videos="",                # list file / directory / glob; required
+        batch_size=64,            # global batch, in frames, of one update
+        fps=2.0,                  # frames sampled per second of video
+        size=128,                 # square frame side (a multiple of 8)
+        max_frames_per_video=64,  # cap per file, so long videos do not dominate the pool
+        max_pool_gib=8.0,         # refuse to cache more decoded frames in memory than this
+        workers=4,                # decoding processes (0: decode in this process)
+        flip=True,                # random horizontal flips
+    ))
+    config.train = train_config(num_steps=0, log_every=50, checkpoint_every=1_000)
+    del config.train.epochs       # frames have no epochs here: train.num_steps is the length
+    # The task's own block: the VQ objective (vimpac_jax.tokenizer.vq_train.VQHParams).
+    config.tokenizer = ml_collections.ConfigDict(dict(
+        commitment_beta=0.25,   # van den Oord et al.'s beta
+        ema_decay=0.99,         # codebook EMA decay
+        epsilon=1e-5,           # Laplace smoothing of the EMA counts
+        restart_threshold=1.0,  # restart codes used by < 1 vector per batch (EMA); <= 0 disables
+    ))
+    return config
+
+
 def runlocal(config: ml_collections.ConfigDict) -> None:
     """Shrinks a preset to run on one CPU in seconds: tiny model, tiny batches, few steps."""
     task, clip_len = config.model.task, min(config.model.clip_len, 3)

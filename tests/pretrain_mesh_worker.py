@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vimpac_jax.constants import PAD_ID  # noqa: E402
+from vimpac_jax.models.config import model_config  # noqa: E402
 from vimpac_jax.models.losses import info_nce  # noqa: E402
 from vimpac_jax.training import pretrain_step as ps  # noqa: E402
 from vimpac_jax.training import sharding as shd  # noqa: E402
@@ -49,7 +50,7 @@ def tiny_model_config(**overrides) -> dict:
                layout="T,H|W", pos_emb="hw_separation", dropout=0.0, attention_dropout=0.0,
                vocab_size=8197, dtype="float32", proj_layers=2, proj_hidden_dim=32, proj_dim=16)
     cfg.update(overrides)
-    return cfg
+    return model_config(**cfg).to_dict()  # complete, as build_model takes a model block
 
 
 def tiny_configs():

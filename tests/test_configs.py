@@ -176,16 +176,33 @@ def test_build_model_variants_are_the_configs_model_sizes():
         build_model(variant="huge")
 
 
-def test_stored_configs_without_newer_fields_read_the_blocks_defaults():
+def test_a_stored_model_block_without_newer_fields_is_completed_by_its_loader_not_by_build_model(tmp_path):
+    """A model checkpoint's model_config.json written before fields (and format_version) existed is
+    completed by its one loader from the block's definition; build_model fills nothing."""
+    import json
+
+    from vimpac_jax import checkpoints
     from vimpac_jax.models.config import model_config
     from vimpac_jax.models.model import build_model
 
     full = model_config("tiny", clip_len=2, height=2, width=2)
     old = {k: full[k] for k in ("num_layers", "hidden_dim", "num_heads", "clip_len", "height", "width")}
-    assert build_model(old) == build_model(dict(old, proj_hidden_dim=2048))  # model_config's default
-    assert build_model(old).backbone.embed_lookup == full.embed_lookup and build_model(old).proj_dim == 256
-    with pytest.raises(KeyError, match="height"):
-        build_model({k: v for k, v in old.items() if k != "height"})
+
+    def stored(model, **record):
+        (tmp_path / "ckpt" / "variables").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ckpt" / "model_config.json").write_text(json.dumps({"model": model, **record}))
+        return tmp_path / "ckpt"
+
+    loaded = checkpoints.load_model_config(stored(old))
+    assert loaded == {**model_config().to_dict(), **old}  # model_config's defaults for the rest
+    assert build_model(loaded) == build_model(model_config(**old))
+    assert build_model(loaded).backbone.embed_lookup == full.embed_lookup and build_model(loaded).proj_dim == 256
+    with pytest.raises(ValueError, match=r"model config lacks the field\(s\) \[.*'proj_dim'"):
+        build_model(old)
+    with pytest.raises(ValueError, match="model_config.json: model config lacks \\['height'\\]"):
+        checkpoints.load_model_config(stored({k: v for k, v in old.items() if k != "height"}))
+    with pytest.raises(ValueError, match="is of model checkpoint format 2; this vimpac-jax reads format 1 only"):
+        checkpoints.load_model_config(stored(old, format_version=2))
 
 
 def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks_definitions(tmp_path):
@@ -207,6 +224,28 @@ def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks
     assert opt.warmup_steps(dict(loaded.optim, total_steps=1000)) == 50
 
 
+def test_a_tokenizer_config_is_completed_and_checked_at_load_as_the_other_tasks(tmp_path):
+    """The tokenizer's task too: a file without a block or field is completed from
+    configs/common.py `tokenizer_config`; a size it lacks (no default) and bad widths are named."""
+    from vimpac_jax.configs import common
+
+    spec = tmp_path / "old_tokenizer.py"
+    spec.write_text("from vimpac_jax.configs import tokenizer\n\n"
+                    "def get_config(arg=None):\n    c = tokenizer.get_config('tiny,runlocal')\n"
+                    "    del c['tokenizer'], c.data['flip'], c.optim['flatten_optimizer']\n"
+                    "    if arg == 'sizeless':\n        del c.model['codebook_size']\n"
+                    "    if arg == 'widths':\n        c.model.widths = (16, 32, 64)\n"
+                    "    return c\n")
+    loaded = load_config(["--config", f"{spec}:x"])
+    base = common.tokenizer_config()
+    assert loaded.tokenizer.to_dict() == base.tokenizer.to_dict() and loaded.data.flip is True
+    assert loaded.optim.flatten_optimizer is True and loaded.model.codebook_size == 64  # the preset's, kept
+    with pytest.raises(ValueError, match=r"config.model.codebook_size=0 must be >= 2"):
+        load_config(["--config", f"{spec}:sizeless"])
+    with pytest.raises(ValueError, match=r"config.model.widths=\(16, 32, 64\) must be 4 positive multiples of 4"):
+        load_config(["--config", f"{spec}:widths"])
+
+
 def _rules_with(**changes):
     from vimpac_jax.training import sharding as shd
 
@@ -218,6 +257,7 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
     import jax
     from jax.sharding import PartitionSpec as P
 
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import pretrain_step as ps
     from vimpac_jax.training import sharding as shd
     from vimpac_jax.training import train as train_lib
@@ -238,7 +278,7 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
     # `vimpac train` makes the config's rules the active ones for the whole run.
     seen = []
     monkeypatch.setattr(train_lib, "_train_locked", lambda *a, **k: seen.append(shd.active_rules()) or {})
-    train_lib.train(changed, tmp_path / "run")
+    train_lib.train(changed, tmp_path / "run", make_task)
     assert seen == [shd.logical_axis_rules(changed.mesh)] and dict(seen[0])["mlp"] == "fsdp"
     assert shd.active_rules() == shd.LOGICAL_AXIS_RULES  # and only for the run
     with pytest.raises(ValueError, match=r"config.mesh.logical_axis_rules: rule 'mlp' maps to 'model'"):
@@ -479,12 +519,13 @@ def test_every_shipped_preset_passes_the_check():
 
 def test_train_from_python_checks_the_config_before_touching_the_workdir(tmp_path):
     from vimpac_jax.configs import pretrain
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
     c = pretrain.get_config("small,runlocal")
     c.optim.warmup = 2.0
     with pytest.raises(ValueError, match=r"config.optim.warmup=2.0 must be"):
-        train_lib.train(c, tmp_path / "w")
+        train_lib.train(c, tmp_path / "w", make_task)
     assert not (tmp_path / "w").exists()
 
 

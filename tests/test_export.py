@@ -33,6 +33,7 @@ from vimpac_jax.io_utils import atomic_directory
 from vimpac_jax.export.safetensors_format import export_safetensors, load_safetensors
 from vimpac_jax.export.source import ExportSourceError, load_exportable
 from vimpac_jax.export.torch_format import ExportError, export_torch, released_incompatibilities
+from vimpac_jax.models.config import model_config
 from vimpac_jax.models.model import abstract_variables, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,8 +324,9 @@ FRESH_SERVER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_stablehlo_export_is_served_without_our_code(tmp_path):
-    cfg = dict(task="finetune", num_layers=1, hidden_dim=64, num_heads=2, clip_len=2, height=4, width=4,
-               layout="T,H|W", pos_emb="hw_separation", num_classes=5, dropout=0.1, attention_dropout=0.1)
+    cfg = model_config(task="finetune", num_layers=1, hidden_dim=64, num_heads=2, clip_len=2, height=4, width=4,
+                       layout="T,H|W", pos_emb="hw_separation", num_classes=5, dropout=0.1,
+                       attention_dropout=0.1).to_dict()
     checkpoints.save_model(tmp_path / "ft", random_variables(cfg, seed=1), cfg)
 
     # In-process command runs: only the server needs a fresh process.

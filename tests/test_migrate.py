@@ -35,6 +35,7 @@ def _make_older(run: Path) -> None:
 def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp_path, capsys):
     from vimpac_jax import cli
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
     from vimpac_jax.training import workdir as workdir_lib
 
@@ -49,18 +50,18 @@ def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as a preemption: the step is saved, the run stops
 
-    assert train_lib.train(config, tmp_path / "ref")["step"] == 4
+    assert train_lib.train(config, tmp_path / "ref", make_task)["step"] == 4
     run = tmp_path / "run"
-    assert train_lib.train(config, run, on_step=stop_at_2)["step"] == 2
+    assert train_lib.train(config, run, make_task, on_step=stop_at_2)["step"] == 2
     _make_older(run)
     older_config = (run / "config.json").read_text()
 
     with pytest.raises(workdir_lib.RunFormatError, match=f"run `vimpac migrate --workdir {run}` first"):
-        train_lib.train(config, run)
+        train_lib.train(config, run, make_task)
     assert (run / "config.json").read_text() == older_config  # the refused run changed nothing
     (run / "config.json").unlink()  # without config.json, the checkpoint's meta is refused alike
     with pytest.raises(workdir_lib.RunFormatError, match=f"checkpoint {run / 'checkpoints'} records no run format"):
-        train_lib.train(config, run)
+        train_lib.train(config, run, make_task)
     (run / "config.json").write_text(older_config)
 
     assert cli.main(["migrate", "--workdir", str(run)]) == 0
@@ -70,7 +71,7 @@ def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp
     assert "nothing to do" in capsys.readouterr().out
 
     steps = []
-    assert train_lib.train(config, run, on_step=steps.append)["step"] == 4
+    assert train_lib.train(config, run, make_task, on_step=steps.append)["step"] == 4
     assert steps == [3, 4]  # resumed after step 2
     (step_a, a), (step_b, b) = workdir_lib.restore_variables(tmp_path / "ref"), workdir_lib.restore_variables(run)
     assert step_a == step_b == 4

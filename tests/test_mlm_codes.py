@@ -16,8 +16,8 @@ from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
 from vimpac_jax.export.torch_format import UNSCORED_ID_BIAS, state_dict_from_variables
 from vimpac_jax.models.model import build_model, init_variables
+from vimpac_jax.tasks.registry import make_task
 from vimpac_jax.training import sharding as shd
-from vimpac_jax.training import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = [dict(video_id=f"v{i}", num_frames=5) for i in range(8)]
@@ -26,7 +26,7 @@ VIDEOS = [dict(video_id=f"v{i}", num_frames=5) for i in range(8)]
 def pretrain_task(store, codes):
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"), f"--config.data.train_store={store}",
                           f"--config.model.mlm_codes={codes}"])
-    return train_lib.make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
+    return make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
 
 
 def test_a_store_with_codes_beyond_mlm_codes_is_refused_before_compiling(tmp_path):

@@ -8,13 +8,15 @@ import pytest
 
 from conftest import run_vimpac
 from vimpac_jax.constants import PAD_ID
+from vimpac_jax.models.config import model_config
 from vimpac_jax.models.layout import parse_layout
 from vimpac_jax.models.losses import info_nce
 from vimpac_jax.models.model import abstract_variables, build_model, init_variables
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-TINY = dict(num_layers=2, hidden_dim=96, num_heads=6, clip_len=3, height=4, width=4, proj_layers=2, proj_hidden_dim=32,
-            dropout=0.0, attention_dropout=0.0)
+# Complete model blocks (models.config.model_config), as build_model takes them.
+TINY = model_config(num_layers=2, hidden_dim=96, num_heads=6, clip_len=3, height=4, width=4, proj_layers=2,
+                    proj_hidden_dim=32, dropout=0.0, attention_dropout=0.0).to_dict()
 
 
 def tokens_for(cfg, batch=2, seed=0):
@@ -41,7 +43,7 @@ def test_parse_layout_grammar():
     (dict(num_layers=6, hidden_dim=512, layout="TxHxW"), 23_132_160),
 ])
 def test_backbone_parameter_counts_match_paper_table(config, expected):
-    cfg = dict(config, clip_len=5, height=16, width=16)
+    cfg = model_config(**config, clip_len=5, height=16, width=16).to_dict()
     params = abstract_variables(build_model(cfg), cfg)["params"]["backbone"]
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == expected
 

@@ -26,6 +26,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import pretrain_mesh_worker as worker
+from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL, MASK_ID, PAD_ID
 from vimpac_jax.conversion.official_names import torch_name
 from vimpac_jax.models.model import abstract_variables, build_model
@@ -281,8 +282,8 @@ def test_step_rejects_bad_batches_before_compiling():
 
 def test_bad_pretrain_config_is_named():
     model_cfg, optim_cfg, pretrain_cfg = worker.tiny_configs()
-    with pytest.raises(ValueError) as e:
-        ps.make_pretrain_step(model_cfg, optim_cfg, dict(pretrain_cfg, micro_batches=0, mask_kind="box"))
+    with pytest.raises(ValueError) as e:  # the block's check where a config is built (config_schema)
+        config_schema.check_block("pretrain", "pretrain", dict(pretrain_cfg, micro_batches=0, mask_kind="box"))
     assert "config.pretrain.micro_batches=0 must be >= 1" in str(e.value)
     assert "config.pretrain.mask_kind='box' must be one of 'block', 'iid'" in str(e.value)
 

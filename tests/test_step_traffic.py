@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pretrain_mesh_worker as worker
+from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL
 from vimpac_jax.models.heads import PAD_LOGIT, MLMHead, tied_logits
 from vimpac_jax.models.losses import mlm_loss
@@ -187,7 +188,7 @@ def test_dropout_key_is_a_function_of_the_step_key():
     assert not np.array_equal(bits(a), bits(other))
     assert ps.dropout_key(step_key, "threefry") is step_key
     with pytest.raises(ValueError, match="dropout_rng='philox'"):
-        ps.check_pretrain_config(dict(ps.pretrain_config(), dropout_rng="philox"))
+        config_schema.check_block("pretrain", "pretrain", dict(ps.pretrain_config(), dropout_rng="philox"))
 
 
 def test_benchmark_memory_report_and_peak_table(capsys, monkeypatch):

@@ -322,17 +322,16 @@ def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):
     assert tokenizer.decode(tokens).shape == (2, 32, 32, 3)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores, tmp_path):
     """The loop's own check, driven by a step that turns the loss to NaN after step 5."""
     import jax.numpy as jnp
 
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
-    real_make_task = train_lib.make_task
-
     def poisoned_make_task(config, mesh, log=None):
-        task = real_make_task(config, mesh)
+        task = make_task(config, mesh, log=log)
         step = task.step
 
         def nan_after_five(state, batch, key):
@@ -343,12 +342,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stores
         task.step = nan_after_five
         return task
 
-    monkeypatch.setattr(train_lib, "make_task", poisoned_make_task)
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
                           f"--config.data.train_store={stores / 'pool'}", "--config.train.checkpoint_every=4",
                           "--config.train.log_every=1"])
     with pytest.raises(train_lib.NonFiniteLossError, match="step 6") as stopped:
-        train_lib.train(config, tmp_path / "run")
+        train_lib.train(config, tmp_path / "run", poisoned_make_task)
     assert "the checkpoint of step 4 in" in str(stopped.value) and "saved after a finite loss" in str(stopped.value)
     step, _ = latest_state(tmp_path / "run")
     assert step == 4  # the checkpoint saved before the loss went bad; none after it
@@ -359,6 +357,7 @@ def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, mon
     from tensorboardX.event_file_writer import EventsWriter
 
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import metrics
     from vimpac_jax.training import train as train_lib
 
@@ -378,7 +377,7 @@ def test_sigterm_while_a_metrics_write_blocks_ends_the_run(stores, tmp_path, mon
                           f"--config.data.train_store={stores / 'pool'}", "--config.train.log_every=1"])
     try:
         with pytest.raises(metrics.MetricWriteError, match="did not return"):
-            train_lib.train(config, tmp_path / "run")
+            train_lib.train(config, tmp_path / "run", make_task)
     finally:
         release.set()
 
@@ -390,6 +389,7 @@ def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, t
 
     from vimpac_jax.config_utils import load_config
     from vimpac_jax.io_utils import InUseError
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
@@ -399,12 +399,12 @@ def test_sigint_saves_like_sigterm_and_the_workdir_is_locked_meanwhile(stores, t
     def on_step(step):
         if step == 1:
             with pytest.raises(InUseError) as second:
-                train_lib.train(config, tmp_path / "run")
+                train_lib.train(config, tmp_path / "run", make_task)
             refused.append(str(second.value))
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    result = train_lib.train(config, tmp_path / "run", on_step=on_step)
+    result = train_lib.train(config, tmp_path / "run", make_task, on_step=on_step)
     assert result["preempted"] is True and result["step"] == 3 and train_lib.exit_code(result) == 75
     assert latest_state(tmp_path / "run")[0] == 3
     assert refused and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in refused[0]
@@ -418,6 +418,7 @@ def test_a_rejected_config_leaves_the_workdir_free_and_a_resume_checks_the_run(s
     import shutil
 
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import pretrain_step
     from vimpac_jax.training import train as train_lib
     from vimpac_jax.training import workdir as workdir_lib
@@ -433,23 +434,23 @@ def test_a_rejected_config_leaves_the_workdir_free_and_a_resume_checks_the_run(s
 
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="1-update learning-rate schedule"):
-        train_lib.train(config("--config.optim.schedule_steps=1"), run)
+        train_lib.train(config("--config.optim.schedule_steps=1"), run, make_task)
     assert not (run / "config.json").exists()
 
     traced, real_init = [], pretrain_step.init_variables
     monkeypatch.setattr(pretrain_step, "init_variables", lambda *a, **k: traced.append(1) or real_init(*a, **k))
-    assert train_lib.train(config(), run)["step"] == 2  # the corrected command, in the same workdir
+    assert train_lib.train(config(), run, make_task)["step"] == 2  # the corrected command, in the same workdir
     assert len(traced) == 2  # (before: 7, for the shardings of the init, the step and the validation step)
     assert (run / "config.json").is_file()
 
     (run / "config.json").unlink()
     with pytest.raises(workdir_lib.WorkdirError, match="config.seed is 5, the checkpoint's run used 0"):
-        train_lib.train(config("--config.seed=5"), run)
+        train_lib.train(config("--config.seed=5"), run, make_task)
     assert not (run / "config.json").exists()  # the refused run did not claim the workdir
     meta = tmp_path / "pool" / "metadata.json"
     meta.write_text(meta.read_text() + " ")  # rewritten in place: another store for all the run knows
     with pytest.raises(workdir_lib.WorkdirError, match="config.data.train_store: the store's metadata.json has changed"):
-        train_lib.train(config(), run)
+        train_lib.train(config(), run, make_task)
 
 
 def test_profile_window_writes_a_trace_that_tensorboard_and_perfetto_read(stores, tmp_path):
@@ -462,13 +463,14 @@ def test_profile_window_writes_a_trace_that_tensorboard_and_perfetto_read(stores
     import jax
 
     from vimpac_jax.config_utils import load_config
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
 
     def run(workdir, steps, *extra):
         config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"),
                               f"--config.data.train_store={stores / 'pool'}", f"--config.train.num_steps={steps}",
                               *extra])
-        assert train_lib.train(config, workdir)["step"] == steps
+        assert train_lib.train(config, workdir, make_task)["step"] == steps
 
     run(tmp_path / "on", 4, "--config.train.profile_first_step=2", "--config.train.profile_steps=2")
     traces = list((tmp_path / "on" / "tensorboard" / "plugins" / "profile").iterdir())

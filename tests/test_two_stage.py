@@ -18,6 +18,7 @@ import pytest
 
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
+from vimpac_jax.tasks.registry import make_task
 from vimpac_jax.training import optimizer as opt
 from vimpac_jax.training import sharding as shd
 from vimpac_jax.training import train as train_lib
@@ -35,7 +36,7 @@ def stage1(tmp_path_factory):  # a training run: the tests that use it are slow
     write_test_store(root / "s4", videos, grid=(4, 4), seed=0)
     config = load_config(["--config", str(REPO / "configs/pretrain.py:large_half,runlocal"),
                           f"--config.data.train_store={root / 's4'}", f"--config.train.num_steps={STAGE1_STEPS}"])
-    train_lib.train(config, root / "stage1")
+    train_lib.train(config, root / "stage1", make_task)
     return root
 
 
@@ -75,7 +76,7 @@ def _at(tree, path):
 def test_stage2_continues_the_schedule_and_logs_the_applied_rate(stage1):
     config = stage2_config(stage1)
     messages = []
-    task = train_lib.make_task(config, shd.make_mesh(config.mesh), log=messages.append)
+    task = make_task(config, shd.make_mesh(config.mesh), log=messages.append)
     state = task.init_state(jax.random.key(0))
     schedule = opt.make_schedule(task.optim_cfg)
     assert task.schedule_steps == 100 and int(opt.schedule_count(state.opt_state)) == STAGE1_STEPS
@@ -101,7 +102,7 @@ def test_stage2_continues_the_schedule_and_logs_the_applied_rate(stage1):
 def test_stage2_past_the_end_of_its_schedule_is_an_error(stage1):
     """A stage-2 schedule as long as stage 2 alone would start past its end (rate 0 throughout)."""
     config = stage2_config(stage1, "--config.optim.schedule_steps=4")
-    task = train_lib.make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
+    task = make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
     with pytest.raises(ValueError, match=r"updates \[10, 14\) of a 4-update.*schedule_epochs"):
         task.init_state(jax.random.key(0))
 

@@ -25,10 +25,11 @@ if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())
     delay = float(sys.argv[3])
     from vimpac_jax import logs
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training.train import exit_code, train
 
     logs.setup()  # status lines ("resumed from ...") on stderr, as under `vimpac train`
 
-    result = train(build_config(spec), sys.argv[2], on_step=lambda step: time.sleep(delay))
+    result = train(build_config(spec), sys.argv[2], make_task, on_step=lambda step: time.sleep(delay))
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))
     sys.exit(exit_code(result))  # as `vimpac train`

@@ -3,6 +3,12 @@
 This is the format of converted released checkpoints and of exported models. A directory is
 written under a temporary name and renamed when complete, so a crash never leaves a directory
 that looks like a finished checkpoint.
+
+`model_config.json` is {"model": <model block>, "format_version": FORMAT_VERSION, "metadata"?}.
+Its one reader, `load_model_config`, reads this format only (a newer one is refused) and hands
+out the model block completed (`models.config.complete`: fields written before they existed at
+the block's defaults), so nothing after it fills a default. A file without "format_version" was
+written before the field and is of format 1, the only layout there has been.
 """
 
 import json
@@ -14,9 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimpac_jax.io_utils import atomic_directory
+from vimpac_jax.models import config as model_config_lib
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
+FORMAT_FIELD = "format_version"
+FORMAT_VERSION = 1  # of model_config.json (and the variables beside it)
 
 
 def is_model_checkpoint(directory) -> bool:
@@ -31,17 +40,39 @@ def save_model(directory, variables: dict, model_config: dict, *, metadata: dict
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
         checkpointer.wait_until_finished()
-        record = {"model": dict(model_config), **({"metadata": metadata} if metadata else {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_model_config(tmp, model_config, metadata=metadata)
     return Path(directory).absolute()
 
 
+def write_model_config(directory, model_config, *, metadata: dict | None = None) -> None:
+    """`directory`/model_config.json of `model_config` (a model block), in this format."""
+    record = {"model": model_config_lib.as_dict(model_config), FORMAT_FIELD: FORMAT_VERSION,
+              **({"metadata": metadata} if metadata else {})}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def load_model_config(directory) -> dict[str, Any]:
+    """The model block of the checkpoint at `directory`, completed; ValueError for a file of
+    another format or a block without a model's size and token grid."""
     d = Path(directory)
     if not is_model_checkpoint(d):
         raise FileNotFoundError(f"{d} is not a vimpac-jax model checkpoint (expected {CONFIG_FILE} and "
                                 f"{VARIABLES_DIR}/ inside it)")
-    return json.loads((d / CONFIG_FILE).read_text())["model"]
+    path = d / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+        raise ValueError(f"{path}: no 'model' block (the model config)")
+    version = record.get(FORMAT_FIELD, 1)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} is of model checkpoint format {version!r}; this vimpac-jax reads format "
+                         f"{FORMAT_VERSION} only: use the vimpac-jax that wrote it")
+    try:
+        return model_config_lib.complete(record["model"])
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
 
 
 def load_model(directory) -> tuple[dict[str, Any], dict]:

@@ -3,9 +3,10 @@
 `resolve(config)` runs in `config_utils.load_config` (so in `vimpac train`, `vimpac sweep`,
 `vimpac params`, the demo) and at the start of `training.train.train` (a config built in Python),
 before a data index is read, anything is allocated, written or compiled. It completes the config
-(`complete`: the fields a pre-training or fine-tuning config lacks, at their blocks' defaults:
-`configs/common.py` `base_config` and `models/config.py` `model_config`, the one definition of
-each), so the library reads plain fields, then checks it (`check`): one ValueError that
+(`complete`: the fields a config lacks, at their blocks' defaults: `configs/common.py`
+`base_config` and `models/config.py` `model_config` for pre-training and fine-tuning,
+`configs/common.py` `tokenizer_config` for the tokenizer, the one definition of each), so the
+library reads plain fields, then checks it (`check`): one ValueError that
 names every field out of its type or range (`config.optim.learning_rate=-1.0 must be > 0`),
 every field no block has (with the nearest valid name, as ml_collections does for a misspelt
 `--config.FIELD=` override; a config *file* can add fields that nothing would read), and the
@@ -15,8 +16,16 @@ clip can hold, warm-up within the run, ...).
 The tables are per task and per block (`SCHEMAS`): one `Field` per field, in the order of the
 block's definition (the model block: `models/config.py`; optim: `training/optimizer.py`;
 pretrain: `training/pretrain_step.py`; mesh: `training/sharding.py`; data, train, finetune, knn:
-`configs/common.py`; the tokenizer's blocks: `configs/tokenizer.py`). A new field is one line in
-its block's table here, next to its default there.
+`configs/common.py`; the tokenizer's blocks: `configs/common.py` `tokenizer_config`). A new
+field is one line in its block's table here, next to its default there.
+
+Import direction: the schema sits above the modules whose fields it states (`models/`, `data/`,
+`configs/common.py`, `training/`'s optimizer, steps and sharding: it imports their choice sets,
+parsers and defaults, inside the functions that need them, so importing it stays cheap) and below
+what reads or builds a config (`config_utils`, `training/train.py`'s `train`, `aot/compile.py`,
+benchmarks that assemble blocks: `check_block`). No module it imports imports it back: a library
+function is handed checked blocks and never calls the schema (docs/architecture.md, "Import
+direction").
 """
 
 import dataclasses
@@ -113,7 +122,7 @@ def _model_fields() -> dict[str, Field]:
     """`config.model` (models/config.py `model_config`)."""
     from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
     from vimpac_jax.models.backbone import EMBED_LOOKUPS, POS_EMB_KINDS
-    from vimpac_jax.models.model import _DTYPES
+    from vimpac_jax.models.model import DTYPES
 
     return dict(
         task=Str(("pretrain", "finetune")),
@@ -124,7 +133,7 @@ def _model_fields() -> dict[str, Field]:
         dropout=Probability(), attention_dropout=Probability(),
         # The special ids (PAD, MASK, ...) follow the codes: the table must hold them.
         vocab_size=Int(VOCAB_SIZE, note=f"{NUM_CODES} codes, then the special ids up to MASK_ID={MASK_ID}"),
-        dtype=Str(sorted(_DTYPES)),
+        dtype=Str(sorted(DTYPES)),
         remat=Str(),  # checked by backbone.remat_policy (`save:<names>` is open-ended), below
         embed_lookup=Str(EMBED_LOOKUPS),
         scan_layers=Bool(),
@@ -325,6 +334,12 @@ def _tokenizer_rules(config, need) -> None:
              f"in [0, train.num_steps={steps}] (< 1: a fraction of it)")
     if isinstance(d.get("size"), int):
         need(d["size"] % 8 == 0, "data.size", d["size"], "a multiple of 8 (the tokenizer's down-sampling)")
+    widths = (config.get("model") or {}).get("widths")
+    if isinstance(widths, (list, tuple)):
+        from vimpac_jax.tokenizer.vq import NUM_GROUPS
+
+        need(len(widths) == NUM_GROUPS and all(isinstance(w, int) and w > 0 and w % 4 == 0 for w in widths),
+             "model.widths", widths, f"{NUM_GROUPS} positive multiples of 4 (one per group)")
     if "logical_axis_rules" in (config.get("mesh") or {}):
         _rules(config, need)
 
@@ -378,13 +393,15 @@ def problems(config: Mapping[str, Any]) -> list[str]:
 
 
 def defaults(task: str):
-    """Every block of a TASK config at its one definition's defaults (a ConfigDict), or None for
-    the tokenizer, whose blocks are its presets' (configs/tokenizer.py)."""
-    if task not in ("pretrain", "finetune"):
+    """Every block of a TASK config at its one definition's defaults (a ConfigDict); None for a
+    task no schema has (`check` names it)."""
+    if task not in SCHEMAS:
         return None
     from vimpac_jax.configs import common
     from vimpac_jax.models.config import model_config
 
+    if task == "tokenizer":
+        return common.tokenizer_config()  # its size and length have none (0): a preset gives them
     config = common.base_config(task)
     config.model = model_config(task=task)  # the size has no default (0): a model block must give it
     return config
@@ -420,7 +437,7 @@ def resolve(config):
 
 def check_block(task: str, block: str, values: Mapping[str, Any]) -> None:
     """ValueError naming the fields of one block (`config.BLOCK`) of a TASK config that are unknown
-    or out of range: for library functions handed a single block (`make_pretrain_step`)."""
+    or out of range: for whoever assembles a single block outside a config (benchmarks, tests)."""
     check({"task": task, block: values})
 
 

@@ -14,19 +14,11 @@ setup.py): `--config configs/pretrain.py:small` works in a checkout and from any
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
-
-
-def with_defaults(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
-    """{**defaults, **cfg} as a plain dict (top level): the fields a config lacks (one written
-    before the field existed, e.g. a checkpoint's config.json) read the defaults block's value,
-    so each default is stated once, in its block (`optim_config`, `model_config`, ...)."""
-    as_dict = lambda c: c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)  # noqa: E731
-    return {**as_dict(defaults), **as_dict(cfg)}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

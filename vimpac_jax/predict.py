@@ -38,7 +38,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from vimpac_jax.data import video_decode as vd
-from vimpac_jax.models.config import complete
 
 # Protocol of a model that recorded none (a converted released checkpoint, an export): the
 # released test and the clip rate of the released fine-tuning scripts.
@@ -259,19 +258,13 @@ def _source_kind(path: Path) -> str:
 def _model_config(path: Path, kind: str) -> dict:
     from vimpac_jax.export import source, stablehlo_format
 
-    if kind == "stablehlo":
-        config = json.loads((path / stablehlo_format.SIGNATURE_FILE).read_text()).get("model_config")
-        if not isinstance(config, dict):
-            raise PredictError(f"{path / stablehlo_format.SIGNATURE_FILE}: no model_config")
-    else:
-        config = source.load_model_config(path)
-    try:
-        full = complete(config)  # every field, missing ones at their defaults
-    except KeyError as e:
-        raise PredictError(f"{path}: {e.args[0]}") from None
-    if full["task"] != "finetune" or int(full["num_classes"] or 0) <= 0:
-        raise PredictError(f"{path}: not a classifier (model task={full['task']!r}, "
-                           f"num_classes={full['num_classes']}); predict needs a fine-tuned model")
+    try:  # completed by its loader (every field), or a ValueError naming the file
+        config = stablehlo_format.load_model_config(path) if kind == "stablehlo" else source.load_model_config(path)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    if config["task"] != "finetune" or int(config["num_classes"] or 0) <= 0:
+        raise PredictError(f"{path}: not a classifier (model task={config['task']!r}, "
+                           f"num_classes={config['num_classes']}); predict needs a fine-tuned model")
     return config
 
 
@@ -280,7 +273,7 @@ def model_codes(model_config: dict) -> tuple[int, bool]:
     (`mlm_codes`), else the codes its embedding has room for (vocab_size - 5 specials)."""
     if model_config.get("mlm_codes"):
         return int(model_config["mlm_codes"]), True
-    return int(complete(model_config)["vocab_size"]) - NUM_SPECIAL_IDS, False
+    return int(model_config["vocab_size"]) - NUM_SPECIAL_IDS, False
 
 
 def check_tokenizer_fits(tok, model_config: dict, frame_size: int, *, exact_codes: bool, source: str) -> None:

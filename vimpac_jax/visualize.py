@@ -256,13 +256,12 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
 
     from vimpac_jax.data import video_decode as vd
     from vimpac_jax.export.source import ExportSourceError, load_model_config, read_exportable
-    from vimpac_jax.models.config import complete
     from vimpac_jax.models.model import build_model
     from vimpac_jax.tokenizer.interface import TokenizerLoadError, load_tokenizer
 
     run_dir, tokenizer_dir = Path(run_dir), Path(tokenizer_dir)
     try:
-        model_cfg = complete(load_model_config(run_dir))  # every field, missing ones at their defaults
+        model_cfg = load_model_config(run_dir)
     except ExportSourceError as e:
         raise VisualizeError(str(e)) from None
     if model_cfg["task"] != "pretrain":

@@ -24,7 +24,6 @@ from vimpac_jax.io_utils import atomic_directory
 from vimpac_jax.export.source import (ExportSourceError, class_names, load_exportable, load_model_config, source_kind,
                                       write_class_names)
 from vimpac_jax.export.torch_format import ExportError, released_incompatibilities
-from vimpac_jax.models.config import complete
 
 _WRITERS = {
     "torch": ("vimpac_jax.export.torch_format", "export_torch"),
@@ -108,6 +107,6 @@ def main(argv) -> int:
     for warning in summary.get("warnings", []):
         logging.getLogger(__name__).warning(f"vimpac export: warning: {warning}")
     details = ", ".join(f"{k}={v}" for k, v in summary.items() if k != "warnings")
-    print(f"exported {args.workdir} ({kind}, task={complete(config)['task']}) -> {args.out} "
+    print(f"exported {args.workdir} ({kind}, task={config['task']}) -> {args.out} "
           f"[{args.format}] {details} in {time.time() - start:.1f}s")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 from vimpac_jax import checkpoints
 from vimpac_jax.cli import check_output_file, positive_int
 from vimpac_jax.runtime.distributed import maybe_initialize
-from vimpac_jax.models.config import check_tokens, complete
+from vimpac_jax.models.config import check_tokens
 from vimpac_jax.models.model import build_model
 
 
@@ -25,7 +25,7 @@ def compute_features(model_config: dict, variables: dict, tokens: np.ndarray, he
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = build_model(model_config)
-    pretrain = complete(model_config)["task"] == "pretrain"
+    pretrain = model_config["task"] == "pretrain"
 
     @jax.jit
     def run(batch):

@@ -55,12 +55,13 @@ def main(argv) -> int:
     maybe_initialize()
     _stop_with_sweep()
     from vimpac_jax.data.pipelines import DataWorkerError
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training import train as train_lib
     from vimpac_jax.training.checkpointing import CheckpointSaveError
     from vimpac_jax.training.metrics import MetricWriteError
 
     try:
-        result = train_lib.train(config, args.workdir)
+        result = train_lib.train(config, args.workdir, make_task)
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac train: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT

@@ -18,7 +18,7 @@ from vimpac_jax import checkpoints, exit_codes
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official_names import IGNORED_KEY_PATTERN, TIED_KEYS, from_torch_layout, torch_name
 from vimpac_jax.models.model import abstract_variables, build_model
-from vimpac_jax.models.config import complete
+from vimpac_jax.models.config import model_config
 
 
 class ConversionError(ValueError):
@@ -26,7 +26,8 @@ class ConversionError(ValueError):
 
 
 def model_config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray]) -> dict:
-    """The model config of a released run, from its args and (for the task) its state_dict keys."""
+    """The model config of a released run, from its args and (for the task) its state_dict keys: a
+    complete model block (`models.config.model_config`)."""
     model = args.get("model", "")
     if not str(model).startswith("efflayout"):
         raise ConversionError(f"args.pickle: model={model!r}; only the released 'efflayout<layout>' "
@@ -57,12 +58,11 @@ def model_config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, np.
     else:
         cfg.update(task="pretrain", proj_layers=int(args.get("nce_proj_layers", 2)),
                    proj_hidden_dim=int(args.get("nce_proj_hid_dim", 2048)))
-    return cfg
+    return model_config(**cfg).to_dict()  # the importer builds the block: every other field at its default
 
 
 def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> dict:
     """Fill the variables of `build_model(model_config)` from a released state_dict, strictly."""
-    model_config = complete(model_config)  # every field, missing ones at their defaults
     abstract = abstract_variables(build_model(model_config), model_config)
     flat = flax.traverse_util.flatten_dict(abstract)
     used, filled, errors = set(), {}, []

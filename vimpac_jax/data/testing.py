@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vimpac_jax.constants import NUM_CODES
-from vimpac_jax.data.token_store import CHUNKED_LAYOUT, METADATA_FILE, SHARDS_DIR, encode_record, encode_video_records
+from vimpac_jax.data.token_store import (CHUNKED_LAYOUT, METADATA_FILE, SHARDS_DIR, STORE_FORMAT, STORE_VERSION,
+                                         encode_record, encode_video_records)
 
 DEFAULT_VARIANTS = ("r128_center_noflip",)
 PATTERNS = ("random", "frame_index")
@@ -105,7 +106,8 @@ def write_test_store(
     finally:
         for writer in writers:
             writer.close()
-    meta = {"complete": True, "shards": names, "fps": float(fps), "variants": all_variants,
+    meta = {"format": STORE_FORMAT, "format_version": STORE_VERSION, "complete": True, "shards": names,
+            "fps": float(fps), "variants": all_variants,
             "grid": [h, w], "num_videos": len(videos), "num_records": num_records,
             "tokenizer": {"kind": "test", "pattern": pattern, "seed": seed}, "shard_options": options}
     if chunk_frames is not None:

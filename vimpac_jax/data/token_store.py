@@ -38,6 +38,10 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 METADATA_FILE = "metadata.json"
+# metadata.json's "format" and "format_version" (written by `vimpac tokenize`): the reader
+# (`read_metadata`) reads this version only.
+STORE_FORMAT = "vimpac-token-store"
+STORE_VERSION = 1
 ERRORS_FILE = "errors.txt"
 SHARDS_DIR = "shards"
 _HEADER_LEN = struct.Struct("<I")
@@ -124,7 +128,21 @@ def read_metadata(store_dir) -> dict[str, Any]:
     meta = json.loads(path.read_text())
     if not meta.get("complete", False):
         raise ValueError(f"token store {store_dir} is not complete; run `vimpac tokenize` again to finish it")
+    check_store_format(meta, store_dir)
     return meta
+
+
+def check_store_format(meta: dict[str, Any], store_dir) -> None:
+    """ValueError unless a store's metadata records this version's store format (`STORE_VERSION`)."""
+    version = meta.get("format_version")
+    if version == STORE_VERSION:
+        return
+    if isinstance(version, int) and version > STORE_VERSION:
+        raise ValueError(f"token store {store_dir} is of store format {version}, newer than this vimpac-jax reads "
+                         f"({STORE_VERSION}): use the vimpac-jax that wrote it")
+    written = f"store format {version!r}" if version is not None else "no store format (format_version)"
+    raise ValueError(f"token store {store_dir}: {METADATA_FILE} records {written}; this vimpac-jax reads store "
+                     f"format {STORE_VERSION} only: tokenize the videos again with `vimpac tokenize --out DIR ...`")
 
 
 def shard_paths(store_dir) -> list[str]:

@@ -59,6 +59,7 @@ def _absolute_list(list_file: Path, root: Path, out: Path, limit: int | None = N
 def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float) -> dict:
     """Stages 1-3, each skipped when complete: dataset, tokenizer, token stores."""
     from vimpac_jax.demo.data import write_demo_dataset
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.tokenize.job import TokenizeOptions, tokenize_videos
     from vimpac_jax.training.train import train
 
@@ -75,7 +76,7 @@ def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float
     tok_dir = workdir / "tokenizer_run"
     if not (tok_dir / "tokenizer" / "tokenizer.json").is_file():
         _log(f"2/6 training the VQ tokenizer on frames of {TOKENIZER_VIDEOS} videos of the unlabelled pool")
-        train(demo_config("tokenizer", preset, {"seed": seed, "data.videos": lists["tokenizer"]}), tok_dir)
+        train(demo_config("tokenizer", preset, {"seed": seed, "data.videos": lists["tokenizer"]}), tok_dir, make_task)
     timings["tokenizer"] = time.monotonic() - t0
 
     size, fps = meta["size"], demo_config("pretrain", preset, {}).data.clip_fps
@@ -95,16 +96,18 @@ def prepare_data(workdir: Path, preset: str, seed: int, timings: dict, t0: float
 
 
 def pretrain(prepared: dict, run_dir: Path, preset: str, seed: int, overrides: dict | None = None) -> Path:
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training.train import train
 
     config = demo_config("pretrain", preset, {"seed": seed, "data.train_store": prepared["stores"]["pool"],
                                               **(overrides or {})})
-    train(config, run_dir)
+    train(config, run_dir, make_task)
     return run_dir
 
 
 def finetune_and_test(prepared: dict, run_dir: Path, preset: str, seed: int, init_from: Path | str) -> dict:
     """Fine-tunes (from `init_from`, or from scratch when empty) and returns the multi-view test."""
+    from vimpac_jax.tasks.registry import make_task
     from vimpac_jax.training.train import train
 
     results_file = run_dir / "eval_results.json"
@@ -114,7 +117,7 @@ def finetune_and_test(prepared: dict, run_dir: Path, preset: str, seed: int, ini
             "data.eval_store": prepared["stores"]["val"], "init_from": init_from})
         with config.unlocked():
             config.class_names = prepared["class_names"]
-        train(config, run_dir)
+        train(config, run_dir, make_task)
     return json.loads(results_file.read_text())
 
 

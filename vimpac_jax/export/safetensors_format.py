@@ -5,7 +5,8 @@ Directory layout:
                       ('params/backbone/layer_0/mlp/fc/kernel', 'batch_stats/proj_head/bn_0/mean'),
                       in our layout (Dense kernels [in, out]); the header's metadata holds
                       'model_config' (JSON) and 'format'
-  model_config.json   {"model": <model config>}, as in our model checkpoints
+  model_config.json   {"model": <model config>, "format_version": ...}, as in our model checkpoints
+                      (`checkpoints.write_model_config`)
 
 `load_safetensors(dir)` reads it back as (model config, variables) for `build_model`.
 Needs the `safetensors` package (the `export` extra).
@@ -20,8 +21,11 @@ from typing import Any, Mapping
 import flax
 import numpy as np
 
+from vimpac_jax import checkpoints
+from vimpac_jax.models.config import complete
+
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model_config.json"
+CONFIG_FILE = checkpoints.CONFIG_FILE
 FORMAT = "vimpac-jax variables v1"
 
 
@@ -55,12 +59,12 @@ def export_safetensors(cfg: Mapping[str, Any], variables: Mapping[str, Any], out
         # As an OSError of the file, so a full disk is one `error:` line (cli.WRITE_ERRORS).
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out_dir / WEIGHTS_FILE)) from None
     (out_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors creates the file owner-only
-    (out_dir / CONFIG_FILE).write_text(json.dumps({"model": dict(cfg)}, indent=2, sort_keys=True) + "\n")
+    checkpoints.write_model_config(out_dir, cfg)
     return {"tensors": len(tensors), "warnings": []}
 
 
 def load_safetensors(path) -> tuple[dict[str, Any], dict]:
-    """-> (model config, variables) from an export directory (or its model.safetensors file)."""
+    """-> (model config, completed; variables) from an export directory (or its model.safetensors file)."""
     st = _safetensors_numpy()
     from safetensors import safe_open
 
@@ -75,4 +79,4 @@ def load_safetensors(path) -> tuple[dict[str, Any], dict]:
                          f"{metadata.get('format')!r}, expected {FORMAT!r})")
     tensors = st.load_file(str(weights))
     variables = flax.traverse_util.unflatten_dict(tensors, sep="/")
-    return json.loads(metadata["model_config"]), variables
+    return complete(json.loads(metadata["model_config"])), variables  # the block completed, as its other loaders

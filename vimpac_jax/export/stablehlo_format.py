@@ -43,7 +43,7 @@ def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> 
     """
     cfg = dict(cfg, attention_impl=None, remat="none")
     model = build_model(cfg)
-    finetuned = complete(cfg)["task"] == "finetune"
+    finetuned = cfg["task"] == "finetune"
     variables = jax.tree.map(jnp.asarray, dict(variables))
 
     def infer(tokens):
@@ -75,7 +75,7 @@ def signature(exported: "jax.export.Exported", cfg: Mapping[str, Any]) -> dict[s
         "platforms": list(exported.platforms),
         "inputs": [{"name": "tokens", "shape": _shape_json(exported.in_avals[0].shape),
                     "dtype": str(exported.in_avals[0].dtype),
-                    "description": f"token clips [batch, T, h, w]; ids in [0, {complete(cfg)['vocab_size']}), "
+                    "description": f"token clips [batch, T, h, w]; ids in [0, {cfg['vocab_size']}), "
                                    f"PAD = {PAD_ID}, MASK = {MASK_ID}"}],
         "outputs": {name: {"shape": _shape_json(aval.shape), "dtype": str(aval.dtype)}
                     for name, aval in out_tree.items()},
@@ -96,6 +96,22 @@ def export_stablehlo(cfg: Mapping[str, Any], variables: Mapping[str, Any], out_d
     (out_dir / MODEL_FILE).write_bytes(bytes(data))
     (out_dir / SIGNATURE_FILE).write_text(json.dumps(signature(exported, cfg), indent=2, sort_keys=True) + "\n")
     return {"bytes": len(data), "platforms": list(exported.platforms), "warnings": []}
+
+
+def load_model_config(out_dir) -> dict[str, Any]:
+    """The model block recorded in an export directory's signature.json, completed
+    (`models.config.complete`, as `checkpoints.load_model_config`); ValueError naming the file."""
+    path = Path(out_dir) / SIGNATURE_FILE
+    try:
+        config = json.loads(path.read_text()).get("model_config")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not an export's signature ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: no model_config")
+    try:
+        return complete(config)
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
 
 
 def load_stablehlo(out_dir) -> "jax.export.Exported":

@@ -17,7 +17,6 @@ import numpy as np
 
 from vimpac_jax.conversion import torch_zip
 from vimpac_jax.conversion.official_names import IGNORED_KEY_PATTERN, TIED_KEYS, to_torch_layout, torch_name
-from vimpac_jax.models.config import complete
 
 WEIGHTS_FILE = "classifier.pt"
 ARGS_FILE = "args.pickle"
@@ -58,7 +57,6 @@ def _effective_heads(cfg: Mapping[str, Any]) -> int:
 
 def released_incompatibilities(cfg: Mapping[str, Any]) -> list[str]:
     """Reasons the released PyTorch code cannot build this model ([] when it can)."""
-    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     problems = []
     layout = cfg["layout"]
     if "x" in layout:
@@ -92,7 +90,6 @@ def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, An
     it is written as 0 (torch reads it only when BatchNorm momentum is None; the released head
     uses the default momentum).
     """
-    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     pre_ln = bool(cfg["pre_ln"])
     state = collections.OrderedDict()
     for path, value in flax.traverse_util.flatten_dict(dict(variables)).items():
@@ -120,7 +117,6 @@ def state_dict_from_variables(variables: Mapping[str, Any], cfg: Mapping[str, An
 
 def released_args(cfg: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """The fields of the released trainer's argparse.Namespace that describe this model."""
-    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     pretrain = cfg["task"] == "pretrain"
     args = dict(_RELEASED_ARG_DEFAULTS)
     dropout = float(cfg["dropout"])
@@ -153,7 +149,6 @@ def export_torch(cfg: Mapping[str, Any], variables: Mapping[str, Any], out_dir, 
     Raises ExportError for a model the released code cannot build, unless `force`.
     Returns a summary: {'tensors': n, 'warnings': [...]}.
     """
-    cfg = complete(cfg)  # every field, missing ones at their defaults (models/config.py)
     problems = released_incompatibilities(cfg)
     if problems and not force:
         raise ExportError("the released PyTorch code cannot build this model:\n  " + "\n  ".join(problems)

@@ -1,18 +1,20 @@
 """The model block (`config.model`): its fields with their defaults, and the model sizes.
 
 `model_config(variant, **overrides)` is the one statement of the fields `build_model` reads and
-of their defaults (configs/common.py builds `config.model` with it; `build_model` fills the
-fields a stored config lacks, e.g. a checkpoint written before a field existed, from it), and
-`MODEL_PRESETS` the size table of `build_model(variant=...)`, as big_vision's
-`vit.Model(variant="B/16")`.
+of their defaults (configs/common.py builds `config.model` with it, the released-checkpoint
+importer `conversion/official.py` too), and `MODEL_PRESETS` the size table of
+`build_model(variant=...)`, as big_vision's `vit.Model(variant="B/16")`.
+
+A model block is completed once, where it is built or read: a config file by
+`config_utils.load_config` (`config_schema.complete`), a model checkpoint's `model_config.json`
+by its loader (`checkpoints.load_model_config`: `complete`); `build_model` and everything after
+it read plain fields and fill none (`missing_fields` names what an incomplete block lacks).
 """
 
 from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
-
-from vimpac_jax.config_utils import with_defaults
 
 # The paper's Table 3 models (heads = hidden_dim // 64 unless num_heads is set), and a tiny one
 # for tests and `runlocal`.
@@ -62,13 +64,25 @@ def model_config(variant: str | None = None, **overrides) -> ml_collections.Conf
     return m
 
 
+def as_dict(cfg: Mapping[str, Any]) -> dict:
+    """A model block (a dict or a ConfigDict) as a plain dict."""
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
 def complete(cfg: Mapping[str, Any]) -> dict:
-    """A model config as a dict with every optional field (missing ones at their defaults);
-    KeyError naming a missing REQUIRED field."""
+    """A stored model block (a model checkpoint's `model_config.json`) as a dict with every field,
+    those it lacks (written before they existed) at `model_config`'s defaults; for the block's
+    loader (`checkpoints.load_model_config`), not for the library. KeyError naming a missing
+    REQUIRED field."""
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise KeyError(f"model config lacks {missing} (a model's size and token grid have no default)")
-    return with_defaults(cfg, model_config())
+    return {**model_config().to_dict(), **as_dict(cfg)}
+
+
+def missing_fields(cfg: Mapping[str, Any]) -> list[str]:
+    """The fields of the model block (`model_config`) that `cfg` lacks: [] for a complete block."""
+    return [k for k in model_config().keys() if k not in cfg]
 
 
 def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndarray:
@@ -79,7 +93,7 @@ def check_tokens(tokens: np.ndarray, model_config: dict, source: str) -> np.ndar
     if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
         raise ValueError(f"{source}: tokens must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
                          f"(T, h, w of the checkpoint), got {list(tokens.shape)}")
-    vocab = complete(model_config)["vocab_size"]
+    vocab = model_config["vocab_size"]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         bad = tokens[(tokens < 0) | (tokens >= vocab)]
         raise ValueError(f"{source}: token ids must be in [0, {vocab}); found {bad.flat[0]} "

@@ -1,8 +1,9 @@
 """Whole models: the pre-training model (backbone + MLM + projection) and the classifier.
 
 `build_model(model_config)` is the one place a model is made from its config (a dict or an
-ml_collections ConfigDict with the fields of `vimpac_jax.models.config.model_config`), so that configs,
-checkpoints and converted released checkpoints all describe a model the same way.
+ml_collections ConfigDict with every field of `vimpac_jax.models.config.model_config`: a block
+completed where it was built or read, see models/config.py), so that configs, checkpoints and
+converted released checkpoints all describe a model the same way.
 """
 
 from typing import Any, Mapping, Optional
@@ -17,8 +18,9 @@ from vimpac_jax.models.heads import ClassifierHead, MLMHead, ProjectionHead
 
 TASKS = ("pretrain", "finetune")
 
-# float64 is for numerics checks on CPU (needs jax_enable_x64).
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+# model.dtype names (config_schema checks against these); float64 is for numerics checks on CPU
+# (needs jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
 def gather_positions(hiddens, positions, position_groups: int = 0):
@@ -85,10 +87,18 @@ class VimpacClassifier(nn.Module):
         return {"cls": cls, "hiddens": hiddens, "logits": logits}
 
 
+def _require_complete(cfg: Mapping[str, Any]) -> None:
+    missing = model_config_lib.missing_fields(cfg)
+    if missing:
+        raise ValueError(f"model config lacks the field(s) {missing}: a model block is completed where it is built "
+                         f"or read (models.config.model_config, config_utils.load_config, "
+                         f"checkpoints.load_model_config), not by build_model")
+
+
 def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
-    cfg = model_config_lib.complete(cfg)
-    if cfg["dtype"] not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
+    _require_complete(cfg)
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
     return VideoTransformer(
         num_layers=cfg["num_layers"],
         hidden_dim=cfg["hidden_dim"],
@@ -104,7 +114,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         dropout=cfg["dropout"],
         attention_dropout=cfg["attention_dropout"],
         vocab_size=cfg["vocab_size"],
-        dtype=_DTYPES[cfg["dtype"]],
+        dtype=DTYPES[cfg["dtype"]],
         remat=cfg["remat"],
         attention_impl=cfg["attention_impl"],
         embed_lookup=cfg["embed_lookup"],
@@ -115,15 +125,15 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
 def build_model(cfg: Optional[Mapping[str, Any]] = None, *, variant: Optional[str] = None, **overrides) -> nn.Module:
     """A model from its config; `cfg['task']` picks pre-training or fine-tuning.
 
-    `build_model(cfg)`: a model block (fields of `models.config.model_config`; missing optional
-    ones take its defaults). `build_model(variant="small", **overrides)`: a size of
+    `build_model(cfg)`: a complete model block (every field of `models.config.model_config`;
+    ValueError naming those it lacks). `build_model(variant="small", **overrides)`: a size of
     `models.config.MODEL_PRESETS` with fields overridden, as big_vision's `vit.Model(variant=...)`.
     """
     if cfg is None:
         cfg = model_config_lib.model_config(variant, **overrides)
     elif variant is not None or overrides:
         raise ValueError("build_model: give a config, or a variant and overrides, not both")
-    cfg = model_config_lib.complete(cfg)
+    _require_complete(cfg)
     task = cfg["task"]
     backbone = build_backbone(cfg)
     if task == "pretrain":

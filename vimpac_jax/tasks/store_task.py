@@ -116,7 +116,7 @@ class StoreTask:
         self.total_steps = int(config.train.num_steps) or int(round(float(config.train.epochs) * steps_per_epoch))
         # Steps between periodic evaluations: train.eval_every, else train.eval_every_epochs (the
         # released --eval-per-epochs) in this store's steps; 0: at the end only.
-        epochs = float(config.train.get("eval_every_epochs", 0.0))
+        epochs = float(config.train.eval_every_epochs)
         self.eval_every = int(config.train.eval_every) or (max(1, int(round(epochs * steps_per_epoch))) if epochs else 0)
         self.schedule_steps = optimizer_lib.schedule_length(config.optim, steps_per_epoch, self.total_steps)
         self.optim_cfg = dict(config.optim.to_dict(), total_steps=self.schedule_steps)

@@ -63,8 +63,6 @@ from vimpac_jax.tokenize.shards import ShardWriter, check_shard_options, next_sh
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "vimpac-token-store"
-STORE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +97,8 @@ def finalize_if_complete(out: Path, identity: dict, items: Sequence[annotations.
     meta = {
         **identity,
         **extra_meta,
-        "format": STORE_FORMAT,
-        "format_version": STORE_VERSION,
+        "format": token_store.STORE_FORMAT,
+        "format_version": token_store.STORE_VERSION,
         "complete": True,
         "counts": dataclasses.asdict(counts),
         "shards": listed,

@@ -187,7 +187,7 @@ def init_state(model_config: Mapping, optim: Mapping, objective: Mapping, num_st
     (the tokenizer; may carry `dtype`, the convolutions' compute type, 'float32' default),
     `optim` (Adam and its schedule), `tokenizer` (the VQ objective) and `train.num_steps`.
     """
-    dtype = model_config.get("dtype", "float32")
+    dtype = model_config["dtype"]
     model = make_model(model_config, dtype)
     hp = VQHParams(beta=float(objective["commitment_beta"]), ema_decay=float(objective["ema_decay"]),
                    epsilon=float(objective["epsilon"]), restart_threshold=float(objective["restart_threshold"]))

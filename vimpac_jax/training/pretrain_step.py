@@ -57,7 +57,6 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL, PAD_ID
 from vimpac_jax.models.losses import info_nce, mlm_loss
 from vimpac_jax.models.model import build_model, init_variables
@@ -112,11 +111,6 @@ class TrainState:
 
 MLM_POSITIONS = ("micro_batch", "clip")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
-
-
-def check_pretrain_config(cfg: Mapping[str, Any]) -> None:
-    """Raises ValueError naming the `config.pretrain` fields out of range (`config_schema`)."""
-    config_schema.check_block("pretrain", "pretrain", cfg)
 
 
 def clip_shape(model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -439,7 +433,6 @@ def make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[jax.sh
     (`sharding.make_global_batch`); key: one PRNG key for the whole update (masking, dropout).
     Metrics come back replicated. `state_shardings`: the run's `train_state_shardings`, if known.
     """
-    check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     model, tx, schedule = _model_and_tx(model_cfg, optim_cfg)
     state_sh = state_shardings or train_state_shardings(model_cfg, optim_cfg, mesh, rules)
@@ -483,7 +476,6 @@ def make_pretrain_eval_step(model_cfg, optim_cfg, pretrain_cfg, mesh: Optional[j
                             rules=None, state_shardings: Optional[TrainState] = None):
     """`eval_step(state, batch, key) -> metrics`, jitted with the shardings of `make_pretrain_step`
     (the state is read, not donated); metrics come back replicated."""
-    check_pretrain_config(pretrain_cfg)
     mesh = shd.make_mesh() if mesh is None else mesh
     step = functools.partial(pretrain_eval_step, model=build_model(model_cfg), pretrain_cfg=pretrain_cfg,
                              model_cfg=model_cfg, max_masked=resolve_max_masked(pretrain_cfg, model_cfg), mesh=mesh)

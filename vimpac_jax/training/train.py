@@ -35,7 +35,6 @@ import numpy as np
 
 from vimpac_jax import config_schema, exit_codes, io_utils
 from vimpac_jax.progress import Progress
-from vimpac_jax.tasks import registry
 from vimpac_jax.training import checkpointing
 from vimpac_jax.training import workdir as workdir_lib
 from vimpac_jax.training import sharding as shd
@@ -122,17 +121,20 @@ def _log(message: str) -> None:
         logging.getLogger(__name__).info(message)
 
 
-def make_task(config, mesh, log=_log):
-    """The task of `config.task` (`vimpac_jax/tasks/registry.py`, the one map of tasks)."""
-    return registry.make_task(config, mesh, log=log)
+# What the loop is handed to build its task: `make_task(config, mesh, log=...) -> Task`, the
+# interface of `vimpac_jax/tasks/protocol.py`. The caller picks it (`tasks.registry.make_task`,
+# the map from `config.task` to a task class): tasks sit above `training/`, which imports none.
+TaskFactory = Callable[..., Any]
 
 
-def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[int] = None,
+def train(config: ml_collections.ConfigDict, workdir, make_task: TaskFactory, *, stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the final metrics and evaluation.
 
-    stop_after: return after this many steps in this call (tests of interruption); on_step: a
-    hook called after each step with the step number.
+    make_task: builds the run's task from (config, mesh, log=), after the workdir's checks
+    (`vimpac_jax.tasks.registry.make_task` for `config.task`); stop_after: return after this
+    many steps in this call (tests of interruption); on_step: a hook called after each step with
+    the step number.
     """
     workdir = Path(workdir)
     # Completed and checked, before anything is locked, read or compiled (a config built in Python;
@@ -148,15 +150,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, stop_after: Optional[in
     # compiles) are the active ones for every sharding computed below (sharding.active_rules).
     rules = shd.logical_axis_rules(config.mesh)
     with lock, nn.logical_axis_rules(rules):
-        return _train_locked(config, workdir, stop_after=stop_after, on_step=on_step)
+        return _train_locked(config, workdir, make_task, stop_after=stop_after, on_step=on_step)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_after: Optional[int],
-                  on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, make_task: TaskFactory, *,
+                  stop_after: Optional[int], on_step: Optional[Callable[[int], None]]) -> dict[str, Any]:
     # Every check before config.json is written: a rejected config must not claim the workdir.
     workdir_lib.check_config(workdir, config)
     mesh = shd.make_mesh(config.mesh)
-    task = make_task(config, mesh)  # reads the data indexes and checks shapes: fails before compiling
+    task = make_task(config, mesh, log=_log)  # reads the data indexes and checks shapes: fails before compiling
     task.workdir = workdir
     total = task.total_steps
     identity = workdir_lib.run_identity(config)
