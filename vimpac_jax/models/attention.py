@@ -29,6 +29,10 @@ from jax.ad_checkpoint import checkpoint_name
 from vimpac_jax.models.common import INIT_STD, Dropout, apply_dropout_mask, dense, layer_norm
 from vimpac_jax.models.layout import AXES
 
+# `model.attention_kernel`: the attention of a block as XLA ops (`_line_attention`) or as Pallas
+# TPU kernels (`line_attention_kernel`, the same values; interpreted on CPU).
+ATTENTION_KERNELS = ("xla", "pallas")
+
 
 def _line_axes(axes: tuple[str, ...]) -> tuple[str, str]:
     """einops groups (other axes, line axes) of the grid `t h w` for an attention over `axes`."""
@@ -264,6 +268,7 @@ class AttentionBlock(nn.Module):
     out_init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, seq, key_is_pad, *, deterministic: bool):
@@ -284,13 +289,33 @@ class AttentionBlock(nn.Module):
         qkv = checkpoint_name(project(seq, jnp.concatenate([k for k, _ in params], axis=1),
                                       jnp.concatenate([bias for _, bias in params]), self.dtype), "qkv")
         qkv_cls, qkv_grid = qkv[:, 0], qkv[:, 1:].reshape(b, *grid, qkv.shape[-1])
-        outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
-                for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
-        att = jnp.concatenate([jnp.concatenate([o[0] for o in outs], axis=-1)[:, None],
-                               jnp.concatenate([o[1] for o in outs], axis=-1).reshape(b, -1, self.attention_dim)],
-                              axis=1)
+        if self.attention_kernel == "pallas":
+            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid, key_is_pad, heads, head_dim, deterministic)
+        elif self.attention_kernel == "xla":
+            outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
+                    for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
+            cls_out, x_out = (jnp.concatenate([o[i] for o in outs], axis=-1) for i in (0, 1))
+        else:
+            raise ValueError(f"model.attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+        att = jnp.concatenate([cls_out[:, None], x_out.reshape(b, -1, self.attention_dim)], axis=1)
         out = dense(self.hidden_dim, ("heads", "embed"), name="out", dtype=self.dtype, std=self.out_init_std)
         new = Dropout(self.dropout)(out(checkpoint_name(att, "attention")), deterministic=deterministic) + seq
         if not self.pre_ln:
             new = ln(new)
         return checkpoint_name(new, "block_out")
+
+    def _attend_with_kernel(self, qkv_cls, qkv_grid, key_is_pad, heads, head_dim, deterministic):
+        """The block's attentions as one Pallas kernel on the projections as they are
+        (`line_attention_kernel.block_attention`) -> ([CLS] [B, F], tokens [B, T, H, W, F])."""
+        from vimpac_jax.models import line_attention_kernel  # it builds on this module
+
+        plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
+                                          heads, head_dim)
+        keep_prob = 1.0 - self.attention_dropout
+        keep = None
+        if not deterministic and self.attention_dropout > 0.0:
+            b = qkv_grid.shape[0]
+            tokens_key, cls_key = jax.random.split(self.make_rng("dropout"))
+            keep = (line_attention_kernel.draw_keep_masks(tokens_key, keep_prob, b, plan),
+                    line_attention_kernel.draw_cls_query_masks(cls_key, keep_prob, b, plan))
+        return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, key_is_pad, keep, keep_prob)

@@ -44,10 +44,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from vimpac_jax.models.attention import WINDOW_TOKENS, _softmax_with_extra_key, from_lines, to_lines
+from vimpac_jax.models.common import apply_dropout_mask
 from vimpac_jax.models.layout import AXES
 
 LANES = 128  # a TPU vector register's lanes: the column block of the kernel (a multiple of head_dim)
-WINDOW_TOKENS = 128  # the target window of axes not attended along (attention.WINDOW_TOKENS)
 MAX_WINDOW = 512  # a window's [n, n] float32 scores per head must sit in VMEM with q, k, v, masks
 
 
@@ -428,9 +429,6 @@ def _cls_query_attention(plan, qkv, qkv_cls, key_is_pad, keep_cls_query, keep_pr
     dropout, the mean over the lines of its outputs -> [B, F] (the attentions side by side).
     keep_cls_query: per attention (keep of the line's keys [B, N, heads, L], of [CLS] [B, N,
     heads]) in `attention.to_lines` order, or None."""
-    from vimpac_jax.models.attention import _softmax_with_extra_key, from_lines, to_lines
-    from vimpac_jax.models.common import apply_dropout_mask
-
     h, d, f = plan.heads, plan.head_dim, plan.heads * plan.head_dim
     sd = _score_dtype(qkv.dtype)
     neg, scale = jnp.finfo(sd).min, d ** -0.5
