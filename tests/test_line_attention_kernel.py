@@ -19,13 +19,14 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 KEEP_PROB = 0.75
 
 
-def _line_attention_masks(plan, a, group, token_keep, cls_keep):
+def _line_attention_masks(plan, a, group, keep):
     """The kernel's keep masks of attention `a` (its windows) as `_line_attention`'s for windows of
     `group` lines (`draw_dropout_masks`' shapes): the same bit for each (line, query, key)."""
-    pairs, cls_key = (np.asarray(m) for m in token_keep)
+    pairs, bits = (np.asarray(m) for m in keep)
     b, n, h = pairs.shape[0], plan.window_tokens, plan.heads
     heads = slice(a * h, (a + 1) * h)
-    pairs, cls_key = pairs[:, :, heads], cls_key.reshape(b, plan.num_windows, -1, n)[:, :, heads]
+    pairs, bits = pairs[:, :, heads], bits.reshape(b, plan.num_windows, -1, n)[:, :, heads]
+    cls_key, cls_query, cls_cls = ((bits >> i) & 1 == 1 for i in range(3))
     # Where each grid token sits in the kernel's windows, and the grid tokens of each line.
     where = np.zeros((2, np.prod(plan.grid)), int)
     for w, tokens in enumerate(plan.window_tokens_global()):
@@ -36,12 +37,13 @@ def _line_attention_masks(plan, a, group, token_keep, cls_keep):
     line_pairs = pairs[:, win[:, :, None], :, pos[:, :, None], pos[:, None, :]]  # [N, L, L, B, h]
     line_pairs = einops.rearrange(line_pairs, "n l k b h -> b n h l k")
     line_cls = einops.rearrange(cls_key[:, win, :, pos], "n l b h -> b n h l")
+    keep_c = einops.rearrange(cls_query[:, win, :, pos], "n l b h -> b n h l")
+    keep_cc = einops.rearrange(cls_cls[:, win[:, 0], :, pos[:, 0]], "n b h -> b n h")  # at the line's first token
     windows = np.zeros((b, num_lines // group, h, group * length, group * length), bool)
     grouped = line_pairs.reshape(b, num_lines // group, group, h, length, length)
     for g in range(group):
         windows[:, :, :, g * length:(g + 1) * length, g * length:(g + 1) * length] = grouped[:, :, g]
     cls_windows = einops.rearrange(line_cls, "b (w g) h l -> b w h (g l)", g=group)
-    keep_c, keep_cc = (np.asarray(m) for m in cls_keep[a])
     return (windows, cls_windows, einops.rearrange(keep_c, "b (w g) h l -> b w h g l", g=group),
             einops.rearrange(keep_cc, "b (w g) h -> b w h g", g=group))
 
@@ -93,8 +95,8 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     key_is_pad = jax.random.bernoulli(keys[2], 0.3, (b, *grid)).at[0, 0].set(True)  # a frame of padding
     keep = keep_lines = None
     if dropout:
-        keep = (lak.draw_keep_masks(keys[3], KEEP_PROB, b, plan), lak.draw_cls_query_masks(keys[4], KEEP_PROB, b, plan))
-        keep_lines = [_line_attention_masks(plan, a, groups[a], *keep) for a in range(len(attentions))]
+        keep = lak.draw_keep_masks(keys[3], KEEP_PROB, b, plan)
+        keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
     outs, grads = _values_and_grads(
         lambda qc, x: lak.block_attention(plan, qc, x, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv)
     ref_outs, ref_grads = _values_and_grads(

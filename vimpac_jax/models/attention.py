@@ -314,8 +314,5 @@ class AttentionBlock(nn.Module):
         keep_prob = 1.0 - self.attention_dropout
         keep = None
         if not deterministic and self.attention_dropout > 0.0:
-            b = qkv_grid.shape[0]
-            tokens_key, cls_key = jax.random.split(self.make_rng("dropout"))
-            keep = (line_attention_kernel.draw_keep_masks(tokens_key, keep_prob, b, plan),
-                    line_attention_kernel.draw_cls_query_masks(cls_key, keep_prob, b, plan))
+            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, qkv_grid.shape[0], plan)
         return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, key_is_pad, keep, keep_prob)

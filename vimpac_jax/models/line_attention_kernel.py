@@ -20,11 +20,14 @@ Mosaic's block rule asks: the last two block dimensions are the array's or multi
 is the dot over its lanes only; its output keeps its lanes only), so no lane slices or head
 transposes: the MXU contracts over 128 lanes either way.
 
-Forward and backward are Pallas kernels under one `jax.custom_vjp` (`_token_attention`); the
-backward recomputes the probabilities from q, k, v as flash attention does (Dao et al. 2022,
-arXiv 2205.14135, Alg. 4) and keeps nothing but the inputs. [CLS]'s own query (one small
-softmax per line over the line's keys and [CLS]) stays in XLA (`_cls_query_attention`): it is
-a matrix-vector product per line, and its gradient comes from autodiff.
+[CLS]'s own query (one small softmax per line over the line's keys and [CLS]'s) is computed in
+the same kernels from the same blocks: per window, its scores against the window's keys are one
+row, each line's maximum and sum masked reductions over the window's [n, n] line mask; its
+outputs are summed over the windows in float32 and averaged over the lines after.
+
+Forward and backward are Pallas kernels under one `jax.custom_vjp` (`_attention`); the backward
+recomputes the probabilities from q, k, v as flash attention does (Dao et al. 2022, arXiv
+2205.14135, Alg. 4) and keeps nothing but the inputs.
 
 On CPU the kernels run in Pallas's interpreter (tests); on a TPU they are compiled by Mosaic.
 The cost model of XLA does not see inside them: `aot/hlo_cycles.py` charges each at twice its
@@ -106,6 +109,12 @@ class Plan:
     def window_tokens(self) -> int:
         return math.prod(self.window)
 
+    def lines_of_columns(self) -> np.ndarray:
+        """[F] float32: the number of lines of the attention each output column belongs to."""
+        sizes = dict(zip(AXES, self.grid))
+        lines = [math.prod(self.grid) // math.prod(sizes[a] for a in axes) for axes in self.attentions]
+        return np.repeat(np.asarray(lines, np.float32), self.heads * self.head_dim)
+
     @property
     def num_windows(self) -> int:
         (t, h, _), (bt, bh, _) = self.grid, self.window
@@ -132,19 +141,17 @@ class Plan:
 
 
 def draw_keep_masks(key, keep_prob: float, batch: int, plan: Plan):
-    """The keep masks of the tokens' queries in the kernel's windows: (pairs [B, windows, A*heads,
-    n, n] int8: query row, key column (entries of other lines unused); [CLS] as key [B, windows,
-    A*heads/hp, hp, n] int8, hp = heads per column block)."""
+    """The attention-dropout keep masks in the kernel's windows: (pairs [B, windows, A*heads, n, n]
+    int8, the tokens' queries (rows) against their line's keys (columns; other entries unused);
+    [CLS] [B, windows, A*heads/hp, hp, n] int8 (hp heads per column block), per token: bit 0 its
+    query against [CLS]'s key, bit 1 [CLS]'s query against its key, bit 2 [CLS]'s query against
+    [CLS]'s key in its line (read at the line's first token only))."""
     n, heads = plan.window_tokens, len(plan.attentions) * plan.heads
     hp = plan.heads_per_block
     k_pairs, k_cls = jax.random.split(key)
     pairs = jax.random.bernoulli(k_pairs, keep_prob, (batch, plan.num_windows, heads, n, n))
-    cls_key = jax.random.bernoulli(k_cls, keep_prob, (batch, plan.num_windows, heads // hp, hp, n))
-    return pairs.astype(jnp.int8), cls_key.astype(jnp.int8)
-
-
-def _score_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
+    bits = jax.random.bernoulli(k_cls, keep_prob, (3, batch, plan.num_windows, heads // hp, hp, n)).astype(jnp.int8)
+    return pairs.astype(jnp.int8), bits[0] | (bits[1] << 1) | (bits[2] << 2)
 
 
 def _head_tile(plan: Plan, i: int):
@@ -173,108 +180,211 @@ def _column(row, n):
     return jnp.sum(jnp.where(eye, row, 0), axis=1, keepdims=True)
 
 
-def _probabilities(plan, keep_prob, q, kc, s_rows, allowed, i, keep, keep_cls, dtype):
-    """The i-th head's softmax over its line and [CLS] -> (p [n, n], p_cls [n, 1], both before
-    dropout; and their dropped versions). s_rows: the raw q.k^T dot [n, n] (float32 accumulated)."""
-    sd = jnp.float32
-    scale = plan.head_dim ** -0.5
-    neg = jnp.finfo(sd).min
+def _row(col, n):
+    """(n, 1) -> (1, n), as `_column`."""
+    eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, col, 0), axis=0, keepdims=True)
+
+
+def _bit(bits, i):
+    return jax.lax.shift_right_logical(bits, jnp.int32(i)) & 1
+
+
+def _dropped(x, keep_bit, keep_prob):
+    """`apply_dropout_mask` of float32 x with an int keep bit."""
+    return x if keep_bit is None else jnp.where(keep_bit != 0, x / jnp.asarray(keep_prob, jnp.float32), 0.0)
+
+
+@dataclasses.dataclass
+class _Window:
+    """What both kernels read of one window and column block: q, k, v [n, lanes], [CLS]'s qc, kc,
+    vc [1, lanes], `same` [n, n] (key rows and key columns of one line), `allowed` [n, n] (query
+    row, key column of its line, not padding), `pad_row` [1, n] or None, the keep masks of a head
+    (`pairs(i)` [n, n], `cls_bits(i)` [1, n]: bit 0 the query's [CLS] key, bit 1 [CLS]'s query
+    against the key, bit 2 [CLS]'s query against itself for the key's line) or None, `first`
+    [n, 1] (the first key of each line)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    qc: jax.Array
+    kc: jax.Array
+    vc: jax.Array
+    same: jax.Array
+    allowed: jax.Array
+    pad_row: object
+    pairs: object
+    cls_bits: object
+    first: jax.Array
+
+
+def _window_inputs(plan, refs, has_pad, has_keep):
+    """The common inputs of both kernels from their refs -> (_Window, the remaining refs)."""
+    n, lanes = plan.window_tokens, plan.lanes
+    q_ref, k_ref, v_ref, qc_ref, kc_ref, vc_ref, row_ref, col_ref, *refs = refs
+    q, k, v = (_load(r, n, lanes) for r in (q_ref, k_ref, v_ref))
+    qc, kc, vc = (r[...].reshape(1, lanes) for r in (qc_ref, kc_ref, vc_ref))
+    same = col_ref[...] == row_ref[...]  # (n, 1) == (1, n)
+    earlier = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1) < jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    first = jnp.sum(jnp.where(same & earlier, 1, 0), axis=1, keepdims=True) == 0
+    allowed, pad_row = same, None
+    if has_pad:
+        pad_ref, *refs = refs
+        pad_row = pad_ref[...].astype(jnp.int32) != 0
+        allowed = same & ~pad_row
+    pairs = cls_bits = None
+    if has_keep:
+        pairs_ref, bits_ref, *refs = refs
+        pairs = lambda i: pairs_ref[i].astype(jnp.int32)  # noqa: E731  (n, n)
+        cls_bits = lambda i: bits_ref[pl.ds(i, 1), :].astype(jnp.int32)  # noqa: E731  (1, n)
+    return _Window(q, k, v, qc, kc, vc, same, allowed, pad_row, pairs, cls_bits, first.astype(jnp.float32)), refs
+
+
+def _head_of(x, in_head):
+    return jnp.where(in_head, x, jnp.zeros_like(x))
+
+
+def _token_probabilities(plan, keep_prob, win: _Window, i):
+    """The tokens' queries of head i: softmax over their line's keys and [CLS] -> (p [n, n],
+    p_cls [n, 1]) before dropout, and after."""
+    f32, dtype = jnp.float32, win.q.dtype
+    scale, neg = plan.head_dim ** -0.5, jnp.finfo(f32).min
     in_head = _head_tile(plan, i)
     # As `_line_attention`: the dots' outputs in the compute dtype, then float32.
-    s = s_rows.astype(dtype).astype(sd) * scale
-    qkc = jnp.where(in_head, q.astype(sd) * kc.astype(sd), 0.0)
-    s_c = jnp.sum(qkc, axis=1, keepdims=True).astype(dtype).astype(sd) * scale
-    s = jnp.where(allowed, s, neg)
+    s = _nt(_head_of(win.q, in_head), win.k).astype(dtype).astype(f32) * scale
+    q_kc = jnp.where(in_head, win.q.astype(f32) * win.kc.astype(f32), 0.0)
+    s_c = jnp.sum(q_kc, axis=1, keepdims=True).astype(dtype).astype(f32) * scale
+    s = jnp.where(win.allowed, s, neg)
     m = jnp.maximum(jnp.max(s, axis=1, keepdims=True), s_c)
     e, e_c = jnp.exp(s - m), jnp.exp(s_c - m)
     z = jnp.sum(e, axis=1, keepdims=True) + e_c
     p, p_c = e / z, e_c / z
-    if keep is None:
+    if win.pairs is None:
         return p, p_c, p, p_c
-    kp = jnp.asarray(keep_prob, sd)
-    return p, p_c, jnp.where(keep != 0, p / kp, 0.0), jnp.where(keep_cls != 0, p_c / kp, 0.0)
+    n = plan.window_tokens
+    return p, p_c, _dropped(p, win.pairs(i), keep_prob), _dropped(p_c, _column(_bit(win.cls_bits(i), 0), n), keep_prob)
+
+
+def _cls_probabilities(plan, keep_prob, win: _Window, i):
+    """[CLS]'s query of head i: one softmax per line over its keys and [CLS] -> per key, as a row
+    [1, n] and a column [n, 1], its probability, and (column) its line's [CLS] probability;
+    before dropout and after, and the keep bits of the lines' [CLS] probabilities per key (None
+    without dropout): (pc_row, pc_col, pcc_col, dropped pc_row, pc_col, pcc_col, keep_cc_col)."""
+    f32, dtype, n = jnp.float32, win.q.dtype, plan.window_tokens
+    scale, neg = plan.head_dim ** -0.5, jnp.finfo(f32).min
+    in_head = _head_tile(plan, i)
+    c_row = _nt(_head_of(win.qc, in_head), win.k).astype(dtype).astype(f32) * scale
+    qc_kc = jnp.where(in_head, win.qc.astype(f32) * win.kc.astype(f32), 0.0)
+    c_cls = jnp.sum(qc_kc, axis=1, keepdims=True).astype(dtype).astype(f32) * scale  # (1, 1)
+    if win.pad_row is not None:
+        c_row = jnp.where(win.pad_row, neg, c_row)
+    c_col = _column(c_row, n)
+    # Each line's maximum and sum, as a column (a key's line over the key columns) and a row.
+    m_col = jnp.maximum(jnp.max(jnp.where(win.same, c_row, neg), axis=1, keepdims=True), c_cls)
+    m_row = jnp.maximum(jnp.max(jnp.where(win.same, c_col, neg), axis=0, keepdims=True), c_cls)
+    e_row, e_col = jnp.exp(c_row - m_row), jnp.exp(c_col - m_col)
+    ecc_col, ecc_row = jnp.exp(c_cls - m_col), jnp.exp(c_cls - m_row)
+    z_col = jnp.sum(jnp.where(win.same, e_row, 0.0), axis=1, keepdims=True) + ecc_col
+    z_row = jnp.sum(jnp.where(win.same, e_col, 0.0), axis=0, keepdims=True) + ecc_row
+    pc_row, pc_col, pcc_col = e_row / z_row, e_col / z_col, ecc_col / z_col
+    if win.cls_bits is None:
+        return pc_row, pc_col, pcc_col, pc_row, pc_col, pcc_col, None
+    bits = win.cls_bits(i)
+    # A line's [CLS]-against-[CLS] bit is its first token's bit 2, for every key of the line.
+    first_bit_row = _row(win.first, n) * _bit(bits, 2).astype(f32)
+    keep_cc_col = jnp.sum(jnp.where(win.same, first_bit_row, 0.0), axis=1, keepdims=True)
+    return (pc_row, pc_col, pcc_col, _dropped(pc_row, _bit(bits, 1), keep_prob),
+            _dropped(pc_col, _column(_bit(bits, 1), n), keep_prob), _dropped(pcc_col, keep_cc_col, keep_prob),
+            keep_cc_col)
 
 
 def _load(ref, n, lanes):
     return ref[...].reshape(n, lanes)
 
 
-def _window_inputs(plan, refs, has_pad, has_keep):
-    """The common inputs of both kernels from their refs -> (q, k, v, kc, vc, allowed,
-    keep_of_head, keep_cls_of_head, rest of refs)."""
-    n, lanes = plan.window_tokens, plan.lanes
-    q_ref, k_ref, v_ref, kc_ref, vc_ref, row_ref, col_ref, *refs = refs
-    q, k, v = (_load(r, n, lanes) for r in (q_ref, k_ref, v_ref))
-    kc, vc = kc_ref[...].reshape(1, lanes), vc_ref[...].reshape(1, lanes)
-    allowed = col_ref[...] == row_ref[...]  # (n, 1) == (1, n): same line
-    if has_pad:
-        pad_ref, *refs = refs
-        allowed = allowed & (pad_ref[...].astype(jnp.int32) == 0)
-    keep = keep_cls = None
-    if has_keep:
-        keep_ref, keep_cls_ref, *refs = refs
-        keep = lambda i: keep_ref[i].astype(jnp.int32)  # noqa: E731  (n, n)
-        keep_cls = lambda i: _column(keep_cls_ref[pl.ds(i, 1), :].astype(jnp.int32), n)  # noqa: E731  (n, 1)
-    return q, k, v, kc, vc, allowed, keep, keep_cls, refs
-
-
 def _forward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
-    q, k, v, kc, vc, allowed, keep, keep_cls, (out_ref,) = _window_inputs(plan, refs, has_pad, has_keep)
-    n, lanes = plan.window_tokens, plan.lanes
-    out = jnp.zeros((n, lanes), jnp.float32)
+    win, (out_ref, out_c_ref) = _window_inputs(plan, refs, has_pad, has_keep)
+    n, lanes, f32 = plan.window_tokens, plan.lanes, jnp.float32
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        out_c_ref[...] = jnp.zeros_like(out_c_ref)
+
+    v, vc = win.v, win.vc.astype(f32)
+    out = jnp.zeros((n, lanes), f32)
+    out_c = jnp.zeros((1, lanes), f32)
     for i in range(plan.heads_per_block):
         in_head = _head_tile(plan, i)
-        s_rows = _nt(jnp.where(in_head, q, jnp.zeros_like(q)), k)
-        _, _, p, p_c = _probabilities(plan, keep_prob, q, kc, s_rows, allowed, i,
-                                      keep and keep(i), keep_cls and keep_cls(i), q.dtype)
-        head = _nn(p.astype(v.dtype), v) + p_c.astype(v.dtype).astype(jnp.float32) * vc.astype(jnp.float32)
+        _, _, p, p_c = _token_probabilities(plan, keep_prob, win, i)
+        head = _nn(p.astype(v.dtype), v) + p_c.astype(v.dtype).astype(f32) * vc
         out = out + jnp.where(in_head, head, 0.0)
+        *_, pc_row, _, pcc_col, _ = _cls_probabilities(plan, keep_prob, win, i)
+        lines_cls = jnp.sum(win.first * pcc_col.astype(v.dtype).astype(f32), axis=0, keepdims=True)  # (1, 1)
+        out_c = out_c + jnp.where(in_head, _nn(pc_row.astype(v.dtype), v) + lines_cls * vc, 0.0)
     out_ref[...] = out.astype(out_ref.dtype).reshape(out_ref.shape)
+    out_c_ref[...] += out_c.reshape(out_c_ref.shape)
 
 
 def _backward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
-    q, k, v, kc, vc, allowed, keep, keep_cls, refs = _window_inputs(plan, refs, has_pad, has_keep)
-    do_ref, dq_ref, dk_ref, dv_ref, dkc_ref, dvc_ref = refs
+    win, refs = _window_inputs(plan, refs, has_pad, has_keep)
+    do_ref, do_c_ref, dq_ref, dk_ref, dv_ref, dqc_ref, dkc_ref, dvc_ref = refs
     n, lanes = plan.window_tokens, plan.lanes
     scale = plan.head_dim ** -0.5
     f32 = jnp.float32
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        dkc_ref[...] = jnp.zeros_like(dkc_ref)
-        dvc_ref[...] = jnp.zeros_like(dvc_ref)
+        for ref in (dqc_ref, dkc_ref, dvc_ref):
+            ref[...] = jnp.zeros_like(ref)
 
+    q, k, v = win.q, win.k, win.v
+    qc, kc, vc = (x.astype(f32) for x in (win.qc, win.kc, win.vc))
     do = _load(do_ref, n, lanes)
+    do_c = do_c_ref[...].reshape(1, lanes)  # float32: the gradient of [CLS]'s summed outputs
     dq = dk = dv = jnp.zeros((n, lanes), f32)
-    dkc = dvc = jnp.zeros((1, lanes), f32)
-    kp = jnp.asarray(keep_prob, f32)
+    dqc = dkc = dvc = jnp.zeros((1, lanes), f32)
     for i in range(plan.heads_per_block):
         in_head = _head_tile(plan, i)
-        q_i = jnp.where(in_head, q, jnp.zeros_like(q))
-        do_i = jnp.where(in_head, do, jnp.zeros_like(do))
-        keep_i, keep_cls_i = (keep and keep(i)), (keep_cls and keep_cls(i))
-        p, p_c, p_drop, p_c_drop = _probabilities(plan, keep_prob, q, kc, _nt(q_i, k), allowed, i,
-                                                  keep_i, keep_cls_i, q.dtype)
+        do_i = _head_of(do, in_head)
+        pairs_i = None if win.pairs is None else win.pairs(i)
+        keep_cls_i = None if win.cls_bits is None else _column(_bit(win.cls_bits(i), 0), n)
+        p, p_c, p_drop, p_c_drop = _token_probabilities(plan, keep_prob, win, i)
         # Gradients of the dropped probabilities (the PV dot's output rounded as the forward's).
-        dp = _nt(do_i, v).astype(v.dtype).astype(f32)
-        dp_c = jnp.sum(do_i.astype(f32) * vc.astype(f32), axis=1, keepdims=True)
-        if keep is not None:
-            dp = jnp.where(keep_i != 0, dp / kp, 0.0)
-            dp_c = jnp.where(keep_cls_i != 0, dp_c / kp, 0.0)
+        dp = _dropped(_nt(do_i, v).astype(v.dtype).astype(f32), pairs_i, keep_prob)
+        dp_c = _dropped(jnp.sum(do_i.astype(f32) * vc, axis=1, keepdims=True), keep_cls_i, keep_prob)
         # Softmax backward over the line's keys and [CLS], then through the scale.
         delta = jnp.sum(p * dp, axis=1, keepdims=True) + p_c * dp_c
         ds = (p * (dp - delta) * scale).astype(q.dtype)
         ds_c = (p_c * (dp_c - delta) * scale).astype(q.dtype).astype(f32)
-        dq = dq + jnp.where(in_head, _nn(ds, k) + ds_c * kc.astype(f32), 0.0)
+        dq = dq + jnp.where(in_head, _nn(ds, k) + ds_c * kc, 0.0)
         dk = dk + jnp.where(in_head, _tn(ds, q), 0.0)
         dv = dv + jnp.where(in_head, _tn(p_drop.astype(v.dtype), do), 0.0)
         dkc = dkc + jnp.where(in_head, jnp.sum(ds_c * q.astype(f32), axis=0, keepdims=True), 0.0)
         dvc = dvc + jnp.where(in_head, jnp.sum(p_c_drop.astype(v.dtype).astype(f32) * do.astype(f32), axis=0,
                                                 keepdims=True), 0.0)
+        # [CLS]'s query: the same per line, its keys as rows and columns.
+        do_c_i = jnp.where(in_head, do_c, 0.0)
+        pc_row, pc_col, pcc_col, _, pcd_col, pccd_col, keep_cc_col = _cls_probabilities(plan, keep_prob, win, i)
+        dpc_row = _nt(do_c_i, v.astype(f32))  # (1, n)
+        dpcc = jnp.sum(do_c_i * vc, axis=1, keepdims=True)  # (1, 1)
+        bits = None if win.cls_bits is None else win.cls_bits(i)
+        dpc_row = _dropped(dpc_row, None if bits is None else _bit(bits, 1), keep_prob)
+        dpc_col = _column(dpc_row, n)
+        dpcc_col = _dropped(jnp.broadcast_to(dpcc, (n, 1)), keep_cc_col, keep_prob)
+        delta_col = jnp.sum(jnp.where(win.same, pc_row * dpc_row, 0.0), axis=1, keepdims=True) + pcc_col * dpcc_col
+        dc_col = pc_col * (dpc_col - delta_col) * scale
+        dc_row = _row(dc_col, n)
+        dcc = jnp.sum(win.first * pcc_col * (dpcc_col - delta_col), axis=0, keepdims=True) * scale  # (1, 1)
+        dqc = dqc + jnp.where(in_head, _nn(dc_row, k.astype(f32)) + dcc * kc, 0.0)
+        dk = dk + jnp.where(in_head, dc_col * qc, 0.0)
+        dkc = dkc + jnp.where(in_head, dcc * qc, 0.0)
+        dv = dv + jnp.where(in_head, pcd_col.astype(v.dtype).astype(f32) * do_c, 0.0)
+        lines_cls = jnp.sum(win.first * pccd_col.astype(v.dtype).astype(f32), axis=0, keepdims=True)
+        dvc = dvc + jnp.where(in_head, lines_cls * do_c, 0.0)
     for ref, x in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
         ref[...] = x.astype(ref.dtype).reshape(ref.shape)
-    dkc_ref[...] += dkc.reshape(dkc_ref.shape)
-    dvc_ref[...] += dvc.reshape(dvc_ref.shape)
+    for ref, x in ((dqc_ref, dqc), (dkc_ref, dkc), (dvc_ref, dvc)):
+        ref[...] += x.reshape(ref.shape)
 
 
 def _div(i, n: int):
@@ -299,7 +409,7 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
     def cls_block(shift):
         return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, q_col(j) + shift))
 
-    specs = [grid_block(0), grid_block(bpa), grid_block(2 * bpa), cls_block(bpa), cls_block(2 * bpa),
+    specs = [grid_block(0), grid_block(bpa), grid_block(2 * bpa), cls_block(0), cls_block(bpa), cls_block(2 * bpa),
              pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
              pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0))]
     if has_pad:
@@ -314,7 +424,7 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
 
 def _inputs(plan, qkv, qkv_cls, pad, keep):
     ids = jnp.asarray(plan.line_ids())
-    args = [qkv, qkv, qkv, qkv_cls[:, None], qkv_cls[:, None], ids[:, None, :], ids[:, :, None]]
+    args = [qkv] * 3 + [qkv_cls[:, None]] * 3 + [ids[:, None, :], ids[:, :, None]]
     if pad is not None:
         args.append(pad)
     if keep is not None:
@@ -324,17 +434,24 @@ def _inputs(plan, qkv, qkv_cls, pad, keep):
 
 def _cost(plan: Plan, batch: int, args, outs, backward: bool) -> pl.CostEstimate:
     """Honest counts of one call: the MXU work as issued (each head's dots over a column block's
-    128 lanes, masked to its own: hp times a head's FLOPs), exp per score, bytes of the blocks
-    read and written (q, k, v and the masks once per window and column block)."""
+    lanes, masked to its own: heads_per_block times a head's FLOPs), one exp per probability,
+    and the bytes of the arrays read and written (each block of q, k, v and the masks is read once)."""
     n, lanes, hp = plan.window_tokens, plan.lanes, plan.heads_per_block
     steps = batch * plan.column_blocks * plan.num_windows
-    dots = 5 if backward else 2  # forward: QK^T, PV; backward: QK^T, dO V^T, dS K, dS^T Q, P^T dO
-    flops = steps * hp * dots * 2 * n * n * lanes
-    transcendentals = steps * hp * n * (n + 1)
+    # Forward: QK^T, PV [n, n, lanes]; [CLS]'s q.K^T, P.V [1, n, lanes]. Backward: QK^T, dO.V^T,
+    # dS.K, dS^T.Q, P^T.dO and [CLS]'s q.K^T, dO.V^T, dS.K.
+    token_dots, cls_dots = (5, 3) if backward else (2, 2)
+    flops = steps * hp * 2 * n * lanes * (token_dots * n + cls_dots)
+    transcendentals = steps * hp * (n * (n + 1) + 4 * n)
     nbytes = sum(a.size * a.dtype.itemsize for a in args) + sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize
                                                                 for o in outs)
-    # q, k, v are the same array passed three times: each of its column blocks is read once.
     return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(nbytes))
+
+
+def _read_once(args):
+    """The arguments as the kernel reads them: the q|k|v array and the [CLS] row, each passed
+    three times (q, k, v column blocks), once."""
+    return args[2:3] + args[5:]
 
 
 def _on_platform(call, args):
@@ -349,46 +466,47 @@ def _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep):
                         _inputs(plan, qkv, qkv_cls, pad, keep))
 
 
+def _cls_block(lanes):
+    return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, j))
+
+
 def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
     b, qkv = args[0].shape[0], args[0]
     in_specs, out_block = _specs(plan, has_pad, has_keep)
-    out_shape = jax.ShapeDtypeStruct((*qkv.shape[:4], plan.column_blocks * plan.lanes), qkv.dtype)
+    width = plan.column_blocks * plan.lanes
+    out_shapes = [jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype),
+                  jax.ShapeDtypeStruct((b, 1, width), jnp.float32)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, plan, keep_prob, has_pad, has_keep),
-        out_shape=out_shape, grid=(b, plan.column_blocks, plan.num_windows),
-        in_specs=in_specs, out_specs=out_block, interpret=interpret, name="line_attention_fwd",
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-        cost_estimate=_cost(plan, b, _qkv_read(plan, args), [out_shape], backward=False),
+        out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
+        in_specs=in_specs, out_specs=[out_block, _cls_block(plan.lanes)], interpret=interpret,
+        name="line_attention_fwd",
+        # [CLS]'s outputs are summed over the windows: the last axis in order.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(plan, b, _read_once(args), out_shapes, backward=False),
     )(*args)
 
 
-def _qkv_read(plan, args):
-    """The arguments as the kernel reads them: the q|k|v array once, not three times."""
-    return args[2:]
-
-
-def _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out):
+def _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_out_c):
     return _on_platform(functools.partial(_backward, plan, keep_prob, pad is not None, keep is not None),
-                        _inputs(plan, qkv, qkv_cls, pad, keep) + [d_out])
+                        _inputs(plan, qkv, qkv_cls, pad, keep) + [d_out, d_out_c])
 
 
 def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
     b, qkv = args[0].shape[0], args[0]
-    args = list(args)
     in_specs, out_block = _specs(plan, has_pad, has_keep)
     width = plan.column_blocks * plan.lanes
-    grid_shape = jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype)
-    cls_shape = jax.ShapeDtypeStruct((b, 1, width), jnp.float32)
-    cls_block = pl.BlockSpec((pl.Squeezed(), 1, plan.lanes), lambda b_, j, wi: (b_, 0, j))
-    out_shapes = [grid_shape] * 3 + [cls_shape] * 2
+    out_shapes = ([jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype)] * 3
+                  + [jax.ShapeDtypeStruct((b, 1, width), jnp.float32)] * 3)
+    cls_block = _cls_block(plan.lanes)
     return pl.pallas_call(
         functools.partial(_backward_kernel, plan, keep_prob, has_pad, has_keep),
         out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
-        in_specs=in_specs + [out_block], out_specs=[out_block] * 3 + [cls_block] * 2,
+        in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 3,
         interpret=interpret, name="line_attention_bwd",
-        # [CLS]'s key and value gradients are summed over the windows: the last axis in order.
+        # [CLS]'s gradients are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(plan, b, _qkv_read(plan, args), out_shapes, backward=True),
+        cost_estimate=_cost(plan, b, _read_once(list(args)), out_shapes, backward=True),
     )(*args)
 
 
@@ -401,83 +519,40 @@ def _interleave(plan, dq, dk, dv, axis=-1):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _token_attention(plan, keep_prob, qkv, qkv_cls, pad, keep):
-    """The tokens' outputs [B, T, H, W, F] of all attentions of a block (see the module docstring)."""
-    return _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
+def _attention(plan, keep_prob, qkv, qkv_cls, pad, keep):
+    """([CLS]'s outputs averaged over the lines [B, F], the tokens' [B, T, H, W, F]) of all
+    attentions of a block (the module docstring)."""
+    return _attention_fwd(plan, keep_prob, qkv, qkv_cls, pad, keep)[0]
 
 
-def _token_attention_fwd(plan, keep_prob, qkv, qkv_cls, pad, keep):
-    out = _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
-    return out, (qkv, qkv_cls, pad, keep)
+def _attention_fwd(plan, keep_prob, qkv, qkv_cls, pad, keep):
+    out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
+    # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
+    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv, qkv_cls, pad, keep)
 
 
-def _token_attention_bwd(plan, keep_prob, residuals, d_out):
+def _attention_bwd(plan, keep_prob, residuals, cotangents):
     qkv, qkv_cls, pad, keep = residuals
-    dq, dk, dv, dkc, dvc = _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out)
-    d_qkv = _interleave(plan, dq, dk, dv)
-    dkc, dvc = dkc[:, 0].astype(qkv_cls.dtype), dvc[:, 0].astype(qkv_cls.dtype)
-    d_qkv_cls = _interleave(plan, jnp.zeros_like(dkc), dkc, dvc)
+    d_out_c, d_out = cotangents
+    d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
+    dq, dk, dv, dqc, dkc, dvc = _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_sum_c)
+    d_qkv_cls = _interleave(plan, *(x[:, 0].astype(qkv_cls.dtype) for x in (dqc, dkc, dvc)))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
-    return (d_qkv, d_qkv_cls) + zeros
+    return (_interleave(plan, dq, dk, dv), d_qkv_cls) + zeros
 
 
-_token_attention.defvjp(_token_attention_fwd, _token_attention_bwd)
-
-
-def _cls_query_attention(plan, qkv, qkv_cls, key_is_pad, keep_cls_query, keep_prob):
-    """[CLS]'s query per attention, in XLA: one softmax per line over its keys and [CLS]'s own,
-    dropout, the mean over the lines of its outputs -> [B, F] (the attentions side by side).
-    keep_cls_query: per attention (keep of the line's keys [B, N, heads, L], of [CLS] [B, N,
-    heads]) in `attention.to_lines` order, or None."""
-    h, d, f = plan.heads, plan.head_dim, plan.heads * plan.head_dim
-    sd = _score_dtype(qkv.dtype)
-    neg, scale = jnp.finfo(sd).min, d ** -0.5
-    outs = []
-    for a, axes in enumerate(plan.attentions):
-        base = 3 * f * a
-        qc, kc, vc = (qkv_cls[:, base + i * f: base + (i + 1) * f].reshape(-1, h, d) for i in range(3))
-        k, v = (qkv[..., base + i * f: base + (i + 1) * f].reshape(*qkv.shape[:4], h, d) for i in (1, 2))
-        c = to_lines(jnp.einsum("bthwnd,bnd->bthwn", k, qc).astype(sd) * scale, axes)  # [B, N, L, h]
-        if key_is_pad is not None:
-            c = jnp.where(to_lines(key_is_pad, axes)[..., None], neg, c)
-        c = einops.rearrange(c, "b n l h -> b n h l")
-        c_cls = jnp.einsum("bnd,bnd->bn", qc, kc).astype(sd) * scale
-        probs, probs_cc = _softmax_with_extra_key(c, jnp.broadcast_to(c_cls[:, None], c.shape[:-1]))
-        if keep_cls_query is not None:
-            probs, probs_cc = (apply_dropout_mask(x, m, keep_prob) for x, m in zip((probs, probs_cc),
-                                                                                    keep_cls_query[a]))
-        probs_grid = from_lines(einops.rearrange(probs.astype(v.dtype), "b n h l -> b n l h"), axes, plan.grid)
-        out_c = (jnp.einsum("bthwn,bthwnd->bnd", probs_grid, v, preferred_element_type=sd)
-                 + jnp.einsum("bgn,bnd->bnd", probs_cc.astype(v.dtype), vc, preferred_element_type=sd))
-        outs.append((out_c / c.shape[1]).astype(v.dtype).reshape(-1, f))
-    return jnp.concatenate(outs, axis=-1)
-
-
-def draw_cls_query_masks(key, keep_prob: float, batch: int, plan: Plan):
-    """Keep masks of [CLS]'s query per attention: ([B, N, heads, L], [B, N, heads]) bool."""
-    t, h, w = plan.grid
-    sizes = dict(zip(AXES, (t, h, w)))
-    masks = []
-    for axes, k in zip(plan.attentions, jax.random.split(key, len(plan.attentions))):
-        length = math.prod(sizes[a] for a in axes)
-        lines = t * h * w // length
-        k1, k2 = jax.random.split(k)
-        masks.append((jax.random.bernoulli(k1, keep_prob, (batch, lines, plan.heads, length)),
-                      jax.random.bernoulli(k2, keep_prob, (batch, lines, plan.heads))))
-    return tuple(masks)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_attention(plan: Plan, qkv_cls, qkv, key_is_pad, keep, keep_prob: float):
     """All parallel attentions of a block: qkv_cls [B, C], qkv [B, T, H, W, C] (C = per attention
-    [q | k | v], each heads x head_dim), key_is_pad [B, T, H, W] bool or None, keep: None or
-    (kernel masks `draw_keep_masks`, [CLS] query masks `draw_cls_query_masks`) -> ([CLS]'s
-    outputs [B, F], the tokens' [B, T, H, W, F]), F = attentions x heads x head_dim."""
+    [q | k | v], each heads x head_dim), key_is_pad [B, T, H, W] bool or None, keep: the masks of
+    `draw_keep_masks` or None -> ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]),
+    F = attentions x heads x head_dim."""
     if qkv.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {qkv.dtype}")
     pad = None
     if key_is_pad is not None:
         flat = key_is_pad.reshape(key_is_pad.shape[0], -1)
         pad = flat[:, plan.window_tokens_global()][:, :, None, :].astype(jnp.int8)  # [B, windows, 1, n]
-    token_keep, cls_keep = (None, None) if keep is None else keep
-    out = _token_attention(plan, keep_prob, qkv, qkv_cls, pad, token_keep)
-    return _cls_query_attention(plan, qkv, qkv_cls, key_is_pad, cls_keep, keep_prob), out
+    return _attention(plan, keep_prob, qkv, qkv_cls, pad, keep)
