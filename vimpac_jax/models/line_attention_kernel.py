@@ -448,6 +448,11 @@ def _cost(plan: Plan, batch: int, args, outs, backward: bool) -> pl.CostEstimate
     return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(nbytes))
 
 
+# q, k, v and [CLS]'s row are slices of the block's projection [B, 1 + T*H*W, C]: XLA may fuse
+# the slicing into the kernel's reads instead of copying the grid's rows out first.
+_INPUT_FUSION = (True,) * 6 + (False,) * 8
+
+
 def _read_once(args):
     """The arguments as the kernel reads them: the q|k|v array and the [CLS] row, each passed
     three times (q, k, v column blocks), once."""
@@ -482,7 +487,8 @@ def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         in_specs=in_specs, out_specs=[out_block, _cls_block(plan.lanes)], interpret=interpret,
         name="line_attention_fwd",
         # [CLS]'s outputs are summed over the windows: the last axis in order.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             allow_input_fusion=_INPUT_FUSION[:len(args)]),
         cost_estimate=_cost(plan, b, _read_once(args), out_shapes, backward=False),
     )(*args)
 
@@ -505,7 +511,8 @@ def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 3,
         interpret=interpret, name="line_attention_bwd",
         # [CLS]'s gradients are summed over the windows: the last axis in order.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             allow_input_fusion=_INPUT_FUSION[:len(args)]),
         cost_estimate=_cost(plan, b, _read_once(list(args)), out_shapes, backward=True),
     )(*args)
 
@@ -518,41 +525,50 @@ def _interleave(plan, dq, dk, dv, axis=-1):
     return jnp.concatenate(parts, axis=axis)
 
 
+def _split_sequence(plan: Plan, seq):
+    """[B, 1 + T*H*W, C] -> ([CLS]'s row [B, C], the grid's [B, T, H, W, C])."""
+    return seq[:, 0], seq[:, 1:].reshape(seq.shape[0], *plan.grid, seq.shape[-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(plan, keep_prob, qkv, qkv_cls, pad, keep):
+def _attention(plan, keep_prob, seq, pad, keep):
     """([CLS]'s outputs averaged over the lines [B, F], the tokens' [B, T, H, W, F]) of all
     attentions of a block (the module docstring)."""
-    return _attention_fwd(plan, keep_prob, qkv, qkv_cls, pad, keep)[0]
+    return _attention_fwd(plan, keep_prob, seq, pad, keep)[0]
 
 
-def _attention_fwd(plan, keep_prob, qkv, qkv_cls, pad, keep):
+def _attention_fwd(plan, keep_prob, seq, pad, keep):
+    qkv_cls, qkv = _split_sequence(plan, seq)
     out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
     # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
-    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv, qkv_cls, pad, keep)
+    return ((out_c[:, 0] / plan.lines_of_columns()).astype(seq.dtype), out), (seq, pad, keep)
 
 
 def _attention_bwd(plan, keep_prob, residuals, cotangents):
-    qkv, qkv_cls, pad, keep = residuals
+    seq, pad, keep = residuals
+    qkv_cls, qkv = _split_sequence(plan, seq)
     d_out_c, d_out = cotangents
     d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
     dq, dk, dv, dqc, dkc, dvc = _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_sum_c)
-    d_qkv_cls = _interleave(plan, *(x[:, 0].astype(qkv_cls.dtype) for x in (dqc, dkc, dvc)))
+    # One concatenation into the sequence's layout (not a pad of each part and their sum).
+    d_cls = _interleave(plan, *(x.astype(seq.dtype) for x in (dqc, dkc, dvc)))  # [B, 1, C]
+    d_grid = _interleave(plan, dq, dk, dv).reshape(seq.shape[0], -1, seq.shape[-1])
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
-    return (_interleave(plan, dq, dk, dv), d_qkv_cls) + zeros
+    return (jnp.concatenate([d_cls, d_grid], axis=1),) + zeros
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_attention(plan: Plan, qkv_cls, qkv, key_is_pad, keep, keep_prob: float):
-    """All parallel attentions of a block: qkv_cls [B, C], qkv [B, T, H, W, C] (C = per attention
-    [q | k | v], each heads x head_dim), key_is_pad [B, T, H, W] bool or None, keep: the masks of
-    `draw_keep_masks` or None -> ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]),
-    F = attentions x heads x head_dim."""
-    if qkv.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {qkv.dtype}")
+def block_attention(plan: Plan, seq, key_is_pad, keep, keep_prob: float):
+    """All parallel attentions of a block on its projections: seq [B, 1 + T*H*W, C] ([CLS]'s row
+    first, then the grid row-major; C = per attention [q | k | v], each heads x head_dim),
+    key_is_pad [B, T, H, W] bool or None, keep: the masks of `draw_keep_masks` or None ->
+    ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]), F = attentions x heads x head_dim."""
+    if seq.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {seq.dtype}")
     pad = None
     if key_is_pad is not None:
         flat = key_is_pad.reshape(key_is_pad.shape[0], -1)
         pad = flat[:, plan.window_tokens_global()][:, :, None, :].astype(jnp.int8)  # [B, windows, 1, n]
-    return _attention(plan, keep_prob, qkv, qkv_cls, pad, keep)
+    return _attention(plan, keep_prob, seq, pad, keep)
