@@ -34,7 +34,8 @@ def _line_attention_masks(plan, a, group, keep):
     lines = np.asarray(attention.to_lines(np.arange(np.prod(plan.grid)).reshape(1, *plan.grid), plan.attentions[a]))[0]
     win, pos = where[0][lines], where[1][lines]  # [N, L]
     num_lines, length = lines.shape
-    line_pairs = pairs[:, win[:, :, None], :, pos[:, :, None], pos[:, None, :]]  # [N, L, L, B, h]
+    key_index = np.arange(length)[None, None, :]  # the kernel's row of a key: its position in the line
+    line_pairs = pairs[:, win[:, :, None], :, key_index, pos[:, :, None]]  # [N, L (query), L (key), B, h]
     line_pairs = einops.rearrange(line_pairs, "n l k b h -> b n h l k")
     line_cls = einops.rearrange(cls_key[:, win, :, pos], "n l b h -> b n h l")
     keep_c = einops.rearrange(cls_query[:, win, :, pos], "n l b h -> b n h l")

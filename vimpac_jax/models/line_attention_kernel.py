@@ -132,6 +132,22 @@ class Plan:
                        else np.zeros(len(coords), np.int64))
         return np.asarray(ids, np.int32)
 
+    def line_positions(self) -> np.ndarray:
+        """[attentions, n] int32: the position of each of a window's tokens in its line (row-major
+        over the attended axes, as `attention.to_lines` orders a line)."""
+        coords = np.stack(np.meshgrid(*[np.arange(s) for s in self.window], indexing="ij"), -1).reshape(-1, 3)
+        positions = []
+        for axes in self.attentions:
+            attended = [i for i, a in enumerate(AXES) if a in axes]
+            positions.append(np.ravel_multi_index(tuple(coords[:, i] for i in attended),
+                                                  [self.window[i] for i in attended]))
+        return np.asarray(positions, np.int32)
+
+    @property
+    def line_rows(self) -> int:
+        """Rows of the pair masks per head: the longest line, rounded up to 8 (a tile's sublanes)."""
+        return -(-int(self.line_positions().max() + 1) // 8) * 8
+
     def window_tokens_global(self) -> np.ndarray:
         """[windows, n]: the grid index (row-major over (T, H, W)) of each window's tokens."""
         t, h, w = self.grid
@@ -141,15 +157,15 @@ class Plan:
 
 
 def draw_keep_masks(key, keep_prob: float, batch: int, plan: Plan):
-    """The attention-dropout keep masks in the kernel's windows: (pairs [B, windows, A*heads, n, n]
-    int8, the tokens' queries (rows) against their line's keys (columns; other entries unused);
+    """The attention-dropout keep masks in the kernel's windows: (pairs [B, windows, A*heads, R, n]
+    int8, R = `Plan.line_rows`: the l-th key of a query's line (row l) against the query (column);
     [CLS] [B, windows, A*heads/hp, hp, n] int8 (hp heads per column block), per token: bit 0 its
     query against [CLS]'s key, bit 1 [CLS]'s query against its key, bit 2 [CLS]'s query against
     [CLS]'s key in its line (read at the line's first token only))."""
     n, heads = plan.window_tokens, len(plan.attentions) * plan.heads
     hp = plan.heads_per_block
     k_pairs, k_cls = jax.random.split(key)
-    pairs = jax.random.bernoulli(k_pairs, keep_prob, (batch, plan.num_windows, heads, n, n))
+    pairs = jax.random.bernoulli(k_pairs, keep_prob, (batch, plan.num_windows, heads, plan.line_rows, n))
     bits = jax.random.bernoulli(k_cls, keep_prob, (3, batch, plan.num_windows, heads // hp, hp, n)).astype(jnp.int8)
     return pairs.astype(jnp.int8), bits[0] | (bits[1] << 1) | (bits[2] << 2)
 
@@ -221,7 +237,7 @@ class _Window:
 def _window_inputs(plan, refs, has_pad, has_keep):
     """The common inputs of both kernels from their refs -> (_Window, the remaining refs)."""
     n, lanes = plan.window_tokens, plan.lanes
-    q_ref, k_ref, v_ref, qc_ref, kc_ref, vc_ref, row_ref, col_ref, *refs = refs
+    q_ref, k_ref, v_ref, qc_ref, kc_ref, vc_ref, row_ref, col_ref, pos_ref, *refs = refs
     q, k, v = (_load(r, n, lanes) for r in (q_ref, k_ref, v_ref))
     qc, kc, vc = (r[...].reshape(1, lanes) for r in (qc_ref, kc_ref, vc_ref))
     same = col_ref[...] == row_ref[...]  # (n, 1) == (1, n)
@@ -235,7 +251,12 @@ def _window_inputs(plan, refs, has_pad, has_keep):
     pairs = cls_bits = None
     if has_keep:
         pairs_ref, bits_ref, *refs = refs
-        pairs = lambda i: pairs_ref[i].astype(jnp.int32)  # noqa: E731  (n, n)
+        # A query's keep bits per position in its line, spread over the window's keys by a
+        # one-hot [R, n] of each key's position: [R, n]^T . [R, n] -> (query, key) [n, n].
+        rows = pairs_ref.shape[-2]
+        position = jax.lax.broadcasted_iota(jnp.int32, (rows, n), 0) == pos_ref[...]
+        one_hot = jnp.where(position, 1.0, 0.0).astype(jnp.bfloat16)
+        pairs = lambda i: _tn(pairs_ref[i].astype(jnp.bfloat16), one_hot)  # noqa: E731  (n, n), 0 or 1
         cls_bits = lambda i: bits_ref[pl.ds(i, 1), :].astype(jnp.int32)  # noqa: E731  (1, n)
     return _Window(q, k, v, qc, kc, vc, same, allowed, pad_row, pairs, cls_bits, first.astype(jnp.float32)), refs
 
@@ -411,11 +432,13 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
 
     specs = [grid_block(0), grid_block(bpa), grid_block(2 * bpa), cls_block(0), cls_block(bpa), cls_block(2 * bpa),
              pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
-             pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0))]
+             pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0)),
+             pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0))]
     if has_pad:
         specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), 1, n), lambda b, j, wi: (b, wi, 0, 0)))
     if has_keep:
-        specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), hp, n, n), lambda b, j, wi: (b, wi, j, 0, 0)))
+        specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), hp, plan.line_rows, n),
+                                  lambda b, j, wi: (b, wi, j, 0, 0)))
         specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), pl.Squeezed(), hp, n),
                                   lambda b, j, wi: (b, wi, j, 0, 0)))
     out_block = pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0, j))
@@ -424,7 +447,8 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
 
 def _inputs(plan, qkv, qkv_cls, pad, keep):
     ids = jnp.asarray(plan.line_ids())
-    args = [qkv] * 3 + [qkv_cls[:, None]] * 3 + [ids[:, None, :], ids[:, :, None]]
+    positions = jnp.asarray(plan.line_positions())
+    args = [qkv] * 3 + [qkv_cls[:, None]] * 3 + [ids[:, None, :], ids[:, :, None], positions[:, None, :]]
     if pad is not None:
         args.append(pad)
     if keep is not None:
@@ -432,7 +456,7 @@ def _inputs(plan, qkv, qkv_cls, pad, keep):
     return args
 
 
-def _cost(plan: Plan, batch: int, args, outs, backward: bool) -> pl.CostEstimate:
+def _cost(plan: Plan, batch: int, args, outs, backward: bool, has_keep: bool) -> pl.CostEstimate:
     """Honest counts of one call: the MXU work as issued (each head's dots over a column block's
     lanes, masked to its own: heads_per_block times a head's FLOPs), one exp per probability,
     and the bytes of the arrays read and written (each block of q, k, v and the masks is read once)."""
@@ -442,15 +466,12 @@ def _cost(plan: Plan, batch: int, args, outs, backward: bool) -> pl.CostEstimate
     # dS.K, dS^T.Q, P^T.dO and [CLS]'s q.K^T, dO.V^T, dS.K.
     token_dots, cls_dots = (5, 3) if backward else (2, 2)
     flops = steps * hp * 2 * n * lanes * (token_dots * n + cls_dots)
+    if has_keep:  # the pair masks spread over the window: [R, n]^T . [R, n] per head
+        flops += steps * hp * 2 * plan.line_rows * n * n
     transcendentals = steps * hp * (n * (n + 1) + 4 * n)
     nbytes = sum(a.size * a.dtype.itemsize for a in args) + sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize
                                                                 for o in outs)
     return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(nbytes))
-
-
-# q, k, v and [CLS]'s row are slices of the block's projection [B, 1 + T*H*W, C]: XLA may fuse
-# the slicing into the kernel's reads instead of copying the grid's rows out first.
-_INPUT_FUSION = (True,) * 6 + (False,) * 8
 
 
 def _read_once(args):
@@ -487,9 +508,8 @@ def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         in_specs=in_specs, out_specs=[out_block, _cls_block(plan.lanes)], interpret=interpret,
         name="line_attention_fwd",
         # [CLS]'s outputs are summed over the windows: the last axis in order.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                             allow_input_fusion=_INPUT_FUSION[:len(args)]),
-        cost_estimate=_cost(plan, b, _read_once(args), out_shapes, backward=False),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(plan, b, _read_once(args), out_shapes, backward=False, has_keep=has_keep),
     )(*args)
 
 
@@ -511,9 +531,8 @@ def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 3,
         interpret=interpret, name="line_attention_bwd",
         # [CLS]'s gradients are summed over the windows: the last axis in order.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                             allow_input_fusion=_INPUT_FUSION[:len(args)]),
-        cost_estimate=_cost(plan, b, _read_once(list(args)), out_shapes, backward=True),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(plan, b, _read_once(list(args)), out_shapes, backward=True, has_keep=has_keep),
     )(*args)
 
 
@@ -568,7 +587,8 @@ def block_attention(plan: Plan, seq, key_is_pad, keep, keep_prob: float):
     if seq.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {seq.dtype}")
     pad = None
-    if key_is_pad is not None:
-        flat = key_is_pad.reshape(key_is_pad.shape[0], -1)
-        pad = flat[:, plan.window_tokens_global()][:, :, None, :].astype(jnp.int8)  # [B, windows, 1, n]
+    if key_is_pad is not None:  # [B, windows, 1, n] in the windows' order (`Plan.window_tokens_global`)
+        bt, bh, _ = plan.window
+        pad = einops.rearrange(key_is_pad, "b (tb bt) (hb bh) w -> b (tb hb) 1 (bt bh w)", bt=bt, bh=bh)
+        pad = pad.astype(jnp.int8)
     return _attention(plan, keep_prob, seq, pad, keep)
