@@ -285,18 +285,24 @@ class AttentionBlock(nn.Module):
         attentions = [AxialAttention(axes, heads, head_dim, self.attention_dropout, self.dtype, self.implementation,
                                      name=f"axis_{i}") for i, axes in enumerate(self.attentions)]
         params = [a.qkv_params(seq.shape[-1]) for a in attentions]
-        # One matmul for the q, k, v of every attention of the block, [CLS] row included.
-        qkv = checkpoint_name(project(seq, jnp.concatenate([k for k, _ in params], axis=1),
-                                      jnp.concatenate([bias for _, bias in params]), self.dtype), "qkv")
+        kernel, bias = jnp.concatenate([k for k, _ in params], axis=1), jnp.concatenate([bias for _, bias in params])
         if self.attention_kernel == "pallas":
-            cls_out, x_out = self._attend_with_kernel(qkv, key_is_pad, heads, head_dim, deterministic)
+            # [CLS]'s row and the grid's projected apart: the kernel reads the grid's q, k, v as
+            # they come out of their matmul, not as a slice of the sequence's (a copy).
+            qkv_cls = checkpoint_name(project(seq[:, 0], kernel, bias, self.dtype), "qkv")
+            qkv_grid = checkpoint_name(project(seq[:, 1:], kernel, bias, self.dtype), "qkv")
+            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid.reshape(b, *grid, -1), key_is_pad, heads,
+                                                      head_dim, deterministic)
         elif self.attention_kernel == "xla":
+            # One matmul for the q, k, v of every attention of the block, [CLS] row included.
+            qkv = checkpoint_name(project(seq, kernel, bias, self.dtype), "qkv")
             qkv_cls, qkv_grid = qkv[:, 0], qkv[:, 1:].reshape(b, *grid, qkv.shape[-1])
             outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
                     for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
             cls_out, x_out = (jnp.concatenate([o[i] for o in outs], axis=-1) for i in (0, 1))
         else:
-            raise ValueError(f"model.attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+            raise ValueError(f"model.attention_kernel must be one of {ATTENTION_KERNELS}, "
+                             f"got {self.attention_kernel!r}")
         att = jnp.concatenate([cls_out[:, None], x_out.reshape(b, -1, self.attention_dim)], axis=1)
         out = dense(self.hidden_dim, ("heads", "embed"), name="out", dtype=self.dtype, std=self.out_init_std)
         new = Dropout(self.dropout)(out(checkpoint_name(att, "attention")), deterministic=deterministic) + seq
@@ -304,9 +310,10 @@ class AttentionBlock(nn.Module):
             new = ln(new)
         return checkpoint_name(new, "block_out")
 
-    def _attend_with_kernel(self, qkv, key_is_pad, heads, head_dim, deterministic):
-        """The block's attentions as Pallas kernels on the projection as it is, qkv [B, 1 + T*H*W,
-        C] (`line_attention_kernel.block_attention`) -> ([CLS] [B, F], tokens [B, T, H, W, F])."""
+    def _attend_with_kernel(self, qkv_cls, qkv_grid, key_is_pad, heads, head_dim, deterministic):
+        """The block's attentions as Pallas kernels on the projections as they are, qkv_cls [B, C],
+        qkv_grid [B, T, H, W, C] (`line_attention_kernel.block_attention`) -> ([CLS] [B, F],
+        tokens [B, T, H, W, F])."""
         from vimpac_jax.models import line_attention_kernel  # it builds on this module
 
         plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
@@ -314,5 +321,5 @@ class AttentionBlock(nn.Module):
         keep_prob = 1.0 - self.attention_dropout
         keep = None
         if not deterministic and self.attention_dropout > 0.0:
-            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, qkv.shape[0], plan)
-        return line_attention_kernel.block_attention(plan, qkv, key_is_pad, keep, keep_prob)
+            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, qkv_grid.shape[0], plan)
+        return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, key_is_pad, keep, keep_prob)

@@ -7,9 +7,11 @@ one more key (key padding excluded, attention-dropout keep masks drawn outside a
 and [CLS] attends to each line with itself as one more key, its output the mean over the lines.
 
 The layout is the projection's own: the kernel reads q, k, v as column blocks of the block's
-one q|k|v projection of the grid, [B, T, H, W, C] (C = the attentions' q, k, v side by side,
-`AttentionBlock`), and writes the tokens' outputs as [B, T, H, W, F] (F = the attentions'
-heads x head_dim side by side): no `to_lines` transposes, no split of the projection, no
+one q|k|v projection of the grid [B, T, H, W, C] (C = the attentions' q, k, v side by side,
+`AttentionBlock`, which projects the grid's rows and [CLS]'s row apart, so that the grid's
+projection is not a slice of the sequence's: [CLS] rides as row 0 of the hidden state), and
+writes the tokens' outputs as [B, T, H, W, F] (F = the attentions' heads x head_dim side by
+side): no `to_lines` transposes, no split of the projection per attention or head, no
 concatenation of the attentions' outputs. A grid step takes one window of the grid, a box
 (bt, bh, W) that holds whole lines of every attention of the block (all of T for a temporal
 line, all of H for a height line; W, the array's second-minor dimension, is always whole, as
@@ -19,6 +21,13 @@ Mosaic's block rule asks: the last two block dimensions are the array's or multi
 `_line_attention` are; the heads of a column block are separated by lane masks (a head's score
 is the dot over its lanes only; its output keeps its lanes only), so no lane slices or head
 transposes: the MXU contracts over 128 lanes either way.
+
+The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in the windows' order: the
+tokens' queries against each position of their line ([R, n] per head and window, R the longest
+line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a one-hot matmul)
+and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself bits. They are
+the bits of `_line_attention`'s masks in another order (tests/test_line_attention_kernel.py maps
+one onto the other), so a run draws different bits under "xla" and "pallas".
 
 [CLS]'s own query (one small softmax per line over the line's keys and [CLS]'s) is computed in
 the same kernels from the same blocks: per window, its scores against the window's keys are one
@@ -47,8 +56,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vimpac_jax.models.attention import WINDOW_TOKENS, _softmax_with_extra_key, from_lines, to_lines
-from vimpac_jax.models.common import apply_dropout_mask
+from vimpac_jax.models.attention import WINDOW_TOKENS
 from vimpac_jax.models.layout import AXES
 
 LANES = 128  # a TPU vector register's lanes: the column block of the kernel (a multiple of head_dim)
@@ -70,7 +78,8 @@ class Plan:
     def __post_init__(self):
         d, f = self.head_dim, self.heads * self.head_dim
         if LANES % d and d % LANES:
-            raise ValueError(f"model.attention_kernel 'pallas' needs head_dim dividing {LANES} or a multiple of it, got {d}")
+            raise ValueError(f"model.attention_kernel 'pallas' needs head_dim dividing {LANES} or a multiple of it, "
+                             f"got {d}")
         if f % self.lanes:
             raise ValueError(f"model.attention_kernel 'pallas' needs each attention's heads x head_dim ({f}) to be a "
                              f"multiple of {self.lanes}")
@@ -425,7 +434,8 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
         return j + 2 * bpa * _div(j, bpa)
 
     def grid_block(shift):
-        return pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0, q_col(j) + shift))
+        return pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0,
+                                                   q_col(j) + shift))
 
     def cls_block(shift):
         return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, q_col(j) + shift))
@@ -544,51 +554,45 @@ def _interleave(plan, dq, dk, dv, axis=-1):
     return jnp.concatenate(parts, axis=axis)
 
 
-def _split_sequence(plan: Plan, seq):
-    """[B, 1 + T*H*W, C] -> ([CLS]'s row [B, C], the grid's [B, T, H, W, C])."""
-    return seq[:, 0], seq[:, 1:].reshape(seq.shape[0], *plan.grid, seq.shape[-1])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(plan, keep_prob, seq, pad, keep):
+def _attention(plan, keep_prob, qkv_cls, qkv, pad, keep):
     """([CLS]'s outputs averaged over the lines [B, F], the tokens' [B, T, H, W, F]) of all
     attentions of a block (the module docstring)."""
-    return _attention_fwd(plan, keep_prob, seq, pad, keep)[0]
+    return _attention_fwd(plan, keep_prob, qkv_cls, qkv, pad, keep)[0]
 
 
-def _attention_fwd(plan, keep_prob, seq, pad, keep):
-    qkv_cls, qkv = _split_sequence(plan, seq)
+def _attention_fwd(plan, keep_prob, qkv_cls, qkv, pad, keep):
     out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
     # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
-    return ((out_c[:, 0] / plan.lines_of_columns()).astype(seq.dtype), out), (seq, pad, keep)
+    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv_cls, qkv, pad, keep)
 
 
 def _attention_bwd(plan, keep_prob, residuals, cotangents):
-    seq, pad, keep = residuals
-    qkv_cls, qkv = _split_sequence(plan, seq)
+    qkv_cls, qkv, pad, keep = residuals
     d_out_c, d_out = cotangents
     d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
     dq, dk, dv, dqc, dkc, dvc = _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_sum_c)
-    # One concatenation into the sequence's layout (not a pad of each part and their sum).
-    d_cls = _interleave(plan, *(x.astype(seq.dtype) for x in (dqc, dkc, dvc)))  # [B, 1, C]
-    d_grid = _interleave(plan, dq, dk, dv).reshape(seq.shape[0], -1, seq.shape[-1])
+    d_qkv_cls = _interleave(plan, *(x[:, 0].astype(qkv_cls.dtype) for x in (dqc, dkc, dvc)))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
-    return (jnp.concatenate([d_cls, d_grid], axis=1),) + zeros
+    return (d_qkv_cls, _interleave(plan, dq, dk, dv)) + zeros
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_attention(plan: Plan, seq, key_is_pad, keep, keep_prob: float):
-    """All parallel attentions of a block on its projections: seq [B, 1 + T*H*W, C] ([CLS]'s row
-    first, then the grid row-major; C = per attention [q | k | v], each heads x head_dim),
-    key_is_pad [B, T, H, W] bool or None, keep: the masks of `draw_keep_masks` or None ->
-    ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]), F = attentions x heads x head_dim."""
-    if seq.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {seq.dtype}")
+def block_attention(plan: Plan, qkv_cls, qkv, key_is_pad, keep, keep_prob: float):
+    """All parallel attentions of a block on its projections: qkv_cls [B, C] ([CLS]'s), qkv [B, T,
+    H, W, C] (the grid's; C = per attention [q | k | v], each heads x head_dim), key_is_pad [B, T,
+    H, W] bool or None, keep: the masks of `draw_keep_masks` or None -> ([CLS]'s outputs [B, F],
+    the tokens' [B, T, H, W, F]), F = attentions x heads x head_dim."""
+    if qkv.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {qkv.dtype}")
+    if jax.default_backend() not in ("cpu", "tpu"):
+        raise ValueError(f"model.attention_kernel 'pallas' is a TPU kernel (interpreted on CPU), not for "
+                         f"{jax.default_backend()}: use 'xla'")
     pad = None
     if key_is_pad is not None:  # [B, windows, 1, n] in the windows' order (`Plan.window_tokens_global`)
         bt, bh, _ = plan.window
         pad = einops.rearrange(key_is_pad, "b (tb bt) (hb bh) w -> b (tb hb) 1 (bt bh w)", bt=bt, bh=bh)
         pad = pad.astype(jnp.int8)
-    return _attention(plan, keep_prob, seq, pad, keep)
+    return _attention(plan, keep_prob, qkv_cls, qkv, pad, keep)
