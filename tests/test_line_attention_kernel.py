@@ -68,15 +68,14 @@ def _reference(plan, groups, qkv_cls, qkv, key_is_pad, keep):
     return jnp.concatenate(outs_c, -1), jnp.concatenate(outs, -1)
 
 
-def _values_and_grads(fn, qkv_cls, qkv):
-    """fn's outputs, and the gradients w.r.t. [CLS]'s q, k, v and the grid's of a fixed random
-    projection of them."""
-    def loss(qkv_cls, qkv):
-        out_c, out = fn(qkv_cls, qkv)
+def _values_and_grads(fn, *args):
+    """fn's outputs, and the gradients w.r.t. its arguments of a fixed random projection of them."""
+    def loss(*args):
+        out_c, out = fn(*args)
         weights = jax.random.normal(jax.random.key(7), (out_c.size + out.size,))
         return jnp.dot(jnp.concatenate([out_c.ravel(), out.ravel()]), weights), (out_c, out)
 
-    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(qkv_cls, qkv)
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
     return outs, grads
 
 
@@ -93,16 +92,17 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     b, c = 2, 3 * len(attentions) * heads * plan.head_dim
     keys = jax.random.split(jax.random.key(0), 5)
     qkv_cls, qkv = jax.random.normal(keys[0], (b, c)), jax.random.normal(keys[1], (b, *grid, c))
+    bias = jax.random.normal(keys[4], (c,))  # the grid's projection's bias, which the kernel adds
     key_is_pad = jax.random.bernoulli(keys[2], 0.3, (b, *grid)).at[0, 0].set(True)  # a frame of padding
     keep = keep_lines = None
     if dropout:
         keep = lak.draw_keep_masks(keys[3], KEEP_PROB, b, plan)
         keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
     outs, grads = _values_and_grads(
-        lambda c, x: lak.block_attention(plan, c, x, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv)
+        lambda c, x, bias: lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv, bias)
     ref_outs, ref_grads = _values_and_grads(
-        lambda c, x: _reference(plan, groups, c, x, key_is_pad, keep_lines), qkv_cls, qkv)
-    names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v")
+        lambda c, x, bias: _reference(plan, groups, c, x + bias, key_is_pad, keep_lines), qkv_cls, qkv, bias)
+    names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v", "d bias")
     for name, got, want in zip(names, outs + grads, ref_outs + ref_grads):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
     assert float(jnp.abs(grads[0]).max()) > 0.01 and float(jnp.abs(grads[1]).max()) > 0.1  # not trivially zero

@@ -184,9 +184,11 @@ class _Projection(nn.Module):
         return kernel, bias
 
 
-def project(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
-    """x [..., D] @ kernel [D, F] + bias [F], all in `dtype` (what flax's Dense computes)."""
-    return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], dtype) -> jax.Array:
+    """x [..., D] @ kernel [D, F] + bias [F], all in `dtype` (what flax's Dense computes); no bias
+    added when it is None."""
+    y = jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
 
 
 class AxialAttention(nn.Module):
@@ -288,11 +290,12 @@ class AttentionBlock(nn.Module):
         kernel, bias = jnp.concatenate([k for k, _ in params], axis=1), jnp.concatenate([bias for _, bias in params])
         if self.attention_kernel == "pallas":
             # [CLS]'s row and the grid's projected apart: the kernel reads the grid's q, k, v as
-            # they come out of their matmul, not as a slice of the sequence's (a copy).
+            # they come out of their matmul, not as a slice of the sequence's (a copy), and adds
+            # the bias itself (its backward sums the bias's gradient).
             qkv_cls = checkpoint_name(project(seq[:, 0], kernel, bias, self.dtype), "qkv")
-            qkv_grid = checkpoint_name(project(seq[:, 1:], kernel, bias, self.dtype), "qkv")
-            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid.reshape(b, *grid, -1), key_is_pad, heads,
-                                                      head_dim, deterministic)
+            qkv_grid = checkpoint_name(project(seq[:, 1:], kernel, None, self.dtype), "qkv")
+            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid.reshape(b, *grid, -1), bias, key_is_pad,
+                                                      heads, head_dim, deterministic)
         elif self.attention_kernel == "xla":
             # One matmul for the q, k, v of every attention of the block, [CLS] row included.
             qkv = checkpoint_name(project(seq, kernel, bias, self.dtype), "qkv")
@@ -310,10 +313,10 @@ class AttentionBlock(nn.Module):
             new = ln(new)
         return checkpoint_name(new, "block_out")
 
-    def _attend_with_kernel(self, qkv_cls, qkv_grid, key_is_pad, heads, head_dim, deterministic):
+    def _attend_with_kernel(self, qkv_cls, qkv_grid, bias, key_is_pad, heads, head_dim, deterministic):
         """The block's attentions as Pallas kernels on the projections as they are, qkv_cls [B, C],
-        qkv_grid [B, T, H, W, C] (`line_attention_kernel.block_attention`) -> ([CLS] [B, F],
-        tokens [B, T, H, W, F])."""
+        qkv_grid [B, T, H, W, C] before its bias [C] (`line_attention_kernel.block_attention`) ->
+        ([CLS] [B, F], tokens [B, T, H, W, F])."""
         from vimpac_jax.models import line_attention_kernel  # it builds on this module
 
         plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
@@ -322,4 +325,4 @@ class AttentionBlock(nn.Module):
         keep = None
         if not deterministic and self.attention_dropout > 0.0:
             keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, qkv_grid.shape[0], plan)
-        return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, key_is_pad, keep, keep_prob)
+        return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, bias, key_is_pad, keep, keep_prob)

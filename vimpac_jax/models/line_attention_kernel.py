@@ -246,8 +246,10 @@ class _Window:
 def _window_inputs(plan, refs, has_pad, has_keep):
     """The common inputs of both kernels from their refs -> (_Window, the remaining refs)."""
     n, lanes = plan.window_tokens, plan.lanes
-    q_ref, k_ref, v_ref, qc_ref, kc_ref, vc_ref, row_ref, col_ref, pos_ref, *refs = refs
-    q, k, v = (_load(r, n, lanes) for r in (q_ref, k_ref, v_ref))
+    q_ref, k_ref, v_ref, qc_ref, kc_ref, vc_ref, bq_ref, bk_ref, bv_ref, row_ref, col_ref, pos_ref, *refs = refs
+    # The projection's bias added here, rounded as XLA rounds `attention.project`'s sum.
+    q, k, v = ((_load(r, n, lanes).astype(jnp.float32) + b[...].astype(jnp.float32)).astype(r.dtype)
+               for r, b in ((q_ref, bq_ref), (k_ref, bk_ref), (v_ref, bv_ref)))
     qc, kc, vc = (r[...].reshape(1, lanes) for r in (qc_ref, kc_ref, vc_ref))
     same = col_ref[...] == row_ref[...]  # (n, 1) == (1, n)
     earlier = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1) < jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
@@ -357,14 +359,14 @@ def _forward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
 
 def _backward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
     win, refs = _window_inputs(plan, refs, has_pad, has_keep)
-    do_ref, do_c_ref, dq_ref, dk_ref, dv_ref, dqc_ref, dkc_ref, dvc_ref = refs
+    do_ref, do_c_ref, dq_ref, dk_ref, dv_ref, dqc_ref, dkc_ref, dvc_ref, dbq_ref, dbk_ref, dbv_ref = refs
     n, lanes = plan.window_tokens, plan.lanes
     scale = plan.head_dim ** -0.5
     f32 = jnp.float32
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        for ref in (dqc_ref, dkc_ref, dvc_ref):
+        for ref in (dqc_ref, dkc_ref, dvc_ref, dbq_ref, dbk_ref, dbv_ref):
             ref[...] = jnp.zeros_like(ref)
 
     q, k, v = win.q, win.k, win.v
@@ -413,7 +415,9 @@ def _backward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
         dvc = dvc + jnp.where(in_head, lines_cls * do_c, 0.0)
     for ref, x in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
         ref[...] = x.astype(ref.dtype).reshape(ref.shape)
-    for ref, x in ((dqc_ref, dqc), (dkc_ref, dkc), (dvc_ref, dvc)):
+    # The bias's gradient: the column sums of the tokens' dq, dk, dv, over the windows.
+    for ref, x in ((dqc_ref, dqc), (dkc_ref, dkc), (dvc_ref, dvc), (dbq_ref, jnp.sum(dq, axis=0, keepdims=True)),
+                   (dbk_ref, jnp.sum(dk, axis=0, keepdims=True)), (dbv_ref, jnp.sum(dv, axis=0, keepdims=True))):
         ref[...] += x.reshape(ref.shape)
 
 
@@ -440,7 +444,11 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
     def cls_block(shift):
         return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, q_col(j) + shift))
 
+    def bias_block(shift):
+        return pl.BlockSpec((1, lanes), lambda b, j, wi: (0, q_col(j) + shift))
+
     specs = [grid_block(0), grid_block(bpa), grid_block(2 * bpa), cls_block(0), cls_block(bpa), cls_block(2 * bpa),
+             bias_block(0), bias_block(bpa), bias_block(2 * bpa),
              pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
              pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0)),
              pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0))]
@@ -455,10 +463,11 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
     return specs, out_block
 
 
-def _inputs(plan, qkv, qkv_cls, pad, keep):
+def _inputs(plan, qkv, qkv_cls, bias, pad, keep):
     ids = jnp.asarray(plan.line_ids())
     positions = jnp.asarray(plan.line_positions())
-    args = [qkv] * 3 + [qkv_cls[:, None]] * 3 + [ids[:, None, :], ids[:, :, None], positions[:, None, :]]
+    args = ([qkv] * 3 + [qkv_cls[:, None]] * 3 + [bias[None]] * 3
+            + [ids[:, None, :], ids[:, :, None], positions[:, None, :]])
     if pad is not None:
         args.append(pad)
     if keep is not None:
@@ -485,9 +494,9 @@ def _cost(plan: Plan, batch: int, args, outs, backward: bool, has_keep: bool) ->
 
 
 def _read_once(args):
-    """The arguments as the kernel reads them: the q|k|v array and the [CLS] row, each passed
-    three times (q, k, v column blocks), once."""
-    return args[2:3] + args[5:]
+    """The arguments as the kernel reads them: the q|k|v array, the [CLS] row and the bias, each
+    passed three times (q, k, v column blocks), once."""
+    return args[2:3] + args[5:6] + args[8:]
 
 
 def _on_platform(call, args):
@@ -497,9 +506,9 @@ def _on_platform(call, args):
     return jax.lax.platform_dependent(*args, cpu=functools.partial(call, True), tpu=functools.partial(call, False))
 
 
-def _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep):
+def _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep):
     return _on_platform(functools.partial(_forward, plan, keep_prob, pad is not None, keep is not None),
-                        _inputs(plan, qkv, qkv_cls, pad, keep))
+                        _inputs(plan, qkv, qkv_cls, bias, pad, keep))
 
 
 def _cls_block(lanes):
@@ -523,9 +532,9 @@ def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
     )(*args)
 
 
-def _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_out_c):
+def _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out, d_out_c):
     return _on_platform(functools.partial(_backward, plan, keep_prob, pad is not None, keep is not None),
-                        _inputs(plan, qkv, qkv_cls, pad, keep) + [d_out, d_out_c])
+                        _inputs(plan, qkv, qkv_cls, bias, pad, keep) + [d_out, d_out_c])
 
 
 def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
@@ -533,12 +542,12 @@ def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
     in_specs, out_block = _specs(plan, has_pad, has_keep)
     width = plan.column_blocks * plan.lanes
     out_shapes = ([jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype)] * 3
-                  + [jax.ShapeDtypeStruct((b, 1, width), jnp.float32)] * 3)
+                  + [jax.ShapeDtypeStruct((b, 1, width), jnp.float32)] * 6)
     cls_block = _cls_block(plan.lanes)
     return pl.pallas_call(
         functools.partial(_backward_kernel, plan, keep_prob, has_pad, has_keep),
         out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
-        in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 3,
+        in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 6,
         interpret=interpret, name="line_attention_bwd",
         # [CLS]'s gradients are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
@@ -555,36 +564,40 @@ def _interleave(plan, dq, dk, dv, axis=-1):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(plan, keep_prob, qkv_cls, qkv, pad, keep):
+def _attention(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
     """([CLS]'s outputs averaged over the lines [B, F], the tokens' [B, T, H, W, F]) of all
     attentions of a block (the module docstring)."""
-    return _attention_fwd(plan, keep_prob, qkv_cls, qkv, pad, keep)[0]
+    return _attention_fwd(plan, keep_prob, qkv_cls, qkv, bias, pad, keep)[0]
 
 
-def _attention_fwd(plan, keep_prob, qkv_cls, qkv, pad, keep):
-    out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, pad, keep)
+def _attention_fwd(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
+    out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep)
     # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
-    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv_cls, qkv, pad, keep)
+    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv_cls, qkv, bias, pad, keep)
 
 
 def _attention_bwd(plan, keep_prob, residuals, cotangents):
-    qkv_cls, qkv, pad, keep = residuals
+    qkv_cls, qkv, bias, pad, keep = residuals
     d_out_c, d_out = cotangents
     d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
-    dq, dk, dv, dqc, dkc, dvc = _call_backward(plan, keep_prob, qkv, qkv_cls, pad, keep, d_out, d_sum_c)
+    dq, dk, dv, dqc, dkc, dvc, dbq, dbk, dbv = _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out,
+                                                              d_sum_c)
     d_qkv_cls = _interleave(plan, *(x[:, 0].astype(qkv_cls.dtype) for x in (dqc, dkc, dvc)))
+    d_bias = _interleave(plan, dbq, dbk, dbv).sum(axis=(0, 1)).astype(bias.dtype)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
-    return (d_qkv_cls, _interleave(plan, dq, dk, dv)) + zeros
+    return (d_qkv_cls, _interleave(plan, dq, dk, dv), d_bias) + zeros
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_attention(plan: Plan, qkv_cls, qkv, key_is_pad, keep, keep_prob: float):
+def block_attention(plan: Plan, qkv_cls, qkv, bias, key_is_pad, keep, keep_prob: float):
     """All parallel attentions of a block on its projections: qkv_cls [B, C] ([CLS]'s), qkv [B, T,
-    H, W, C] (the grid's; C = per attention [q | k | v], each heads x head_dim), key_is_pad [B, T,
-    H, W] bool or None, keep: the masks of `draw_keep_masks` or None -> ([CLS]'s outputs [B, F],
-    the tokens' [B, T, H, W, F]), F = attentions x heads x head_dim."""
+    H, W, C] (the grid's before the bias; C = per attention [q | k | v], each heads x head_dim),
+    bias [C] (added in the kernel, whose backward sums its gradient: no reduction of the
+    projection's gradient in XLA), key_is_pad [B, T, H, W] bool or None, keep: the masks of
+    `draw_keep_masks` or None -> ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]),
+    F = attentions x heads x head_dim."""
     if qkv.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {qkv.dtype}")
     if jax.default_backend() not in ("cpu", "tpu"):
@@ -595,4 +608,4 @@ def block_attention(plan: Plan, qkv_cls, qkv, key_is_pad, keep, keep_prob: float
         bt, bh, _ = plan.window
         pad = einops.rearrange(key_is_pad, "b (tb bt) (hb bh) w -> b (tb hb) 1 (bt bh w)", bt=bt, bh=bh)
         pad = pad.astype(jnp.int8)
-    return _attention(plan, keep_prob, qkv_cls, qkv, pad, keep)
+    return _attention(plan, keep_prob, qkv_cls, qkv, bias.astype(qkv.dtype), pad, keep)
