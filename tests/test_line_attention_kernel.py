@@ -91,8 +91,12 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     plan = lak.Plan(attentions, grid, heads, 128 // 2 if heads == 2 else 32)
     b, c = 2, 3 * len(attentions) * heads * plan.head_dim
     keys = jax.random.split(jax.random.key(0), 5)
-    qkv_cls, qkv = jax.random.normal(keys[0], (b, c)), jax.random.normal(keys[1], (b, *grid, c))
-    bias = jax.random.normal(keys[4], (c,))  # the grid's projection's bias, which the kernel adds
+    f = c // 3
+    # q, k, v of [CLS] and the grid, the attentions' heads side by side; the grid's bias, which
+    # the kernel adds.
+    qkv_cls = tuple(jax.random.normal(k, (b, f)) for k in jax.random.split(keys[0], 3))
+    qkv = tuple(jax.random.normal(k, (b, *grid, f)) for k in jax.random.split(keys[1], 3))
+    bias = jax.random.normal(keys[4], (3, f))
     key_is_pad = jax.random.bernoulli(keys[2], 0.3, (b, *grid)).at[0, 0].set(True)  # a frame of padding
     keep = keep_lines = None
     if dropout:
@@ -100,12 +104,20 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
         keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
     outs, grads = _values_and_grads(
         lambda c, x, bias: lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv, bias)
+    def per_attention(x):  # q, k, v [..., F] each -> [..., C]: per attention [q | k | v] (AttentionBlock)
+        return jnp.concatenate([y for a in range(len(attentions)) for y in (z[..., a * f // len(attentions):
+                                                                             (a + 1) * f // len(attentions)]
+                                                                           for z in x)], axis=-1)
+
     ref_outs, ref_grads = _values_and_grads(
-        lambda c, x, bias: _reference(plan, groups, c, x + bias, key_is_pad, keep_lines), qkv_cls, qkv, bias)
+        lambda c, x, bias: _reference(plan, groups, per_attention(c),
+                                      per_attention([z + bb for z, bb in zip(x, bias)]), key_is_pad, keep_lines),
+        qkv_cls, qkv, bias)
     names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v", "d bias")
     for name, got, want in zip(names, outs + grads, ref_outs + ref_grads):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
-    assert float(jnp.abs(grads[0]).max()) > 0.01 and float(jnp.abs(grads[1]).max()) > 0.1  # not trivially zero
+        for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} [{i}]")
+    assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0.01  # none trivially zero
 
 
 def test_unsupported_head_dim_is_one_error():

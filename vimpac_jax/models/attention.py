@@ -213,8 +213,12 @@ class AxialAttention(nn.Module):
         self.query, self.key, self.value = (_Projection(features, ("embed", "heads"), name=n)
                                             for n in ("query", "key", "value"))
 
+    def projection_params(self, in_features: int) -> list[tuple[jax.Array, jax.Array]]:
+        """[(kernel [D, F], bias [F])] of the q, k, v projections."""
+        return [p(in_features) for p in (self.query, self.key, self.value)]
+
     def qkv_params(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        parts = [p(in_features) for p in (self.query, self.key, self.value)]
+        parts = self.projection_params(in_features)
         return jnp.concatenate([k for k, _ in parts], axis=1), jnp.concatenate([b for _, b in parts])
 
     def __call__(self, cls, x, key_is_pad, *, deterministic: bool):
@@ -286,19 +290,23 @@ class AttentionBlock(nn.Module):
             seq = ln(seq)
         attentions = [AxialAttention(axes, heads, head_dim, self.attention_dropout, self.dtype, self.implementation,
                                      name=f"axis_{i}") for i, axes in enumerate(self.attentions)]
-        params = [a.qkv_params(seq.shape[-1]) for a in attentions]
-        kernel, bias = jnp.concatenate([k for k, _ in params], axis=1), jnp.concatenate([bias for _, bias in params])
         if self.attention_kernel == "pallas":
-            # [CLS]'s row and the grid's projected apart: the kernel reads the grid's q, k, v as
-            # they come out of their matmul, not as a slice of the sequence's (a copy), and adds
-            # the bias itself (its backward sums the bias's gradient).
-            qkv_cls = checkpoint_name(project(seq[:, 0], kernel, bias, self.dtype), "qkv")
-            qkv_grid = checkpoint_name(project(seq[:, 1:], kernel, None, self.dtype), "qkv")
-            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid.reshape(b, *grid, -1), bias, key_is_pad,
-                                                      heads, head_dim, deterministic)
+            # q, k, v each one matmul for all attentions of the block, [CLS]'s row apart from the
+            # grid's: the kernel reads each as its matmul wrote it, not as a slice of a larger
+            # array (a copy), and adds the bias itself (its backward sums the bias's gradient).
+            roles = list(zip(*(a.projection_params(seq.shape[-1]) for a in attentions)))  # (q, k, v)
+            kernels = [jnp.concatenate([k for k, _ in role], axis=1) for role in roles]
+            bias = jnp.stack([jnp.concatenate([b for _, b in role]) for role in roles])  # [3, F]
+            qkv_cls = [checkpoint_name(project(seq[:, 0], k, bb, self.dtype), "qkv") for k, bb in zip(kernels, bias)]
+            qkv_grid = [checkpoint_name(project(seq[:, 1:], k, None, self.dtype), "qkv").reshape(b, *grid, -1)
+                        for k in kernels]
+            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid, bias, key_is_pad, heads, head_dim,
+                                                      deterministic)
         elif self.attention_kernel == "xla":
             # One matmul for the q, k, v of every attention of the block, [CLS] row included.
-            qkv = checkpoint_name(project(seq, kernel, bias, self.dtype), "qkv")
+            params = [a.qkv_params(seq.shape[-1]) for a in attentions]
+            qkv = checkpoint_name(project(seq, jnp.concatenate([k for k, _ in params], axis=1),
+                                          jnp.concatenate([bias for _, bias in params]), self.dtype), "qkv")
             qkv_cls, qkv_grid = qkv[:, 0], qkv[:, 1:].reshape(b, *grid, qkv.shape[-1])
             outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
                     for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
@@ -314,9 +322,9 @@ class AttentionBlock(nn.Module):
         return checkpoint_name(new, "block_out")
 
     def _attend_with_kernel(self, qkv_cls, qkv_grid, bias, key_is_pad, heads, head_dim, deterministic):
-        """The block's attentions as Pallas kernels on the projections as they are, qkv_cls [B, C],
-        qkv_grid [B, T, H, W, C] before its bias [C] (`line_attention_kernel.block_attention`) ->
-        ([CLS] [B, F], tokens [B, T, H, W, F])."""
+        """The block's attentions as Pallas kernels on the projections as they are: qkv_cls, [CLS]'s
+        q, k, v [B, F] each, qkv_grid the grid's [B, T, H, W, F] each before their bias [3, F]
+        (`line_attention_kernel.block_attention`) -> ([CLS] [B, F], tokens [B, T, H, W, F])."""
         from vimpac_jax.models import line_attention_kernel  # it builds on this module
 
         plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
@@ -324,5 +332,5 @@ class AttentionBlock(nn.Module):
         keep_prob = 1.0 - self.attention_dropout
         keep = None
         if not deterministic and self.attention_dropout > 0.0:
-            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, qkv_grid.shape[0], plan)
+            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, key_is_pad.shape[0], plan)
         return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, bias, key_is_pad, keep, keep_prob)

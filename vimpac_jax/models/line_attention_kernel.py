@@ -6,13 +6,13 @@ one more key (key padding excluded, attention-dropout keep masks drawn outside a
 `apply_dropout_mask` does, scores and softmax in float32 from dots that accumulate in float32),
 and [CLS] attends to each line with itself as one more key, its output the mean over the lines.
 
-The layout is the projection's own: the kernel reads q, k, v as column blocks of the block's
-one q|k|v projection of the grid [B, T, H, W, C] (C = the attentions' q, k, v side by side,
-`AttentionBlock`, which projects the grid's rows and [CLS]'s row apart, so that the grid's
-projection is not a slice of the sequence's: [CLS] rides as row 0 of the hidden state), and
-writes the tokens' outputs as [B, T, H, W, F] (F = the attentions' heads x head_dim side by
-side): no `to_lines` transposes, no split of the projection per attention or head, no
-concatenation of the attentions' outputs. A grid step takes one window of the grid, a box
+The layout is the projections' own: the kernel reads the grid's q, k and v [B, T, H, W, F] each
+(F = the attentions' heads x head_dim side by side) as their matmuls wrote them, in column
+blocks, and writes the tokens' outputs as [B, T, H, W, F], its backward dq, dk, dv the same:
+no `to_lines` transposes, no split of a projection per attention or head, no concatenation of
+the attentions' outputs or of the gradients. (`AttentionBlock` projects q, k, v apart, and the
+grid's rows apart from [CLS]'s, which rides as row 0 of the hidden state: so that none is a
+slice of a larger array, which XLA would copy.) A grid step takes one window of the grid, a box
 (bt, bh, W) that holds whole lines of every attention of the block (all of T for a temporal
 line, all of H for a height line; W, the array's second-minor dimension, is always whole, as
 Mosaic's block rule asks: the last two block dimensions are the array's or multiples of
@@ -434,24 +434,14 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
     n, lanes = plan.window_tokens, plan.lanes
     box = (pl.Squeezed(), plan.window[0], bh, w, lanes)
 
-    def q_col(j):  # column block of attention j // bpa's q, in its [q | k | v] (AttentionBlock)
-        return j + 2 * bpa * _div(j, bpa)
-
-    def grid_block(shift):
-        return pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0,
-                                                   q_col(j) + shift))
-
-    def cls_block(shift):
-        return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, q_col(j) + shift))
-
-    def bias_block(shift):
-        return pl.BlockSpec((1, lanes), lambda b, j, wi: (0, q_col(j) + shift))
-
-    specs = [grid_block(0), grid_block(bpa), grid_block(2 * bpa), cls_block(0), cls_block(bpa), cls_block(2 * bpa),
-             bias_block(0), bias_block(bpa), bias_block(2 * bpa),
-             pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
-             pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0)),
-             pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0))]
+    # q, k and v are arrays of their own, the attentions' heads side by side: column block j.
+    grid_block = pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0, j))
+    cls_block = pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, j))
+    bias_block = pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (0, 0, j))
+    specs = [grid_block] * 3 + [cls_block] * 3 + [bias_block] * 3 + [
+        pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
+        pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0)),
+        pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0))]
     if has_pad:
         specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), 1, n), lambda b, j, wi: (b, wi, 0, 0)))
     if has_keep:
@@ -459,14 +449,13 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
                                   lambda b, j, wi: (b, wi, j, 0, 0)))
         specs.append(pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), pl.Squeezed(), hp, n),
                                   lambda b, j, wi: (b, wi, j, 0, 0)))
-    out_block = pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0, j))
-    return specs, out_block
+    return specs, grid_block
 
 
 def _inputs(plan, qkv, qkv_cls, bias, pad, keep):
     ids = jnp.asarray(plan.line_ids())
     positions = jnp.asarray(plan.line_positions())
-    args = ([qkv] * 3 + [qkv_cls[:, None]] * 3 + [bias[None]] * 3
+    args = (list(qkv) + [x[:, None] for x in qkv_cls] + [b[None, None] for b in bias]
             + [ids[:, None, :], ids[:, :, None], positions[:, None, :]])
     if pad is not None:
         args.append(pad)
@@ -493,12 +482,6 @@ def _cost(plan: Plan, batch: int, args, outs, backward: bool, has_keep: bool) ->
     return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(nbytes))
 
 
-def _read_once(args):
-    """The arguments as the kernel reads them: the q|k|v array, the [CLS] row and the bias, each
-    passed three times (q, k, v column blocks), once."""
-    return args[2:3] + args[5:6] + args[8:]
-
-
 def _on_platform(call, args):
     """`call(interpret, *args)`: compiled by Mosaic for a TPU, in Pallas's interpreter on CPU
     (tests), chosen when the program is lowered for its platform (a deviceless TPU compile
@@ -516,11 +499,10 @@ def _cls_block(lanes):
 
 
 def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
-    b, qkv = args[0].shape[0], args[0]
+    b, q = args[0].shape[0], args[0]
     in_specs, out_block = _specs(plan, has_pad, has_keep)
     width = plan.column_blocks * plan.lanes
-    out_shapes = [jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype),
-                  jax.ShapeDtypeStruct((b, 1, width), jnp.float32)]
+    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, 1, width), jnp.float32)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, plan, keep_prob, has_pad, has_keep),
         out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
@@ -528,7 +510,7 @@ def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         name="line_attention_fwd",
         # [CLS]'s outputs are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(plan, b, _read_once(args), out_shapes, backward=False, has_keep=has_keep),
+        cost_estimate=_cost(plan, b, args, out_shapes, backward=False, has_keep=has_keep),
     )(*args)
 
 
@@ -538,10 +520,10 @@ def _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out, d_out_
 
 
 def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
-    b, qkv = args[0].shape[0], args[0]
+    b, q = args[0].shape[0], args[0]
     in_specs, out_block = _specs(plan, has_pad, has_keep)
     width = plan.column_blocks * plan.lanes
-    out_shapes = ([jax.ShapeDtypeStruct((*qkv.shape[:4], width), qkv.dtype)] * 3
+    out_shapes = ([jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
                   + [jax.ShapeDtypeStruct((b, 1, width), jnp.float32)] * 6)
     cls_block = _cls_block(plan.lanes)
     return pl.pallas_call(
@@ -551,16 +533,8 @@ def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
         interpret=interpret, name="line_attention_bwd",
         # [CLS]'s gradients are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(plan, b, _read_once(list(args)), out_shapes, backward=True, has_keep=has_keep),
+        cost_estimate=_cost(plan, b, args, out_shapes, backward=True, has_keep=has_keep),
     )(*args)
-
-
-def _interleave(plan, dq, dk, dv, axis=-1):
-    """Per attention [dq | dk | dv] side by side: the layout of the q|k|v projection."""
-    parts = []
-    for x in zip(*(jnp.split(d, len(plan.attentions), axis=axis) for d in (dq, dk, dv))):
-        parts.extend(x)
-    return jnp.concatenate(parts, axis=axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -573,7 +547,7 @@ def _attention(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
 def _attention_fwd(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
     out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep)
     # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
-    return ((out_c[:, 0] / plan.lines_of_columns()).astype(qkv.dtype), out), (qkv_cls, qkv, bias, pad, keep)
+    return ((out_c[:, 0] / plan.lines_of_columns()).astype(out.dtype), out), (qkv_cls, qkv, bias, pad, keep)
 
 
 def _attention_bwd(plan, keep_prob, residuals, cotangents):
@@ -582,24 +556,25 @@ def _attention_bwd(plan, keep_prob, residuals, cotangents):
     d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
     dq, dk, dv, dqc, dkc, dvc, dbq, dbk, dbv = _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out,
                                                               d_sum_c)
-    d_qkv_cls = _interleave(plan, *(x[:, 0].astype(qkv_cls.dtype) for x in (dqc, dkc, dvc)))
-    d_bias = _interleave(plan, dbq, dbk, dbv).sum(axis=(0, 1)).astype(bias.dtype)
+    d_qkv_cls = tuple(x[:, 0].astype(c.dtype) for x, c in zip((dqc, dkc, dvc), qkv_cls))
+    d_bias = jnp.stack([x.sum(axis=(0, 1)) for x in (dbq, dbk, dbv)]).astype(bias.dtype)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
-    return (d_qkv_cls, _interleave(plan, dq, dk, dv), d_bias) + zeros
+    return (d_qkv_cls, (dq, dk, dv), d_bias) + zeros
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_attention(plan: Plan, qkv_cls, qkv, bias, key_is_pad, keep, keep_prob: float):
-    """All parallel attentions of a block on its projections: qkv_cls [B, C] ([CLS]'s), qkv [B, T,
-    H, W, C] (the grid's before the bias; C = per attention [q | k | v], each heads x head_dim),
-    bias [C] (added in the kernel, whose backward sums its gradient: no reduction of the
-    projection's gradient in XLA), key_is_pad [B, T, H, W] bool or None, keep: the masks of
-    `draw_keep_masks` or None -> ([CLS]'s outputs [B, F], the tokens' [B, T, H, W, F]),
-    F = attentions x heads x head_dim."""
-    if qkv.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {qkv.dtype}")
+    """All parallel attentions of a block on their projections: qkv_cls ([CLS]'s q, k, v [B, F]
+    each), qkv (the grid's q, k, v [B, T, H, W, F] each, before the bias; F = the attentions'
+    heads x head_dim side by side), bias [3, F] (of q, k, v: added in the kernel, whose backward
+    sums its gradient: no reduction of the projections' gradients in XLA), key_is_pad [B, T, H,
+    W] bool or None, keep: the masks of `draw_keep_masks` or None -> ([CLS]'s outputs [B, F], the
+    tokens' [B, T, H, W, F])."""
+    dtype = qkv[0].dtype
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"model.attention_kernel 'pallas' computes in float32 or bfloat16, got {dtype}")
     if jax.default_backend() not in ("cpu", "tpu"):
         raise ValueError(f"model.attention_kernel 'pallas' is a TPU kernel (interpreted on CPU), not for "
                          f"{jax.default_backend()}: use 'xla'")
@@ -608,4 +583,4 @@ def block_attention(plan: Plan, qkv_cls, qkv, bias, key_is_pad, keep, keep_prob:
         bt, bh, _ = plan.window
         pad = einops.rearrange(key_is_pad, "b (tb bt) (hb bh) w -> b (tb hb) 1 (bt bh w)", bt=bt, bh=bh)
         pad = pad.astype(jnp.int8)
-    return _attention(plan, keep_prob, qkv_cls, qkv, bias.astype(qkv.dtype), pad, keep)
+    return _attention(plan, keep_prob, tuple(qkv_cls), tuple(qkv), bias.astype(dtype), pad, keep)
