@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             os.makedirs(args.dump_hlo, exist_ok=True)
             with open(os.path.join(args.dump_hlo, f"{prog.name}.hlo"), "w") as f:
                 f.write(text)
-        r.cycles = hlo_cycles.cycle_report(text, depth=args.depth)
+        r.cycles = hlo_cycles.cycle_report(text, depth=args.depth, chip=tgt.generation)
         print(f"  copies: {copy_share(r.cycles):.1%} of the cycles")
         print("\n".join("    " + line for line in hlo_cycles.format_report(r.cycles, top=args.top).splitlines()))
     if len(rows) == 2 and rows["ours"].estimated_cycles and rows["plain"].estimated_cycles:

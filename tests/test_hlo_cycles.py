@@ -78,3 +78,42 @@ def test_loop_of_unknown_trip_count_is_left_out_and_said():
 def test_not_an_hlo_module():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         hlo_cycles.entry_instructions("HloModule m\n")
+
+
+# Two Pallas kernels as libtpu prints them (backend config cut to what is read): one with the
+# cost_estimate Pallas serialises from pl.CostEstimate, one without (its bytes from its shapes);
+# the second inside the loop's body, run 3 times.
+PALLAS = '''  %line_attention_fwd.1 = bf16[2,4,128]{2,1,0:T(8,128)(2,1)} custom-call(%Arg_0.1, %Arg_0.1), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[2,4,128]{2,1,0}, s8[2,1,128]{2,1,0}}, metadata={op_name="jit(train_step)/jvp(VideoTransformer)/backbone/layer_0/attn_0/cond/branch_0_fun/line_attention_fwd/pallas_call"}, backend_config={"flag_configs":[],"custom_call_config":{"body":"TUxJUh","cost_estimate":{"flops":"91800000000","transcendentals":"7","bytes_accessed":"5530000000","remote_bytes_transferred":"0"},"needs_layout_passes":true}}
+'''
+PALLAS_IN_LOOP = '''  %kernel.2 = (f32[8,128]{1,0}, f32[4]{0}) custom-call(%arg.2), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[8,128]{1,0}}, metadata={op_name="jit(train_step)/while/body/closed_call/transpose(jvp(VideoTransformer))/backbone/layer_1/attn_1/k"}, backend_config={"custom_call_config":{"body":"TUxJUh"}}
+'''
+
+
+def test_pallas_kernels_charged_at_twice_their_roofline():
+    from vimpac_jax.aot import chips
+
+    hlo = HLO.replace("  %custom-call.4", PALLAS + "  %custom-call.4").replace(
+        "  ROOT %fusion.9", PALLAS_IN_LOOP + "  ROOT %fusion.9")
+    kernel = next(i for i in hlo_cycles.entry_instructions(hlo) if i.name == "line_attention_fwd.1").kernel
+    assert kernel == hlo_cycles.KernelCost(91_800_000_000, 5_530_000_000, "cost_estimate")
+    # Without a chip the kernels are custom-calls without an estimate, as before.
+    plain = hlo_cycles.cycle_report(hlo)
+    assert plain.total_cycles == 600 + 3 * 1001 and plain.pallas_kernels == 0
+    assert plain.without_estimate["custom-call"] == 3
+    v5p = chips.GENERATIONS["v5p"]  # 459 TFLOP/s, 2,765 GB/s, clock 1.7509 GHz
+    report = hlo_cycles.cycle_report(hlo, depth=4, chip=v5p)
+    # The first: 91.8 GFLOP / 459 TFLOP/s = 0.2 ms, 5.53 GB / 2,765 GB/s = 2.0 ms: the bytes bound
+    # it; x 2, at the clock.
+    first = round(2 * max(91.8e9 / 459e12, 5.53e9 / 2765e9) * v5p.clock_hz)
+    assert first == round(2 * 2.0e-3 * v5p.clock_hz)
+    # The second has no cost_estimate: its result and operand bytes, no FLOPs; 3 trips.
+    second_bytes = 8 * 128 * 4 + 4 * 4 + 8 * 128 * 2
+    second = round(2 * second_bytes / 2765e9 * v5p.clock_hz)
+    assert report.pallas_kernels == 2 and report.pallas_sources == ("cost_estimate", "shapes")
+    assert report.pallas_cycles == first + 3 * second
+    assert report.total_cycles == 600 + 3 * 1001 + first + 3 * second
+    assert report.estimated_cycles == 600 + 3 * 1001
+    assert report.without_estimate["custom-call"] == 1  # X64Combine only
+    assert dict(report.by_source)["jvp(VideoTransformer)/backbone/layer_*/attn_0 [Pallas, charged]"] == first
+    text = hlo_cycles.format_report(report)
+    assert f"Pallas kernels charged at 2x roofline (not timed on a chip): {first + 3 * second:,d} cycles" in text

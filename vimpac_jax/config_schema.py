@@ -121,6 +121,7 @@ SEED = Int(0, 2**32 - 1, note="jax.random.key folds larger seeds onto these")
 def _model_fields() -> dict[str, Field]:
     """`config.model` (models/config.py `model_config`)."""
     from vimpac_jax.constants import MASK_ID, NUM_CODES, VOCAB_SIZE
+    from vimpac_jax.models.attention import ATTENTION_KERNELS
     from vimpac_jax.models.backbone import EMBED_LOOKUPS, POS_EMB_KINDS
     from vimpac_jax.models.model import DTYPES
 
@@ -138,6 +139,7 @@ def _model_fields() -> dict[str, Field]:
         embed_lookup=Str(EMBED_LOOKUPS),
         scan_layers=Bool(),
         attention_impl=Str(optional=True),
+        attention_kernel=Str(ATTENTION_KERNELS),
         proj_layers=Int(1), proj_hidden_dim=Int(1), proj_dim=Int(1),
         mlm_codes=Int(1, optional=True, note="None: every id of vocab_size"),
         num_classes=Int(0), last_dropout=Probability(),

@@ -18,7 +18,9 @@ The estimate. XLA's TPU cost model puts `estimated_cycles` on every instruction 
 program; their sum over one run of the ENTRY computation, loops counted per trip (`hlo_cycles`:
 gradient accumulation and `model.scan_layers` are loops), at the chip's clock (`chips.py`:
 bf16 peak / the MXUs' FLOPs per cycle) is the step time reported, a sequential sum: custom-calls
-and custom fusions carry no estimate and count 0 (their number is reported), and overlap of
+and custom fusions carry no estimate and count 0 (their number is reported), except Pallas TPU
+kernels (`model.attention_kernel: pallas`), each charged at twice its roofline time from its
+`pl.CostEstimate` and reported on a line of its own (`hlo_cycles`: a guess, not a timing), and overlap of
 transfers with compute is only what the model put inside each instruction. XLA's own total,
 `cost_analysis()['optimal_seconds']`, is reported as it came but not used: for programs with
 custom-calls it is wrong. Each custom-call without an estimate (the `rbg` dropout RNG's
@@ -233,7 +235,9 @@ class ProgramReport:
     xla_bytes: Optional[float] = None
     optimal_seconds: Optional[float] = None  # XLA's, as it came (not the estimate: module docstring)
     unestimated_custom_calls: int = 0  # custom-calls of the ENTRY computation without estimated_cycles
-    estimated_cycles: Optional[int] = None  # one step, loops per trip (hlo_cycles.cycle_report)
+    estimated_cycles: Optional[int] = None  # one step, loops per trip (hlo_cycles.cycle_report), Pallas charge included
+    pallas_kernels: int = 0  # Pallas kernels of the program, charged at 2x their roofline time
+    pallas_cycles: int = 0  # their charge, part of estimated_cycles
     clock_hz: Optional[float] = None
     estimate_s: Optional[float] = None  # estimated_cycles / clock_hz: the step time reported
     estimate_method: str = ""
@@ -312,8 +316,9 @@ def compile_program(program: Program, target: Target, *, keep_hlo: bool = False)
         report.required_flops_per_device = program.required_flops / devices
     if target.generation is not None:  # a TPU: the cost model's estimates are in the HLO
         text = compiled.as_text()
-        report.cycles = hlo_cycles.cycle_report(text)
+        report.cycles = hlo_cycles.cycle_report(text, chip=target.generation)
         report.estimated_cycles = report.cycles.total_cycles
+        report.pallas_kernels, report.pallas_cycles = report.cycles.pallas_kernels, report.cycles.pallas_cycles
         report.unestimated_custom_calls = sum(1 for i in hlo_cycles.entry_instructions(text)
                                               if i.opcode == "custom-call" and i.estimated_cycles is None)
         report.clock_hz = target.generation.clock_hz
@@ -326,6 +331,10 @@ def compile_program(program: Program, target: Target, *, keep_hlo: bool = False)
             + (f" (loops per trip: {', '.join(str(n) for _, n in loops)} trips)" if loops else "")
             + f" at {report.clock_hz / 1e9:.3f} GHz ({target.generation.name}'s clock from its bf16 peak, "
             f"vimpac_jax/aot/chips.py); {uncounted} custom-calls and custom fusions without an estimate count 0; "
+            + (f"{report.pallas_kernels} Pallas kernels charged at twice their roofline time (their FLOPs at the "
+               f"bf16 peak or bytes at the HBM bandwidth, whichever is longer; from "
+               f"{' and '.join(report.cycles.pallas_sources)}), not timed on a chip: {report.pallas_cycles:,d} "
+               f"cycles of the total; " if report.pallas_kernels else "")
             + (f"{report.cycles.unknown_loops} loops of unknown trip count left out, so a lower bound; "
                if report.cycles.unknown_loops else "")
             + optimal_seconds_note(report.optimal_seconds, report.unestimated_custom_calls))
@@ -408,6 +417,8 @@ def format_report(report: ProgramReport, target: Target, *, top: int = 0) -> str
     lines.append(f"  estimate: {report.estimate_method}")
     if report.cycles is not None:
         lines.append(f"  estimated cycles of one step: {report.cycles.total_cycles:,d}")
+        if report.cycles.pallas_kernels:
+            lines.append(f"  {hlo_cycles.pallas_charge_line(report.cycles)}")
         if top:
             body = hlo_cycles.format_report(report.cycles, top=top)
             lines.extend("    " + line for line in body.splitlines())

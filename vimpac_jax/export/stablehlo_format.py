@@ -38,10 +38,10 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> Callable:
     """tokens int32 [B, T, h, w] -> {'cls': [B, D], 'logits': [B, C] (fine-tuned models only)}.
 
-    The attention implementation is left to XLA (`attention_impl=None`) so that the function
+    The attention implementation is left to XLA (`attention_impl=None`, `attention_kernel="xla"`) so that the function
     lowers for every platform, whatever kernel the training config picked.
     """
-    cfg = dict(cfg, attention_impl=None, remat="none")
+    cfg = dict(cfg, attention_impl=None, attention_kernel="xla", remat="none")
     model = build_model(cfg)
     finetuned = cfg["task"] == "finetune"
     variables = jax.tree.map(jnp.asarray, dict(variables))

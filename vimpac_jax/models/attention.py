@@ -14,6 +14,8 @@ all parallel attentions of a block are one matmul with their kernels concatenate
 time (the parameters stay one Dense per q, k, v, as the released names). Short lines are
 attended several at a time, in windows of about WINDOW_TOKENS tokens masked to each line,
 with the heads as a batch dimension ahead of the tokens: layouts a TPU's tiles fill.
+With `model.attention_kernel: pallas` a block's attentions are instead one Pallas TPU kernel
+(`line_attention_kernel.py`) on the projections' own layout, the same values.
 """
 
 import functools
@@ -28,6 +30,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vimpac_jax.models.common import INIT_STD, Dropout, apply_dropout_mask, dense, layer_norm
 from vimpac_jax.models.layout import AXES
+
+# `model.attention_kernel`: the attention of a block as XLA ops (`_line_attention`) or as Pallas
+# TPU kernels (`line_attention_kernel`, the same values; interpreted on CPU).
+ATTENTION_KERNELS = ("xla", "pallas")
 
 
 def _line_axes(axes: tuple[str, ...]) -> tuple[str, str]:
@@ -180,9 +186,11 @@ class _Projection(nn.Module):
         return kernel, bias
 
 
-def project(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
-    """x [..., D] @ kernel [D, F] + bias [F], all in `dtype` (what flax's Dense computes)."""
-    return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], dtype) -> jax.Array:
+    """x [..., D] @ kernel [D, F] + bias [F], all in `dtype` (what flax's Dense computes); no bias
+    added when it is None."""
+    y = jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
 
 
 class AxialAttention(nn.Module):
@@ -207,8 +215,12 @@ class AxialAttention(nn.Module):
         self.query, self.key, self.value = (_Projection(features, ("embed", "heads"), name=n)
                                             for n in ("query", "key", "value"))
 
+    def projection_params(self, in_features: int) -> list[tuple[jax.Array, jax.Array]]:
+        """[(kernel [D, F], bias [F])] of the q, k, v projections."""
+        return [p(in_features) for p in (self.query, self.key, self.value)]
+
     def qkv_params(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        parts = [p(in_features) for p in (self.query, self.key, self.value)]
+        parts = self.projection_params(in_features)
         return jnp.concatenate([k for k, _ in parts], axis=1), jnp.concatenate([b for _, b in parts])
 
     def __call__(self, cls, x, key_is_pad, *, deterministic: bool):
@@ -264,6 +276,7 @@ class AttentionBlock(nn.Module):
     out_init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, seq, key_is_pad, *, deterministic: bool):
@@ -279,18 +292,47 @@ class AttentionBlock(nn.Module):
             seq = ln(seq)
         attentions = [AxialAttention(axes, heads, head_dim, self.attention_dropout, self.dtype, self.implementation,
                                      name=f"axis_{i}") for i, axes in enumerate(self.attentions)]
-        params = [a.qkv_params(seq.shape[-1]) for a in attentions]
-        # One matmul for the q, k, v of every attention of the block, [CLS] row included.
-        qkv = checkpoint_name(project(seq, jnp.concatenate([k for k, _ in params], axis=1),
-                                      jnp.concatenate([bias for _, bias in params]), self.dtype), "qkv")
-        qkv_cls, qkv_grid = qkv[:, 0], qkv[:, 1:].reshape(b, *grid, qkv.shape[-1])
-        outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
-                for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
-        att = jnp.concatenate([jnp.concatenate([o[0] for o in outs], axis=-1)[:, None],
-                               jnp.concatenate([o[1] for o in outs], axis=-1).reshape(b, -1, self.attention_dim)],
-                              axis=1)
+        if self.attention_kernel == "pallas":
+            # q, k, v each one matmul for all attentions of the block, [CLS]'s row apart from the
+            # grid's: the kernel reads each as its matmul wrote it, not as a slice of a larger
+            # array (a copy), and adds the bias itself (its backward sums the bias's gradient).
+            roles = list(zip(*(a.projection_params(seq.shape[-1]) for a in attentions)))  # (q, k, v)
+            kernels = [jnp.concatenate([k for k, _ in role], axis=1) for role in roles]
+            bias = jnp.stack([jnp.concatenate([b for _, b in role]) for role in roles])  # [3, F]
+            qkv_cls = [checkpoint_name(project(seq[:, 0], k, bb, self.dtype), "qkv") for k, bb in zip(kernels, bias)]
+            qkv_grid = [checkpoint_name(project(seq[:, 1:], k, None, self.dtype), "qkv").reshape(b, *grid, -1)
+                        for k in kernels]
+            cls_out, x_out = self._attend_with_kernel(qkv_cls, qkv_grid, bias, key_is_pad, heads, head_dim,
+                                                      deterministic)
+        elif self.attention_kernel == "xla":
+            # One matmul for the q, k, v of every attention of the block, [CLS] row included.
+            params = [a.qkv_params(seq.shape[-1]) for a in attentions]
+            qkv = checkpoint_name(project(seq, jnp.concatenate([k for k, _ in params], axis=1),
+                                          jnp.concatenate([bias for _, bias in params]), self.dtype), "qkv")
+            qkv_cls, qkv_grid = qkv[:, 0], qkv[:, 1:].reshape(b, *grid, qkv.shape[-1])
+            outs = [a.attend_projected(c, g, key_is_pad, deterministic=deterministic)
+                    for a, c, g in zip(attentions, jnp.split(qkv_cls, p, axis=-1), jnp.split(qkv_grid, p, axis=-1))]
+            cls_out, x_out = (jnp.concatenate([o[i] for o in outs], axis=-1) for i in (0, 1))
+        else:
+            raise ValueError(f"model.attention_kernel must be one of {ATTENTION_KERNELS}, "
+                             f"got {self.attention_kernel!r}")
+        att = jnp.concatenate([cls_out[:, None], x_out.reshape(b, -1, self.attention_dim)], axis=1)
         out = dense(self.hidden_dim, ("heads", "embed"), name="out", dtype=self.dtype, std=self.out_init_std)
         new = Dropout(self.dropout)(out(checkpoint_name(att, "attention")), deterministic=deterministic) + seq
         if not self.pre_ln:
             new = ln(new)
         return checkpoint_name(new, "block_out")
+
+    def _attend_with_kernel(self, qkv_cls, qkv_grid, bias, key_is_pad, heads, head_dim, deterministic):
+        """The block's attentions as Pallas kernels on the projections as they are: qkv_cls, [CLS]'s
+        q, k, v [B, F] each, qkv_grid the grid's [B, T, H, W, F] each before their bias [3, F]
+        (`line_attention_kernel.block_attention`) -> ([CLS] [B, F], tokens [B, T, H, W, F])."""
+        from vimpac_jax.models import line_attention_kernel  # it builds on this module
+
+        plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
+                                          heads, head_dim)
+        keep_prob = 1.0 - self.attention_dropout
+        keep = None
+        if not deterministic and self.attention_dropout > 0.0:
+            keep = line_attention_kernel.draw_keep_masks(self.make_rng("dropout"), keep_prob, key_is_pad.shape[0], plan)
+        return line_attention_kernel.block_attention(plan, qkv_cls, qkv_grid, bias, key_is_pad, keep, keep_prob)

@@ -89,6 +89,7 @@ class TransformerLayer(nn.Module):
     out_init_std: float = INIT_STD
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, seq, key_is_pad, deterministic: bool):
@@ -97,7 +98,7 @@ class TransformerLayer(nn.Module):
             seq = AttentionBlock(
                 attentions, self.hidden_dim, self.num_heads, self.attention_dim, self.pre_ln,
                 self.dropout, self.attention_dropout, self.out_init_std, self.dtype,
-                self.implementation, name=f"attn_{i}",
+                self.implementation, self.attention_kernel, name=f"attn_{i}",
             )(seq, key_is_pad, deterministic=deterministic)
         mlp = Mlp(self.hidden_dim, self.mlp_dim, self.dropout, self.out_init_std, self.dtype, name="mlp")
         ln = layer_norm(name="ln", dtype=self.dtype)
@@ -148,6 +149,8 @@ class VideoTransformer(nn.Module):
     per-layer parameters `layer_0 ... layer_{L-1}` (checkpoints, import/export unchanged) and
     the same values; dropout keys are the step's key folded with the layer index, so the
     dropout bits differ from the unrolled loop's (same distribution).
+    `attention_kernel`: "xla" (the attention as XLA ops, `attention._line_attention`) or
+    "pallas" (the same as Pallas TPU kernels, `line_attention_kernel`; interpreted on CPU).
     `embed_lookup`: "float32" takes the rows from the float32 table and casts them to `dtype`,
     so the table's gradient is a float32 scatter-add; "compute_dtype" casts the table first
     (its gradient is then a scatter-add in `dtype`: bfloat16 atomics, which serialise on the
@@ -171,6 +174,7 @@ class VideoTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: Optional[str] = None
+    attention_kernel: str = "xla"
     embed_lookup: str = "float32"
     scan_layers: bool = False
 
@@ -196,7 +200,7 @@ class VideoTransformer(nn.Module):
             layer_cls = nn.remat(TransformerLayer, static_argnums=(3,), policy=policy)
         layer_args = (blocks, d, heads, d // 2 if self.halve_att else d, 2 * d if self.halve_mlp else 4 * d,
                       self.pre_ln, self.dropout, self.attention_dropout, out_std, self.dtype,
-                      self.attention_impl)
+                      self.attention_impl, self.attention_kernel)
         self.layers = [layer_cls(*layer_args, name=f"layer_{i}") for i in range(self.num_layers)]
         self._layer_args = layer_args
         # Post-LN normalises the input; pre-LN normalises the output (names as the released code).

@@ -53,6 +53,8 @@ def model_config(variant: str | None = None, **overrides) -> ml_collections.Conf
         # the layers as one lax.scan over their stacked parameters (compile time; same parameters)
         scan_layers=False,
         attention_impl=ml_collections.FieldReference(None, field_type=str),
+        # the axial attention as XLA ops ("xla") or Pallas TPU kernels ("pallas"; interpreted on CPU)
+        attention_kernel="xla",
         proj_layers=2, proj_hidden_dim=2048, proj_dim=256,
         # MLM logits over ids [0, mlm_codes) only; None = all vocab_size (the released head).
         mlm_codes=ml_collections.FieldReference(None, field_type=int),

@@ -117,6 +117,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> VideoTransformer:
         dtype=DTYPES[cfg["dtype"]],
         remat=cfg["remat"],
         attention_impl=cfg["attention_impl"],
+        attention_kernel=cfg["attention_kernel"],
         embed_lookup=cfg["embed_lookup"],
         scan_layers=cfg["scan_layers"],
     )

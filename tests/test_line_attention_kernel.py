@@ -1,0 +1,146 @@
+"""`model.attention_kernel: pallas`: the Pallas kernel of the axial line attention computes what
+`attention._line_attention` computes (outputs and gradients, with key padding and the same
+attention-dropout keep masks), in Pallas's interpreter on CPU; and a TPU compile of a model's
+pre-training step with it holds the kernels as Mosaic custom-calls."""
+
+import importlib.util
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vimpac_jax.models import attention, line_attention_kernel as lak
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]'; .ci/run installs it)")
+
+KEEP_PROB = 0.75
+
+
+def _line_attention_masks(plan, a, group, keep):
+    """The kernel's keep masks of attention `a` (its windows) as `_line_attention`'s for windows of
+    `group` lines (`draw_dropout_masks`' shapes): the same bit for each (line, query, key)."""
+    pairs, bits = (np.asarray(m) for m in keep)
+    b, n, h = pairs.shape[0], plan.window_tokens, plan.heads
+    heads = slice(a * h, (a + 1) * h)
+    pairs, bits = pairs[:, :, heads], bits.reshape(b, plan.num_windows, -1, n)[:, :, heads]
+    cls_key, cls_query, cls_cls = ((bits >> i) & 1 == 1 for i in range(3))
+    # Where each grid token sits in the kernel's windows, and the grid tokens of each line.
+    where = np.zeros((2, np.prod(plan.grid)), int)
+    for w, tokens in enumerate(plan.window_tokens_global()):
+        where[0, tokens], where[1, tokens] = w, np.arange(n)
+    lines = np.asarray(attention.to_lines(np.arange(np.prod(plan.grid)).reshape(1, *plan.grid), plan.attentions[a]))[0]
+    win, pos = where[0][lines], where[1][lines]  # [N, L]
+    num_lines, length = lines.shape
+    key_index = np.arange(length)[None, None, :]  # the kernel's row of a key: its position in the line
+    line_pairs = pairs[:, win[:, :, None], :, key_index, pos[:, :, None]]  # [N, L (query), L (key), B, h]
+    line_pairs = einops.rearrange(line_pairs, "n l k b h -> b n h l k")
+    line_cls = einops.rearrange(cls_key[:, win, :, pos], "n l b h -> b n h l")
+    keep_c = einops.rearrange(cls_query[:, win, :, pos], "n l b h -> b n h l")
+    keep_cc = einops.rearrange(cls_cls[:, win[:, 0], :, pos[:, 0]], "n b h -> b n h")  # at the line's first token
+    windows = np.zeros((b, num_lines // group, h, group * length, group * length), bool)
+    grouped = line_pairs.reshape(b, num_lines // group, group, h, length, length)
+    for g in range(group):
+        windows[:, :, :, g * length:(g + 1) * length, g * length:(g + 1) * length] = grouped[:, :, g]
+    cls_windows = einops.rearrange(line_cls, "b (w g) h l -> b w h (g l)", g=group)
+    return (windows, cls_windows, einops.rearrange(keep_c, "b (w g) h l -> b w h g l", g=group),
+            einops.rearrange(keep_cc, "b (w g) h -> b w h g", g=group))
+
+
+def _reference(plan, groups, qkv_cls, qkv, key_is_pad, keep):
+    """`_line_attention` for each attention of the block (windows of groups[a] lines), on the
+    projections split as `AxialAttention.attend_projected` splits them."""
+    h, f = plan.heads, plan.heads * plan.head_dim
+    outs_c, outs = [], []
+    for a, axes in enumerate(plan.attentions):
+        lines = attention.to_lines(qkv[..., 3 * f * a:3 * f * (a + 1)], axes)  # [B, N, L, 3F]
+        b, n, length = lines.shape[:3]
+        q, k, v = einops.rearrange(lines, "b (w g) l (s h d) -> s b w h (g l) d", g=groups[a], s=3, h=h)
+        qc, kc, vc = einops.rearrange(qkv_cls[:, 3 * f * a:3 * f * (a + 1)], "b (s h d) -> s b h d", s=3, h=h)
+        pad = attention.to_lines(key_is_pad, axes).reshape(b, n // groups[a], groups[a] * length)
+        masks = None if keep is None else tuple(jnp.asarray(m) for m in keep[a])
+        out, out_c = attention._line_attention(q, k, v, qc, kc, vc, pad, masks, KEEP_PROB, length)
+        out = einops.rearrange(out, "b w h (g l) d -> b (w g) l (h d)", g=groups[a])
+        outs.append(attention.from_lines(out, axes, plan.grid))
+        outs_c.append(out_c.reshape(b, f))
+    return jnp.concatenate(outs_c, -1), jnp.concatenate(outs, -1)
+
+
+def _values_and_grads(fn, *args):
+    """fn's outputs, and the gradients w.r.t. its arguments of a fixed random projection of them."""
+    def loss(*args):
+        out_c, out = fn(*args)
+        weights = jax.random.normal(jax.random.key(7), (out_c.size + out.size,))
+        return jnp.dot(jnp.concatenate([out_c.ravel(), out.ravel()]), weights), (out_c, out)
+
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+    return outs, grads
+
+
+@pytest.mark.parametrize("attentions, grid, heads, groups, dropout", [
+    # Temporal lines of 3 (16 per kernel window), `_line_attention` in windows of 8 lines.
+    ((("T",),), (3, 4, 8), 2, (8,), True),
+    # Height and width lines of one block together (one window per frame), windows of 1 line.
+    ((("H",), ("W",)), (2, 4, 8), 2, (1, 1), True),
+    # Four heads of 32 per 128 lanes, no dropout.
+    ((("W",),), (2, 4, 8), 4, (4,), False),
+])
+def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
+    plan = lak.Plan(attentions, grid, heads, 128 // 2 if heads == 2 else 32)
+    b, c = 2, 3 * len(attentions) * heads * plan.head_dim
+    keys = jax.random.split(jax.random.key(0), 5)
+    f = c // 3
+    # q, k, v of [CLS] and the grid, the attentions' heads side by side; the grid's bias, which
+    # the kernel adds.
+    qkv_cls = tuple(jax.random.normal(k, (b, f)) for k in jax.random.split(keys[0], 3))
+    qkv = tuple(jax.random.normal(k, (b, *grid, f)) for k in jax.random.split(keys[1], 3))
+    bias = jax.random.normal(keys[4], (3, f))
+    key_is_pad = jax.random.bernoulli(keys[2], 0.3, (b, *grid)).at[0, 0].set(True)  # a frame of padding
+    keep = keep_lines = None
+    if dropout:
+        keep = lak.draw_keep_masks(keys[3], KEEP_PROB, b, plan)
+        keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
+    outs, grads = _values_and_grads(
+        lambda c, x, bias: lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv, bias)
+    def per_attention(x):  # q, k, v [..., F] each -> [..., C]: per attention [q | k | v] (AttentionBlock)
+        return jnp.concatenate([y for a in range(len(attentions)) for y in (z[..., a * f // len(attentions):
+                                                                             (a + 1) * f // len(attentions)]
+                                                                           for z in x)], axis=-1)
+
+    ref_outs, ref_grads = _values_and_grads(
+        lambda c, x, bias: _reference(plan, groups, per_attention(c),
+                                      per_attention([z + bb for z, bb in zip(x, bias)]), key_is_pad, keep_lines),
+        qkv_cls, qkv, bias)
+    names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v", "d bias")
+    for name, got, want in zip(names, outs + grads, ref_outs + ref_grads):
+        for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} [{i}]")
+    assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0.01  # none trivially zero
+
+
+def test_unsupported_head_dim_is_one_error():
+    with pytest.raises(ValueError, match="head_dim dividing 128"):
+        lak.Plan((("T",),), (5, 16, 16), 8, 48)
+    with pytest.raises(ValueError, match="more than 512"):
+        lak.Plan((("T", "H"),), (5, 16, 16), 2, 64)
+
+
+@needs_libtpu
+def test_pretrain_step_compiles_for_tpu_with_the_kernel():
+    from vimpac_jax.aot import compile as aot
+    from vimpac_jax.config_utils import load_config
+
+    config = load_config(["--config", "configs/pretrain.py:runlocal", "--config.model.attention_kernel=pallas",
+                          "--config.model.num_layers=1", "--config.model.hidden_dim=256", "--config.model.num_heads=4",
+                          "--config.model.height=8", "--config.model.width=8", "--config.data.batch_size=2"])
+    _, (train,) = aot.compile_run(config, aot.tpu_target("v5e-1"), programs=("train",))
+    # Two blocks (T, H|W) of one layer: a forward and a backward kernel for each, each a Mosaic
+    # custom-call charged at twice its roofline time (hlo_cycles).
+    assert train.fits and train.pallas_kernels == 4, train.estimate_method
+    charged = [key for key, _ in train.cycles.by_source if key.endswith("[Pallas, charged]")]
+    assert all(any(f"attn_{i}" in k and k.startswith(s) for k in charged)
+               for i in (0, 1) for s in ("jvp", "transpose")), charged
+    assert 0 < train.pallas_cycles < train.estimated_cycles
+    assert "4 Pallas kernels charged at twice their roofline time" in train.estimate_method
