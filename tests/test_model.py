@@ -294,7 +294,7 @@ def test_bf16_layer_norm_backward_from_its_output():
 
 
 def test_lines_attended_in_windows_equal_lines_attended_one_by_one(monkeypatch):
-    """Several lines in one masked window (attention.WINDOW_TOKENS) give each line's own
+    """Several lines in one masked window (layout.WINDOW_TOKENS) give each line's own
     attention: the same outputs and gradients as windows of one line, with PAD keys and with
     the attention-dropout masks laid over the windows."""
     import einops

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from vimpac_jax.models import line_attention_kernel
 from vimpac_jax.models.common import INIT_STD, Dropout, apply_dropout_mask, dense, layer_norm
-from vimpac_jax.models.layout import AXES
+from vimpac_jax.models.layout import AXES, WINDOW_TOKENS
 
 # `model.attention_kernel`: the attention of a block as XLA ops (`_line_attention`) or as Pallas
 # TPU kernels (`line_attention_kernel`, the same values; interpreted on CPU).
@@ -58,14 +59,6 @@ def from_lines(y: jax.Array, axes: tuple[str, ...], grid: tuple[int, int, int]) 
     return einops.rearrange(y, f"b {other} {line} {extra} -> b t h w {extra}", t=t, h=h, w=w)
 
 
-# Lines are attended in windows of about this many tokens: several short lines side by side in
-# one [window, window] score matrix, masked to the pairs of the same line. A TPU lays an array's
-# last two dimensions out in tiles of 8 x 128 and its matrix units are 128 x 128 (v4, v5p;
-# https://cloud.google.com/tpu/docs/system-architecture-tpu-vm): scores of one line of 6 or 17
-# tokens fill 3-12% of a tile, so their elementwise work and layout copies cost 8-40x their
-# size. A window of 80-128 tokens fills most of a tile for a few times the (small) FLOPs of
-# QK^T and PV (benchmarks/RESULTS.md, "The pre-training step on a TPU by XLA's cost model").
-WINDOW_TOKENS = 128
 
 
 def lines_per_window(num_lines: int, length: int, window: Optional[int] = None) -> int:
@@ -327,7 +320,6 @@ class AttentionBlock(nn.Module):
         """The block's attentions as Pallas kernels on the projections as they are: qkv_cls, [CLS]'s
         q, k, v [B, F] each, qkv_grid the grid's [B, T, H, W, F] each before their bias [3, F]
         (`line_attention_kernel.block_attention`) -> ([CLS] [B, F], tokens [B, T, H, W, F])."""
-        from vimpac_jax.models import line_attention_kernel  # it builds on this module
 
         plan = line_attention_kernel.Plan(tuple(tuple(a) for a in self.attentions), tuple(key_is_pad.shape[1:]),
                                           heads, head_dim)

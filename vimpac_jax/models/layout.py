@@ -9,6 +9,15 @@ A layout string lists the attention blocks of one layer:
 
 AXES = ("T", "H", "W")
 
+# Lines are attended in windows of about this many tokens: several short lines side by side in
+# one [window, window] score matrix, masked to the pairs of the same line. A TPU lays an array's
+# last two dimensions out in tiles of 8 x 128 and its matrix units are 128 x 128 (v4, v5p;
+# https://cloud.google.com/tpu/docs/system-architecture-tpu-vm): scores of one line of 6 or 17
+# tokens fill 3-12% of a tile, so their elementwise work and layout copies cost 8-40x their
+# size. A window of 80-128 tokens fills most of a tile for a few times the (small) FLOPs of
+# QK^T and PV (benchmarks/RESULTS.md, "The pre-training step on a TPU by XLA's cost model").
+WINDOW_TOKENS = 128
+
 
 def parse_layout(layout: str) -> tuple[tuple[tuple[str, ...], ...], ...]:
     """`'T,H|W'` -> `((('T',),), (('H',), ('W',)))`: blocks -> parallel attentions -> axes.

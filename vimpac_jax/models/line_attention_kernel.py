@@ -56,8 +56,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vimpac_jax.models.attention import WINDOW_TOKENS
-from vimpac_jax.models.layout import AXES
+from vimpac_jax.models.layout import AXES, WINDOW_TOKENS
 
 LANES = 128  # a TPU vector register's lanes: the column block of the kernel (a multiple of head_dim)
 MAX_WINDOW = 512  # a window's [n, n] float32 scores per head must sit in VMEM with q, k, v, masks
