@@ -1,7 +1,17 @@
-"""Shared test set-up: the golden outputs of the released code, the `vimpac` runner, scheduling.
+"""Shared test set-up: 8 CPU devices, the golden outputs of the released code, the `vimpac`
+runner, scheduling.
 
-Layers: `pytest -m "not slow"` runs the unit and parity tests in process; tests marked `slow`
-(markers in pyproject.toml) run real programs end to end. The README's command runs both.
+Layers: `pytest -m "not slow"` is the fast layer, unit and parity tests in process; tests marked
+`slow` (markers in pyproject.toml) run a training run, a whole chain or a real program end to
+end, in process where a subprocess adds nothing; a few need processes of their own: several
+processes (`test_multihost.py`: 2 processes x 4 devices), a signal or SIGKILL in the middle of a
+run, a fresh interpreter (a clean import, an installed copy), and one CLI smoke test per command.
+The README's command runs every layer.
+
+Devices: each test process (the pytest process, or each xdist worker) has 8 CPU devices, as
+big_vision's tests have (`chex.set_n_cpu_devices(8)`), so mesh and sharding tests run in process;
+a test that means one device says so (`jax.devices()[:1]`). The subprocesses the tests start get
+the environment without it (1 device, as a user's run, unless the test sets XLA_FLAGS itself).
 """
 
 import atexit
@@ -30,8 +40,35 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # imported, here and in every subprocess; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it back on.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# 8 CPU devices for this process: XLA reads XLA_FLAGS when jax creates its CPU backend (the first
+# jax.devices() or computation), so it is set here, before any test module's jax import, after
+# flags already set (the last of a repeated flag wins). `eight_cpu_devices` below creates the
+# backend and gives the environment back for subprocesses.
+DEVICE_COUNT = 8
+_XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [_XLA_FLAGS_BEFORE, f"--xla_force_host_platform_device_count={DEVICE_COUNT}"]))
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("VIMPAC_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_cpu_devices():
+    """Creates jax's backend with the 8 devices, then restores XLA_FLAGS, so the programs the tests
+    start (`run_vimpac`, drivers, launchers) run on 1 device as a user's run does, unless a test
+    gives them devices itself. Session-wide and autouse: first, before any module fixture."""
+    import jax
+
+    devices = jax.devices()
+    assert len(devices) == DEVICE_COUNT and devices[0].platform == "cpu", (
+        f"the tests run on {DEVICE_COUNT} CPU devices (XLA_FLAGS={os.environ['XLA_FLAGS']!r}; on a host with "
+        f"accelerators set JAX_PLATFORMS=cpu), got {devices}")
+    if _XLA_FLAGS_BEFORE is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = _XLA_FLAGS_BEFORE
+    return devices
 
 
 @pytest.fixture
