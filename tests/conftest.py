@@ -10,17 +10,20 @@ The README's command runs every layer.
 
 Devices: each test process (the pytest process, or each xdist worker) has 8 CPU devices, as
 big_vision's tests have (`chex.set_n_cpu_devices(8)`), so mesh and sharding tests run in process;
-a test that means one device says so (`jax.devices()[:1]`). The subprocesses the tests start get
+a test that means one device says so: `jax.devices()[:1]` where it builds the mesh, fixture
+`one_device` (or `one_device_module`) where it runs a whole program written for one device. The subprocesses the tests start get
 the environment without it (1 device, as a user's run, unless the test sets XLA_FLAGS itself).
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -69,6 +72,37 @@ def eight_cpu_devices():
     else:
         os.environ["XLA_FLAGS"] = _XLA_FLAGS_BEFORE
     return devices
+
+
+@contextlib.contextmanager
+def first_device_only():
+    """The process's first device as its only one, for a whole program written for one device (the
+    training loop, a command, the demo chain): the library takes every device of the process
+    (`sharding.make_mesh`, the tokenizer, `predict`) and has no option to choose them, so
+    jax.devices(), jax.local_devices() and their counts give the first device while it is active."""
+    import jax
+
+    devices, local_devices = jax.devices, jax.local_devices
+    with mock.patch.object(jax, "devices", lambda *a, **k: devices(*a, **k)[:1]), \
+            mock.patch.object(jax, "local_devices", lambda *a, **k: local_devices(*a, **k)[:1]), \
+            mock.patch.object(jax, "device_count", lambda *a, **k: 1), \
+            mock.patch.object(jax, "local_device_count", lambda *a, **k: 1):
+        yield
+
+
+@pytest.fixture
+def one_device():
+    """`first_device_only` for one test."""
+    with first_device_only():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_device_module():
+    """`first_device_only` for a module whose module fixtures run programs too (use with
+    `pytestmark = pytest.mark.usefixtures("one_device_module")`)."""
+    with first_device_only():
+        yield
 
 
 @pytest.fixture

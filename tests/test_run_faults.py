@@ -432,11 +432,13 @@ def no_compiling(monkeypatch):
 
 
 def _train(store, workdir, *overrides, task="pretrain"):
+    from conftest import first_device_only
     from vimpac_jax.commands import train as train_command
 
     config = "pretrain.py:runlocal" if task == "pretrain" else "finetune.py:dataset=ucf101,runlocal"
-    return train_command.main(["--config", str(REPO / "configs" / config), f"--config.data.train_store={store}",
-                               "--config.train.num_steps=2", *overrides, "--workdir", str(workdir)])
+    with first_device_only():  # runlocal's batch of 4 on one device, as `vimpac train` runs it
+        return train_command.main(["--config", str(REPO / "configs" / config), f"--config.data.train_store={store}",
+                                   "--config.train.num_steps=2", *overrides, "--workdir", str(workdir)])
 
 
 @pytest.mark.parametrize("override, words", [

@@ -26,7 +26,8 @@ from vimpac_jax.data.testing import write_test_store
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip"]
 CLASS_NAMES = ["walking", "running", "jumping"]  # recorded by the labelled stores, as `vimpac tokenize --class-names`
-pytestmark = pytest.mark.slow  # every test runs `vimpac train` (or the loop) for real
+# slow: every test runs `vimpac train` (or the loop) for real. The loop in process runs on one device, as `vimpac train` does here.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device_module")]
 
 
 @pytest.fixture(scope="module")
