@@ -160,6 +160,18 @@ def tiny_tokenizer(golden_dir, tmp_path_factory) -> Path:
     return dst
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`vimpac ARGS` in this process (`cli.main`: no start-up, the command's own error lines and
+    exit code): (exit code, stdout, stderr). For tests of a command's behaviour; `run_vimpac`
+    where the test needs the program itself (its process, a signal, the installed entry point)."""
+    from vimpac_jax import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_vimpac(*args, env=None, cwd=REPO, check=False, timeout=None, background=False):
     """`python -m vimpac_jax ARGS` in a fresh process that imports this checkout's package.
 
