@@ -67,11 +67,22 @@ def eight_cpu_devices():
     assert len(devices) == DEVICE_COUNT and devices[0].platform == "cpu", (
         f"the tests run on {DEVICE_COUNT} CPU devices (XLA_FLAGS={os.environ['XLA_FLAGS']!r}; on a host with "
         f"accelerators set JAX_PLATFORMS=cpu), got {devices}")
+    _restore_xla_flags()
+    return devices
+
+
+def _restore_xla_flags():
     if _XLA_FLAGS_BEFORE is None:
         os.environ.pop("XLA_FLAGS", None)
     else:
         os.environ["XLA_FLAGS"] = _XLA_FLAGS_BEFORE
-    return devices
+
+
+def pytest_configure(config):
+    """Under xdist (`-n N`) this process only hands out tests: it gives its workers, which load
+    this file themselves, the environment as it found it."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        _restore_xla_flags()
 
 
 @contextlib.contextmanager
