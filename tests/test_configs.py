@@ -492,13 +492,13 @@ def test_train_from_python_checks_the_config_before_touching_the_workdir(tmp_pat
     assert not (tmp_path / "w").exists()
 
 
-def test_vimpac_train_refuses_an_absurd_value_with_one_error_line(tmp_path):
-    from conftest import run_vimpac
+def test_vimpac_train_refuses_an_absurd_value_with_one_error_line(tmp_path, capsys):
+    from conftest import run_cli
 
-    result = run_vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w",
-                        f"--config.data.train_store={tmp_path / 'store'}", "--config.pretrain.mask_blocks=100000")
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    code, _, err = run_cli(capsys, "train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w",
+                           f"--config.data.train_store={tmp_path / 'store'}", "--config.pretrain.mask_blocks=100000")
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("vimpac train: error: config.pretrain.mask_blocks=100000 must be"), \
-        result.stderr[-2000:]
+        err[-2000:]
     assert not (tmp_path / "w").exists()
