@@ -9,10 +9,12 @@ run, a fresh interpreter (a clean import, an installed copy), and one CLI smoke 
 The README's command runs every layer.
 
 Devices: each test process (the pytest process, or each xdist worker) has 8 CPU devices, as
-big_vision's tests have (`chex.set_n_cpu_devices(8)`), so mesh and sharding tests run in process;
-a test that means one device says so: `jax.devices()[:1]` where it builds the mesh, fixture
-`one_device` (or `one_device_module`) where it runs a whole program written for one device. The subprocesses the tests start get
-the environment without it (1 device, as a user's run, unless the test sets XLA_FLAGS itself).
+big_vision's tests have (`chex.set_n_cpu_devices(8)`), so mesh and sharding tests run in process
+(`test_pretrain_step.py`'s meshes, the 1-process run of `test_multihost.py`). A test that means
+one device says so: `jax.devices()[:1]` where it builds the mesh, fixture `one_device` (or
+`one_device_module`) where it runs a whole program written for one device. The subprocesses
+the tests start get the environment without the flag (1 device, as a user's run, unless the
+test sets XLA_FLAGS itself).
 """
 
 import atexit
