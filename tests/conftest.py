@@ -1,16 +1,31 @@
-"""Shared test set-up: the golden outputs of the released code, the `vimpac` runner, scheduling.
+"""Shared test set-up: 8 CPU devices, the golden outputs of the released code, the `vimpac`
+runner, scheduling.
 
-Layers: `pytest -m "not slow"` runs the unit and parity tests in process; tests marked `slow`
-(markers in pyproject.toml) run real programs end to end. The README's command runs both.
+Layers: `pytest -m "not slow"` is the fast layer, unit and parity tests in process; tests marked
+`slow` (markers in pyproject.toml) run a training run, a whole chain or a real program end to
+end, in process where a subprocess adds nothing; a few need processes of their own: several
+processes (`test_multihost.py`: 2 processes x 4 devices), a signal or SIGKILL in the middle of a
+run, a fresh interpreter (a clean import, an installed copy), and one CLI smoke test per command.
+The README's command runs every layer.
+
+Devices: each test process (the pytest process, or each xdist worker) has 8 CPU devices, as
+big_vision's tests have (`chex.set_n_cpu_devices(8)`), so mesh and sharding tests run in process
+(`test_pretrain_step.py`'s meshes, the 1-process run of `test_multihost.py`). A test that means
+one device says so: `jax.devices()[:1]` where it builds the mesh, fixture `one_device` (or
+`one_device_module`) where it runs a whole program written for one device. The subprocesses
+the tests start get the environment without the flag (1 device, as a user's run, unless the
+test sets XLA_FLAGS itself).
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -30,8 +45,77 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # imported, here and in every subprocess; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it back on.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# 8 CPU devices for this process: XLA reads XLA_FLAGS when jax creates its CPU backend (the first
+# jax.devices() or computation), so it is set here, before any test module's jax import, after
+# flags already set (the last of a repeated flag wins). `eight_cpu_devices` below creates the
+# backend and gives the environment back for subprocesses.
+DEVICE_COUNT = 8
+_XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [_XLA_FLAGS_BEFORE, f"--xla_force_host_platform_device_count={DEVICE_COUNT}"]))
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("VIMPAC_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_cpu_devices():
+    """Creates jax's backend with the 8 devices, then restores XLA_FLAGS, so the programs the tests
+    start (`run_vimpac`, drivers, launchers) run on 1 device as a user's run does, unless a test
+    gives them devices itself. Session-wide and autouse: first, before any module fixture."""
+    import jax
+
+    devices = jax.devices()
+    assert len(devices) == DEVICE_COUNT and devices[0].platform == "cpu", (
+        f"the tests run on {DEVICE_COUNT} CPU devices (XLA_FLAGS={os.environ['XLA_FLAGS']!r}; on a host with "
+        f"accelerators set JAX_PLATFORMS=cpu), got {devices}")
+    _restore_xla_flags()
+    return devices
+
+
+def _restore_xla_flags():
+    if _XLA_FLAGS_BEFORE is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = _XLA_FLAGS_BEFORE
+
+
+def pytest_configure(config):
+    """Under xdist (`-n N`) this process only hands out tests: it gives its workers, which load
+    this file themselves, the environment as it found it."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        _restore_xla_flags()
+
+
+@contextlib.contextmanager
+def first_device_only():
+    """The process's first device as its only one, for a whole program written for one device (the
+    training loop, a command, the demo chain): the library takes every device of the process
+    (`sharding.make_mesh`, the tokenizer, `predict`) and has no option to choose them, so
+    jax.devices(), jax.local_devices() and their counts give the first device while it is active."""
+    import jax
+
+    devices, local_devices = jax.devices, jax.local_devices
+    with mock.patch.object(jax, "devices", lambda *a, **k: devices(*a, **k)[:1]), \
+            mock.patch.object(jax, "local_devices", lambda *a, **k: local_devices(*a, **k)[:1]), \
+            mock.patch.object(jax, "device_count", lambda *a, **k: 1), \
+            mock.patch.object(jax, "local_device_count", lambda *a, **k: 1):
+        yield
+
+
+@pytest.fixture
+def one_device():
+    """`first_device_only` for one test."""
+    with first_device_only():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_device_module():
+    """`first_device_only` for a module whose module fixtures run programs too (use with
+    `pytestmark = pytest.mark.usefixtures("one_device_module")`)."""
+    with first_device_only():
+        yield
 
 
 @pytest.fixture
@@ -87,6 +171,18 @@ def tiny_tokenizer(golden_dir, tmp_path_factory) -> Path:
     rc = dalle_conversion.main(["--encoder", str(src / "encoder.pkl"), "--decoder", str(src / "decoder.pkl"), str(dst)])
     assert rc == 0
     return dst
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`vimpac ARGS` in this process (`cli.main`: no start-up, the command's own error lines and
+    exit code): (exit code, stdout, stderr). For tests of a command's behaviour; `run_vimpac`
+    where the test needs the program itself (its process, a signal, the installed entry point)."""
+    from vimpac_jax import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def run_vimpac(*args, env=None, cwd=REPO, check=False, timeout=None, background=False):

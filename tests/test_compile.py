@@ -71,6 +71,12 @@ def _compile(config_args, topology, programs=None):
     return target, mesh, reports
 
 
+# The whole train + evaluate programs of a run compiled for TPU slices: the slow layer. In the
+# fast layer, test_finetune_evaluate_one_host compiles one program through the same compile_run
+# and report, test_slice_names the topologies and hosts, test_clock_from_the_bf16_peak the estimate's
+# clock, test_find_batch_searches_each_remat_policy_and_keeps_the_best the search, and
+# test_cli_bad_topology_is_one_line the command's CLI.
+@pytest.mark.slow
 @needs_libtpu
 def test_pretrain_one_host():
     target, mesh, reports = _compile(["configs/pretrain.py:runlocal"], "v5e:2x2")
@@ -89,6 +95,7 @@ def test_pretrain_one_host():
     assert train.unestimated_custom_calls > 0 and "custom-calls and custom fusions without an estimate count 0" in train.estimate_method
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_finetune_two_hosts_fsdp():
     # v5e-8: 2x4 chips on two hosts of 2x2; the run's mesh with fsdp=2 spans both hosts.
@@ -108,6 +115,7 @@ def test_finetune_evaluate_one_host():
     assert evaluate.fits and evaluate.clips == 4 * 2 * 3
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cli_impossible_batch_does_not_fit(tmp_path):
     out = tmp_path / "compile.json"

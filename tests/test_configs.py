@@ -291,6 +291,8 @@ def test_logical_axis_rules_from_the_config_change_a_parameters_sharding(tmp_pat
 
 
 def finetune_task(tmp_path, dataset, *, fps, variants=("r32_center_noflip",), eval_fps=None, overrides=()):
+    import jax
+
     from vimpac_jax.data.testing import write_test_store
     from vimpac_jax.training import sharding as shd
     from vimpac_jax.tasks.finetune import FinetuneTask
@@ -305,7 +307,7 @@ def finetune_task(tmp_path, dataset, *, fps, variants=("r32_center_noflip",), ev
     if eval_fps is not None:
         flags.append(f"--config.data.eval_store={store(f'val_{eval_fps}', eval_fps)}")
     c = config(f"finetune.py:dataset={dataset},runlocal", *flags, *overrides)
-    return FinetuneTask(c, shd.make_mesh(), log=lambda *a: None)
+    return FinetuneTask(c, shd.make_mesh(devices=jax.devices()[:1]), log=lambda *a: None)  # runlocal's 1 device
 
 
 def test_store_fps_must_give_the_presets_clip_rate(tmp_path):
@@ -359,6 +361,8 @@ def test_the_tokenizer_task_has_the_blocks_of_the_others():
 def pretrain_task(tmp_path, *overrides, stores=()):
     """A runlocal PretrainTask; `stores`: (config field, name, fps, labelled) of extra stores, each a
     `frame_index` store (frame t's tokens read t) of 8 videos of 40 frames."""
+    import jax
+
     from vimpac_jax.data.testing import write_test_store
     from vimpac_jax.training import sharding as shd
     from vimpac_jax.tasks.pretrain import PretrainTask
@@ -372,7 +376,7 @@ def pretrain_task(tmp_path, *overrides, stores=()):
     flags = [f"--config.data.train_store={store('pool', 2.0, False)}"]
     flags += [f"--config.{field}={store(name, fps, labelled)}" for field, name, fps, labelled in stores]
     c = config("pretrain.py:runlocal", *flags, *overrides)
-    return PretrainTask(c, shd.make_mesh(), log=lambda *a: None)
+    return PretrainTask(c, shd.make_mesh(devices=jax.devices()[:1]), log=lambda *a: None)  # runlocal's 1 device
 
 
 def frame_steps(batch_tokens):
@@ -529,13 +533,13 @@ def test_train_from_python_checks_the_config_before_touching_the_workdir(tmp_pat
     assert not (tmp_path / "w").exists()
 
 
-def test_vimpac_train_refuses_an_absurd_value_with_one_error_line(tmp_path):
-    from conftest import run_vimpac
+def test_vimpac_train_refuses_an_absurd_value_with_one_error_line(tmp_path, capsys):
+    from conftest import run_cli
 
-    result = run_vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w",
-                        f"--config.data.train_store={tmp_path / 'store'}", "--config.pretrain.mask_blocks=100000")
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    code, _, err = run_cli(capsys, "train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w",
+                           f"--config.data.train_store={tmp_path / 'store'}", "--config.pretrain.mask_blocks=100000")
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("vimpac train: error: config.pretrain.mask_blocks=100000 must be"), \
-        result.stderr[-2000:]
+        err[-2000:]
     assert not (tmp_path / "w").exists()

@@ -8,13 +8,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli, run_vimpac
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official import ConversionError, model_config_from_args, variables_from_state_dict
 
 
 vimpac = run_vimpac
-pytestmark = pytest.mark.slow  # the real `vimpac convert` / `vimpac features` programs
+# The real `vimpac convert` / `vimpac features` programs run once each (the `converted` fixture, the
+# golden features); the other tests call the commands in process (`run_cli`).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -38,31 +40,31 @@ def test_convert_then_features_match_golden(converted, golden_dir, tmp_path):
         assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
-def test_features_of_a_finetuned_checkpoint_include_logits(golden_dir, tmp_path):
-    assert vimpac("convert", "official", golden_dir / "vimpac_b" / "finetuned", tmp_path / "ft").returncode == 0
+def test_features_of_a_finetuned_checkpoint_include_logits(golden_dir, tmp_path, capsys):
+    assert run_cli(capsys, "convert", "official", golden_dir / "vimpac_b" / "finetuned", tmp_path / "ft")[0] == 0
     expected = np.load(golden_dir / "vimpac_b" / "finetuned" / "expected.npz")
     np.save(tmp_path / "tokens.npy", expected["input_codes"])
-    result = vimpac("features", "--checkpoint", tmp_path / "ft", "--tokens", tmp_path / "tokens.npy",
-                    "--out", tmp_path / "out.npz")
-    assert result.returncode == 0, result.stderr
+    code, _, err = run_cli(capsys, "features", "--checkpoint", tmp_path / "ft", "--tokens", tmp_path / "tokens.npy",
+                           "--out", tmp_path / "out.npz")
+    assert code == 0, err
     logits = np.load(tmp_path / "out.npz")["logits"]
     assert np.linalg.norm(logits - expected["logits"]) / np.linalg.norm(expected["logits"]) < 1e-5
 
 
-def test_features_rejects_bad_tokens(converted, tmp_path):
+def test_features_rejects_bad_tokens(converted, tmp_path, capsys):
     np.save(tmp_path / "range.npy", np.full((1, 3, 4, 4), 9000, np.int32))
     np.save(tmp_path / "shape.npy", np.zeros((1, 5, 4, 4), np.int32))
     np.save(tmp_path / "float.npy", np.zeros((1, 3, 4, 4), np.float32))
     for name, words in [("range", "[0, 8197)"), ("shape", "[B, 3, 4, 4]"), ("float", "integers")]:
-        result = vimpac("features", "--checkpoint", converted, "--tokens", tmp_path / f"{name}.npy",
-                        "--out", tmp_path / "o.npz")
-        assert result.returncode != 0 and words in result.stderr and f"{name}.npy" in result.stderr
+        code, _, err = run_cli(capsys, "features", "--checkpoint", converted, "--tokens", tmp_path / f"{name}.npy",
+                               "--out", tmp_path / "o.npz")
+        assert code != 0 and words in err and f"{name}.npy" in err
         assert not (tmp_path / "o.npz").exists()
 
 
-def test_existing_destination_is_refused(converted, golden_dir):
-    result = vimpac("convert", "official", golden_dir / "vimpac_a", converted)
-    assert result.returncode != 0 and "already exists" in result.stderr
+def test_existing_destination_is_refused(converted, golden_dir, capsys):
+    code, _, err = run_cli(capsys, "convert", "official", golden_dir / "vimpac_a", converted)
+    assert code != 0 and "already exists" in err
 
 
 def _golden_state(golden_dir, name="vimpac_a"):

@@ -26,6 +26,9 @@ from vimpac_jax.export.source import load_exportable  # noqa: E402
 from vimpac_jax.models.model import build_model  # noqa: E402
 from vimpac_jax.tokenizer.interface import load_tokenizer  # noqa: E402
 
+# The commands run in process on the chain's outputs on one device, as the chain ran them.
+pytestmark = pytest.mark.usefixtures("one_device_module")
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli
 from vimpac_jax import checkpoints, exit_codes
 from vimpac_jax.commands import export as export_command
 from vimpac_jax.commands import features as features_command
@@ -40,9 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Fields of args.pickle that describe the architecture (the released `vimpac/param.py`).
 MODEL_ARGS = ("layers", "hid_dim", "model", "pos_emb", "pre_activation", "halve_att", "halve_mlp", "frame_size",
               "clip_len", "vocab_size", "nce_proj_layers", "nce_proj_hid_dim", "dropout", "last_dropout")
-
-
-vimpac = run_vimpac
 
 
 def assert_same_variables(a, b):
@@ -71,10 +68,10 @@ def golden_a(golden_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_torch_export_round_trips_and_matches_the_released_file(golden_a, golden_dir, tmp_path):
+def test_torch_export_round_trips_and_matches_the_released_file(golden_a, golden_dir, tmp_path, capsys):
     ckpt, config, variables = golden_a
-    result = vimpac("export", "--workdir", ckpt, "--format", "torch", "--out", tmp_path / "released")
-    assert result.returncode == 0, result.stderr
+    code, _, err = run_cli(capsys, "export", "--workdir", ckpt, "--format", "torch", "--out", tmp_path / "released")
+    assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "released").iterdir()) == ["args.pickle", "classifier.pt"]
 
     back_config, back = convert_official(tmp_path / "released", tmp_path / "back")

@@ -21,7 +21,7 @@ def test_two_micro_batches_make_the_same_update_as_one():
                           "--config.model.attention_dropout=0.0"])
     model_cfg = config.model.to_dict()
     optim_cfg = dict(config.optim.to_dict(), total_steps=10, warmup=0.0, learning_rate=1e-3)
-    mesh = shd.make_mesh()
+    mesh = shd.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     shape = (8, model_cfg["clip_len"], model_cfg["height"], model_cfg["width"])
     batches = [dict(tokens=rng.integers(0, 8192, shape).astype(np.int32), label=rng.integers(0, 3, 8).astype(np.int32))
@@ -58,7 +58,7 @@ def test_micro_batches_that_do_not_divide_the_batch_are_refused(tmp_path):
     config = load_config(overrides)
     config.finetune.micro_batches = 3  # set in Python after loading: the task checks it too (with the devices)
     with pytest.raises(ValueError, match="config.finetune.micro_batches=3"):
-        FinetuneTask(config, shd.make_mesh(), log=print)
+        FinetuneTask(config, shd.make_mesh(devices=jax.devices()[:1]), log=print)
 
 
 def test_eval_loss_is_the_mean_over_views_of_the_cross_entropy():

@@ -14,7 +14,8 @@ import pytest
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # trains for real
+# slow: trains for real. The loop in process runs on one device, as `vimpac train` does here.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device_module")]
 
 
 def _make_older(run: Path) -> None:

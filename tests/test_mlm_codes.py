@@ -26,7 +26,7 @@ VIDEOS = [dict(video_id=f"v{i}", num_frames=5) for i in range(8)]
 def pretrain_task(store, codes):
     config = load_config(["--config", str(REPO / "configs/pretrain.py:runlocal"), f"--config.data.train_store={store}",
                           f"--config.model.mlm_codes={codes}"])
-    return make_task(config, shd.make_mesh(config.mesh), log=lambda m: None)
+    return make_task(config, shd.make_mesh(config.mesh, devices=jax.devices()[:1]), log=lambda m: None)
 
 
 def test_a_store_with_codes_beyond_mlm_codes_is_refused_before_compiling(tmp_path):

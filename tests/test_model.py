@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli, run_vimpac
 from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.config import model_config
 from vimpac_jax.models.layout import parse_layout
@@ -49,11 +49,11 @@ def test_backbone_parameter_counts_match_paper_table(config, expected):
 
 
 @pytest.mark.slow
-def test_vimpac_params_command_prints_table3_counts():
+def test_vimpac_params_command_prints_table3_counts(capsys):
     out = run_vimpac("params", "--config", REPO / "configs/pretrain.py:large_half", check=True)
     assert out.stdout.splitlines()[0] == "backbone_params=210106368"
-    bad = run_vimpac("params", "--config", REPO / "configs/pretrain.py:small", "--config.model.layot=T")
-    assert bad.returncode != 0 and "layot" in bad.stderr and "layout" in bad.stderr
+    code, _, err = run_cli(capsys, "params", "--config", REPO / "configs/pretrain.py:small", "--config.model.layot=T")
+    assert code != 0 and "layot" in err and "layout" in err
 
 
 @pytest.mark.parametrize("layout", ["T,H|W", "T,H,W", "T,H", "T", "T|H|W", "H|W,T", "TxHxW", "T,HxW", "HxW|T"])

@@ -1,8 +1,8 @@
 """Multi-process training for real: 2 processes x 4 CPU devices against 1 process x 8 devices.
 
-Both runs are the real `vimpac train` (runlocal pre-training config, global batch 8) on the same
-token store; the 2-process run is formed by jax.distributed with a coordinator on 127.0.0.1 and
-JAX's CPU collectives (gloo). They must log the same losses and save the same parameters. The
+Both runs are `vimpac train` (runlocal pre-training config, global batch 8) on the same token
+store: the 1-process run in this process on conftest's 8 CPU devices, the 2-process run in two
+processes formed by jax.distributed with a coordinator on 127.0.0.1 and JAX's CPU collectives (gloo). They must log the same losses and save the same parameters. The
 data split is checked on the real pipeline: each process's share is disjoint from the other's,
 and together they are the 1-process global batch. Misconfigured launches must fail, not hang.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli, run_vimpac
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +55,6 @@ def finish(procs) -> list[tuple[int, str, str]]:
 
 
 def run_processes(args, num_processes: int, devices: int, **extra) -> list[tuple[int, str, str]]:
-    if num_processes == 1:
-        return finish([start(args, cpu_env(devices, **extra))])
     coordinator = f"127.0.0.1:{free_port()}"
     return finish([start(args, cpu_env(devices, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES=str(num_processes),
                                        VIMPAC_PROCESS_ID=str(i), **extra))
@@ -106,10 +104,13 @@ def check_ok(results):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(stores, tmp_path):
+def test_two_processes_match_one(stores, tmp_path, capsys):
+    import jax
+
     one, two = tmp_path / "one", tmp_path / "two"
-    single = run_processes(train_args(stores / "random", one), 1, 8)
-    check_ok(single)
+    assert jax.device_count() == 8  # conftest's devices: the 1-process run needs no process of its own
+    code, _, err = run_cli(capsys, *train_args(stores / "random", one))
+    assert code == 0, err[-3000:]
     multi = run_processes(train_args(stores / "random", two), 2, 4)
     check_ok(multi)
     # Only process 0 logs; both report the same final result on stdout.

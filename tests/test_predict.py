@@ -118,7 +118,7 @@ def test_class_names_beside_a_checkpoint_are_printed_and_exported(released, tmp_
     assert export_cmd.main(["--workdir", str(named), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
     assert (tmp_path / "st" / CLASS_NAMES_FILE).read_text().splitlines() == names
     assert "class_names=7" in capsys.readouterr().out
-def test_predictions_go_out_as_they_are_made(released, tmp_path, capsys, monkeypatch):
+def test_predictions_go_out_as_they_are_made(released, tmp_path, capsys, monkeypatch, one_device):
     """Stopped at the third of four videos (here Ctrl-C in the model call), `vimpac predict` has
     already printed the first two and --json holds them: before, a run stopped midway printed and
     wrote nothing."""

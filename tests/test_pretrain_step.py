@@ -1,10 +1,8 @@
 """The pre-training step, its sharding and its optimizer.
 
-The multi-device checks need 8 simulated CPU devices, which must be set before jax initialises;
-other test modules initialise jax first, so they run in two worker processes
-(`pretrain_mesh_worker.py`, sections `steps` and `fsdp`) started when this module starts and
-running in parallel with the single-device tests below; the tests at the end wait for their
-results and make the assertions.
+The multi-device checks run the step in this process on meshes of the 8 CPU devices that
+conftest gives every test process (`pretrain_meshes.py`); each mesh's run is made once per module
+(fixture `mesh_runs`) and shared by the tests that compare it.
 
 Comparisons of updated parameters use the update Δ = new - initial, per leaf:
 ‖Δ_mesh - Δ_ref‖ <= 1e-4 ‖Δ_ref‖ + 1e-7. The absolute floor is for leaves whose exact gradient
@@ -12,11 +10,6 @@ is zero (attention key biases, the bias before BatchNorm), where only float nois
 """
 
 import math
-import os
-import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import pretrain_mesh_worker as worker
+import pretrain_meshes as pm
 from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL, MASK_ID, PAD_ID
 from vimpac_jax.conversion.official_names import torch_name
@@ -34,70 +27,43 @@ from vimpac_jax.training import optimizer as opt
 from vimpac_jax.training import pretrain_step as ps
 from vimpac_jax.training import sharding as shd
 
-WORKER = Path(__file__).with_name("pretrain_mesh_worker.py")
-WORKER_TIMEOUT_S = 900
-
 
 # ----------------------------------------------------------------------------------------------
-# Worker processes: started once, in parallel, when the module starts.
+# The tiny run on 8 devices: one start for every mesh, each mesh's two steps made once.
 
-class _Worker:
-    def __init__(self, section: str, out_dir: Path):
-        self.section, self.out = section, out_dir / f"{section}.pkl"
-        self.log = open(out_dir / f"{section}.log", "w+")
-        env = dict(os.environ, XLA_FLAGS=worker.XLA_FLAGS, JAX_PLATFORMS="cpu")
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), section, str(self.out)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._results = None
-
-    def results(self) -> dict:
-        if self._results is None:
-            try:
-                rc = self.proc.wait(timeout=WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = "timeout"
-            self.log.seek(0)
-            tail = self.log.read()[-3000:]
-            if rc != 0 or not self.out.exists():
-                pytest.fail(f"worker section {self.section!r} failed (rc={rc}):\n{tail}")
-            with open(self.out, "rb") as f:
-                self._results = pickle.load(f)
-        return self._results
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+@pytest.fixture(scope="module")
+def start():
+    """The configs, the one-device initial state (flat), the perturbed host state every mesh
+    starts from (see `pm.perturbed`) and the tokens."""
+    model_cfg, optim_cfg, pretrain_cfg = pm.tiny_configs()
+    one = shd.make_mesh(pm.MESHES["one_device"], devices=jax.devices()[:1])
+    init, _, state = pm.initial_state(model_cfg, optim_cfg, one)
+    host_state = pm.perturbed(jax.device_get(state))
+    return dict(configs=(model_cfg, optim_cfg, pretrain_cfg), init=init, host_state=host_state,
+                initial_params=pm.flat(host_state.params), tokens=pm.tiny_tokens())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def workers(request, tmp_path_factory):
-    """Starts the workers before the first test of the module, if any selected test needs them."""
-    needed = any({"meshes", "accum"} & set(getattr(item, "fixturenames", ()))
-                 for item in request.session.items if getattr(item, "module", None) is request.module)
-    if not needed:
-        yield {}
-        return
-    out_dir = tmp_path_factory.mktemp("pretrain_workers")
-    started = {name: _Worker(name, out_dir) for name in worker.SECTIONS}
-    yield started
-    for w in started.values():
-        w.stop()
+def _mesh(name):
+    devices = jax.devices()[:1] if name == "one_device" else jax.devices()[:8]
+    return shd.make_mesh(pm.MESHES[name], devices=devices)
 
 
 @pytest.fixture(scope="module")
-def meshes(workers):
-    a, b = workers["steps"].results(), workers["fsdp"].results()
-    for name, value in a["initial_params"].items():  # both processes start from the same state
-        np.testing.assert_array_equal(b["initial_params"][name], value, err_msg=name)
-    return {**a, **b, "init_on_fsdp_mesh": b["init"], "init_shards_on_fsdp_mesh": b["init_shard_shapes"]}
+def mesh_runs(start):
+    """mesh_runs(name) -> `pm.run_mesh` on mesh `name` of pm.MESHES, run once per module."""
+    done = {}
+
+    def run(name):
+        if name not in done:
+            done[name] = pm.run_mesh(name, _mesh(name), *start["configs"], start["host_state"], start["tokens"])
+        return done[name]
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def accum(workers):
-    return workers["fsdp"].results()["accumulation"]
+def accum(start):
+    return pm.accumulation(_mesh("data4_tensor2"), *start["configs"], start["host_state"], start["tokens"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +110,7 @@ _RELEASED_NO_DECAY = (".bias", "LayerNorm.weight", ".ln.weight", "ln_1.weight", 
 def test_decay_mask_follows_the_released_names(pre_ln):
     """Same parameters exempt as the released name list, except the MLM head's LayerNorm scale
     ('mlm_head.transform.2.weight', missed by the list), unless match_released_decay=True."""
-    cfg = worker.tiny_model_config(pre_ln=pre_ln)
+    cfg = pm.tiny_model_config(pre_ln=pre_ln)
     params = abstract_variables(build_model(cfg), cfg)["params"]
     ours = opt.decay_mask(params)
     released = opt.decay_mask(params, match_released=True)
@@ -214,7 +180,7 @@ def test_fit_spec_replicates_what_does_not_divide():
 
 def test_state_shardings_follow_the_rules():
     """Moments get their parameter's sharding; counters and BatchNorm statistics replicated."""
-    cfg = worker.tiny_model_config()
+    cfg = pm.tiny_model_config()
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     sh = ps.train_state_shardings(cfg, opt.optim_config(), mesh)
     assert sh.params["backbone"]["layer_0"]["mlp"]["fc"]["kernel"].spec == P("fsdp", "tensor")
@@ -229,7 +195,7 @@ def test_state_shardings_follow_the_rules():
 
 
 def test_rules_must_cover_every_logical_axis():
-    cfg = worker.tiny_model_config()
+    cfg = pm.tiny_model_config()
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     rules = tuple(r for r in shd.LOGICAL_AXIS_RULES if r[0] != "mlp")
     with pytest.raises(ValueError, match="'mlp'"):
@@ -248,8 +214,8 @@ def test_views_major_and_strided_micro_batches():
 
 
 def test_mask_batch_scores_what_it_masks():
-    _, _, pretrain_cfg = worker.tiny_configs()
-    tokens = jnp.asarray(worker.tiny_tokens())
+    _, _, pretrain_cfg = pm.tiny_configs()
+    tokens = jnp.asarray(pm.tiny_tokens())
     m = jax.jit(lambda t, k: ps.mask_batch(t, k, pretrain_cfg, 6))(tokens, jax.random.key(0))
     b, v = tokens.shape[:2]
     assert m["inputs"].shape == tokens.shape and m["positions"].shape == m["labels"].shape == (b, v, 6)
@@ -270,7 +236,7 @@ def _abstract_step_inputs(model_cfg, optim_cfg, batch_shape):
 
 
 def test_step_rejects_bad_batches_before_compiling():
-    model_cfg, optim_cfg, pretrain_cfg = worker.tiny_configs()
+    model_cfg, optim_cfg, pretrain_cfg = pm.tiny_configs()
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     step = ps.make_pretrain_step(model_cfg, optim_cfg, pretrain_cfg, mesh)
     with pytest.raises(ValueError, match=r"batch\['tokens'\] must be \[B, 2, T, H, W\]"):
@@ -281,7 +247,7 @@ def test_step_rejects_bad_batches_before_compiling():
 
 
 def test_bad_pretrain_config_is_named():
-    model_cfg, optim_cfg, pretrain_cfg = worker.tiny_configs()
+    model_cfg, optim_cfg, pretrain_cfg = pm.tiny_configs()
     with pytest.raises(ValueError) as e:  # the block's check where a config is built (config_schema)
         config_schema.check_block("pretrain", "pretrain", dict(pretrain_cfg, micro_batches=0, mask_kind="box"))
     assert "config.pretrain.micro_batches=0 must be >= 1" in str(e.value)
@@ -289,7 +255,7 @@ def test_bad_pretrain_config_is_named():
 
 
 def test_bfloat16_compute_keeps_float32_state():
-    model_cfg, optim_cfg, pretrain_cfg = worker.tiny_configs()
+    model_cfg, optim_cfg, pretrain_cfg = pm.tiny_configs()
     model_cfg = dict(model_cfg, dtype="bfloat16")
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     step = ps.make_pretrain_step(model_cfg, optim_cfg, dict(pretrain_cfg, micro_batches=2), mesh)
@@ -312,9 +278,9 @@ def test_make_global_batch_one_process():
 
 
 # ----------------------------------------------------------------------------------------------
-# 8 simulated devices (worker sections `steps`, `fsdp`).
+# 8 CPU devices: two steps on each mesh against one device.
 
-MULTI_DEVICE_MESHES = [m for m in worker.MESHES if m != "one_device"]
+MULTI_DEVICE_MESHES = [m for m in pm.MESHES if m != "one_device"]
 
 
 def _assert_updates_close(new, ref, initial, rtol=1e-4, atol=1e-7):
@@ -333,47 +299,49 @@ def _assert_leaves_close(new, ref, rtol, atol):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", MULTI_DEVICE_MESHES)
-def test_mesh_matches_one_device(meshes, mesh_name):
+def test_mesh_matches_one_device(start, mesh_runs, mesh_name):
     """Two steps on (data=8), (data=4, tensor=2), (data=2, fsdp=4): same metrics, parameters,
     optimizer state and BatchNorm statistics (global batch statistics) as on one device."""
-    ref, got = meshes["one_device"], meshes[mesh_name]
+    ref, got = mesh_runs("one_device"), mesh_runs(mesh_name)
     for step in range(2):
         for name, value in ref["metrics"][step].items():
             assert got["metrics"][step][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, name)
     assert ref["metrics"][0]["learning_rate"] > 0 and ref["metrics"][0]["nce_loss"] > 0
     assert ref["metrics"][0]["pad_ratio"] == pytest.approx(2 * 16 / (8 * 2 * 32))  # two PAD frames
-    _assert_updates_close(got["params"], ref["params"], meshes["initial_params"])
+    _assert_updates_close(got["params"], ref["params"], start["initial_params"])
     _assert_leaves_close(got["batch_stats"], ref["batch_stats"], rtol=1e-5, atol=0)
     _assert_leaves_close(got["opt_state"], ref["opt_state"], rtol=1e-4, atol=1e-8)
     assert got["opt_state"]["1/0/.count"] == 2
 
 
 @pytest.mark.slow
-def test_masking_identical_across_meshes(meshes):
-    ref = meshes["one_device"]["masked"]
+def test_masking_identical_across_meshes(mesh_runs):
+    ref = mesh_runs("one_device")["masked"]
     assert (ref["labels"] != IGNORE_LABEL).sum() > 0
     for mesh_name in MULTI_DEVICE_MESHES:
         for name, value in ref.items():
-            np.testing.assert_array_equal(meshes[mesh_name]["masked"][name], value, err_msg=f"{mesh_name}/{name}")
+            np.testing.assert_array_equal(mesh_runs(mesh_name)["masked"][name], value, err_msg=f"{mesh_name}/{name}")
 
 
 @pytest.mark.slow
-def test_parameters_and_batch_are_sharded(meshes):
+def test_parameters_and_batch_are_sharded(mesh_runs):
     for mesh_name in MULTI_DEVICE_MESHES:
-        assert meshes[mesh_name]["batch_spec"] == (("data", "fsdp"),) and meshes[mesh_name]["batch_devices"] == 8
+        got = mesh_runs(mesh_name)
+        assert got["batch_spec"] == (("data", "fsdp"),) and got["batch_devices"] == 8
     # tensor=2: MLP and attention split, the 8197-row vocabulary does not divide: replicated.
-    specs = meshes["data4_tensor2"]["specs"]
+    specs = mesh_runs("data4_tensor2")["specs"]
     assert specs["mlp_fc"] == ("fsdp", "tensor") and specs["query"] == ("fsdp", "tensor")
     assert specs["embedding"] == (None, "fsdp")
     # fsdp=4: the model width of every weight split.
-    specs = meshes["data2_fsdp4"]["specs"]
+    specs = mesh_runs("data2_fsdp4")["specs"]
     assert specs["mlp_fc"][0] == "fsdp" and specs["embedding"][1] == "fsdp"
 
 
 @pytest.mark.slow
-def test_init_is_born_sharded_and_mesh_independent(meshes):
+def test_init_is_born_sharded_and_mesh_independent(start):
     """init_train_state on (data=2, fsdp=4) gives the one-device values, already split."""
-    one, fsdp, shards = meshes["init"], meshes["init_on_fsdp_mesh"], meshes["init_shards_on_fsdp_mesh"]
+    fsdp, shards, _ = pm.initial_state(*start["configs"][:2], _mesh("data2_fsdp4"))
+    one = start["init"]
     for name, value in one.items():
         np.testing.assert_array_equal(fsdp[name], value, err_msg=name)
     assert shards["backbone/token_embed/embedding"] == (8197, 64 // 4)  # each device holds a quarter
@@ -384,11 +352,11 @@ def test_init_is_born_sharded_and_mesh_independent(meshes):
 
 
 @pytest.mark.slow
-def test_infonce_gradient_sharded_matches_one_device(meshes):
+def test_infonce_gradient_sharded_matches_one_device():
     """16 clips over 8 devices (2 each): the gradient equals the one-device one, and the
     gradient of device 0's clip moves when a clip on device 4 (one of its negatives) moves:
     every device's clips get gradient from the negatives held by other devices."""
-    nce = meshes["nce"]
+    nce = pm.nce_gradients()
     assert nce["out_devices"] == 8 and nce["rows_on_device0"] == (0, 2)
     ref = nce["reference"]
     assert np.linalg.norm(nce["sharded"] - ref) <= 1e-6 * np.linalg.norm(ref)
@@ -396,7 +364,7 @@ def test_infonce_gradient_sharded_matches_one_device(meshes):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient accumulation (worker section `fsdp`, on the (data=4, tensor=2) mesh).
+# Gradient accumulation (on the (data=4, tensor=2) mesh).
 
 @pytest.mark.slow
 def test_accumulation_mlm_part_equals_one_large_batch(accum):

@@ -432,11 +432,13 @@ def no_compiling(monkeypatch):
 
 
 def _train(store, workdir, *overrides, task="pretrain"):
+    from conftest import first_device_only
     from vimpac_jax.commands import train as train_command
 
     config = "pretrain.py:runlocal" if task == "pretrain" else "finetune.py:dataset=ucf101,runlocal"
-    return train_command.main(["--config", str(REPO / "configs" / config), f"--config.data.train_store={store}",
-                               "--config.train.num_steps=2", *overrides, "--workdir", str(workdir)])
+    with first_device_only():  # runlocal's batch of 4 on one device, as `vimpac train` runs it
+        return train_command.main(["--config", str(REPO / "configs" / config), f"--config.data.train_store={store}",
+                                   "--config.train.num_steps=2", *overrides, "--workdir", str(workdir)])
 
 
 @pytest.mark.parametrize("override, words", [
@@ -695,10 +697,9 @@ def test_checksums_do_not_depend_on_the_sharding_and_catch_any_flipped_bit():
     tree = {"x": x, "h": x.astype(jnp.bfloat16), "i": jnp.arange(5, dtype=jnp.int8), "n": jnp.int32(7)}
     whole = checkpointing.array_checksums(tree)
     assert whole == checkpointing.array_checksums(jax.tree.map(np.asarray, tree))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    if len(jax.devices()) > 1 and 8 % len(jax.devices()) == 0:
-        sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
-        assert checkpointing.array_checksums(sharded) == whole
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))  # conftest: 8 CPU devices
+    sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+    assert len(sharded["x"].sharding.device_set) == 8 and checkpointing.array_checksums(sharded) == whole
     bits = np.asarray(x).view(np.uint32).copy()
     for i, k in [(0, 0), (17, 31), (47, 5)]:
         flipped = bits.copy().reshape(-1)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pretrain_mesh_worker as worker
+import pretrain_meshes as pm
 from vimpac_jax import config_schema
 from vimpac_jax.constants import IGNORE_LABEL
 from vimpac_jax.models.heads import PAD_LOGIT, MLMHead, tied_logits
@@ -57,14 +57,14 @@ def test_pack_micro_batch_keeps_the_first_scored_and_drops_the_rest():
 
 @pytest.fixture(scope="module")
 def tiny_step_inputs():
-    model_cfg, _, pretrain_cfg = worker.tiny_configs()
+    model_cfg, _, pretrain_cfg = pm.tiny_configs()
     model = build_model(model_cfg)
     # jit throughout this module: one compilation each instead of op-by-op dispatch (which
     # compiles every distinct primitive on its own: most of these tests' time on CPU).
     variables = flax.linen.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, jnp.zeros((2, 2, 4, 4), jnp.int32)))
     params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), p))(
         variables["params"])
-    tokens = jnp.asarray(worker.tiny_tokens())
+    tokens = jnp.asarray(pm.tiny_tokens())
     return model_cfg, pretrain_cfg, model, params, variables.get("batch_stats", {}), tokens
 
 
@@ -161,8 +161,8 @@ def test_vocabulary_logits_backward_runs_in_the_compute_dtype():
 
 
 def test_float32_token_lookup_same_values_float32_gradient_scatter():
-    cfg = worker.tiny_model_config(dtype="bfloat16")
-    tokens = jnp.asarray(worker.tiny_tokens()[:, 0])
+    cfg = pm.tiny_model_config(dtype="bfloat16")
+    tokens = jnp.asarray(pm.tiny_tokens()[:, 0])
     outs, jaxprs = {}, {}
     for lookup in ("float32", "compute_dtype"):
         model = build_model(dict(cfg, embed_lookup=lookup))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli, run_vimpac
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.data.testing import write_test_store
 from vimpac_jax import sweeps as sw
@@ -40,12 +40,7 @@ vimpac = run_vimpac
 
 def sweep_cli(capsys, *args):
     """`vimpac sweep ARGS` in this process (no import / start-up cost): (return code, stdout, stderr)."""
-    from vimpac_jax.commands.sweep import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "sweep", *args)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +239,7 @@ def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
+def test_failed_run_is_reported_not_dropped(store, tmp_path, capsys):
     sweep_file = tmp_path / "with_failure.py"
     # height=8 loads as a config (every field in its range) but `vimpac train` rejects it: the
     # store holds 4x4 tokens per frame. Run 0 fails, run 1 (the runlocal default, compiled
@@ -252,8 +247,8 @@ def test_failed_run_is_reported_not_dropped(store, env, tmp_path):
     sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
                           "def get_sweep():\n    return sweep('model.height', [8, 4])\n")
     root = tmp_path / "fail"
-    result = vimpac("sweep", *base_args(store), "--sweep", sweep_file, "--workdir", root, env=env)
-    assert result.returncode == 1 and "1 of 2 runs failed" in result.stderr
+    code, _, err = sweep_cli(capsys, *base_args(store), "--sweep", sweep_file, "--workdir", root)  # its runs: `vimpac train`
+    assert code == 1 and "1 of 2 runs failed" in err
     rows = read_csv(root / "summary.csv")
     assert [(r["run"], r["status"], r["returncode"]) for r in rows] == [
         ("00_height=8", "failed (rc=2)", "2"), ("01_height=4", "ok", "0")]

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_vimpac
+from conftest import run_cli, run_vimpac
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["r32_start_noflip", "r32_center_noflip", "r32_end_noflip", "r32_center_flip"]
 CLASS_NAMES = ["walking", "running", "jumping"]  # recorded by the labelled stores, as `vimpac tokenize --class-names`
-pytestmark = pytest.mark.slow  # every test runs `vimpac train` (or the loop) for real
+# slow: every test runs `vimpac train` (or the loop) for real. The loop in process runs on one device, as `vimpac train` does here.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device_module")]
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +137,17 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert str(ft / "eval-train" / "eval_results.json") in other.stdout
 
 
-def test_bad_config_is_rejected_before_compiling(stores, tmp_path):
+def test_bad_config_is_rejected_before_compiling(stores, tmp_path, capsys):
     start = time.monotonic()
-    bad = vimpac("train", *pretrain_args(stores, extra=["--config.model.layot=T"]), "--workdir", tmp_path / "w",
-                 check=False)
-    assert bad.returncode == 2 and "layot" in bad.stderr
-    wrong_grid = vimpac("train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
-                        tmp_path / "w2", check=False)
-    assert wrong_grid.returncode == 2 and "4x4" in wrong_grid.stderr and "8x4" in wrong_grid.stderr
+    code, _, err = run_cli(capsys, "train", *pretrain_args(stores, extra=["--config.model.layot=T"]), "--workdir",
+                           tmp_path / "w")
+    assert code == 2 and "layot" in err
+    code, _, err = run_cli(capsys, "train", *pretrain_args(stores, extra=["--config.model.height=8"]), "--workdir",
+                           tmp_path / "w2")
+    assert code == 2 and "4x4" in err and "8x4" in err
     assert not (tmp_path / "w2" / "config.json").exists()  # a rejected config does not claim the workdir
-    missing = vimpac("train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3", check=False)
-    assert missing.returncode == 2 and "train_store" in missing.stderr
+    code, _, err = run_cli(capsys, "train", "--config", "configs/pretrain.py:runlocal", "--workdir", tmp_path / "w3")
+    assert code == 2 and "train_store" in err
     assert time.monotonic() - start < 120  # no compilation happened (a loose bound: import time only)
 
 
@@ -272,31 +273,34 @@ def test_a_full_disk_in_the_sigterm_save_exits_1_with_one_line(stores, env, tmp_
     assert "No space left on device" in _only_error_line(err)
 
 
-def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, env, tmp_path):
+def test_finetune_from_converted_golden_at_another_shape(golden_dir, stores, tmp_path, capsys):
     """vimpac_a is T=3, 4x4 tokens; fine-tune it at T=4 on 6x6 tokens: tables are interpolated."""
-    vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
+    assert run_cli(capsys, "convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt")[0] == 0
     videos = [dict(video_id=f"v{i}", num_frames=6, label=i % 2, variants=VARIANTS) for i in range(8)]
     # HMDB51's preset samples clips at 4 fps (configs/finetune.py): stores at that rate, every frame.
     write_test_store(tmp_path / "train6", videos, grid=(6, 6), fps=4.0)
     write_test_store(tmp_path / "val6", videos[:4], grid=(6, 6), seed=3, fps=4.0)
-    out = vimpac("train", "--config", "configs/finetune.py:dataset=hmdb51,runlocal",
-                 "--config.model.num_layers=2", "--config.model.hidden_dim=128", "--config.model.clip_len=4",
-                 "--config.model.height=6", "--config.model.width=6", "--config.model.num_classes=2",
-                 "--config.model.proj_hidden_dim=256", "--config.train.num_steps=2",
-                 f"--config.data.train_store={tmp_path / 'train6'}", f"--config.data.eval_store={tmp_path / 'val6'}",
-                 f"--config.init_from={tmp_path / 'ckpt'}", "--workdir", tmp_path / "ft", env=env)
-    (adapted,) = [line for line in out.stderr.splitlines() if line.startswith("init_from: interpolated/shrunk")]
+    code, _, err = run_cli(capsys, "train", "--config", "configs/finetune.py:dataset=hmdb51,runlocal",
+                           "--config.model.num_layers=2", "--config.model.hidden_dim=128", "--config.model.clip_len=4",
+                           "--config.model.height=6", "--config.model.width=6", "--config.model.num_classes=2",
+                           "--config.model.proj_hidden_dim=256", "--config.train.num_steps=2",
+                           f"--config.data.train_store={tmp_path / 'train6'}",
+                           f"--config.data.eval_store={tmp_path / 'val6'}", f"--config.init_from={tmp_path / 'ckpt'}",
+                           "--workdir", tmp_path / "ft")
+    assert code == 0, err[-3000:]
+    (adapted,) = [line for line in err.splitlines() if line.startswith("init_from: interpolated/shrunk")]
     for table in ("temporal", "height", "width"):
         assert f"params/backbone/pos_embed/{table}" in adapted
-    assert "init_from: left out (not in this model): " in out.stderr and "params/mlm_head (" in out.stderr
+    assert "init_from: left out (not in this model): " in err and "params/mlm_head (" in err
 
 
-def test_unexpected_mismatch_is_an_error(golden_dir, stores, env, tmp_path):
-    vimpac("convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt", env=env)
-    out = vimpac("train", *finetune_args(stores, [f"--config.init_from={tmp_path / 'ckpt'}",
-                                                  "--config.model.num_layers=3", "--config.model.hidden_dim=128"]),
-                 "--workdir", tmp_path / "ft", env=env, check=False)
-    assert out.returncode != 0 and "layer_2" in out.stderr and "init_from_allow_mismatch" in out.stderr
+def test_unexpected_mismatch_is_an_error(golden_dir, stores, tmp_path, capsys):
+    assert run_cli(capsys, "convert", "official", golden_dir / "vimpac_a", tmp_path / "ckpt")[0] == 0
+    code, _, err = run_cli(capsys, "train", *finetune_args(stores, [f"--config.init_from={tmp_path / 'ckpt'}",
+                                                                  "--config.model.num_layers=3",
+                                                                  "--config.model.hidden_dim=128"]),
+                           "--workdir", tmp_path / "ft")
+    assert code != 0 and "layer_2" in err and "init_from_allow_mismatch" in err
 
 
 def test_tokenizer_task_trains_and_writes_a_loadable_tokenizer(env, tmp_path):

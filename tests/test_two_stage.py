@@ -25,7 +25,8 @@ from vimpac_jax.training import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS, STAGE2_STEPS = 10, 4
-pytestmark = pytest.mark.slow  # stage 1 is a real training run (train_lib.train)
+# slow: stage 1 is a real training run (train_lib.train). The loop in process runs on one device, as `vimpac train` does here.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device_module")]
 
 
 @pytest.fixture(scope="module")

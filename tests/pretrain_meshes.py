@@ -1,34 +1,21 @@
-"""Runs the pre-training step on several meshes of 8 simulated CPU devices; used by
-tests/test_pretrain_step.py, which starts it in a fresh process because the device count must be
-set (XLA_FLAGS=--xla_force_host_platform_device_count=8) before jax initialises.
+"""The pre-training step on several meshes of 8 CPU devices (conftest gives the test process 8):
+a tiny model, its configs and tokens, and what one run of two steps on a mesh gives, for
+tests/test_pretrain_step.py (the assertions are there) and tests/test_step_traffic.py.
 
-Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/pretrain_mesh_worker.py SECTION OUT.pkl
-with SECTION `meshes` (steps on four meshes, InfoNCE gradients) or `accumulation` (k=1 vs k=2
-micro-batches); the two run in parallel processes.
-
-Writes a pickle of plain numpy arrays and strings (no assertions here; the test module makes
-them): per mesh, the metrics of two steps, the final state, parameter shardings, and the masked
-batch; plus InfoNCE gradients with the projections sharded over 8 devices and on one device.
+Each function returns plain numpy arrays and strings: per mesh, the metrics of two steps, the
+final state, parameter shardings, and the masked batch; InfoNCE gradients with the projections
+sharded over 8 devices and on one device; gradients of an update as 1 batch and as 2 micro-batches.
 """
-
-import os
-import pickle
-import resource
-import sys
-import time
 
 import jax
 import numpy as np
 
-# Runs as a script: make the repository importable without installing it.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vimpac_jax.constants import PAD_ID  # noqa: E402
-from vimpac_jax.models.config import model_config  # noqa: E402
-from vimpac_jax.models.losses import info_nce  # noqa: E402
-from vimpac_jax.training import pretrain_step as ps  # noqa: E402
-from vimpac_jax.training import sharding as shd  # noqa: E402
-from vimpac_jax.training.optimizer import optim_config  # noqa: E402
+from vimpac_jax.constants import PAD_ID
+from vimpac_jax.models.config import model_config
+from vimpac_jax.models.losses import info_nce
+from vimpac_jax.training import pretrain_step as ps
+from vimpac_jax.training import sharding as shd
+from vimpac_jax.training.optimizer import optim_config
 
 MESHES = {
     "one_device": {"data": 1},
@@ -45,7 +32,7 @@ SPEC_LEAVES = {  # parameters whose sharding the test checks
 
 
 def tiny_model_config(**overrides) -> dict:
-    """2 layers, d=64, layout T,H|W, T=2 frames of 4x4 tokens; dropout off unless overridden."""
+    """1 layer, d=64, layout T,H|W, T=2 frames of 4x4 tokens; dropout off unless overridden."""
     cfg = dict(task="pretrain", num_layers=1, hidden_dim=64, num_heads=2, clip_len=2, height=4, width=4,
                layout="T,H|W", pos_emb="hw_separation", dropout=0.0, attention_dropout=0.0,
                vocab_size=8197, dtype="float32", proj_layers=2, proj_hidden_dim=32, proj_dim=16)
@@ -95,6 +82,13 @@ def flat_arrays(tree) -> dict:
 
 def flat(tree) -> dict:
     return {name: np.asarray(leaf) for name, leaf in flat_arrays(tree).items()}
+
+
+def initial_state(model_cfg, optim_cfg, mesh):
+    """(flat parameters of init_train_state on `mesh`, their per-device shard shapes, the state)."""
+    state = ps.init_train_state(model_cfg, optim_cfg, jax.random.key(0), mesh)
+    shard_shapes = {name: leaf.addressable_shards[0].data.shape for name, leaf in flat_arrays(state.params).items()}
+    return flat(state.params), shard_shapes, state
 
 
 def run_mesh(name, mesh, model_cfg, optim_cfg, pretrain_cfg, host_state, tokens):
@@ -185,62 +179,3 @@ def accumulation(mesh, model_cfg, optim_cfg, pretrain_cfg, host_state, tokens) -
     out["micro_reference"] = micro_out
     out["micro_reference_batch_stats"] = flat(stats)
     return out
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-# Two processes share the work about equally (they run in parallel with the test module):
-# section -> meshes to run the step on. `steps` also computes the InfoNCE gradients; `fsdp`
-# initialises the state directly on the (data=2, fsdp=4) mesh (the test checks that it equals the
-# one-device initialisation of `steps`) and runs the accumulation comparison.
-SECTIONS = {"steps": ("one_device", "data8", "data4_tensor2"), "fsdp": ("data2_fsdp4",)}
-# What the test module runs the worker with: 8 CPU devices, and XLA's LLVM optimisation off,
-# which halves compile time (most of the run) and changes no result beyond float rounding.
-XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-
-
-def main(section: str, out_path: str) -> int:
-    if section not in SECTIONS:
-        print(f"section must be one of {SECTIONS}, got {section!r}", file=sys.stderr)
-        return 2
-    if jax.device_count() != 8:
-        print(f"need 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have {jax.device_count()}",
-              file=sys.stderr)
-        return 2
-    start = time.time()
-
-    def log(what):
-        print(f"{section}/{what}: {time.time() - start:.1f}s wall, {_cpu_seconds():.1f}s cpu", file=sys.stderr,
-              flush=True)
-
-    model_cfg, optim_cfg, pretrain_cfg = tiny_configs()
-    one = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    init_mesh = one if section == "steps" else shd.make_mesh(MESHES["data2_fsdp4"])
-    initial = ps.init_train_state(model_cfg, optim_cfg, jax.random.key(0), init_mesh)
-    results = {"init": flat(initial.params), "init_shard_shapes": {
-        name: leaf.addressable_shards[0].data.shape for name, leaf in flat_arrays(initial.params).items()}}
-    host_state = perturbed(jax.device_get(initial))
-    tokens = tiny_tokens()
-    results.update(initial_params=flat(host_state.params), tokens=tokens)
-    log("init")
-    for name in SECTIONS[section]:
-        mesh = one if name == "one_device" else shd.make_mesh(MESHES[name])
-        results[name] = run_mesh(name, mesh, model_cfg, optim_cfg, pretrain_cfg, host_state, tokens)
-        log(name)
-    if section == "steps":
-        results["nce"] = nce_gradients()
-    else:
-        results["accumulation"] = accumulation(shd.make_mesh(MESHES["data4_tensor2"]), model_cfg, optim_cfg,
-                                               pretrain_cfg, host_state, tokens)
-    log("done")
-    with open(out_path + ".partial", "wb") as f:
-        pickle.dump(results, f)
-    os.replace(out_path + ".partial", out_path)  # a reader never sees a half-written file
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
