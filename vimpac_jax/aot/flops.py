@@ -24,23 +24,24 @@ halve_mlp), V = 8197, K = expected masked positions = ratio(T,H,W,blocks) * N:
 
 
 def forward_flops_per_clip(cfg, mask_ratio: float) -> dict:
-    """Forward matmul FLOPs of one clip, by part (see FLOPS_FORMULA)."""
+    """Forward matmul FLOPs of one clip, by part (see FLOPS_FORMULA); `cfg` a complete model block
+    (`models.config.model_config`, or a stored one through its loader)."""
     t, h, w, d = cfg["clip_len"], cfg["height"], cfg["width"], cfg["hidden_dim"]
     n = t * h * w
-    a = d // 2 if cfg.get("halve_att") else d
-    m = 2 * d if cfg.get("halve_mlp") else 4 * d
+    a = d // 2 if cfg["halve_att"] else d
+    m = 2 * d if cfg["halve_mlp"] else 4 * d
     sizes = {"T": t, "H": h, "W": w}
     layer = 0.0
-    for block in parse_layout(cfg.get("layout", "T,H|W")):
+    for block in parse_layout(cfg["layout"]):
         layer += 3 * 2 * (n + 1) * d * a + 2 * (n + 1) * a * d
         for axes in block:
             line = math.prod(sizes[x] for x in axes)
             layer += 4 * (n // line) * (1 + line) ** 2 * (a / len(block))
     layer += 2 * 2 * (n + 1) * d * m
     k = mask_ratio * n
-    mlm = 2 * k * d * d + 2 * k * d * cfg.get("vocab_size", 8197)
-    hid, layers = cfg.get("proj_hidden_dim", 2048), cfg.get("proj_layers", 2)
-    out = cfg.get("proj_dim", 256)
+    mlm = 2 * k * d * d + 2 * k * d * cfg["vocab_size"]
+    hid, layers = cfg["proj_hidden_dim"], cfg["proj_layers"]
+    out = cfg["proj_dim"]
     proj = 2 * (d * hid + (layers - 2) * hid * hid + hid * out) if layers >= 2 else 2 * d * out
     return {"layers": cfg["num_layers"] * layer, "mlm_head": mlm, "proj_head": proj}
 
