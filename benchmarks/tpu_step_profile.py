@@ -112,7 +112,7 @@ def plain_program(args, target, model_cfg):
     if args.preset in pj.PRESETS:
         _, d, halve, nce_layers, nce_hidden = pj.PRESETS[args.preset]
     else:
-        d, halve = int(model_cfg["hidden_dim"]), bool(model_cfg.get("halve_att", False))
+        d, halve = int(model_cfg["hidden_dim"]), bool(model_cfg["halve_att"])
         nce_layers, nce_hidden = int(model_cfg["proj_layers"]), int(model_cfg["proj_hidden_dim"])
     layers = int(model_cfg["num_layers"])
     t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
