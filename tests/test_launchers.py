@@ -33,6 +33,9 @@ PROGRAM = textwrap.dedent("""
     # writes of its arguments could interleave.
     os.write(1, f"RESULT {jax.process_index()} {jax.process_count()} {sorted(int(i) for i in ids)}\\n".encode())
     os.write(1, f"FROM {vimpac_jax.__file__}\\n".encode())
+    # Neither leaves before both wrote: the coordinator (process 0) exiting first can end the
+    # other before its write, under load (seen once in a fresh-clone CI run).
+    multihost_utils.sync_global_devices("results written")
 """)
 
 # argv of every call goes to $STANDIN_LOG as one JSON line; helpers shared by the stand-ins.
