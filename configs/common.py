@@ -70,6 +70,14 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config.init_from = ""                  # checkpoint dir or workdir to start from
     config.init_from_allow_mismatch = False
     config.init_from_optimizer = False     # also take the Adam moments (two-stage pre-training)
+    # The fine-tuning run's test and data (configs/finetune.py sets them per dataset; pre-training
+    # reads none of them): variant_set, the variants `vimpac tokenize --variants` must have stored
+    # (None: any; tasks/store_task.check_variant_set); eval_crops, the multi-view test's crops
+    # ('three', the released test's, or 'center', SSV2's: tasks/multiview.py); class_names, what
+    # the labels mean (empty: the names the run's stores recorded, if any).
+    config.variant_set = ml_collections.FieldReference(None, field_type=str)
+    config.eval_crops = "three"
+    config.class_names = ()
     config.pretrain = pretrain_config()
     # micro_batches: gradient accumulation (the released --gradient_accumulation): an update of
     # data.batch_size videos from that many forward/backward passes. videos_per_device > 0 sets it

@@ -232,20 +232,22 @@ class TrainState:
 def _write_training_workdir(workdir: Path, config: dict, variables: dict) -> None:
     """A workdir as training leaves it: config.json and orbax steps of a TrainState with optax moments."""
     import optax
-    import orbax.checkpoint as ocp
+
+    from vimpac_jax.config_schema import defaults
+    from vimpac_jax.training import checkpointing
 
     workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"model": config, "optimizer": {"lr": 1e-4}, "format_version": 1}))
+    run_config = json.loads(defaults("pretrain").to_json_best_effort())
+    (workdir / "config.json").write_text(json.dumps({**run_config, "model": config,
+                                                     "format_version": checkpointing.FORMAT_VERSION}))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
     zeros = jax.tree.map(np.zeros_like, variables["params"])
-    manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints",
-                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager = checkpointing.make_manager(workdir, save_every=1, keep=3)
     for step, params in [(10, zeros), (20, variables["params"])]:  # the export must take the latest
         state = TrainState(step=np.int32(step), params=params, batch_stats=variables["batch_stats"],
                            opt_state=tx.init(params))
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave({"step": step})))
-    manager.wait_until_finished()
+        checkpointing.save(manager, step, state, None, {"step": step})
+    checkpointing.wait_until_finished(manager)
     manager.close()
 
 
@@ -262,7 +264,8 @@ def test_training_workdir_is_a_source(golden_a, tmp_path, capsys):
     assert_same_variables(load_safetensors(tmp_path / "st")[1], variables)
 
     # A config that does not describe the saved weights is named, variable by variable.
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": dict(config, num_layers=3), "format_version": 1}))
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(stored, model=dict(config, num_layers=3))))
     with pytest.raises(ExportSourceError, match="missing params/backbone/layer_2"):
         load_exportable(tmp_path / "run")
 
@@ -290,7 +293,7 @@ def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_source(golden_a,
     ckpt, _, _ = golden_a
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    (run / "config.json").write_text('{"format_version": 1}')
+    (run / "config.json").write_text('{"format_version": 2}')
     (run / "checkpoints").mkdir()
     (tmp_path / "link").symlink_to(run)
     cases = [(run, run, "is the source"), (run, tmp_path / "link", "is the source"),

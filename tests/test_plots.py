@@ -170,7 +170,7 @@ def test_evaluate_without_the_extra_says_which_before_any_work(tmp_path, monkeyp
     from vimpac_jax.commands import evaluate
 
     (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(tmp_path / "no")},
-                                                        "format_version": 1}))
+                                                        "format_version": 2}))
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
     assert evaluate.main(["--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err

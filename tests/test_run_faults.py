@@ -491,7 +491,7 @@ def test_evaluate_refuses_zero_clips(short_store, tmp_path, capsys):
     from vimpac_jax.commands import evaluate
 
     _, store = short_store
-    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}, "format_version": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({"task": "finetune", "data": {"eval_store": str(store)}, "format_version": 2}))
     for clips in ("0", "2,0", "x"):
         assert evaluate.main(["--workdir", str(tmp_path), "--clips", clips]) == 2
         assert "--clips must be positive integers" in capsys.readouterr().err
@@ -600,7 +600,7 @@ def test_evaluate_with_no_checkpoint_that_restores_is_an_error_line(short_store,
     _, store = short_store
     config = load_config(["--config", str(REPO / "configs/finetune.py:dataset=ucf101,runlocal"),
                           f"--config.data.eval_store={store}"])
-    (tmp_path / "config.json").write_text(json.dumps({**json.loads(config.to_json_best_effort()), "format_version": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads(config.to_json_best_effort()), "format_version": 2}))
     manager = checkpointing.make_manager(tmp_path, save_every=1, keep=2)
     checkpointing.save(manager, 1, {"w": np.arange(4096, dtype=np.float32)}, None, {"step": 1})
     manager.wait_until_finished()
@@ -631,7 +631,7 @@ def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_res
     for step in (1, 2):
         checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
         manager.wait_until_finished()
-    (tmp_path / "config.json").write_text('{"format_version": 1}')
+    (tmp_path / "config.json").write_text('{"format_version": 2}')
     intact = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=print)
     assert intact[0] == 2 and intact[2]["verified"] is True
     _flip_a_bit_of_the_largest_data_file(tmp_path / "checkpoints" / "2")
@@ -667,7 +667,7 @@ def test_init_from_a_run_whose_newest_checkpoint_is_damaged_records_the_step_use
     for step in (1, 2):
         checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
         checkpointing.wait_until_finished(manager)
-    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}, "format_version": 1}))
+    (source / "config.json").write_text(json.dumps({"model": {"hidden_dim": 8}, "format_version": 2}))
     _flip_a_bit_of_the_largest_data_file(source / "checkpoints" / "2")
 
     warnings = []
@@ -744,7 +744,7 @@ def test_a_resume_with_another_config_names_changed_and_absent_fields(tmp_path):
     from vimpac_jax.training import workdir as workdir_lib
 
     stored = {"seed": 0, "train": {"log_every": 10}, "optim": {"lr": 1e-3}, "model": {"dropout": 0.1}}
-    (tmp_path / "config.json").write_text(json.dumps({**stored, "format_version": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "format_version": 2}))
     workdir_lib.check_config(tmp_path, dict(stored, train={"log_every": 50}))  # a free field: resumes
     with pytest.raises(workdir_lib.WorkdirError, match=r"\(optim\.lr differ\); use a new --workdir"):
         workdir_lib.check_config(tmp_path, dict(stored, optim={"lr": 2e-3}))

@@ -8,7 +8,9 @@ that looks like a finished checkpoint.
 Its one reader, `load_model_config`, reads this format only (a newer one is refused) and hands
 out the model block completed (`models.config.complete`: fields written before they existed at
 the block's defaults), so nothing after it fills a default. A file without "format_version" was
-written before the field and is of format 1, the only layout there has been.
+written by a vimpac-jax before the field (every writer of this file is ours: `vimpac convert
+official` imports a released checkpoint by writing it, `vimpac export` writes it beside an
+export): it is refused, naming `vimpac migrate --workdir DIR`, which adds the field.
 """
 
 import json
@@ -44,6 +46,11 @@ def save_model(directory, variables: dict, model_config: dict, *, metadata: dict
     return Path(directory).absolute()
 
 
+def migrate_command(directory) -> str:
+    """The command that brings the model checkpoint at `directory` to this format."""
+    return f"vimpac migrate --workdir {directory}"
+
+
 def write_model_config(directory, model_config, *, metadata: dict | None = None) -> None:
     """`directory`/model_config.json of `model_config` (a model block), in this format."""
     record = {"model": model_config_lib.as_dict(model_config), FORMAT_FIELD: FORMAT_VERSION,
@@ -65,7 +72,10 @@ def load_model_config(directory) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
         raise ValueError(f"{path}: no 'model' block (the model config)")
-    version = record.get(FORMAT_FIELD, 1)
+    version = record.get(FORMAT_FIELD)
+    if version is None:
+        raise ValueError(f"{path} records no format_version (written by an older vimpac-jax); this vimpac-jax "
+                         f"reads model checkpoint format {FORMAT_VERSION} only: run `{migrate_command(d)}` first")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} is of model checkpoint format {version!r}; this vimpac-jax reads format "
                          f"{FORMAT_VERSION} only: use the vimpac-jax that wrote it")

@@ -283,7 +283,8 @@ def draw_figure(run_dir, tokenizer_dir, paths: Sequence[str], out, *, num_videos
         raise VisualizeError(f"--tokenizer {tokenizer_dir}: not the tokenizer of {run_dir}'s training store "
                              f"(weights sha256 {tokenizer.weights_sha256[:12]}..., the store's {expected[:12]}...)")
     clip_fps = clip_fps_of_run(run_config, store_meta)
-    num_blocks = mask_blocks or run_config.get("pretrain", {}).get("mask_blocks", pretrain_config().mask_blocks)
+    # A model checkpoint records no run: its masks are the pre-training block's definition's.
+    num_blocks = mask_blocks or (run_config["pretrain"] if run_config else pretrain_config())["mask_blocks"]
     t, h, w = model_cfg["clip_len"], model_cfg["height"], model_cfg["width"]
     if h != w:
         raise VisualizeError(f"the model's token grid is {h}x{w}; only square frames are drawn")

@@ -205,7 +205,8 @@ def build_programs(config, mesh, processes: int = 1) -> list[Program]:
     # The multi-view test's views: K clips x the crops the run's test reads (tasks.eval_crop_names
     # over the variants its store holds).
     frame = int(model_cfg["height"]) * 8
-    stored = [v.name for v in video_decode.variants_for(config.get("variant_set", None) or "finetune", frame)]
+    # variant_set None (a store of any set): the finetune set's, whose no-flip crops are the test's.
+    stored = [v.name for v in video_decode.variants_for(config.variant_set or "finetune", frame)]
     crops = multiview.eval_crop_names(stored, multiview.eval_crops_of(config), config.data.eval_variants)
     views = int(config.data.eval_clips) * len(crops)
     eval_videos = multiview.multiview_batch_size(config, shards * processes)

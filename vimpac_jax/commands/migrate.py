@@ -1,6 +1,7 @@
 """`vimpac migrate --workdir W`: rewrite a run written by an older vimpac-jax in the current run
 format, in place, so that `vimpac train` resumes it (and evaluate, export, predict, visualize and
-`config.init_from` read it). What each format change converts: vimpac_jax/training/migrate.py.
+`config.init_from` read it); W may also be a model checkpoint (model_config.json) written before
+it recorded its format. What each format change converts: vimpac_jax/training/migrate.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from vimpac_jax import exit_codes
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vimpac migrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="the run directory of `vimpac train` (config.json, checkpoints/)")
+    p.add_argument("--workdir", required=True, help="the run directory of `vimpac train` (config.json, checkpoints/), or a model checkpoint "
+                   "(model_config.json, variables/)")
     return p
 
 

@@ -43,7 +43,7 @@ class FinetuneTask(StoreTask):
             log(f"fine-tuning: {config.data.batch_size}-video updates in {micro_batches} micro-batch(es) of "
                 f"{config.finetune.videos_per_device} video(s) per device (config.finetune.videos_per_device)")
         check_variant_set(self.index.select_variants(split_variants(config.data.train_variants)),
-                          config.get("variant_set"))
+                          config.variant_set)
         self.step = make_finetune_step(self.model_cfg, self.optim_cfg,
                                        label_smoothing=float(config.finetune.label_smoothing),
                                        micro_batches=micro_batches, mesh=mesh, state_shardings=self.state_shardings)

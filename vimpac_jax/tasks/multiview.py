@@ -17,11 +17,9 @@ def class_names_of(config) -> Optional[list[str]]:
     """What a fine-tuning run's labels mean: config.class_names, else the names its training (or
     held-out) store recorded (`vimpac tokenize`: a directory's class folders, a TFDS dataset's
     label names, --class-names); None when neither says (or the stores are gone)."""
-    names = config.get("class_names", None)
-    if names:
-        return list(names)
-    data = config.get("data", None) or {}  # a workdir's config.json written by hand may hold only `model`
-    for store in (data.get("train_store"), data.get("eval_store")):
+    if config.class_names:
+        return list(config.class_names)
+    for store in (config.data.train_store, config.data.eval_store):
         try:
             recorded = token_store.read_metadata(store).get("class_names") if store else None
         except (OSError, ValueError):
@@ -49,9 +47,8 @@ def eval_crop_names(stored, crops: Optional[str], explicit: Optional[str]) -> li
 
 
 def eval_crops_of(config, crops: Optional[str] = None) -> str:
-    """The multi-view test's crops: `crops` when given, else the run's `eval_crops` (the fine-tuning
-    presets set it, configs/finetune.py), else the released test's three crops."""
-    return crops or config.get("eval_crops", None) or "three"
+    """The multi-view test's crops: `crops` when given, else the run's `config.eval_crops`."""
+    return crops or config.eval_crops
 
 
 def multiview_protocol(config, index: pipelines.StoreIndex, num_clips: Optional[int] = None,

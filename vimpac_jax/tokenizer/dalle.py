@@ -178,6 +178,8 @@ class DalleDecoder(nn.Module):
 
 ENCODER_FIELDS = ("n_hid", "n_blk_per_group", "vocab_size", "input_channels")
 DECODER_FIELDS = ("n_init", "n_hid", "n_blk_per_group", "vocab_size", "output_channels")
+# The config of a tokenizer directory (conversion/dalle.py `convert`; decoder None without one).
+CONFIG_FIELDS = ("encoder", "decoder", "vocab_size", "downsample")
 
 
 def make_encoder(config: dict, dtype=jnp.float32) -> DalleEncoder:
@@ -250,4 +252,8 @@ def load_dalle_tokenizer(directory) -> tuple[dict, dict]:
     meta, params = store.load_tokenizer(directory, abstract_fn=abstract_params)
     if meta.get("kind") != "dalle":
         raise ValueError(f"{directory}: tokenizer kind is {meta.get('kind')!r}, not 'dalle'")
+    missing = [k for k in CONFIG_FIELDS if k not in (meta.get("config") or {})]
+    if missing:
+        raise ValueError(f"{directory}/{store.META_FILE}: the DALL-E config lacks {missing} (`vimpac convert dalle` "
+                         f"writes them all: convert the released pickles again)")
     return meta["config"], params

@@ -82,7 +82,7 @@ def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBac
         return encoder.apply({"params": p["encoder"]}, dalle.map_pixels(images01))
 
     decode_images = None
-    if config.get("decoder") and "decoder" in params:
+    if config["decoder"] and "decoder" in params:
         decoder = dalle.make_decoder(config, dtype)
 
         def decode_images(p, tokens):
@@ -91,7 +91,7 @@ def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBac
             return dalle.unmap_pixels(jax.nn.sigmoid(stats[..., :c]))
 
     return TokenizerBackend(
-        config=config, params=params, downsample=int(config.get("downsample", 8)),
+        config=config, params=params, downsample=int(config["downsample"]),
         vocab_size=int(config["vocab_size"]), input_channels=int(config["encoder"]["input_channels"]),
         encode_logits=encode_logits, decode_images=decode_images)
 

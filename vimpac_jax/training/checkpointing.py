@@ -50,7 +50,7 @@ STATE, DATA, META = "state", "data", "meta"
 CHECKSUMS = "checksums"  # meta field: {leaf path: "s1-s2"} (`array_checksums`)
 # The run format: each step's meta and the workdir's config.json record it; the library reads this
 # version only, an older run is brought to it by `vimpac migrate --workdir W` (commands/migrate.py).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_FIELD = "format_version"
 
 
@@ -142,12 +142,12 @@ def array_checksums(tree: Any) -> dict[str, str]:
     return {name: f"{int(s[0]):08x}-{int(s[1]):08x}" for (name, _), s in zip(flat, sums)}
 
 
-def verify_checksums(tree: Any, recorded: Optional[dict], prefix: str = "") -> bool:
+def verify_checksums(tree: Any, recorded: Optional[dict], prefix: str = "") -> None:
     """Raise CheckpointCorruptError naming the arrays of `tree` (paths under `prefix`) whose
-    checksum differs from `recorded`; False when nothing was recorded (a checkpoint written
-    before checksums were), True when every array matched."""
+    checksum differs from `recorded`, or that it has none for (every step of the current run
+    format records them: `vimpac migrate` added them to older ones)."""
     if not recorded:
-        return False
+        raise CheckpointCorruptError("its meta records no checksums of the arrays")
     got = {prefix + name: value for name, value in array_checksums(tree).items()}
     bad = sorted(name for name, value in got.items() if name in recorded and recorded[name] != value)
     missing = sorted(name for name in got if name not in recorded)
@@ -155,7 +155,6 @@ def verify_checksums(tree: Any, recorded: Optional[dict], prefix: str = "") -> b
         raise CheckpointCorruptError(
             f"checksum mismatch in {len(bad)} array(s) ({', '.join(bad[:4])})" if bad else
             f"no recorded checksum for {', '.join(missing[:4])}")
-    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +334,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
                    keep_going: tuple = (), move_aside: bool = False) -> Optional[tuple[int, Any, dict]]:
     """-> (step, state, meta) of the newest complete checkpoint that restores and matches its
     checksums, restoring the iterator in place; None when there is none. `abstract_state`
-    carries the target shardings. meta['verified'] says whether checksums were checked (a
-    checkpoint from before they were recorded has none).
+    carries the target shardings.
 
     check_meta(meta) runs on the step's meta before its arrays are read (the run's identity);
     what it raises of the `keep_going` types propagates instead of falling back. move_aside:
@@ -351,7 +349,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
         if data_iterator is not None:
             items[DATA] = grain_ckpt.CheckpointRestore(data_iterator)
         state = manager.restore(step, args=ocp.args.Composite(**items))[STATE]
-        return state, dict(meta, verified=verify_checksums(state, meta.get(CHECKSUMS)))
+        verify_checksums(state, meta.get(CHECKSUMS))
+        return state, meta
 
     found = _newest_first(manager, restore_step, log, keep_going, move_aside)
     return None if found is None else (found[0], *found[1])
@@ -364,52 +363,83 @@ class _SkipOtherItemsWarning(logging.Filter):
         return "could not be restored" not in record.getMessage()
 
 
+def _state_manager(checkpoints_dir) -> ocp.CheckpointManager:
+    # Registering the handlers lets the manager read the state's tree metadata without a target.
+    return read_only_manager(checkpoints_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                                             META: ocp.JsonCheckpointHandler()})
+
+
+def _restore_fields(manager: ocp.CheckpointManager, step: int, collections: Optional[Iterable[str]] = None,
+                    shardings: Optional[dict] = None) -> dict:
+    """{field: tree} of the saved TrainState of `step`, read by its tree metadata (no target):
+    the named fields (all when None) that it has and that hold arrays; numpy arrays, or global
+    arrays laid out by `shardings` ({field: tree of shardings})."""
+    shardings = shardings or {}
+    metadata = manager.item_metadata(step)[STATE]
+    tree = getattr(metadata, "tree", metadata)
+    if not isinstance(tree, dict) or "params" not in tree:
+        keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise CheckpointRestoreError(f"{manager.directory}/{step}/{STATE}: no 'params' in the saved train state "
+                                     f"(found {keys})")
+    names = tree if collections is None else [k for k in collections if k in tree]
+    wanted = {k: tree[k] for k in names if jax.tree.leaves(tree[k])}
+
+    def target(m, s=None):
+        return np.zeros(m.shape, m.dtype) if s is None else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
+
+    def restore_arg(m, s=None):
+        return ocp.RestoreArgs(restore_type=np.ndarray) if s is None else ocp.ArrayRestoreArgs(sharding=s)
+
+    def over(fn):  # fn over every saved array of the wanted fields, with its sharding if given
+        return {k: jax.tree.map(fn, sub, *([shardings[k]] if k in shardings else [])) for k, sub in wanted.items()}
+
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=over(target), restore_args=over(restore_arg), partial_restore=True)}))[STATE]
+    return {k: restored[k] if k in shardings else jax.tree.map(np.asarray, restored[k]) for k in restored}
+
+
+def stored_checksums(step_dir) -> dict[str, str]:
+    """`array_checksums` of the train state saved in checkpoint step directory `step_dir`, read
+    back (`vimpac migrate`: a step written before checksums were recorded gets them)."""
+    step_dir = Path(step_dir)
+    quiet = _SkipOtherItemsWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    manager = _state_manager(step_dir.parent)
+    try:
+        return array_checksums(_restore_fields(manager, int(step_dir.name)))
+    finally:
+        manager.close()
+        logging.getLogger("absl").removeFilter(quiet)
+
+
 def restore_collections(checkpoints_dir, collections: Iterable[str], *, shardings: Optional[dict] = None,
-                        log: Callable[[str], None] = log_to_stderr) -> tuple[int, dict]:
+                        log: Callable[[str], None] = log_to_stderr,
+                        check_meta: Optional[Callable[[dict], None]] = None, keep_going: tuple = ()
+                        ) -> tuple[int, dict]:
     """-> (step, {collection: tree}) of the newest step that restores (its arrays checked
-    against the checksums it recorded, if any): only the named
+    against the checksums it recorded): only the named
     fields of the saved TrainState ('params', 'batch_stats', 'opt_state'), never the others
     (a partial restore: an export does not read the Adam moments). Trees are numpy arrays, or
     global arrays laid out by `shardings` ({collection: tree of shardings}). A field the state
     does not have (or an empty one) is left out. CheckpointRestoreError when no step restores.
+    check_meta(meta), keep_going: as `restore_latest`'s.
     """
     collections = tuple(collections)
     quiet = _SkipOtherItemsWarning()
     logging.getLogger("absl").addFilter(quiet)
-    # Registering the handler lets the manager read the item's tree metadata without a target.
-    manager = read_only_manager(checkpoints_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                                                                META: ocp.JsonCheckpointHandler()})
-    shardings = shardings or {}
+    manager = _state_manager(checkpoints_dir)
 
     def restore_step(step):
-        metadata = manager.item_metadata(step)[STATE]
-        tree = getattr(metadata, "tree", metadata)
-        if not isinstance(tree, dict) or "params" not in tree:
-            keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-            raise CheckpointRestoreError(f"{manager.directory}/{step}/{STATE}: no 'params' in the saved train state "
-                                         f"(found {keys})")
-        wanted = {k: tree[k] for k in collections if k in tree and jax.tree.leaves(tree[k])}
-
-        def target(m, s=None):
-            return np.zeros(m.shape, m.dtype) if s is None else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
-
-        def restore_arg(m, s=None):
-            return ocp.RestoreArgs(restore_type=np.ndarray) if s is None else ocp.ArrayRestoreArgs(sharding=s)
-
-        def over(fn):  # fn over every saved array of the wanted fields, with its sharding if given
-            return {k: jax.tree.map(fn, sub, *([shardings[k]] if k in shardings else [])) for k, sub in wanted.items()}
-
-        targets, args = over(target), over(restore_arg)
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            item=targets, restore_args=args, partial_restore=True)}))[STATE]
-        restored = {k: restored[k] if k in shardings else jax.tree.map(np.asarray, restored[k]) for k in restored}
-        recorded = _read_meta(manager, step).get(CHECKSUMS)
+        meta = _read_meta(manager, step)
+        if check_meta is not None:
+            check_meta(meta)
+        restored = _restore_fields(manager, step, collections, shardings)
         for k in restored:  # raises on a mismatch, so the step before is tried
-            verify_checksums(restored[k], recorded, prefix=f"{k}/")
+            verify_checksums(restored[k], meta.get(CHECKSUMS), prefix=f"{k}/")
         return restored
 
     try:
-        found = _newest_first(manager, restore_step, log)
+        found = _newest_first(manager, restore_step, log, keep_going)
     finally:
         manager.close()
         logging.getLogger("absl").removeFilter(quiet)

