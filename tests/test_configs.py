@@ -177,8 +177,8 @@ def test_build_model_variants_are_the_configs_model_sizes():
 
 
 def test_a_stored_model_block_without_newer_fields_is_completed_by_its_loader_not_by_build_model(tmp_path):
-    """A model checkpoint's model_config.json written before fields (and format_version) existed is
-    completed by its one loader from the block's definition; build_model fills nothing."""
+    """A model checkpoint's model_config.json written before fields existed is completed by its
+    one loader from the block's definition; build_model fills nothing."""
     import json
 
     from vimpac_jax import checkpoints
@@ -190,7 +190,8 @@ def test_a_stored_model_block_without_newer_fields_is_completed_by_its_loader_no
 
     def stored(model, **record):
         (tmp_path / "ckpt" / "variables").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "ckpt" / "model_config.json").write_text(json.dumps({"model": model, **record}))
+        (tmp_path / "ckpt" / "model_config.json").write_text(json.dumps({"model": model, "format_version": 1,
+                                                                          **record}))
         return tmp_path / "ckpt"
 
     loaded = checkpoints.load_model_config(stored(old))

@@ -39,3 +39,28 @@ def test_a_model_checkpoint_records_its_format_and_its_loader_hands_out_a_comple
     (directory / checkpoints.CONFIG_FILE).write_text(json.dumps(dict(record, format_version="2")))
     with pytest.raises(ValueError, match="is of model checkpoint format '2'; this vimpac-jax reads format 1 only"):
         checkpoints.load_model_config(directory)
+
+
+def test_a_model_checkpoint_without_a_format_is_refused_naming_migrate_which_adds_it(tmp_path, capsys):
+    """model_config.json is only ever written by vimpac-jax (`convert official`, `export`): one
+    without format_version is an older one's, refused with the command that adds the field."""
+    from vimpac_jax import cli
+
+    cfg = model_config("tiny", clip_len=2, height=2, width=2).to_dict()
+    directory = checkpoints.save_model(tmp_path / "ckpt", {"params": {"w": np.zeros(2, np.float32)}}, cfg)
+    config_file = directory / checkpoints.CONFIG_FILE
+    config_file.write_text(json.dumps({"model": cfg}))
+    with pytest.raises(ValueError, match=f"{config_file} records no format_version .* run `vimpac migrate "
+                                         f"--workdir {directory}` first"):
+        checkpoints.load_model_config(directory)
+    assert cli.main(["export", "--workdir", str(directory), "--format", "safetensors",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert f"run `vimpac migrate --workdir {directory}` first" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    assert cli.main(["migrate", "--workdir", str(directory)]) == 0
+    assert "model checkpoint format 1 (was none)" in capsys.readouterr().out
+    assert json.loads(config_file.read_text()) == {"model": cfg, "format_version": checkpoints.FORMAT_VERSION}
+    assert checkpoints.load_model_config(directory) == cfg
+    assert cli.main(["migrate", "--workdir", str(directory)]) == 0
+    assert "nothing to do" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """`vimpac migrate`: a run of the older, unversioned run format is refused by `vimpac train` with
 the command to run, and after `vimpac migrate` it resumes to the parameters of a run never
 interrupted. The older run is made from a real one by writing its files as older versions did:
-no format_version, `model.remat` a boolean, grain's own iterator state, a meta without the seed."""
+no format_version, `model.remat` a boolean, no fine-tuning fields, grain's own iterator state, a
+meta without the seed or checksums."""
 
 import json
 import os
@@ -18,19 +19,24 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device_module")]
 
 
-def _make_older(run: Path) -> None:
+def _make_older(run: Path) -> dict:
+    """The run as format 0 wrote it; returns each step's checksums as the run recorded them."""
     config = json.loads((run / "config.json").read_text())
-    assert config.pop("format_version") == 1 and config["model"]["remat"] == "none"
+    assert config.pop("format_version") == 2 and config["model"]["remat"] == "none"
+    assert [config.pop(k) for k in ("variant_set", "eval_crops", "class_names")] == [None, "three", []]
     config["model"]["remat"] = False
     (run / "config.json").write_text(json.dumps(config))
+    checksums = {}
     for step_dir in (run / "checkpoints").iterdir():
         meta_file = step_dir / "meta" / "metadata"
         meta = json.loads(meta_file.read_text())
         del meta["format_version"], meta["seed"]
+        checksums[step_dir.name] = meta.pop("checksums")  # written before checkpoints had checksums
         meta_file.write_text(json.dumps(meta))
         (state_file,) = (step_dir / "data").glob("*.json")
         batch = json.loads(state_file.read_text())["next_batch"]
         state_file.write_text(json.dumps({"next_index": batch}))  # grain's own state, 0 workers
+    return checksums
 
 
 def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp_path, capsys):
@@ -54,7 +60,7 @@ def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp
     assert train_lib.train(config, tmp_path / "ref", make_task)["step"] == 4
     run = tmp_path / "run"
     assert train_lib.train(config, run, make_task, on_step=stop_at_2)["step"] == 2
-    _make_older(run)
+    checksums = _make_older(run)
     older_config = (run / "config.json").read_text()
 
     with pytest.raises(workdir_lib.RunFormatError, match=f"run `vimpac migrate --workdir {run}` first"):
@@ -67,7 +73,12 @@ def test_an_older_run_is_refused_naming_migrate_and_resumes_exactly_after_it(tmp
 
     assert cli.main(["migrate", "--workdir", str(run)]) == 0
     assert "(was 0; 2 of 2 checkpoint steps rewritten)" in capsys.readouterr().out
-    assert json.loads((run / "config.json").read_text())["model"]["remat"] == "none"
+    migrated = json.loads((run / "config.json").read_text())
+    assert migrated["model"]["remat"] == "none" and migrated["format_version"] == 2
+    # The fields format 2 added, at what the readers took for an absent field.
+    assert (migrated["variant_set"], migrated["eval_crops"], migrated["class_names"]) == (None, "three", [])
+    for step, recorded in checksums.items():  # the arrays read back and summed, as the run had summed them
+        assert json.loads((run / "checkpoints" / step / "meta" / "metadata").read_text())["checksums"] == recorded
     assert cli.main(["migrate", "--workdir", str(run)]) == 0
     assert "nothing to do" in capsys.readouterr().out
 

@@ -609,6 +609,41 @@ def test_evaluate_with_no_checkpoint_that_restores_is_an_error_line(short_store,
     assert rc == 2 and f"vimpac evaluate: error: no checkpoint in {tmp_path / 'checkpoints'} can be restored" in err
 
 
+def test_a_step_without_checksums_is_skipped_and_one_of_an_older_format_refused_naming_migrate(tmp_path):
+    """Every step of the current run format records its checksums (`vimpac migrate` adds them to
+    older ones): one without is damaged, and the step before is restored; a step of an older
+    format is refused by the readers of a run with the command that migrates it."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing
+    from vimpac_jax.training import workdir as workdir_lib
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(8, dtype=jnp.float32)}}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        manager.wait_until_finished()
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": checkpointing.FORMAT_VERSION}))
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "checksums"}))
+
+    for restore in (lambda log: checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None,
+                                                             log=log)[:2],
+                    lambda log: workdir_lib.restore_variables(tmp_path, ("params",), log=log)):
+        warnings = []
+        step, restored = restore(warnings.append)
+        assert step == 1 and len(warnings) == 1
+        assert "checkpoints/2 cannot be restored (CheckpointCorruptError: its meta records no checksums of the arrays)" in warnings[0]
+        np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(8, dtype=np.float32))
+
+    meta_file.write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(workdir_lib.RunFormatError, match=f"records run format 1; .* run `vimpac migrate --workdir "
+                                                         f"{tmp_path}` first"):
+        workdir_lib.restore_variables(tmp_path, ("params",))
+
+
 def _flip_a_bit_of_the_largest_data_file(step_dir):
     """One bit in the middle of the biggest array data file: zstd decodes it into other numbers
     (orbax itself restores it without an error)."""
@@ -633,13 +668,13 @@ def test_a_bit_flipped_checkpoint_fails_its_checksums_and_the_step_before_is_res
         manager.wait_until_finished()
     (tmp_path / "config.json").write_text('{"format_version": 2}')
     intact = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None, log=print)
-    assert intact[0] == 2 and intact[2]["verified"] is True
+    assert intact[0] == 2 and intact[2]["step"] == 2
     _flip_a_bit_of_the_largest_data_file(tmp_path / "checkpoints" / "2")
 
     warnings = []
     step, restored, meta = checkpointing.restore_latest(manager, checkpointing.abstract_like(state), None,
                                                         log=warnings.append)
-    assert step == 1 and meta["verified"] is True
+    assert step == 1 and meta["step"] == 1
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(4096, dtype=np.float32))
     assert len(warnings) == 1 and "checkpoints/2 cannot be restored" in warnings[0]
     assert "checksum mismatch in 1 array(s) (params/w)" in warnings[0] and "falling back to step 1" in warnings[0]
