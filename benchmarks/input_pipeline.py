@@ -1,16 +1,17 @@
 """Input-pipeline throughput per host: clips/s of the pre-training and test pipelines.
 
-Writes synthetic token stores (random codes, `write_test_store`; one per --frames x --grid x
---layouts) unless --store names one, then times `make_iterator` over `train_dataset(index,
+Writes synthetic token stores (random codes, `write_test_store`; one per --frames x --grid)
+unless --store names one, then times `make_iterator` over `train_dataset(index,
 "pretrain")` (2 clips per video) and `eval_dataset` (crops x num_clips views per video) after a
 warm-up. Run from the
 repository root:
 
-    python benchmarks/input_pipeline.py --frames 120,780 --grid 16,32 --layouts whole,chunked \
+    python benchmarks/input_pipeline.py --frames 120,780 --grid 16,32 \
         --workers 0,1,2 --append_results benchmarks/RESULTS.md
 
-In the "whole" layout each example reads and decodes whole stored videos (frames x h x w int16),
-so the cost grows with --frames; in the "chunked" layout it reads only the chunks its clips need.
+An example reads only the chunks its clips need. (The old "whole" layout, whose examples read and
+decoded whole stored videos, was measured here before the readers stopped reading it; its rows
+stay in RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -58,10 +59,7 @@ def _parse(argv):
     p.add_argument("--frames", default="120", help="stored frames per video, comma-separated (120 = 1 min at 2 fps; "
                                                    "780 = HowTo100M's mean length)")
     p.add_argument("--grid", default="16", help="token grid sides, comma-separated: 16 for 128 px, 32 for 256 px")
-    p.add_argument("--layouts", default="chunked",
-                   help="record layouts of the generated stores, comma-separated: 'whole' (one record per "
-                        "video, format 1) and/or 'chunked'")
-    p.add_argument("--chunk_frames", type=int, default=16, help="frames per record of the chunked layout")
+    p.add_argument("--chunk_frames", type=int, default=16, help="frames per record of the generated stores")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--shard_options", default="group_size:1",
                    help="ArrayRecord writer options of the generated store (default: as `vimpac tokenize`)")
@@ -80,10 +78,9 @@ def _parse(argv):
     args.workers = _ints(p, "workers", args.workers)
     args.frames = _ints(p, "frames", args.frames)
     args.grid = _ints(p, "grid", args.grid)
-    args.layouts = args.layouts.split(",")
     args.pipelines = args.pipelines.split(",")
-    if set(args.layouts) - {"whole", "chunked"} or set(args.pipelines) - {"pretrain", "test"}:
-        p.error("--layouts takes whole,chunked and --pipelines pretrain,test")
+    if set(args.pipelines) - {"pretrain", "test"}:
+        p.error("--pipelines takes pretrain,test")
     for name in ("videos", "shards", "batch_size", "clip_len", "eval_clip_len", "num_clips", "chunk_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -123,16 +120,16 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def _generate(root: Path, args, frames: int, grid: int, layout: str) -> tuple[Path, str]:
+def _generate(root: Path, args, frames: int, grid: int) -> tuple[Path, str]:
     per_video = len(CROPS) * frames * grid * grid * 2
     num_videos = max(args.batch_size, min(args.videos, int(args.max_mb * 2 ** 20 // per_video)))
-    store = root / f"{layout}-{frames}x{grid}"
+    store = root / f"chunked-{frames}x{grid}"
     t0 = time.perf_counter()
     videos = [dict(video_id=f"v{i:06d}", label=i % 101, num_frames=frames, variants=list(CROPS))
               for i in range(num_videos)]
     write_test_store(store, videos, grid=(grid, grid), shards=args.shards, seed=0, options=args.shard_options,
-                     chunk_frames=args.chunk_frames if layout == "chunked" else None)
-    print(f"generated {num_videos} videos x {len(CROPS)} crops x {frames} frames x {grid}x{grid} ({layout}) in "
+                     chunk_frames=args.chunk_frames)
+    print(f"generated {num_videos} videos x {len(CROPS)} crops x {frames} frames x {grid}x{grid} in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     desc = f"{num_videos} videos x {frames} frames, {grid}x{grid}"
     return store, desc
@@ -149,11 +146,10 @@ def main(argv=None) -> int:
     rows = []  # (store, layout, pipeline, workers, videos/s, clips/s, clips/s per core, clips)
     try:
         if args.store:
-            stores = [(Path(args.store), f"`{args.store}`", pipelines.load_index(args.store).layout)]
+            stores = [(Path(args.store), f"`{args.store}`", "chunked")]
         else:
             # Made one at a time, just before it is timed, and removed after (disk).
-            stores = ((*_generate(Path(tmp.name), args, f, g, layout), layout)
-                      for f in args.frames for g in args.grid for layout in args.layouts)
+            stores = ((*_generate(Path(tmp.name), args, f, g), "chunked") for f in args.frames for g in args.grid)
         for store, desc, layout in stores:
             index = pipelines.load_index(store)
             pre_variants = ["r128_center_noflip"] if "r128_center_noflip" in index.variants else None

@@ -24,6 +24,8 @@ from vimpac_jax.data import pipelines as P
 from vimpac_jax.data import token_store
 from vimpac_jax.data.testing import write_test_store
 
+REPO = Path(__file__).resolve().parents[1]
+
 CHI2_999 = {9: 27.877, 11: 31.264, 99: 148.230}
 FINETUNE_VARIANTS = [f"r{r}_{p}_{f}" for r in (128, 160) for p in ("start", "center", "end") for f in ("noflip", "flip")]
 
@@ -70,13 +72,15 @@ def test_index_groups_records_by_video(finetune_index):
     idx = finetune_index
     assert idx.num_videos == 24 and idx.variants == tuple(FINETUNE_VARIANTS) and idx.grid == (4, 4)
     assert idx.video_ids == tuple(sorted(idx.video_ids))
-    assert sorted(idx.records.ravel().tolist()) == list(range(24 * 12))  # every record exactly once
+    # every (video, variant) exactly once: the record after its header, its chunk 0
+    scanned = token_store.scan_headers(idx.store_dir)
+    assert len(scanned) == 24 * 12 and sorted(idx.records.ravel().tolist()) == sorted(first for first, _ in scanned)
     source = token_store.open_records(idx.store_dir)
     for v in (0, 7, 23):
         for c in (0, 5, 11):
-            rec = token_store.decode_record(source[int(idx.records[v, c])])
+            rec = token_store.decode_header(source[int(idx.records[v, c]) - 1])
             assert (rec["video_id"], rec["variant"], rec["label"]) == (idx.video_ids[v], idx.variants[c], idx.labels[v])
-            assert rec["tokens"].shape[0] == idx.num_frames[v, c]
+            assert rec["shape"][0] == idx.num_frames[v, c]
 
 
 def test_index_cache_is_used_and_invalidated(tmp_path):
@@ -457,13 +461,17 @@ def test_global_batch_builds_sharded_arrays(pretrain_index):
 
 @pytest.fixture(scope="module")
 def layout_indexes(tmp_path_factory):
-    """The same 24 videos (3 to 47 frames, 6 variants, 16 fps) in the "whole" layout and chunked
-    by 4 and by 7 frames: {chunk_frames or None: index}."""
+    """The same 24 videos (3 to 47 frames, 6 variants, 16 fps) chunked by 4, by 7 and by 64 frames
+    (each video one record, as the old "whole" layout read them): {chunk_frames: index}; and
+    under "whole" the path of the same videos in that old layout (`vimpac convert-store`'s input)."""
     frames = [3 if i % 6 == 0 else 10 + 2 * i for i in range(24)]
     videos = _videos(24, frames, FINETUNE_VARIANTS[:6])
     root = tmp_path_factory.mktemp("layouts")
-    return {c: P.load_index(write_test_store(root / f"c{c}", videos, shards=3, fps=16, pattern="frame_index",
-                                             chunk_frames=c)) for c in (None, 4, 7)}
+
+    def store(chunk):
+        return write_test_store(root / f"c{chunk}", videos, shards=3, fps=16, pattern="frame_index", chunk_frames=chunk)
+
+    return {"whole": str(store(None)), **{c: P.load_index(store(c)) for c in (4, 7, 64)}}
 
 
 class _CountingReader:
@@ -477,10 +485,11 @@ class _CountingReader:
         return self.reader.read(keys)
 
 
-def test_chunked_layout_gives_the_same_clips_as_whole_records(layout_indexes):
-    whole = layout_indexes[None]
-    for chunk, idx in layout_indexes.items():
-        assert (idx.layout, idx.chunk_frames) == (("whole", None) if chunk is None else ("chunked", chunk))
+def test_chunks_of_any_length_give_the_same_clips_as_whole_videos(layout_indexes):
+    whole = layout_indexes[64]  # every video in one record
+    for chunk in (4, 7, 64):
+        idx = layout_indexes[chunk]
+        assert idx.chunk_frames == chunk
         for name in ("video_ids", "variants"):
             assert getattr(idx, name) == getattr(whole, name)
         np.testing.assert_array_equal(idx.num_frames, whole.num_frames)
@@ -532,10 +541,12 @@ def test_a_clip_reads_at_most_two_chunks(layout_indexes):
 def test_convert_store_keeps_every_record_and_token(layout_indexes, tmp_path):
     from vimpac_jax.commands import convert_store as cmd
 
-    old = layout_indexes[None].store_dir
+    old = layout_indexes["whole"]
     new = tmp_path / "converted"
     assert cmd.main(["--store", old, "--out", str(new), "--chunk-frames", "5"]) == 0
-    before, after = list(token_store.iter_videos(old)), list(token_store.iter_videos(new))
+    # The same videos in one record each, written as chunks (the old layout is read by convert-store only).
+    before = list(token_store.iter_videos(layout_indexes[64].store_dir))
+    after = list(token_store.iter_videos(new))
     assert len(before) == len(after) == json.loads((Path(old) / "metadata.json").read_text())["num_records"]
     for a, b in zip(before, after):  # same order, same fields, same tokens
         assert {k: v for k, v in a.items() if k != "tokens"} == {k: v for k, v in b.items() if k != "tokens"}
@@ -543,7 +554,7 @@ def test_convert_store_keeps_every_record_and_token(layout_indexes, tmp_path):
     meta = token_store.read_metadata(new)
     assert (meta["layout"], meta["chunk_frames"]) == ("chunked", 5)
     idx = P.load_index(new)
-    np.testing.assert_array_equal(idx.num_frames, layout_indexes[None].num_frames)
+    np.testing.assert_array_equal(idx.num_frames, layout_indexes[64].num_frames)
     assert P.load_index(new).chunk_frames == 5  # through the cache too
     # Refusals: a chunked store, an existing --out.
     assert cmd.main(["--store", str(new), "--out", str(tmp_path / "again")]) == 2
@@ -551,8 +562,19 @@ def test_convert_store_keeps_every_record_and_token(layout_indexes, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-def test_old_layout_names_the_convert_command(layout_indexes, caplog):
-    old = layout_indexes[None].store_dir
-    with caplog.at_level("WARNING"):
-        P.load_index(old)
-    assert f"vimpac convert-store --store {old} --out {old}-chunked" in caplog.text
+def test_a_store_of_the_old_layout_is_refused_naming_the_convert_command(layout_indexes, capsys):
+    """The readers read the "chunked" layout only: a "whole" store is one error naming it and the
+    command that converts it, before it is indexed (and `vimpac train` exits 2 on it)."""
+    from vimpac_jax import cli
+
+    old = layout_indexes["whole"]
+    words = (f"token store {old} has the old 'whole' record layout (one record per video); this vimpac-jax reads "
+             f"the 'chunked' layout only: convert it once with `vimpac convert-store --store {old} --out {old}-chunked`")
+    for read in (P.load_index, token_store.read_metadata, lambda store: next(token_store.iter_videos(store))):
+        with pytest.raises(ValueError) as e:
+            read(old)
+        assert str(e.value) == words
+    assert not (Path(old) / P.INDEX_CACHE_FILE).exists()  # refused before indexing
+    assert cli.main(["train", "--config", str(REPO / "configs/pretrain.py:runlocal"), f"--config.data.train_store={old}",
+                     "--workdir", str(Path(old).parent / "run")]) == 2
+    assert f"vimpac train: error: {words}" in capsys.readouterr().err

@@ -442,7 +442,7 @@ def test_store_has_the_chunked_layout(full_store):
     scanned = token_store.scan_headers(out)
     assert [h["chunks"] for _, h in scanned] == [-(-h["shape"][0] // meta["chunk_frames"]) for _, h in scanned]
     index = pipelines.load_index(out)
-    assert index.layout == "chunked" and index.num_videos == len(read_store(out))
+    assert index.chunk_frames == token_store.DEFAULT_CHUNK_FRAMES and index.num_videos == len(read_store(out))
 
 
 def test_a_complete_store_of_the_old_layout_is_refused_with_the_convert_command(tmp_path):

@@ -33,8 +33,8 @@ Start indices follow the released `get_start_end_idx`, which treats a video of n
 n + step - 1 long so that the last stored frame can be reached: delta = max(n + step - 1 - T·step, 0),
 a random start is uniform on [0, delta], test clip k of K starts at int(delta·k / max(K - 1, 1))
 (K == 1 gives the first clip, not the middle one). A clip shorter than T frames is padded at the
-end with PAD. The record layout (`token_store`: whole videos or chunks of C frames) changes
-which records are read, never a clip.
+end with PAD. The store's chunks of C frames (`token_store`) decide which records are read,
+never a clip.
 """
 
 from __future__ import annotations
@@ -75,12 +75,11 @@ class StoreIndex:
     """Records of a token store grouped by video. V videos (sorted by id), C variants.
 
     records:    int64 [V, C]  global index (shards in metadata order) of the first record holding
-                              tokens of (video, variant): its only record in the "whole" layout,
-                              its chunk 0 in the "chunked" one (see `token_store`)
+                              tokens of (video, variant): its chunk 0 (see `token_store`)
     num_frames: int64 [V, C]  stored frames of that (video, variant)
     labels:     int64 [V]     class label, -1 for an unlabelled video
     fps:        float64 [V]   stored frame rate
-    layout, chunk_frames: the store's record layout (chunk_frames None for "whole")
+    chunk_frames: frames per token record (the store's "chunk_frames")
     """
 
     store_dir: str
@@ -91,19 +90,11 @@ class StoreIndex:
     labels: np.ndarray
     fps: np.ndarray
     grid: tuple[int, int]
-    layout: str = token_store.WHOLE_LAYOUT
-    chunk_frames: Optional[int] = None
+    chunk_frames: int
 
     @property
     def num_videos(self) -> int:
         return len(self.video_ids)
-
-    @property
-    def frames_per_record(self) -> int:
-        """Frames of a token record: frame f is in record records[v, c] + f // this."""
-        if self.chunk_frames is not None:
-            return self.chunk_frames
-        return max(int(self.num_frames.max(initial=0)), 1)
 
     def select_variants(self, names: Optional[Sequence[str]]) -> "StoreIndex":
         """The same videos restricted to the variants ``names`` (in that order); None keeps all."""
@@ -186,10 +177,9 @@ def _index_from_headers(store_dir: str, meta: dict, scanned: list[tuple[int, dic
         if any((headers[r]["label"] if headers[r]["label"] is not None else -1) != label for r in row):
             raise ValueError(f"token store {store_dir}: video {v!r} has different labels across variants")
     fps = np.array([float(headers[r]["fps"]) for r in first], np.float64)
-    layout, chunk_frames = token_store.store_layout(meta)
     return StoreIndex(store_dir=str(store_dir), video_ids=video_ids, variants=variants, records=firsts[rows],
                       num_frames=num_frames, labels=labels, fps=fps, grid=tuple(next(iter(grids))),
-                      layout=layout, chunk_frames=chunk_frames)
+                      chunk_frames=token_store.store_chunk_frames(meta, store_dir))
 
 
 def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
@@ -198,8 +188,7 @@ def _save_cache(path: Path, key: str, index: StoreIndex) -> None:
     np.savez(buf, key=np.array(key), video_ids=np.array(index.video_ids, dtype=str),
              variants=np.array(index.variants, dtype=str), records=index.records,
              num_frames=index.num_frames, labels=index.labels, fps=index.fps,
-             grid=np.array(index.grid, np.int64), layout=np.array(index.layout),
-             chunk_frames=np.array(-1 if index.chunk_frames is None else index.chunk_frames))
+             grid=np.array(index.grid, np.int64), chunk_frames=np.array(index.chunk_frames))
     try:
         io_utils.write_bytes_atomic(path, buf.getvalue())
     except OSError as e:  # a read-only store: index again next time
@@ -216,8 +205,7 @@ def _load_cache(path: Path, key: str, store_dir: str) -> Optional[StoreIndex]:
             return StoreIndex(store_dir=store_dir, video_ids=tuple(str(v) for v in z["video_ids"]),
                               variants=tuple(str(v) for v in z["variants"]), records=z["records"],
                               num_frames=z["num_frames"], labels=z["labels"], fps=z["fps"],
-                              grid=tuple(int(g) for g in z["grid"]), layout=str(z["layout"]),
-                              chunk_frames=None if int(z["chunk_frames"]) < 0 else int(z["chunk_frames"]))
+                              grid=tuple(int(g) for g in z["grid"]), chunk_frames=int(z["chunk_frames"]))
     except (OSError, KeyError, ValueError) as e:
         log.warning("ignoring unreadable record index cache %s: %s", path, e)
         return None
@@ -227,18 +215,13 @@ def load_index(store_dir, *, cache: bool = True) -> StoreIndex:
     """Index a complete token store: one pass over the record headers, cached in the store.
 
     The cache (`record_index.npz`, next to metadata.json) is keyed by metadata.json's bytes and
-    the shard sizes, so a re-written store is indexed again. A "whole"-layout store is read (its
-    headers are read with whole records, ArrayRecord has no partial reads, and every clip reads a
-    whole video), with a warning naming the command that converts it.
+    the shard sizes, so a re-written store is indexed again. A store of the old "whole" layout is
+    refused (`token_store.read_metadata`), naming the command that converts it.
     """
     store = Path(store_dir)
     meta = token_store.read_metadata(store)
     paths = token_store.shard_paths(store)
     key = _cache_key(store, paths)
-    layout, _ = token_store.store_layout(meta)
-    if layout == token_store.WHOLE_LAYOUT:
-        log.warning("token store %s has the 'whole' record layout: every clip reads its whole video; "
-                    "convert it once with `%s`", store, token_store.convert_command(store))
     cache_path = store / INDEX_CACHE_FILE
     if cache:
         index = _load_cache(cache_path, key, str(store))
@@ -420,7 +403,7 @@ class ClipReader:
     """Cuts clips out of a store, reading only the records that hold their frames.
 
     Frame f of (video v, variant c) is in record records[v, c] + f // R with R the index's
-    `frames_per_record` (the chunk length; a whole video for the "whole" layout), at row f mod R.
+    `chunk_frames`, at row f mod R.
     """
 
     def __init__(self, index: StoreIndex, *, clip_len: int, clip_fps: Optional[float]):
@@ -433,15 +416,12 @@ class ClipReader:
         self.grid = index.grid
         self.num_videos = index.num_videos
         self.clip_len = clip_len
-        self.chunked = index.layout == token_store.CHUNKED_LAYOUT
-        self.frames_per_record = index.frames_per_record
+        self.frames_per_record = index.chunk_frames
         fps_values, which = np.unique(index.fps, return_inverse=True)
         self.steps = np.array([frame_step(f, clip_fps) for f in fps_values], np.int64)[which].reshape(-1)
         self.source = token_store.RecordReader(token_store.shard_paths(index.store_dir))
 
     def _decode(self, record: bytes) -> np.ndarray:
-        if not self.chunked:
-            return token_store.decode_record(record)["tokens"]
         return np.frombuffer(record, "<i2").reshape((-1,) + self.grid)
 
     def clips(self, videos: np.ndarray, columns: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vimpac_jax.constants import NUM_CODES
-from vimpac_jax.data.token_store import (CHUNKED_LAYOUT, METADATA_FILE, SHARDS_DIR, STORE_FORMAT, STORE_VERSION,
+from vimpac_jax.data.token_store import (CHUNKED_LAYOUT, DEFAULT_CHUNK_FRAMES, METADATA_FILE, SHARDS_DIR, STORE_FORMAT, STORE_VERSION,
                                          encode_record, encode_video_records)
 
 DEFAULT_VARIANTS = ("r128_center_noflip",)
@@ -49,7 +49,7 @@ def write_test_store(
     seed: int = 0,
     pattern: str = "random",
     options: str = "group_size:1",
-    chunk_frames: int | None = None,
+    chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
     class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write a complete token store to ``store_dir`` (created; must not hold a store yet).
@@ -61,8 +61,9 @@ def write_test_store(
       leaves some shards empty, as a real job can).
     options: ArrayRecord writer options; the default is what `vimpac tokenize` writes (one record
       per ArrayRecord chunk, default compression).
-    chunk_frames: None writes the "whole" layout (one record per (video, variant), format 1);
-      an int writes the "chunked" layout `vimpac tokenize` writes, with that many frames a record.
+    chunk_frames: the frames of a record of the "chunked" layout `vimpac tokenize` writes (its
+      default); None writes the old "whole" layout (one record per (video, variant)), which the
+      readers refuse: for the tests of `vimpac convert-store` and of that refusal.
     class_names: recorded in the metadata as `vimpac tokenize` records a dataset's names.
     Returns the store path.
     """

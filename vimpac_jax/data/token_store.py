@@ -8,24 +8,24 @@ Layout of a store directory:
   shards/*.array_record
   errors.txt      one line per video that could not be decoded: `path<TAB>reason`
 
-Two record layouts, named by metadata.json's "layout" (absent: "whole", stores of format 1):
+The record layout, metadata.json's "layout": "chunked"  per (video, variant) a header record
+(`uint32 header length | JSON header`: video_id, label, fps, variant, shape [frames, h, w], dtype
+int16, "chunk_frames" C and "chunks" = ceil(frames / C)) followed by that many chunk records of
+raw int16 [<= C, h, w] bytes: frames [k·C, (k+1)·C) of the video, the last one shorter. A
+(video, variant)'s records are consecutive in one shard, so frame f lives in record
+first_chunk + f // C, and a clip spanning at most C + 1 frames costs at most two small reads
+whatever the video's length. C is metadata's "chunk_frames".
 
-  "whole"    one record per (video, variant): `uint32 header length | JSON header | token bytes`;
-             the header holds video_id, label, fps, variant, shape and dtype; the tokens are
-             int16 [frames, h, w], row-major. A clip reads (and decompresses) the whole video.
-  "chunked"  per (video, variant) a header record (the same JSON header, no token bytes, plus
-             "chunk_frames" C and "chunks" = ceil(frames / C)) followed by that many chunk records
-             of raw int16 [<= C, h, w] bytes: frames [k·C, (k+1)·C) of the video, the last one
-             shorter. A (video, variant)'s records are consecutive in one shard, so frame f lives
-             in record first_chunk + f // C, and a clip spanning at most C + 1 frames costs at
-             most two small reads whatever the video's length. C is metadata's "chunk_frames".
+Older stores have the "whole" layout (no "layout" field): one record per (video, variant), the
+header followed by the token bytes, so a clip read (and decompressed) the whole video. The
+readers refuse them (`read_metadata`), naming `vimpac convert-store` (`convert_store`), which
+rewrites one as a "chunked" store and is the only reader of that layout.
 
 A shard damaged on disk (cut short, a flipped bit: ArrayRecord's Riegeli blocks carry hashes)
 is a `StoreDamagedError` naming the shard (and, where the reader knows them, the videos);
 `vimpac tokenize --verify` finds such shards and redoes their videos.
 
-Nothing in a record is pickled, so a store from elsewhere is safe to read. `convert_store`
-(`vimpac convert-store`) rewrites a "whole" store as a "chunked" one.
+Nothing in a record is pickled, so a store from elsewhere is safe to read.
 """
 
 import json
@@ -120,7 +120,15 @@ def decode_record(record: bytes) -> dict[str, Any]:
 
 
 def read_metadata(store_dir) -> dict[str, Any]:
-    """The store's metadata; a clear error for a store that is missing or not complete."""
+    """The store's metadata; a clear error for a store that is missing, not complete, or not of
+    this version's format and layout (naming what to run)."""
+    meta = _complete_metadata(store_dir)
+    store_chunk_frames(meta, store_dir)
+    return meta
+
+
+def _complete_metadata(store_dir) -> dict[str, Any]:
+    """`read_metadata` of a store of any layout (`convert_store` reads the old one)."""
     path = Path(store_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{store_dir} is not a token store (no {METADATA_FILE}); was `vimpac tokenize` "
@@ -145,8 +153,9 @@ def check_store_format(meta: dict[str, Any], store_dir) -> None:
                      f"format {STORE_VERSION} only: tokenize the videos again with `vimpac tokenize --out DIR ...`")
 
 
-def shard_paths(store_dir) -> list[str]:
-    meta = read_metadata(store_dir)
+def shard_paths(store_dir, meta: Optional[dict[str, Any]] = None) -> list[str]:
+    """The shard files of the store (`meta`: its metadata, read when not given)."""
+    meta = meta or read_metadata(store_dir)
     paths = [str(Path(store_dir) / s) for s in meta["shards"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
@@ -164,15 +173,23 @@ def open_records(store_dir):
     return grain.ArrayRecordDataSource(paths)
 
 
-def store_layout(meta: dict[str, Any]) -> tuple[str, Optional[int]]:
-    """(layout, chunk_frames) of a store's metadata; chunk_frames is None for "whole"."""
-    layout = meta.get("layout", WHOLE_LAYOUT)
-    if layout == WHOLE_LAYOUT:
-        return layout, None
+def is_whole_layout(meta: dict[str, Any]) -> bool:
+    """A store of the old "whole" record layout (`vimpac convert-store` rewrites it)."""
+    return meta.get("layout", WHOLE_LAYOUT) == WHOLE_LAYOUT
+
+
+def store_chunk_frames(meta: dict[str, Any], store_dir) -> int:
+    """The frames per chunk record of a store's metadata; ValueError for a store of the old
+    "whole" layout (naming the command that converts it) or a layout this version does not know."""
+    if is_whole_layout(meta):
+        raise ValueError(f"token store {store_dir} has the old 'whole' record layout (one record per video); this "
+                         f"vimpac-jax reads the {CHUNKED_LAYOUT!r} layout only: convert it once with "
+                         f"`{convert_command(store_dir)}`")
+    layout = meta["layout"]
     if layout == CHUNKED_LAYOUT and isinstance(meta.get("chunk_frames"), int) and meta["chunk_frames"] >= 1:
-        return layout, int(meta["chunk_frames"])
-    raise ValueError(f"token store metadata: unknown layout {layout!r} / chunk_frames {meta.get('chunk_frames')!r} "
-                     f"(expected {WHOLE_LAYOUT!r}, or {CHUNKED_LAYOUT!r} with an integer chunk_frames >= 1)")
+        return int(meta["chunk_frames"])
+    raise ValueError(f"token store {store_dir}: {METADATA_FILE} has an unknown layout {layout!r} / chunk_frames "
+                     f"{meta.get('chunk_frames')!r} (expected {CHUNKED_LAYOUT!r} with an integer chunk_frames >= 1)")
 
 
 def convert_command(store_dir) -> str:
@@ -244,22 +261,13 @@ class RecordReader:
 
 
 def scan_headers(store_dir, reader: Optional[RecordReader] = None, progress=None) -> list[tuple[int, dict[str, Any]]]:
-    """(global index of the first token record, header) of every (video, variant), in store order.
-
-    "whole": every record, index = its own. "chunked": a walk over the header records only
-    (each says how many chunks follow), so indexing reads 1 / (chunks + 1) of the records.
+    """(global index of the first token record, header) of every (video, variant), in store order:
+    a walk over the header records only (each says how many chunks follow), so indexing reads
+    1 / (chunks + 1) of the records.
     """
-    layout, _ = store_layout(read_metadata(store_dir))
     reader = reader or RecordReader(shard_paths(store_dir))
     out: list[tuple[int, dict[str, Any]]] = []
     n = len(reader)
-    if layout == WHOLE_LAYOUT:
-        for lo in range(0, n, 256):
-            keys = np.arange(lo, min(lo + 256, n))
-            out.extend((int(k), decode_header(r)) for k, r in zip(keys, reader.read(keys)))
-            if progress is not None:
-                progress(len(out), n)
-        return out
     pos = 0
     while pos < n:
         header = decode_header(reader.read([pos])[0])
@@ -277,13 +285,9 @@ def scan_headers(store_dir, reader: Optional[RecordReader] = None, progress=None
 
 def iter_videos(store_dir) -> Iterator[dict[str, Any]]:
     """Every stored (video, variant) in store order, as `decode_record` gives it (whole tokens
-    int16 [frames, h, w]), whatever the layout."""
-    layout, _ = store_layout(read_metadata(store_dir))
+    int16 [frames, h, w])."""
     reader = RecordReader(shard_paths(store_dir))
     for first, header in scan_headers(store_dir, reader):
-        if layout == WHOLE_LAYOUT:
-            yield decode_record(reader.read([first])[0])
-            continue
         chunks = reader.read(np.arange(first, first + int(header["chunks"])))
         shape = tuple(header.pop("shape"))
         tokens = np.frombuffer(b"".join(chunks), dtype=header.pop("dtype"))
@@ -304,14 +308,13 @@ def convert_store(store_dir, out_dir, *, chunk_frames: int = DEFAULT_CHUNK_FRAME
     from vimpac_jax.io_utils import atomic_directory
 
     src = Path(store_dir)
-    meta = read_metadata(src)
-    layout, _ = store_layout(meta)
-    if layout != WHOLE_LAYOUT:
-        raise ValueError(f"token store {src} is already in the {layout!r} layout")
+    meta = _complete_metadata(src)
+    if not is_whole_layout(meta):
+        raise ValueError(f"token store {src} is already in the {meta['layout']!r} layout")
     if chunk_frames < 1:
         raise ValueError(f"--chunk-frames must be >= 1, got {chunk_frames}")
     options = options or meta.get("shard_options") or "group_size:1"
-    paths = shard_paths(src)
+    paths = shard_paths(src, meta)
     videos = records = 0
     with atomic_directory(out_dir) as tmp:
         (tmp / SHARDS_DIR).mkdir()

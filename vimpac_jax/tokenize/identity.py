@@ -69,7 +69,7 @@ def check_out_dir(out: Path, identity: dict) -> dict | None:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         diff = _differences(meta, identity)
-        if diff == ["chunk_frames"] and meta.get("complete") and token_store.store_layout(meta)[1] is None:
+        if diff == ["chunk_frames"] and meta.get("complete") and token_store.is_whole_layout(meta):
             raise StoreError(f"--out {out} holds a complete token store of the old 'whole' record layout; "
                              f"convert it with `{token_store.convert_command(out)}`, or use another --out")
         if diff:
