@@ -341,7 +341,8 @@ def test_the_figure_decodes_videos_at_the_rate_of_the_runs_clips(tmp_path):
     the training store's fps from its metadata.json, else the README's pre-training rate."""
     store = tmp_path / "store"
     store.mkdir()
-    (store / "metadata.json").write_text(json.dumps({"complete": True, "fps": 16.0, "format_version": 1}))
+    (store / "metadata.json").write_text(json.dumps({"complete": True, "fps": 16.0, "format_version": 1,
+                                                    "layout": "chunked", "chunk_frames": 16}))
     run = {"data": {"train_store": str(store), "clip_fps": None}}
     meta = visualize._train_store_meta(run)
     assert visualize.clip_fps_of_run(run, meta) == 16.0

@@ -271,7 +271,7 @@ def _model_config(path: Path, kind: str) -> dict:
 def model_codes(model_config: dict) -> tuple[int, bool]:
     """(number of codes, recorded): the codes of the model's tokenizer when the model records them
     (`mlm_codes`), else the codes its embedding has room for (vocab_size - 5 specials)."""
-    if model_config.get("mlm_codes"):
+    if model_config["mlm_codes"]:
         return int(model_config["mlm_codes"]), True
     return int(model_config["vocab_size"]) - NUM_SPECIAL_IDS, False
 
@@ -463,7 +463,7 @@ def load_classifier(workdir, *, tokenizer=None, num_clips: Optional[int] = None,
     mesh = shd.make_mesh(None, devices=devices)
     scores_fn, step = _model_scores_fn(path, kind, model_config, mesh)
     identity = {"kind": kind, "path": str(path.absolute()), "step": step,
-                "model": {k: model_config.get(k) for k in ("num_layers", "hidden_dim", "layout", "clip_len", "height",
+                "model": {k: model_config[k] for k in ("num_layers", "hidden_dim", "layout", "clip_len", "height",
                                                            "width", "num_classes")},
                 "tokenizer": {"directory": tok.directory, "kind": tok.kind, "weights_sha256": tok.weights_sha256}}
     if kind == "stablehlo":

@@ -2,7 +2,8 @@
 rewrite a token store of the old "whole" record layout (one record per (video, variant): every
 clip reads its whole video) in the "chunked" layout `vimpac tokenize` writes (records of
 --chunk-frames frames: a clip reads at most two). Shards, videos, order, errors.txt and metadata
-are kept; --out is published only once complete. See vimpac_jax/data/token_store.py.
+are kept; --out is published only once complete. The readers refuse the old layout, naming this
+command, the only reader of it. See vimpac_jax/data/token_store.py.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def store_code_range(store: str) -> tuple[int, int, str]:
 def _check_mlm_codes(model_cfg: dict, store: str, field: str = "train_store") -> None:
     """model.mlm_codes must cover every code of the store (they are the MLM targets): a larger
     code is a target the head cannot score, a NaN loss, so it is refused before compiling."""
-    codes = model_cfg.get("mlm_codes")
+    codes = model_cfg["mlm_codes"]
     if codes is None or not store:
         return
     lo, hi, source = store_code_range(store)

@@ -187,7 +187,7 @@ def make_encoder(config: dict, dtype=jnp.float32) -> DalleEncoder:
 
 
 def make_decoder(config: dict, dtype=jnp.float32) -> DalleDecoder:
-    if not config.get("decoder"):
+    if not config["decoder"]:
         raise ValueError("this tokenizer was converted without a decoder")
     return DalleDecoder(**{k: int(config["decoder"][k]) for k in DECODER_FIELDS}, dtype=dtype)
 
@@ -199,7 +199,7 @@ def abstract_params(config: dict) -> dict:
     c = enc.input_channels
     out["encoder"] = jax.eval_shape(
         lambda: enc.init(jax.random.key(0), jnp.zeros((1, 8, 8, c), jnp.float32)))["params"]
-    if config.get("decoder"):
+    if config["decoder"]:
         dec = make_decoder(config)
         out["decoder"] = jax.eval_shape(
             lambda: dec.init(jax.random.key(0), jnp.zeros((1, 1, 1), jnp.int32)))["params"]
