@@ -206,6 +206,39 @@ def test_a_stored_model_block_without_newer_fields_is_completed_by_its_loader_no
         checkpoints.load_model_config(stored(old, format_version=2))
 
 
+def test_the_fine_tuning_fields_have_their_defaults_in_the_base_config_and_older_runs_get_them_by_migrate(tmp_path):
+    """variant_set, eval_crops and class_names are completed from `base_config` (their readers
+    take no default); a run's config.json of format 1, written without them, is refused naming
+    `vimpac migrate`, which adds them at what the readers took for an absent field, after which
+    the resume check of the same config passes."""
+    import json
+
+    from vimpac_jax import cli
+    from vimpac_jax.tasks import multiview
+    from vimpac_jax.training import workdir as workdir_lib
+
+    pre = config("pretrain.py:runlocal")
+    assert (pre.variant_set, pre.eval_crops, tuple(pre.class_names)) == (None, "three", ())
+    assert multiview.eval_crops_of(pre) == "three" and multiview.class_names_of(pre) is None
+    ssv2 = config("finetune.py:dataset=ssv2,runlocal")
+    assert (ssv2.variant_set, multiview.eval_crops_of(ssv2), multiview.eval_crops_of(ssv2, "three")) == \
+        ("finetune_noflip", "center", "three")
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    older = json.loads(pre.to_json_best_effort())
+    for name in ("variant_set", "eval_crops", "class_names"):
+        del older[name]
+    (run / "config.json").write_text(json.dumps({**older, "format_version": 1}))
+    with pytest.raises(workdir_lib.RunFormatError, match=f"records run format 1; .* run `vimpac migrate --workdir "
+                                                         f"{run}` first"):
+        workdir_lib.check_config(run, pre)
+    assert cli.main(["migrate", "--workdir", str(run)]) == 0
+    migrated = workdir_lib.read_config(run)
+    assert (migrated.variant_set, migrated.eval_crops, list(migrated.class_names)) == (None, "three", [])
+    workdir_lib.check_config(run, pre)  # the same run resumes
+
+
 def test_a_config_without_newer_fields_is_completed_once_at_load_from_the_blocks_definitions(tmp_path):
     """A config file written before fields existed (or a block it leaves out) is completed when
     it is loaded, each field from its block's one definition, so the library reads plain fields."""
