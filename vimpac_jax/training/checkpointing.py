@@ -371,13 +371,13 @@ def _state_manager(checkpoints_dir) -> ocp.CheckpointManager:
 
 def _restore_fields(manager: ocp.CheckpointManager, step: int, collections: Optional[Iterable[str]] = None,
                     shardings: Optional[dict] = None) -> dict:
-    """{field: tree} of the saved TrainState of `step`, read by its tree metadata (no target):
-    the named fields (all when None) that it has and that hold arrays; numpy arrays, or global
-    arrays laid out by `shardings` ({field: tree of shardings})."""
+    """{field: tree} of the saved train state of `step`, read by its tree metadata (no target):
+    the named fields (all when None; named ones need a 'params' field) that it has and that hold
+    arrays; numpy arrays, or global arrays laid out by `shardings` ({field: tree of shardings})."""
     shardings = shardings or {}
     metadata = manager.item_metadata(step)[STATE]
     tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, dict) or "params" not in tree:
+    if not isinstance(tree, dict) or (collections is not None and "params" not in tree):
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise CheckpointRestoreError(f"{manager.directory}/{step}/{STATE}: no 'params' in the saved train state "
                                      f"(found {keys})")

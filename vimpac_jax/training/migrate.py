@@ -12,9 +12,11 @@ this command), so every conversion of an older layout lives here, once:
   format 1 -> 2 (the fine-tuning fields got their defaults in configs/common.py `base_config`):
     config.json            `variant_set`, `eval_crops`, `class_names` where absent, at the values
                            that the readers took for an absent field (None, "three", none)
-  every step             the arrays' checksums (checkpointing.CHECKSUMS) where its meta has none
-                           (checkpoints written before they were recorded): the arrays are read
-                           once and summed, so every later restore checks them
+  any format -> 2 (steps written before checksums were recorded):
+    <step>/meta/metadata   the arrays' checksums (checkpointing.CHECKSUMS) where it has none: the
+                           arrays are read once and summed, so every later restore checks them (a
+                           step whose arrays cannot be read is left without: the readers skip it
+                           as damaged, as they skip any step without checksums)
 
 Each step is rewritten with atomic writes, its meta last (its format_version marks it done), and
 config.json after every step: an interrupted migration is finished by running it again.
@@ -74,7 +76,7 @@ def _migrate_config(config: dict, version: int) -> None:
     config[checkpointing.FORMAT_FIELD] = checkpointing.FORMAT_VERSION
 
 
-def _migrate_step(step_dir: Path, config: dict) -> bool:
+def _migrate_step(step_dir: Path, config: dict, log: Callable[[str], None]) -> bool:
     """Step `step_dir` to the current format; False when it already is."""
     meta_file = step_dir / checkpointing.META / META_FILE
     meta = json.loads(meta_file.read_text())
@@ -88,7 +90,11 @@ def _migrate_step(step_dir: Path, config: dict) -> bool:
         io_utils.write_text_atomic(state_file, json.dumps({"next_batch": batch}))
     meta.setdefault("seed", config["seed"])
     if not meta.get(checkpointing.CHECKSUMS):
-        meta[checkpointing.CHECKSUMS] = checkpointing.stored_checksums(step_dir)
+        try:
+            meta[checkpointing.CHECKSUMS] = checkpointing.stored_checksums(step_dir)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+            log(f"warning: {step_dir}: its arrays cannot be read ({type(e).__name__}: {str(e)[:200]}); left without "
+                f"checksums, so the readers skip it as a damaged step")
     meta[checkpointing.FORMAT_FIELD] = checkpointing.FORMAT_VERSION
     io_utils.write_text_atomic(meta_file, json.dumps(meta))
     return True
@@ -136,7 +142,7 @@ def migrate_workdir(path, log: Callable[[str], None] = print) -> int:
     with io_utils.exclusive_lock(path / workdir_lib.LOCK_FILE, f"workdir {path}"):
         steps = sorted((d for d in (path / workdir_lib.CHECKPOINTS_DIR).glob("*") if d.name.isdigit() and d.is_dir()),
                        key=lambda d: int(d.name))
-        rewritten = sum(_migrate_step(d, config) for d in steps)
+        rewritten = sum(_migrate_step(d, config, log) for d in steps)
         if version != checkpointing.FORMAT_VERSION:
             _migrate_config(config, version)
             io_utils.write_json_atomic(config_file, config, indent=2)
