@@ -58,6 +58,19 @@ def write_model_config(directory, model_config, *, metadata: dict | None = None)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def read_model_record(directory) -> dict[str, Any]:
+    """`directory`/model_config.json as written, of any format; ValueError unless it is a JSON
+    object with a model block."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+        raise ValueError(f"{path}: no 'model' block (the model config)")
+    return record
+
+
 def load_model_config(directory) -> dict[str, Any]:
     """The model block of the checkpoint at `directory`, completed; ValueError for a file of
     another format or a block without a model's size and token grid."""
@@ -66,12 +79,7 @@ def load_model_config(directory) -> dict[str, Any]:
         raise FileNotFoundError(f"{d} is not a vimpac-jax model checkpoint (expected {CONFIG_FILE} and "
                                 f"{VARIABLES_DIR}/ inside it)")
     path = d / CONFIG_FILE
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
-        raise ValueError(f"{path}: no 'model' block (the model config)")
+    record = read_model_record(d)
     version = record.get(FORMAT_FIELD)
     if version is None:
         raise ValueError(f"{path} records no format_version (written by an older vimpac-jax); this vimpac-jax "

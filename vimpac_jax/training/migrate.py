@@ -105,12 +105,7 @@ def migrate_model_checkpoint(path, log: Callable[[str], None] = print) -> bool:
     none; False when it has one already. ValueError for another format or a file that is no
     model checkpoint's."""
     config_file = Path(path) / checkpoints.CONFIG_FILE
-    try:
-        record = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
-        raise ValueError(f"{config_file}: no 'model' block (the model config)")
+    record = checkpoints.read_model_record(path)
     version = record.get(checkpoints.FORMAT_FIELD)
     if version is None:
         record[checkpoints.FORMAT_FIELD] = checkpoints.FORMAT_VERSION
