@@ -234,7 +234,9 @@ def _store_task_schema() -> dict[str, Any]:
         init_from=Str(), init_from_allow_mismatch=Bool(), init_from_optimizer=Bool(),
         pretrain=_pretrain_fields(), finetune=FINETUNE_FIELDS, knn=KNN_FIELDS, model=_model_fields(),
         # Fine-tuning (configs/finetune.py, configs/demo.py): the dataset, its split, the variants
-        # its store must hold, the test's crops and (demo) the class names.
+        # its store must hold, the test's crops and (demo) the class names. The last three have
+        # their defaults in configs/common.py `base_config`; dataset and split, which no code
+        # reads (they name the preset), have none.
         dataset=Str(), split=Int(1), variant_set=Str(sorted(VARIANT_SETS), optional=True),
         eval_crops=Str(("three", "center")), class_names=Field((list, tuple)),
     )
