@@ -569,12 +569,13 @@ def test_a_store_of_the_old_layout_is_refused_naming_the_convert_command(layout_
 
     old = layout_indexes["whole"]
     words = (f"token store {old} has the old 'whole' record layout (one record per video); this vimpac-jax reads "
-             f"the 'chunked' layout only: convert it once with `vimpac convert-store --store {old} --out {old}-chunked`")
+             f"the 'chunked' layout only: convert it once with "
+             f"`vimpac convert-store --store {old} --out {old}-chunked`")
     for read in (P.load_index, token_store.read_metadata, lambda store: next(token_store.iter_videos(store))):
         with pytest.raises(ValueError) as e:
             read(old)
         assert str(e.value) == words
     assert not (Path(old) / P.INDEX_CACHE_FILE).exists()  # refused before indexing
-    assert cli.main(["train", "--config", str(REPO / "configs/pretrain.py:runlocal"), f"--config.data.train_store={old}",
-                     "--workdir", str(Path(old).parent / "run")]) == 2
+    assert cli.main(["train", "--config", str(REPO / "configs/pretrain.py:runlocal"),
+                     f"--config.data.train_store={old}", "--workdir", str(Path(old).parent / "run")]) == 2
     assert f"vimpac train: error: {words}" in capsys.readouterr().err

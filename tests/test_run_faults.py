@@ -635,7 +635,8 @@ def test_a_step_without_checksums_is_skipped_and_one_of_an_older_format_refused_
         warnings = []
         step, restored = restore(warnings.append)
         assert step == 1 and len(warnings) == 1
-        assert "checkpoints/2 cannot be restored (CheckpointCorruptError: its meta records no checksums of the arrays)" in warnings[0]
+        assert ("checkpoints/2 cannot be restored (CheckpointCorruptError: its meta records no checksums of the "
+                "arrays)") in warnings[0]
         np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(8, dtype=np.float32))
 
     meta_file.write_text(json.dumps(dict(meta, format_version=1)))

@@ -15,8 +15,9 @@ from vimpac_jax import exit_codes
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vimpac migrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="the run directory of `vimpac train` (config.json, checkpoints/), or a model checkpoint "
-                   "(model_config.json, variables/)")
+    p.add_argument("--workdir", required=True,
+                   help="the run directory of `vimpac train` (config.json, checkpoints/), or a model checkpoint "
+                        "(model_config.json, variables/)")
     return p
 
 

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vimpac_jax.constants import NUM_CODES
-from vimpac_jax.data.token_store import (CHUNKED_LAYOUT, DEFAULT_CHUNK_FRAMES, METADATA_FILE, SHARDS_DIR, STORE_FORMAT, STORE_VERSION,
-                                         encode_record, encode_video_records)
+from vimpac_jax.data.token_store import (CHUNKED_LAYOUT, DEFAULT_CHUNK_FRAMES, METADATA_FILE, SHARDS_DIR,
+                                         STORE_FORMAT, STORE_VERSION, encode_record, encode_video_records)
 
 DEFAULT_VARIANTS = ("r128_center_noflip",)
 PATTERNS = ("random", "frame_index")
