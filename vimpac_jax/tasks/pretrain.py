@@ -22,10 +22,9 @@ def store_code_range(store: str) -> tuple[int, int, str]:
     vocab = (tokenizer.get("config") or {}).get("vocab_size")
     if vocab is not None:
         return 0, int(vocab) - 1, f"its tokenizer's {int(vocab)} codes"
-    source = token_store.open_records(store)
     lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    for i in range(len(source)):
-        tokens = token_store.decode_record(source[i])["tokens"]
+    for record in token_store.iter_videos(store):
+        tokens = record["tokens"]
         if tokens.size:
             lo, hi = min(lo, int(tokens.min())), max(hi, int(tokens.max()))
     return lo, hi, "its stored tokens"
