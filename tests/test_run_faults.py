@@ -645,6 +645,44 @@ def test_a_step_without_checksums_is_skipped_and_one_of_an_older_format_refused_
         workdir_lib.restore_variables(tmp_path, ("params",))
 
 
+def test_migrate_sums_the_arrays_of_steps_without_checksums_and_leaves_an_unreadable_one_to_be_skipped(tmp_path):
+    """`vimpac migrate` gives a step written before checksums the sums of its arrays as read back
+    (the ones the run would have recorded); a step whose arrays cannot be read does not stop the
+    migration: it is left without checksums, and the readers skip it as damaged."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vimpac_jax.training import checkpointing, migrate
+    from vimpac_jax.training import workdir as workdir_lib
+
+    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=3)
+    state = {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "batch_stats": {"b": jnp.ones(3)}}
+    recorded = {}
+    for step in (1, 2):
+        checkpointing.save(manager, step, jax_tree_scale(state, step), None, {"step": step})
+        manager.wait_until_finished()
+        meta_file = tmp_path / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        recorded[step] = meta.pop("checksums")
+        meta_file.write_text(json.dumps(dict(meta, format_version=1)))  # as a run before checksums
+    (tmp_path / "config.json").write_text(json.dumps({"task": "tokenizer", "seed": 0, "format_version": 1}))
+    _truncate_array_files(tmp_path / "checkpoints" / "2")
+
+    lines = []
+    assert migrate.migrate_workdir(tmp_path, log=lines.append) == 2
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {tmp_path / 'checkpoints' / '2'}: its arrays cannot "
+                                                    f"be read") and "left without checksums" in lines[0]
+    metas = {step: json.loads((tmp_path / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+             for step in (1, 2)}
+    assert metas[1]["checksums"] == recorded[1] and "checksums" not in metas[2]
+    assert metas[1]["format_version"] == metas[2]["format_version"] == checkpointing.FORMAT_VERSION
+
+    warnings = []
+    step, variables = workdir_lib.restore_variables(tmp_path, ("params",), log=warnings.append)
+    assert step == 1 and len(warnings) == 1 and "checkpoints/2 cannot be restored" in warnings[0]
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(4096, dtype=np.float32))
+
+
 def _flip_a_bit_of_the_largest_data_file(step_dir):
     """One bit in the middle of the biggest array data file: zstd decodes it into other numbers
     (orbax itself restores it without an error)."""
