@@ -171,3 +171,26 @@ def test_pretrain_step_compiles_for_tpu_with_the_kernel():
                for i in (0, 1) for s in ("jvp", "transpose")), charged
     assert 0 < train.pallas_cycles < train.estimated_cycles
     assert "4 Pallas kernels charged at twice their roofline time" in train.estimate_method
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~3 min of CPU: a 256-px grid's kernels compiled by Mosaic
+def test_finetune_step_at_256_px_compiles_for_tpu_with_the_kernels():
+    import dataclasses
+
+    from vimpac_jax.aot import compile as aot
+    from vimpac_jax.config_utils import load_config
+
+    # Large-Half fine-tuning's grid (T = 10, 32 x 32 tokens), bf16, dropout on; one narrow layer.
+    config = load_config(["--config", "configs/finetune.py:dataset=ucf101,model=large_half",
+                          "--config.model.attention_kernel=pallas", "--config.model.num_layers=1",
+                          "--config.model.hidden_dim=512", "--config.model.dtype=bfloat16",
+                          "--config.data.batch_size=2", "--config.finetune.videos_per_device=2"])
+    assert (config.model.clip_len, config.model.height, config.model.width) == (10, 32, 32)
+    assert config.model.attention_dropout > 0
+    target = aot.tpu_target("v5p-8")
+    _, (train,) = aot.compile_run(config, dataclasses.replace(target, devices=target.devices[:1]), programs=("train",))
+    # T's kernel pair, and the height and width attentions' a pair each (a frame of 1,024 tokens
+    # is over MAX_WINDOW for one window of both).
+    assert train.fits and train.pallas_kernels == 6, train.estimate_method
+    assert 0 < train.pallas_cycles < train.estimated_cycles

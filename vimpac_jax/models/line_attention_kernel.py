@@ -1,20 +1,21 @@
-"""The axial line attention of `attention.py` as a Pallas TPU kernel (`model.attention_kernel: pallas`).
+"""The axial line attention of `attention.py` as Pallas TPU kernels (`model.attention_kernel: pallas`).
 
-What it computes is `attention._line_attention`'s, for all parallel attentions of one block
-(`attention.AttentionBlock`) at once: each token attends to the tokens of its line with [CLS] as
-one more key (key padding excluded, attention-dropout keep masks drawn outside and applied as
+What they compute is `attention._line_attention`'s, for all parallel attentions of one block
+(`attention.AttentionBlock`): each token attends to the tokens of its line with [CLS] as one
+more key (key padding excluded, attention-dropout keep masks drawn outside and applied as
 `apply_dropout_mask` does, scores and softmax in float32 from dots that accumulate in float32),
 and [CLS] attends to each line with itself as one more key, its output the mean over the lines.
 
-The layout is the projections' own: the kernel reads the grid's q, k and v [B, T, H, W, F] each
+The layout is the projections' own: the kernels read the grid's q, k and v [B, T, H, W, F] each
 (F = the attentions' heads x head_dim side by side) as their matmuls wrote them, in column
-blocks, and writes the tokens' outputs as [B, T, H, W, F], its backward dq, dk, dv the same:
+blocks, and write the tokens' outputs as [B, T, H, W, F], their backward dq, dk, dv the same:
 no `to_lines` transposes, no split of a projection per attention or head, no concatenation of
 the attentions' outputs or of the gradients. (`AttentionBlock` projects q, k, v apart, and the
 grid's rows apart from [CLS]'s, which rides as row 0 of the hidden state: so that none is a
 slice of a larger array, which XLA would copy.) A grid step takes one window of the grid, a box
-(bt, bh, W) that holds whole lines of every attention of the block (all of T for a temporal
-line, all of H for a height line; W, the array's second-minor dimension, is always whole, as
+(bt, bh, bw) that holds whole lines of its attentions (all of T for a temporal line, all of H
+for a height line, all of W for a width line), cut along the other axes to about WINDOW_TOKENS
+tokens (`_window_box`; bw, the array's second-minor dimension, whole or a multiple of 8, as
 Mosaic's block rule asks: the last two block dimensions are the array's or multiples of
 (8, 128)), and one column block of `lanes` = 128 channels (a multiple of head_dim: two heads of
 64, four of 32). The window's tokens are masked to the pairs of the same line, as the windows of
@@ -22,11 +23,20 @@ Mosaic's block rule asks: the last two block dimensions are the array's or multi
 is the dot over its lanes only; its output keeps its lanes only), so no lane slices or head
 transposes: the MXU contracts over 128 lanes either way.
 
-The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in the windows' order: the
-tokens' queries against each position of their line ([R, n] per head and window, R the longest
-line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a one-hot matmul)
-and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself bits. They are
-the bits of `_line_attention`'s masks in another order (tests/test_line_attention_kernel.py maps
+A block's attentions share one kernel pair when one window serves them all as well as their
+own windows would (`Plan.kernels`); otherwise each attention has a kernel pair of its own over
+its own columns: height|width, whose joint window is a whole frame (256 tokens at 128 px, of
+which a query's line is 1/16; 1,024 at 256 px, over MAX_WINDOW), runs as an H kernel in windows
+of whole columns (H x 8) and a W kernel in windows of whole rows (about 128 tokens). The later
+kernel writes its columns into the earlier one's outputs (`input_output_aliases`; the column
+blocks its grid does not visit keep the earlier kernel's values), so the block's outputs and
+gradients are still single arrays, not concatenations.
+
+The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in each kernel's windows'
+order: the tokens' queries against each position of their line ([R, n] per head and window, R
+the longest line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a
+one-hot matmul) and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself
+bits. They are the bits of `_line_attention`'s masks in another order (tests/test_line_attention_kernel.py maps
 one onto the other), so a run draws different bits under "xla" and "pallas".
 
 [CLS]'s own query (one small softmax per line over the line's keys and [CLS]'s) is computed in
