@@ -36,8 +36,9 @@ The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in each ker
 order: the tokens' queries against each position of their line ([R, n] per head and window, R
 the longest line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a
 one-hot matmul) and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself
-bits. They are the bits of `_line_attention`'s masks in another order (tests/test_line_attention_kernel.py maps
-one onto the other), so a run draws different bits under "xla" and "pallas".
+bits. They are the bits of `_line_attention`'s masks in another order
+(tests/test_line_attention_kernel.py maps one onto the other), so a run draws different bits
+under "xla" and "pallas".
 
 [CLS]'s own query (one small softmax per line over the line's keys and [CLS]'s) is computed in
 the same kernels from the same blocks: per window, its scores against the window's keys are one
