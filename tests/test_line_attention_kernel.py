@@ -92,6 +92,8 @@ def _values_and_grads(fn, *args):
     ((("H",), ("W",)), (2, 16, 16), 2, (2, 2), True),
     # 256 px: a frame (1,024 tokens) is over MAX_WINDOW; windows of 32 x 8 and 4 x 32 tokens.
     ((("H",), ("W",)), (1, 32, 32), 2, (4, 4), True),
+    # Split, with two column blocks per attention (eight heads of 32, as Large-Half's).
+    ((("H",), ("W",)), (1, 16, 16), 8, (2, 2), True),
 ])
 def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     plan = lak.Plan(attentions, grid, heads, 128 // 2 if heads == 2 else 32)
