@@ -14,7 +14,7 @@ all parallel attentions of a block are one matmul with their kernels concatenate
 time (the parameters stay one Dense per q, k, v, as the released names). Short lines are
 attended several at a time, in windows of about WINDOW_TOKENS tokens masked to each line,
 with the heads as a batch dimension ahead of the tokens: layouts a TPU's tiles fill.
-With `model.attention_kernel: pallas` a block's attentions are instead one Pallas TPU kernel
+With `model.attention_kernel: pallas` a block's attentions are instead Pallas TPU kernels
 (`line_attention_kernel.py`) on the projections' own layout, the same values.
 """
 

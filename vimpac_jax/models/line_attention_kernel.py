@@ -1,20 +1,21 @@
-"""The axial line attention of `attention.py` as a Pallas TPU kernel (`model.attention_kernel: pallas`).
+"""The axial line attention of `attention.py` as Pallas TPU kernels (`model.attention_kernel: pallas`).
 
-What it computes is `attention._line_attention`'s, for all parallel attentions of one block
-(`attention.AttentionBlock`) at once: each token attends to the tokens of its line with [CLS] as
-one more key (key padding excluded, attention-dropout keep masks drawn outside and applied as
+What they compute is `attention._line_attention`'s, for all parallel attentions of one block
+(`attention.AttentionBlock`): each token attends to the tokens of its line with [CLS] as one
+more key (key padding excluded, attention-dropout keep masks drawn outside and applied as
 `apply_dropout_mask` does, scores and softmax in float32 from dots that accumulate in float32),
 and [CLS] attends to each line with itself as one more key, its output the mean over the lines.
 
-The layout is the projections' own: the kernel reads the grid's q, k and v [B, T, H, W, F] each
+The layout is the projections' own: the kernels read the grid's q, k and v [B, T, H, W, F] each
 (F = the attentions' heads x head_dim side by side) as their matmuls wrote them, in column
-blocks, and writes the tokens' outputs as [B, T, H, W, F], its backward dq, dk, dv the same:
+blocks, and write the tokens' outputs as [B, T, H, W, F], their backward dq, dk, dv the same:
 no `to_lines` transposes, no split of a projection per attention or head, no concatenation of
 the attentions' outputs or of the gradients. (`AttentionBlock` projects q, k, v apart, and the
 grid's rows apart from [CLS]'s, which rides as row 0 of the hidden state: so that none is a
 slice of a larger array, which XLA would copy.) A grid step takes one window of the grid, a box
-(bt, bh, W) that holds whole lines of every attention of the block (all of T for a temporal
-line, all of H for a height line; W, the array's second-minor dimension, is always whole, as
+(bt, bh, bw) that holds whole lines of its attentions (all of T for a temporal line, all of H
+for a height line, all of W for a width line), cut along the other axes to about WINDOW_TOKENS
+tokens (`_window_box`; bw, the array's second-minor dimension, whole or a multiple of 8, as
 Mosaic's block rule asks: the last two block dimensions are the array's or multiples of
 (8, 128)), and one column block of `lanes` = 128 channels (a multiple of head_dim: two heads of
 64, four of 32). The window's tokens are masked to the pairs of the same line, as the windows of
@@ -22,12 +23,22 @@ Mosaic's block rule asks: the last two block dimensions are the array's or multi
 is the dot over its lanes only; its output keeps its lanes only), so no lane slices or head
 transposes: the MXU contracts over 128 lanes either way.
 
-The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in the windows' order: the
-tokens' queries against each position of their line ([R, n] per head and window, R the longest
-line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a one-hot matmul)
-and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself bits. They are
-the bits of `_line_attention`'s masks in another order (tests/test_line_attention_kernel.py maps
-one onto the other), so a run draws different bits under "xla" and "pallas".
+A block's attentions share one kernel pair when one window serves them all as well as their
+own windows would (`Plan.kernels`); otherwise each attention has a kernel pair of its own over
+its own columns: height|width, whose joint window is a whole frame (256 tokens at 128 px, of
+which a query's line is 1/16; 1,024 at 256 px, over MAX_WINDOW), runs as an H kernel in windows
+of whole columns (H x 8) and a W kernel in windows of whole rows (about 128 tokens). The later
+kernel writes its columns into the earlier one's outputs (`input_output_aliases`; the column
+blocks its grid does not visit keep the earlier kernel's values), so the block's outputs and
+gradients are still single arrays, not concatenations.
+
+The attention-dropout keep masks (`draw_keep_masks`) are int8 arrays in each kernel's windows'
+order: the tokens' queries against each position of their line ([R, n] per head and window, R
+the longest line rounded up to 8; spread over the window's [n, n] pairs in the kernel by a
+one-hot matmul) and, bit-packed per token, the [CLS] key, [CLS]'s query and [CLS]-against-itself
+bits. They are the bits of `_line_attention`'s masks in another order
+(tests/test_line_attention_kernel.py maps one onto the other), so a run draws different bits
+under "xla" and "pallas".
 
 [CLS]'s own query (one small softmax per line over the line's keys and [CLS]'s) is computed in
 the same kernels from the same blocks: per window, its scores against the window's keys are one
@@ -60,14 +71,37 @@ from vimpac_jax.models.layout import AXES, WINDOW_TOKENS
 
 LANES = 128  # a TPU vector register's lanes: the column block of the kernel (a multiple of head_dim)
 MAX_WINDOW = 512  # a window's [n, n] float32 scores per head must sit in VMEM with q, k, v, masks
+SUBLANES = 8  # a tile's rows: a block's second-minor dimension is a multiple of it or the array's
+
+
+def _window_box(grid: tuple[int, int, int], attentions) -> tuple[int, int, int]:
+    """(bt, bh, bw): a window of the grid that holds whole lines of every attention in
+    `attentions`: whole along each attended axis; along the others cut to the largest box of at
+    most WINDOW_TOKENS tokens (the smallest box if none is that small), W only to multiples of
+    SUBLANES (Mosaic's block rule for an array's second-minor dimension), and at equal size the
+    widest along W (longer contiguous rows per DMA)."""
+    t, h, w = grid
+    attended = {a for axes in attentions for a in axes}
+    bt = t if "T" in attended else 1
+    hs = [h] if "H" in attended else [g for g in range(1, h + 1) if h % g == 0]
+    ws = [w] if "W" in attended else [g for g in range(1, w + 1) if w % g == 0 and (g == w or g % SUBLANES == 0)]
+    boxes = [(bt, bh, bw) for bh in hs for bw in ws]
+    fitting = [box for box in boxes if math.prod(box) <= WINDOW_TOKENS]
+    if fitting:
+        return max(fitting, key=lambda box: (math.prod(box), box[2]))
+    return min(boxes, key=lambda box: (math.prod(box), -box[2]))
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The static layout of one block's kernel: windows, column blocks, heads per block.
+    """The static layout of one block's kernels: which attentions share a kernel, their windows,
+    column blocks, heads per block.
 
     `attentions`: the line axes of each parallel attention (e.g. (("H",), ("W",))); `grid`:
-    (T, H, W); `heads`, `head_dim`: per attention."""
+    (T, H, W); `heads`, `head_dim`: per attention. The block's attentions share one kernel pair
+    when one window serves them all as well as their own would (a temporal block; height|width
+    up to 8 x 8); otherwise each gets a kernel pair of its own (`kernels`): height|width at 16 x 16
+    (a frame of 256 tokens for both, or 128 each) and 32 x 32 (a frame of 1,024, over MAX_WINDOW)."""
 
     attentions: tuple[tuple[str, ...], ...]
     grid: tuple[int, int, int]
@@ -82,9 +116,10 @@ class Plan:
         if f % self.lanes:
             raise ValueError(f"model.attention_kernel 'pallas' needs each attention's heads x head_dim ({f}) to be a "
                              f"multiple of {self.lanes}")
-        if self.window_tokens > MAX_WINDOW:
-            raise ValueError(f"model.attention_kernel 'pallas': the lines of {self.attentions} on the grid {self.grid} "
-                             f"need windows of {self.window_tokens} tokens, more than {MAX_WINDOW}")
+        for kernel in self.kernels:
+            if kernel.window_tokens > MAX_WINDOW:
+                raise ValueError(f"model.attention_kernel 'pallas': the lines of {kernel.attentions} on the grid "
+                                 f"{self.grid} need windows of {kernel.window_tokens} tokens, more than {MAX_WINDOW}")
 
     @property
     def lanes(self) -> int:
@@ -103,19 +138,14 @@ class Plan:
         return len(self.attentions) * self.blocks_per_attention
 
     @property
-    def window(self) -> tuple[int, int, int]:
-        """(bt, bh, W): whole along every attended axis and W; H cut to about WINDOW_TOKENS."""
-        t, h, w = self.grid
-        attended = {a for axes in self.attentions for a in axes}
-        bt = t if "T" in attended else 1
-        if "H" in attended:
-            return bt, h, w
-        bh = max(g for g in range(1, h + 1) if h % g == 0 and (g == 1 or bt * g * w <= WINDOW_TOKENS))
-        return bt, bh, w
-
-    @property
-    def window_tokens(self) -> int:
-        return math.prod(self.window)
+    def kernels(self) -> tuple["KernelPlan", ...]:
+        """One kernel pair for all attentions if their joint window is no larger than any one's
+        own; else one per attention (its own window: fewer masked pairs, and within MAX_WINDOW)."""
+        joint = _window_box(self.grid, self.attentions)
+        own = [_window_box(self.grid, (axes,)) for axes in self.attentions]
+        if all(math.prod(box) == math.prod(joint) for box in own):
+            return (KernelPlan(self, 0, len(self.attentions), joint),)
+        return tuple(KernelPlan(self, a, 1, box) for a, box in enumerate(own))
 
     def lines_of_columns(self) -> np.ndarray:
         """[F] float32: the number of lines of the attention each output column belongs to."""
@@ -123,15 +153,67 @@ class Plan:
         lines = [math.prod(self.grid) // math.prod(sizes[a] for a in axes) for axes in self.attentions]
         return np.repeat(np.asarray(lines, np.float32), self.heads * self.head_dim)
 
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """One kernel pair of a block (`Plan.kernels`): the block's attentions first .. first +
+    count - 1 (their columns of q, k, v, contiguous: the attentions' heads side by side), in
+    windows `window` (bt, bh, bw) of the grid (`_window_box`)."""
+
+    block: Plan
+    first: int
+    count: int
+    window: tuple[int, int, int]
+
+    @property
+    def attentions(self) -> tuple[tuple[str, ...], ...]:
+        return self.block.attentions[self.first:self.first + self.count]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.block.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.block.head_dim
+
+    @property
+    def lanes(self) -> int:
+        return self.block.lanes
+
+    @property
+    def heads_per_block(self) -> int:
+        return self.block.heads_per_block
+
+    @property
+    def column_blocks(self) -> int:
+        """Its column blocks of `lanes` channels, from `column_offset` on."""
+        return self.count * self.block.blocks_per_attention
+
+    @property
+    def column_offset(self) -> int:
+        return self.first * self.block.blocks_per_attention
+
+    @property
+    def window_tokens(self) -> int:
+        return math.prod(self.window)
+
+    @property
+    def windows_per_axis(self) -> tuple[int, int, int]:
+        return tuple(g // b for g, b in zip(self.grid, self.window))
+
     @property
     def num_windows(self) -> int:
-        (t, h, _), (bt, bh, _) = self.grid, self.window
-        return (t // bt) * (h // bh)
+        return math.prod(self.windows_per_axis)
+
+    def _coordinates(self) -> np.ndarray:
+        """[n, 3]: (t, h, w) in the window of each of a window's tokens (row-major over the box)."""
+        return np.stack(np.meshgrid(*[np.arange(s) for s in self.window], indexing="ij"), -1).reshape(-1, 3)
 
     def line_ids(self) -> np.ndarray:
         """[attentions, n] int32: the line of each of a window's tokens (row-major over the window
         box), per attention: its coordinates on the axes it does not attend along."""
-        coords = np.stack(np.meshgrid(*[np.arange(s) for s in self.window], indexing="ij"), -1).reshape(-1, 3)
+        coords = self._coordinates()
         ids = []
         for axes in self.attentions:
             other = [i for i, a in enumerate(AXES) if a not in axes]
@@ -143,7 +225,7 @@ class Plan:
     def line_positions(self) -> np.ndarray:
         """[attentions, n] int32: the position of each of a window's tokens in its line (row-major
         over the attended axes, as `attention.to_lines` orders a line)."""
-        coords = np.stack(np.meshgrid(*[np.arange(s) for s in self.window], indexing="ij"), -1).reshape(-1, 3)
+        coords = self._coordinates()
         positions = []
         for axes in self.attentions:
             attended = [i for i, a in enumerate(AXES) if a in axes]
@@ -154,31 +236,41 @@ class Plan:
     @property
     def line_rows(self) -> int:
         """Rows of the pair masks per head: the longest line, rounded up to 8 (a tile's sublanes)."""
-        return -(-int(self.line_positions().max() + 1) // 8) * 8
+        return -(-int(self.line_positions().max() + 1) // SUBLANES) * SUBLANES
 
     def window_tokens_global(self) -> np.ndarray:
         """[windows, n]: the grid index (row-major over (T, H, W)) of each window's tokens."""
-        t, h, w = self.grid
-        bt, bh, _ = self.window
-        index = np.arange(t * h * w).reshape(t // bt, bt, h // bh, bh, w)
-        return einops.rearrange(index, "tb bt hb bh w -> (tb hb) (bt bh w)")
+        index = np.arange(math.prod(self.grid)).reshape(self.grid)
+        return self.to_windows(index)
+
+    def to_windows(self, x):
+        """[..., T, H, W] -> [..., windows, n]: the grid's values in the windows' order."""
+        bt, bh, bw = self.window
+        return einops.rearrange(x, "... (tb bt) (hb bh) (wb bw) -> ... (tb hb wb) (bt bh bw)", bt=bt, bh=bh, bw=bw)
 
 
 def draw_keep_masks(key, keep_prob: float, batch: int, plan: Plan):
-    """The attention-dropout keep masks in the kernel's windows: (pairs [B, windows, A*heads, R, n]
-    int8, R = `Plan.line_rows`: the l-th key of a query's line (row l) against the query (column);
-    [CLS] [B, windows, A*heads/hp, hp, n] int8 (hp heads per column block), per token: bit 0 its
-    query against [CLS]'s key, bit 1 [CLS]'s query against its key, bit 2 [CLS]'s query against
-    [CLS]'s key in its line (read at the line's first token only))."""
-    n, heads = plan.window_tokens, len(plan.attentions) * plan.heads
-    hp = plan.heads_per_block
-    k_pairs, k_cls = jax.random.split(key)
-    pairs = jax.random.bernoulli(k_pairs, keep_prob, (batch, plan.num_windows, heads, plan.line_rows, n))
-    bits = jax.random.bernoulli(k_cls, keep_prob, (3, batch, plan.num_windows, heads // hp, hp, n)).astype(jnp.int8)
-    return pairs.astype(jnp.int8), bits[0] | (bits[1] << 1) | (bits[2] << 2)
+    """The attention-dropout keep masks in the windows of each of the block's kernels
+    (`Plan.kernels`), a tuple of one (pairs, [CLS] bits) per kernel: pairs [B, windows, A*heads,
+    R, n] int8 (A its attentions, R = `KernelPlan.line_rows`): the l-th key of a query's line (row
+    l) against the query (column); [CLS] bits [B, windows, A*heads/hp, hp, n] int8 (hp heads per
+    column block), per token: bit 0 its query against [CLS]'s key, bit 1 [CLS]'s query against
+    its key, bit 2 [CLS]'s query against [CLS]'s key in its line (read at the line's first token
+    only)."""
+    kernels = plan.kernels
+    keys = [key] if len(kernels) == 1 else jax.random.split(key, len(kernels))
+    masks = []
+    for kernel, kernel_key in zip(kernels, keys):
+        n, heads, hp = kernel.window_tokens, kernel.count * plan.heads, plan.heads_per_block
+        k_pairs, k_cls = jax.random.split(kernel_key)
+        pairs = jax.random.bernoulli(k_pairs, keep_prob, (batch, kernel.num_windows, heads, kernel.line_rows, n))
+        bits = jax.random.bernoulli(k_cls, keep_prob, (3, batch, kernel.num_windows, heads // hp, hp, n))
+        bits = bits.astype(jnp.int8)
+        masks.append((pairs.astype(jnp.int8), bits[0] | (bits[1] << 1) | (bits[2] << 2)))
+    return tuple(masks)
 
 
-def _head_tile(plan: Plan, i: int):
+def _head_tile(plan: KernelPlan, i: int):
     """(1, lanes) bool: the lanes of the i-th head of a column block."""
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, plan.lanes), 1)
     return (lane >= i * plan.head_dim) & (lane < (i + 1) * plan.head_dim)
@@ -333,8 +425,9 @@ def _load(ref, n, lanes):
     return ref[...].reshape(n, lanes)
 
 
-def _forward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
-    win, (out_ref, out_c_ref) = _window_inputs(plan, refs, has_pad, has_keep)
+def _forward_kernel(plan, keep_prob, has_pad, has_keep, aliased, *refs):
+    win, refs = _window_inputs(plan, refs, has_pad, has_keep)
+    out_ref, out_c_ref = refs[aliased:]  # after the earlier kernel's outputs (not read: `_forward`)
     n, lanes, f32 = plan.window_tokens, plan.lanes, jnp.float32
 
     @pl.when(pl.program_id(2) == 0)
@@ -356,9 +449,9 @@ def _forward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
     out_c_ref[...] += out_c.reshape(out_c_ref.shape)
 
 
-def _backward_kernel(plan, keep_prob, has_pad, has_keep, *refs):
-    win, refs = _window_inputs(plan, refs, has_pad, has_keep)
-    do_ref, do_c_ref, dq_ref, dk_ref, dv_ref, dqc_ref, dkc_ref, dvc_ref, dbq_ref, dbk_ref, dbv_ref = refs
+def _backward_kernel(plan, keep_prob, has_pad, has_keep, aliased, *refs):
+    win, (do_ref, do_c_ref, *refs) = _window_inputs(plan, refs, has_pad, has_keep)
+    dq_ref, dk_ref, dv_ref, dqc_ref, dkc_ref, dvc_ref, dbq_ref, dbk_ref, dbv_ref = refs[aliased:]
     n, lanes = plan.window_tokens, plan.lanes
     scale = plan.head_dim ** -0.5
     f32 = jnp.float32
@@ -425,18 +518,20 @@ def _div(i, n: int):
     return jax.lax.div(i, jnp.int32(n))
 
 
-def _specs(plan: Plan, has_pad: bool, has_keep: bool):
-    """BlockSpecs of the common inputs, grid (B, column blocks j, windows w)."""
-    _, bh, w = plan.window
-    h_blocks = plan.grid[1] // bh
-    bpa, hp = plan.blocks_per_attention, plan.heads_per_block
-    n, lanes = plan.window_tokens, plan.lanes
-    box = (pl.Squeezed(), plan.window[0], bh, w, lanes)
+def _specs(plan: KernelPlan, has_pad: bool, has_keep: bool):
+    """BlockSpecs of the common inputs, grid (B, the kernel's column blocks j, windows w)."""
+    _, nh, nw = plan.windows_per_axis
+    bpa, hp = plan.block.blocks_per_attention, plan.heads_per_block
+    n, lanes, offset = plan.window_tokens, plan.lanes, plan.column_offset
 
-    # q, k and v are arrays of their own, the attentions' heads side by side: column block j.
-    grid_block = pl.BlockSpec(box, lambda b, j, wi: (b, _div(wi, h_blocks), jax.lax.rem(wi, h_blocks), 0, j))
-    cls_block = pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, j))
-    bias_block = pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (0, 0, j))
+    def box(b, j, wi):  # window wi of (T/bt, H/bh, W/bw) windows, row-major; the block's column block
+        return b, _div(wi, nh * nw), jax.lax.rem(_div(wi, nw), nh), jax.lax.rem(wi, nw), offset + j
+
+    # q, k and v are arrays of their own, the attentions' heads side by side: column block j of
+    # the kernel's attentions, `column_offset` + j of the array.
+    grid_block = pl.BlockSpec((pl.Squeezed(), *plan.window, lanes), box)
+    cls_block = _cls_block(plan)
+    bias_block = pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (0, 0, offset + j))
     specs = [grid_block] * 3 + [cls_block] * 3 + [bias_block] * 3 + [
         pl.BlockSpec((pl.Squeezed(), 1, n), lambda b, j, wi: (_div(j, bpa), 0, 0)),
         pl.BlockSpec((pl.Squeezed(), n, 1), lambda b, j, wi: (_div(j, bpa), 0, 0)),
@@ -451,6 +546,10 @@ def _specs(plan: Plan, has_pad: bool, has_keep: bool):
     return specs, grid_block
 
 
+def _cls_block(plan: KernelPlan):
+    return pl.BlockSpec((pl.Squeezed(), 1, plan.lanes), lambda b, j, wi: (b, 0, plan.column_offset + j))
+
+
 def _inputs(plan, qkv, qkv_cls, bias, pad, keep):
     ids = jnp.asarray(plan.line_ids())
     positions = jnp.asarray(plan.line_positions())
@@ -463,10 +562,16 @@ def _inputs(plan, qkv, qkv_cls, bias, pad, keep):
     return args
 
 
-def _cost(plan: Plan, batch: int, args, outs, backward: bool, has_keep: bool) -> pl.CostEstimate:
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _cost(plan: KernelPlan, batch: int, columns, others, backward: bool, has_keep: bool) -> pl.CostEstimate:
     """Honest counts of one call: the MXU work as issued (each head's dots over a column block's
     lanes, masked to its own: heads_per_block times a head's FLOPs), one exp per probability,
-    and the bytes of the arrays read and written (each block of q, k, v and the masks is read once)."""
+    and the bytes read and written: of the arrays of all the block's columns (`columns`: q, k, v,
+    [CLS]'s, the bias, the outputs) the kernel's share, each block read once; `others` (masks,
+    line ids) whole."""
     n, lanes, hp = plan.window_tokens, plan.lanes, plan.heads_per_block
     steps = batch * plan.column_blocks * plan.num_windows
     # Forward: QK^T, PV [n, n, lanes]; [CLS]'s q.K^T, P.V [1, n, lanes]. Backward: QK^T, dO.V^T,
@@ -476,8 +581,8 @@ def _cost(plan: Plan, batch: int, args, outs, backward: bool, has_keep: bool) ->
     if has_keep:  # the pair masks spread over the window: [R, n]^T . [R, n] per head
         flops += steps * hp * 2 * plan.line_rows * n * n
     transcendentals = steps * hp * (n * (n + 1) + 4 * n)
-    nbytes = sum(a.size * a.dtype.itemsize for a in args) + sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize
-                                                                for o in outs)
+    share = plan.column_blocks / plan.block.column_blocks
+    nbytes = share * sum(map(_nbytes, columns)) + sum(map(_nbytes, others))
     return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(nbytes))
 
 
@@ -488,63 +593,86 @@ def _on_platform(call, args):
     return jax.lax.platform_dependent(*args, cpu=functools.partial(call, True), tpu=functools.partial(call, False))
 
 
-def _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep):
-    return _on_platform(functools.partial(_forward, plan, keep_prob, pad is not None, keep is not None),
-                        _inputs(plan, qkv, qkv_cls, bias, pad, keep))
+def _earlier_outputs(earlier, first_output: int):
+    """The in_specs and input_output_aliases of an earlier kernel's outputs passed on to a later
+    kernel of the block (after its `first_output` inputs): it writes its own columns into them
+    and leaves the earlier kernel's as they are (the blocks a grid does not visit keep the
+    aliased input's values, in Mosaic and in the interpreter), so no concatenation of the
+    kernels' outputs. Left in HBM, never read (memory space ANY)."""
+    return ([pl.BlockSpec(memory_space=pl.ANY)] * len(earlier),
+            {first_output + i: i for i in range(len(earlier))})
 
 
-def _cls_block(lanes):
-    return pl.BlockSpec((pl.Squeezed(), 1, lanes), lambda b, j, wi: (b, 0, j))
+def _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, earlier):
+    """One kernel's forward: (tokens' outputs [B, T, H, W, F], [CLS]'s summed outputs [B, 1, F]
+    float32) with its columns written into `earlier` (the block's earlier kernel's outputs; ()
+    for the first)."""
+    return _on_platform(functools.partial(_forward, plan, keep_prob, pad is not None, keep is not None, len(earlier)),
+                        _inputs(plan, qkv, qkv_cls, bias, pad, keep) + list(earlier))
 
 
-def _forward(plan, keep_prob, has_pad, has_keep, interpret, *args):
+def _forward(plan, keep_prob, has_pad, has_keep, aliased, interpret, *args):
+    args, earlier = list(args[:len(args) - aliased]), args[len(args) - aliased:]
     b, q = args[0].shape[0], args[0]
     in_specs, out_block = _specs(plan, has_pad, has_keep)
-    width = plan.column_blocks * plan.lanes
+    width = plan.block.column_blocks * plan.lanes
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, 1, width), jnp.float32)]
+    earlier_specs, aliases = _earlier_outputs(earlier, len(args))
     return pl.pallas_call(
-        functools.partial(_forward_kernel, plan, keep_prob, has_pad, has_keep),
+        functools.partial(_forward_kernel, plan, keep_prob, has_pad, has_keep, aliased),
         out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
-        in_specs=in_specs, out_specs=[out_block, _cls_block(plan.lanes)], interpret=interpret,
-        name="line_attention_fwd",
+        in_specs=in_specs + earlier_specs, out_specs=[out_block, _cls_block(plan)], interpret=interpret,
+        input_output_aliases=aliases, name="line_attention_fwd",
         # [CLS]'s outputs are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(plan, b, args, out_shapes, backward=False, has_keep=has_keep),
-    )(*args)
+        cost_estimate=_cost(plan, b, args[:9] + out_shapes, args[9:], backward=False, has_keep=has_keep),
+    )(*args, *earlier)
 
 
-def _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out, d_out_c):
-    return _on_platform(functools.partial(_backward, plan, keep_prob, pad is not None, keep is not None),
-                        _inputs(plan, qkv, qkv_cls, bias, pad, keep) + [d_out, d_out_c])
+def _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out, d_out_c, earlier):
+    """One kernel's backward: (dq, dk, dv [B, T, H, W, F], d qc, kc, vc, d bias of q, k, v [B, 1,
+    F] float32 each) with its columns written into `earlier` (as `_call_forward`)."""
+    return _on_platform(functools.partial(_backward, plan, keep_prob, pad is not None, keep is not None, len(earlier)),
+                        _inputs(plan, qkv, qkv_cls, bias, pad, keep) + [d_out, d_out_c] + list(earlier))
 
 
-def _backward(plan, keep_prob, has_pad, has_keep, interpret, *args):
+def _backward(plan, keep_prob, has_pad, has_keep, aliased, interpret, *args):
+    args, earlier = list(args[:len(args) - aliased]), args[len(args) - aliased:]
     b, q = args[0].shape[0], args[0]
     in_specs, out_block = _specs(plan, has_pad, has_keep)
-    width = plan.column_blocks * plan.lanes
+    width = plan.block.column_blocks * plan.lanes
     out_shapes = ([jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
                   + [jax.ShapeDtypeStruct((b, 1, width), jnp.float32)] * 6)
-    cls_block = _cls_block(plan.lanes)
+    cls_block = _cls_block(plan)
+    earlier_specs, aliases = _earlier_outputs(earlier, len(args))
     return pl.pallas_call(
-        functools.partial(_backward_kernel, plan, keep_prob, has_pad, has_keep),
+        functools.partial(_backward_kernel, plan, keep_prob, has_pad, has_keep, aliased),
         out_shape=out_shapes, grid=(b, plan.column_blocks, plan.num_windows),
-        in_specs=in_specs + [out_block, cls_block], out_specs=[out_block] * 3 + [cls_block] * 6,
-        interpret=interpret, name="line_attention_bwd",
+        in_specs=in_specs + [out_block, cls_block] + earlier_specs, out_specs=[out_block] * 3 + [cls_block] * 6,
+        interpret=interpret, input_output_aliases=aliases, name="line_attention_bwd",
         # [CLS]'s gradients are summed over the windows: the last axis in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(plan, b, args, out_shapes, backward=True, has_keep=has_keep),
-    )(*args)
+        cost_estimate=_cost(plan, b, args[:9] + args[-2:] + out_shapes, args[9:-2], backward=True,
+                            has_keep=has_keep),
+    )(*args, *earlier)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
     """([CLS]'s outputs averaged over the lines [B, F], the tokens' [B, T, H, W, F]) of all
-    attentions of a block (the module docstring)."""
+    attentions of a block (the module docstring); pad, keep: per kernel of the block, or None."""
     return _attention_fwd(plan, keep_prob, qkv_cls, qkv, bias, pad, keep)[0]
 
 
+def _per_kernel(plan, masks):
+    return (None,) * len(plan.kernels) if masks is None else masks
+
+
 def _attention_fwd(plan, keep_prob, qkv_cls, qkv, bias, pad, keep):
-    out, out_c = _call_forward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep)
+    outs = ()
+    for kernel, kernel_pad, kernel_keep in zip(plan.kernels, _per_kernel(plan, pad), _per_kernel(plan, keep)):
+        outs = _call_forward(kernel, keep_prob, qkv, qkv_cls, bias, kernel_pad, kernel_keep, outs)
+    out, out_c = outs
     # [CLS]'s outputs summed over all lines in float32, then averaged (`_line_attention`).
     return ((out_c[:, 0] / plan.lines_of_columns()).astype(out.dtype), out), (qkv_cls, qkv, bias, pad, keep)
 
@@ -553,8 +681,10 @@ def _attention_bwd(plan, keep_prob, residuals, cotangents):
     qkv_cls, qkv, bias, pad, keep = residuals
     d_out_c, d_out = cotangents
     d_sum_c = (d_out_c.astype(jnp.float32) / plan.lines_of_columns())[:, None]
-    dq, dk, dv, dqc, dkc, dvc, dbq, dbk, dbv = _call_backward(plan, keep_prob, qkv, qkv_cls, bias, pad, keep, d_out,
-                                                              d_sum_c)
+    grads = ()
+    for kernel, kernel_pad, kernel_keep in zip(plan.kernels, _per_kernel(plan, pad), _per_kernel(plan, keep)):
+        grads = _call_backward(kernel, keep_prob, qkv, qkv_cls, bias, kernel_pad, kernel_keep, d_out, d_sum_c, grads)
+    dq, dk, dv, dqc, dkc, dvc, dbq, dbk, dbv = grads
     d_qkv_cls = tuple(x[:, 0].astype(c.dtype) for x, c in zip((dqc, dkc, dvc), qkv_cls))
     d_bias = jnp.stack([x.sum(axis=(0, 1)) for x in (dbq, dbk, dbv)]).astype(bias.dtype)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (pad, keep))
@@ -578,8 +708,6 @@ def block_attention(plan: Plan, qkv_cls, qkv, bias, key_is_pad, keep, keep_prob:
         raise ValueError(f"model.attention_kernel 'pallas' is a TPU kernel (interpreted on CPU), not for "
                          f"{jax.default_backend()}: use 'xla'")
     pad = None
-    if key_is_pad is not None:  # [B, windows, 1, n] in the windows' order (`Plan.window_tokens_global`)
-        bt, bh, _ = plan.window
-        pad = einops.rearrange(key_is_pad, "b (tb bt) (hb bh) w -> b (tb hb) 1 (bt bh w)", bt=bt, bh=bh)
-        pad = pad.astype(jnp.int8)
+    if key_is_pad is not None:  # per kernel [B, windows, 1, n] in its windows' order (`KernelPlan.to_windows`)
+        pad = tuple(kernel.to_windows(key_is_pad.astype(jnp.int8))[:, :, None] for kernel in plan.kernels)
     return _attention(plan, keep_prob, tuple(qkv_cls), tuple(qkv), bias.astype(dtype), pad, keep)
