@@ -133,6 +133,36 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0.01  # none trivially zero
 
 
+def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
+    # Under a mesh the kernels run on each device's clips (shard_map over the batch axes: XLA
+    # cannot partition a Mosaic call); outputs and gradients, the replicated bias's summed over
+    # the devices, equal the unsharded call's.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    plan = lak.Plan((("H",), ("W",)), (2, 4, 8), 2, 64)
+    b, f = 4, 2 * 2 * 64
+    keys = jax.random.split(jax.random.key(1), 5)
+    qkv_cls = tuple(jax.random.normal(k, (b, f)) for k in jax.random.split(keys[0], 3))
+    qkv = tuple(jax.random.normal(k, (b, *plan.grid, f)) for k in jax.random.split(keys[1], 3))
+    bias = jax.random.normal(keys[2], (3, f))
+    key_is_pad = jax.random.bernoulli(keys[3], 0.3, (b, *plan.grid))
+    keep = lak.draw_keep_masks(keys[4], KEEP_PROB, b, plan)
+
+    def call(c, x, bias, key_is_pad, keep):
+        return lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB)
+
+    mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    clips, whole = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P())
+    sharded = jax.device_put((qkv_cls, qkv, bias, key_is_pad, keep), (clips, clips, whole, clips, clips))
+    lowered = jax.jit(call).lower(*sharded).as_text()
+    assert "shard_map" in lowered or "sdy.manual_computation" in lowered
+    outs, grads = _values_and_grads(lambda c, x, bias: call(c, x, bias, sharded[3], sharded[4]), *sharded[:3])
+    ref_outs, ref_grads = _values_and_grads(lambda c, x, bias: call(c, x, bias, key_is_pad, keep), qkv_cls, qkv, bias)
+    for got, want in zip(jax.tree.leaves((outs, grads)), jax.tree.leaves((ref_outs, ref_grads))):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_plan_splits_height_width_where_a_frame_is_too_big_or_wasteful():
     # A small frame: one kernel pair for both attentions (their own windows would be no smaller).
     (joint,) = lak.Plan((("H",), ("W",)), (2, 4, 8), 2, 64).kernels
@@ -163,8 +193,10 @@ def test_pretrain_step_compiles_for_tpu_with_the_kernel():
 
     config = load_config(["--config", "configs/pretrain.py:runlocal", "--config.model.attention_kernel=pallas",
                           "--config.model.num_layers=1", "--config.model.hidden_dim=256", "--config.model.num_heads=4",
-                          "--config.model.height=8", "--config.model.width=8", "--config.data.batch_size=2"])
-    _, (train,) = aot.compile_run(config, aot.tpu_target("v5e-1"), programs=("train",))
+                          "--config.model.height=8", "--config.model.width=8", "--config.data.batch_size=4"])
+    # Four chips (mesh data=4): XLA cannot partition a Mosaic call, so the kernels must run per
+    # device (shard_map) for the program to compile at all.
+    _, (train,) = aot.compile_run(config, aot.tpu_target("v5e-4"), programs=("train",))
     # Two blocks (T, H|W) of one layer: a forward and a backward kernel for each, each a Mosaic
     # custom-call charged at twice its roofline time (hlo_cycles).
     assert train.fits and train.pallas_kernels == 4, train.estimate_method

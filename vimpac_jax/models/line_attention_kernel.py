@@ -64,8 +64,10 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from vimpac_jax.models.layout import AXES, WINDOW_TOKENS
 
@@ -710,4 +712,36 @@ def block_attention(plan: Plan, qkv_cls, qkv, bias, key_is_pad, keep, keep_prob:
     pad = None
     if key_is_pad is not None:  # per kernel [B, windows, 1, n] in its windows' order (`KernelPlan.to_windows`)
         pad = tuple(kernel.to_windows(key_is_pad.astype(jnp.int8))[:, :, None] for kernel in plan.kernels)
-    return _attention(plan, keep_prob, tuple(qkv_cls), tuple(qkv), bias.astype(dtype), pad, keep)
+    attend = functools.partial(_attention, plan, keep_prob)
+    mesh = jax.typeof(qkv[0]).sharding.mesh
+    if mesh.size > 1:
+        attend = _per_shard(attend, mesh, batch=qkv[0].shape[0])
+    return attend(tuple(qkv_cls), tuple(qkv), bias.astype(dtype), pad, keep)
+
+
+def _batch_mesh_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes the clips are split over: the logical 'batch' axis's under the active rules
+    (`nn.logical_axis_rules`, which `vimpac train` and `vimpac compile` enter:
+    training/sharding.py LOGICAL_AXIS_RULES), else every axis of the mesh."""
+    rule = dict(nn.get_logical_axis_rules()).get("batch", tuple(mesh.axis_names))
+    axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _per_shard(attend, mesh, batch: int):
+    """`attend` run on each device's clips (`jax.shard_map` over the batch mesh axes): XLA cannot
+    partition a Mosaic custom call by itself, and the lines of a clip never meet another clip's.
+    The bias (the one input without a batch dimension) is replicated; its gradient, summed per
+    device by the backward kernel, is summed over the devices by shard_map's transpose. On a
+    'tensor' axis not in the batch rule the columns are gathered: every device of a tensor group
+    computes all heads of its clips."""
+    axes = _batch_mesh_axes(mesh)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if batch % shards:
+        raise ValueError(f"model.attention_kernel 'pallas' runs each device's clips apart: the {batch} clips of a "
+                         f"pass do not split evenly over the mesh axes {axes} ({shards} devices)")
+    clips = P(axes or None)
+    # Specs are pytree prefixes: one spec for all of [CLS]'s q, k, v; the grid's; the per-kernel
+    # pad and keep masks (all [B, ...]).
+    return jax.shard_map(attend, mesh=mesh, in_specs=(clips, clips, P(), clips, clips), out_specs=(clips, clips),
+                         check_vma=False)
