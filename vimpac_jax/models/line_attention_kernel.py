@@ -50,6 +50,8 @@ recomputes the probabilities from q, k, v as flash attention does (Dao et al. 20
 2205.14135, Alg. 4) and keeps nothing but the inputs.
 
 On CPU the kernels run in Pallas's interpreter (tests); on a TPU they are compiled by Mosaic.
+Under a mesh of several devices they run on each device's clips (`jax.shard_map` over the
+logical 'batch' axis's mesh axes, `_per_shard`): XLA cannot partition a Mosaic custom call.
 The cost model of XLA does not see inside them: `aot/hlo_cycles.py` charges each at twice its
 roofline time from the `pl.CostEstimate` given here.
 """
