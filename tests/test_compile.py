@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import run_vimpac
+from tests.conftest import run_cli, run_vimpac
 from vimpac_jax.aot import chips
 from vimpac_jax.aot import compile as aot
 
@@ -117,15 +117,16 @@ def test_finetune_evaluate_one_host():
 
 @pytest.mark.slow
 @needs_libtpu
-def test_cli_impossible_batch_does_not_fit(tmp_path):
+def test_cli_impossible_batch_does_not_fit(tmp_path, capsys):
+    # In process (test_cli_bad_topology_is_one_line is the command's smoke test in a process of its own).
     out = tmp_path / "compile.json"
-    r = run_vimpac("compile", "--config", "configs/finetune.py:runlocal", "--topology", "v5e-4",
-                   "--config.data.batch_size=4194304", "--programs", "train", "--json", str(out), timeout=300)
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "vimpac compile: train: does not fit: needs" in r.stderr
-    assert "GiB of 15.75 GiB per chip" in r.stderr or "GiB of 16.00 GiB per chip" in r.stderr
-    assert "mesh: data=4 fsdp=1 tensor=1" in r.stdout
+    code, stdout, stderr = run_cli(capsys, "compile", "--config", "configs/finetune.py:runlocal", "--topology", "v5e-4",
+                                   "--config.data.batch_size=4194304", "--programs", "train", "--json", out)
+    assert code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "vimpac compile: train: does not fit: needs" in stderr
+    assert "GiB of 15.75 GiB per chip" in stderr or "GiB of 16.00 GiB per chip" in stderr
+    assert "mesh: data=4 fsdp=1 tensor=1" in stdout
 
 
 def test_cli_bad_topology_is_one_line():

@@ -186,6 +186,8 @@ def test_unsupported_head_dim_is_one_error():
         lak.Plan((("T", "H"),), (5, 16, 16), 2, 64)
 
 
+# A whole training step compiled for TPU: the slow layer, as test_compile.py's run compiles.
+@pytest.mark.slow
 @needs_libtpu
 def test_pretrain_step_compiles_for_tpu_with_the_kernel():
     from vimpac_jax.aot import compile as aot

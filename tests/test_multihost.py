@@ -71,9 +71,14 @@ def stores(tmp_path_factory):
 
 
 def train_args(store, workdir, *extra):
+    """The runs of this file. The constant schedule lets the SIGTERM test run past the 100-update
+    schedule of runlocal with the same programs as the 4-step runs, so its processes load them
+    from the session's compilation cache instead of compiling them again; its first 5 updates are
+    the same warm-up as runlocal's linear schedule (optimizer.make_schedule), so the 4-step runs
+    train as with runlocal's own schedule."""
     return ["train", "--config", "configs/pretrain.py:runlocal", f"--config.data.train_store={store}",
             f"--config.train.num_steps={STEPS}", "--config.data.batch_size=8", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=2", "--workdir", workdir, *extra]
+            "--config.train.checkpoint_every=2", "--config.optim.schedule=constant", "--workdir", workdir, *extra]
 
 
 def losses(workdir) -> dict[int, float]:
@@ -254,7 +259,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
 
     coordinator, workdir = f"127.0.0.1:{free_port()}", tmp_path / "w"
     args = train_args(stores / "random", workdir, "--config.train.num_steps=100000",
-                      "--config.optim.schedule_steps=100000", "--config.train.checkpoint_every=100000")
+                      "--config.train.checkpoint_every=100000")
     procs = [start(args, cpu_env(4, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2",
                                  VIMPAC_PROCESS_ID=str(i))) for i in range(2)]
     deadline = time.monotonic() + 2 * RUN_TIMEOUT  # compiling, then 3 steps

@@ -242,8 +242,8 @@ def test_masking_sweep_runs_locally(store, env, tmp_path, capsys):
 def test_failed_run_is_reported_not_dropped(store, tmp_path, capsys):
     sweep_file = tmp_path / "with_failure.py"
     # height=8 loads as a config (every field in its range) but `vimpac train` rejects it: the
-    # store holds 4x4 tokens per frame. Run 0 fails, run 1 (the runlocal default, compiled
-    # already by the test above) must still run.
+    # store holds 4x4 tokens per frame. Run 0 fails, run 1 (the runlocal default, whose programs
+    # the SIGKILL test below and test_train.py's `vimpac train` runs share) must still run.
     sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
                           "def get_sweep():\n    return sweep('model.height', [8, 4])\n")
     root = tmp_path / "fail"
@@ -342,8 +342,11 @@ def test_a_sweep_killed_with_sigkill_takes_its_running_train_with_it(store, env,
     sweep_file.write_text("from vimpac_jax.sweeps import sweep\n\n"
                           "def get_sweep():\n    return sweep('seed', [0])\n")
     root = tmp_path / "sweep"
-    args = ["--config", RUNLOCAL, f"--config.data.train_store={store}", "--config.train.num_steps=100000",
-            "--config.optim.schedule_steps=100000", "--config.train.log_every=1", "--config.train.checkpoint_every=100000"]
+    # runlocal's own 100-update schedule: the programs of the other runlocal runs (from the session's
+    # compilation cache); the sweep is killed at the first logged step, the run stops within a poll
+    # of its parent (io_utils.PARENT_POLL_SECONDS), long before step 100.
+    args = ["--config", RUNLOCAL, f"--config.data.train_store={store}", "--config.train.num_steps=100",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=100000"]
     proc = vimpac("sweep", *args, "--sweep", sweep_file, "--workdir", root, env=env, background=True)
     run_dir = root / "00_seed=0"
     deadline = time.monotonic() + 300

@@ -72,7 +72,7 @@ def latest_state(workdir):
     return step, state
 
 
-def test_pretrain_finetune_evaluate(stores, env, tmp_path):
+def test_pretrain_finetune_evaluate(stores, env, tmp_path, capsys):
     pre = tmp_path / "pre"
     # Validation every 4 steps on the held-out store, the kNN monitor every 5: steps 4, 5, 8, and both at 10.
     out = vimpac("train", *pretrain_args(stores, extra=[f"--config.knn.train_store={stores / 'train'}",
@@ -126,15 +126,17 @@ def test_pretrain_finetune_evaluate(stores, env, tmp_path):
     assert (tmp_path / "export" / "class_names.txt").read_text().splitlines() == CLASS_NAMES
     assert again["eval_store"] == str(stores / "val")
 
-    # Another store's results go beside the run's own, named by the store, which they record.
+    # Another store's results go beside the run's own, named by the store, which they record. In
+    # process: the `vimpac evaluate` above is the command's run in a process of its own.
     own = {name: (ft / name).read_bytes() for name in ("eval_results.json", "predictions.csv")}
-    other = vimpac("evaluate", "--workdir", ft, "--eval-store", stores / "train", "--clips", 1, "--crops", 1,
-                   "--no-pictures", env=env)
+    code, other_out, err = run_cli(capsys, "evaluate", "--workdir", ft, "--eval-store", stores / "train", "--clips", 1,
+                                   "--crops", 1, "--no-pictures")
+    assert code == 0, err[-3000:]
     assert {name: (ft / name).read_bytes() for name in own} == own
     beside = json.loads((ft / "eval-train" / "eval_results.json").read_text())
     assert beside["eval_store"] == str(stores / "train") and beside["num_videos"] == 16
     assert len((ft / "eval-train" / "predictions.csv").read_text().splitlines()) == 17
-    assert str(ft / "eval-train" / "eval_results.json") in other.stdout
+    assert str(ft / "eval-train" / "eval_results.json") in other_out
 
 
 def test_bad_config_is_rejected_before_compiling(stores, tmp_path, capsys):
