@@ -137,7 +137,7 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     # Under a mesh the kernels run on each device's clips (shard_map over the batch axes: XLA
     # cannot partition a Mosaic call); outputs and gradients, the replicated bias's summed over
     # the devices, equal the unsharded call's.
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from vimpac_jax.training import sharding
 
     plan = lak.Plan((("H",), ("W",)), (2, 4, 8), 2, 64)
     b, f = 4, 2 * 2 * 64
@@ -151,9 +151,8 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     def call(c, x, bias, key_is_pad, keep):
         return lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB)
 
-    mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    clips, whole = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P())
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
+    clips, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     sharded = jax.device_put((qkv_cls, qkv, bias, key_is_pad, keep), (clips, clips, whole, clips, clips))
     lowered = jax.jit(call).lower(*sharded).as_text()
     assert "shard_map" in lowered or "sdy.manual_computation" in lowered

@@ -141,7 +141,7 @@ class Plan:
     def column_blocks(self) -> int:
         return len(self.attentions) * self.blocks_per_attention
 
-    @property
+    @functools.cached_property  # read by every call's trace: computed once per plan
     def kernels(self) -> tuple["KernelPlan", ...]:
         """One kernel pair for all attentions if their joint window is no larger than any one's
         own; else one per attention (its own window: fewer masked pairs, and within MAX_WINDOW)."""
