@@ -214,8 +214,8 @@ def run_vimpac(*args, env=None, cwd=REPO, check=False, timeout=None, background=
 
 # Modules whose tests share no expensive module fixture (theirs write a few small token stores):
 # each test is a work unit of its own, so their end-to-end runs spread over both workers.
-# test_multihost.py is not one: its SIGTERM test loads the 2-process programs that the 2-vs-1
-# test compiles from the compilation cache, so it must run after it, as it does in one unit.
+# test_multihost.py is not one: its SIGTERM test and its 2-vs-1 test share one 2-process run (a
+# module fixture).
 INDEPENDENT_TESTS = {"test_train.py", "test_sweep.py"}
 
 

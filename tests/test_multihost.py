@@ -2,10 +2,12 @@
 
 Both runs are `vimpac train` (runlocal pre-training config, global batch 8) on the same token
 store: the 1-process run in this process on conftest's 8 CPU devices, the 2-process run in two
-processes formed by jax.distributed with a coordinator on 127.0.0.1 and JAX's CPU collectives (gloo). They must log the same losses and save the same parameters. The
-data split is checked on the real pipeline: each process's share is disjoint from the other's,
-and together they are the 1-process global batch. Misconfigured launches must fail, not hang.
-"""
+processes formed by jax.distributed with a coordinator on 127.0.0.1 and JAX's CPU collectives
+(gloo). The 2-process run is stopped by a SIGTERM to one of its processes: both must stop at the
+same step, and up to it they must log the same losses and save the same parameters as the
+1-process run. The data split is checked on the real pipeline: each process's share is disjoint
+from the other's, and together they are the 1-process global batch. Misconfigured launches must
+fail, not hang."""
 
 import json
 import os
@@ -71,11 +73,11 @@ def stores(tmp_path_factory):
 
 
 def train_args(store, workdir, *extra):
-    """The runs of this file. The constant schedule lets the SIGTERM test run past the 100-update
-    schedule of runlocal with the same programs as the 4-step runs, so its processes load them
-    from the session's compilation cache instead of compiling them again; its first 5 updates are
-    the same warm-up as runlocal's linear schedule (optimizer.make_schedule), so the 4-step runs
-    train as with runlocal's own schedule."""
+    """The runs of this file. The constant schedule lets the preempted run go past runlocal's
+    100-update schedule; its first 5 updates are the same warm-up as runlocal's linear schedule
+    (optimizer.make_schedule), so the runs train as with runlocal's own schedule, and the learning
+    rate of a step does not depend on num_steps (the 1-process run of as many steps as the
+    preempted run made compares with it step by step)."""
     return ["train", "--config", "configs/pretrain.py:runlocal", f"--config.data.train_store={store}",
             f"--config.train.num_steps={STEPS}", "--config.data.batch_size=8", "--config.train.log_every=1",
             "--config.train.checkpoint_every=2", "--config.optim.schedule=constant", "--workdir", workdir, *extra]
@@ -108,27 +110,70 @@ def check_ok(results):
         assert rc == 0, f"process {i} exited {rc}:\n{stderr[-3000:]}"
 
 
+@pytest.fixture(scope="module")
+def preempted_pair(stores, tmp_path_factory):
+    """ONE 2-process run (2 x 4 devices) for both tests below: it trains until 3 steps are logged,
+    then only the second process gets SIGTERM (SLURM or a TPU maintenance event may signal one host
+    first). -> (workdir, [(returncode, stdout, stderr)] of the processes). Its steps are compared
+    with a 1-process run of as many steps (`test_two_processes_match_one`), so a second 2-process
+    run (the slowest program of the suite: each process compiles it) is not needed."""
+    import signal
+    import time
+
+    coordinator, workdir = f"127.0.0.1:{free_port()}", tmp_path_factory.mktemp("pair") / "two"
+    args = train_args(stores / "random", workdir, "--config.train.num_steps=100000")
+    procs = [start(args, cpu_env(4, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2",
+                                 VIMPAC_PROCESS_ID=str(i))) for i in range(2)]
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT  # compiling, then 3 steps
+    try:
+        while not ((workdir / "metrics.jsonl").is_file()
+                   and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no steps logged"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # only the second host hears it
+    finally:
+        results = finish(procs)  # (kills them after RUN_TIMEOUT)
+    return workdir, results
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(stores, tmp_path, capsys):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(preempted_pair):
+    """Every process must still save (orbax's save is collective) and stop at one agreed step,
+    exiting PREEMPTED."""
+    from vimpac_jax import exit_codes
+
+    workdir, results = preempted_pair
+    for i, (rc, stdout, stderr) in enumerate(results):
+        assert rc == exit_codes.PREEMPTED, f"process {i} exited {rc}:\n{stderr[-3000:]}"
+    steps = [json.loads(stdout.splitlines()[-1])["step"] for _, stdout, _ in results]
+    assert steps[0] == steps[1] >= 3 and final_params(workdir)[0] == steps[0]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(stores, preempted_pair, tmp_path, capsys):
+    """The 2-process run's steps (up to the agreed step) against this process's 8 devices."""
     import jax
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert jax.device_count() == 8  # conftest's devices: the 1-process run needs no process of its own
-    code, _, err = run_cli(capsys, *train_args(stores / "random", one))
-    assert code == 0, err[-3000:]
-    multi = run_processes(train_args(stores / "random", two), 2, 4)
-    check_ok(multi)
+    two, results = preempted_pair
+    for i, (_, stdout, stderr) in enumerate(results):
+        assert stdout.strip(), f"process {i} reported no result:\n{stderr[-3000:]}"
     # Only process 0 logs; both report the same final result on stdout.
-    assert json.loads(multi[0][1].splitlines()[-1])["step"] == STEPS
-    assert multi[0][1].splitlines()[-1] == multi[1][1].splitlines()[-1]
+    assert results[0][1].splitlines()[-1] == results[1][1].splitlines()[-1]
+    steps = json.loads(results[0][1].splitlines()[-1])["step"]
+    assert steps >= 3
+
+    one = tmp_path / "one"
+    assert jax.device_count() == 8  # conftest's devices: the 1-process run needs no process of its own
+    code, _, err = run_cli(capsys, *train_args(stores / "random", one, f"--config.train.num_steps={steps}"))
+    assert code == 0, err[-3000:]
 
     loss_one, loss_two = losses(one), losses(two)
-    assert sorted(loss_one) == list(range(1, STEPS + 1)) and sorted(loss_two) == sorted(loss_one)
+    assert sorted(loss_one) == list(range(1, steps + 1)) and sorted(loss_two) == sorted(loss_one)
     assert len(set(loss_one.values())) > 1  # the losses move: the comparison below means something
     np.testing.assert_allclose([loss_two[s] for s in sorted(loss_two)], [loss_one[s] for s in sorted(loss_one)],
                                rtol=2e-5)
 
-    assert_same_params(one, two)
+    assert_same_params(one, two, steps)
 
 
 # Biases of Linear layers that feed a BatchNorm (the contrastive projection head): BatchNorm
@@ -138,12 +183,12 @@ def test_two_processes_match_one(stores, tmp_path, capsys):
 ZERO_GRADIENT = ("['proj_head']['linear_0']['bias']",)
 
 
-def assert_same_params(one, two):
+def assert_same_params(one, two, steps):
     import jax
 
     step_one, params_one = final_params(one)
     step_two, params_two = final_params(two)
-    assert step_one == step_two == STEPS
+    assert step_one == step_two == steps
     leaves_one = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params_one)[0]}
     leaves_two = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params_two)[0]}
     assert sorted(leaves_one) == sorted(leaves_two)
@@ -246,32 +291,3 @@ def test_settings_sources():
     assert settings_from_env({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}).source == "slurm"
     assert settings_from_env({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
     assert settings_from_env({"TPU_WORKER_HOSTNAMES": "a,b"}).source == "tpu"
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(stores, tmp_path):
-    """SLURM or a TPU maintenance event may signal one host first: every process must still save
-    (orbax's save is collective) and stop at one agreed step, exiting PREEMPTED."""
-    import signal
-    import time
-
-    from vimpac_jax import exit_codes
-
-    coordinator, workdir = f"127.0.0.1:{free_port()}", tmp_path / "w"
-    args = train_args(stores / "random", workdir, "--config.train.num_steps=100000",
-                      "--config.train.checkpoint_every=100000")
-    procs = [start(args, cpu_env(4, VIMPAC_COORDINATOR=coordinator, VIMPAC_NUM_PROCESSES="2",
-                                 VIMPAC_PROCESS_ID=str(i))) for i in range(2)]
-    deadline = time.monotonic() + 2 * RUN_TIMEOUT  # compiling, then 3 steps
-    try:
-        while not ((workdir / "metrics.jsonl").is_file()
-                   and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no steps logged"
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)  # only the second host hears it
-    finally:
-        results = finish(procs)  # (kills them after RUN_TIMEOUT)
-    for i, (rc, stdout, stderr) in enumerate(results):
-        assert rc == exit_codes.PREEMPTED, f"process {i} exited {rc}:\n{stderr[-3000:]}"
-    steps = [json.loads(stdout.splitlines()[-1])["step"] for _, stdout, _ in results]
-    assert steps[0] == steps[1] >= 3 and final_params(workdir)[0] == steps[0]
