@@ -217,12 +217,12 @@ def test_demo_ends_with_predictions_of_two_val_videos(smoke):
 
 @pytest.mark.slow
 def test_predict_equals_evaluate_on_the_same_files(smoke, tmp_path, capsys):
-    from vimpac_jax.commands import evaluate as evaluate_cmd
     from vimpac_jax.commands import predict as predict_cmd
 
     workdir, _ = smoke
     run = workdir / "finetune_pretrained"
-    assert evaluate_cmd.main(["--workdir", str(run)]) == 0
+    # The multi-view test that ended the chain's fine-tuning (what `vimpac evaluate --workdir RUN`
+    # repeats: the last checkpoint, the run's 2 clips x 3 crops) wrote these predictions.
     with open(run / "predictions.csv") as f:
         evaluated = {Path(row["video_id"]).name: (int(row["prediction"]), float(row["score"]))
                      for row in csv.DictReader(f)}
