@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def cpu_env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIMPAC_", "SLURM_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"]))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags,  # the suite's flags (conftest) and the devices
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO), **extra)
     return env
 
