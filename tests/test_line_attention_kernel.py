@@ -102,6 +102,11 @@ def _draw_inputs(plan, batch, seed, dropout):
 
 _draw_keep_masks = jax.jit(lak.draw_keep_masks, static_argnums=(1, 2, 3))
 
+# The mesh test's block and clips (4: over 2 x 2 devices). The case of the same block below
+# draws as many clips from the same seed, so the mesh test's unsharded program is that case's
+# kernel program, compiled once (a hit of the session's persistent compilation cache).
+MESH_BLOCK, MESH_CLIPS = ((("H",), ("W",)), (2, 4, 8), 2), 4
+
 
 @pytest.mark.parametrize("attentions, grid, heads, groups, dropout", [
     # Temporal lines of 3 (16 per kernel window), `_line_attention` in windows of 8 lines.
@@ -119,7 +124,7 @@ _draw_keep_masks = jax.jit(lak.draw_keep_masks, static_argnums=(1, 2, 3))
 ])
 def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     plan = lak.Plan(attentions, grid, heads, 128 // 2 if heads == 2 else 32)
-    b, f = 2, len(attentions) * heads * plan.head_dim
+    b, f = MESH_CLIPS if (attentions, grid, heads) == MESH_BLOCK else 2, len(attentions) * heads * plan.head_dim
     # q, k, v of [CLS] and the grid, the attentions' heads side by side; the grid's bias, which
     # the kernel adds.
     qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, b, 0, dropout)
@@ -155,8 +160,8 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     # the devices, equal the unsharded call's.
     from vimpac_jax.training import sharding
 
-    plan = lak.Plan((("H",), ("W",)), (2, 4, 8), 2, 64)
-    qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, 4, 1, True)
+    plan = lak.Plan(*MESH_BLOCK, 64)
+    qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, MESH_CLIPS, 0, True)
 
     def call(c, x, bias, key_is_pad, keep):
         return lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB)
