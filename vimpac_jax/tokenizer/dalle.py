@@ -222,10 +222,24 @@ def _encode_fn(frozen_config: str, dtype_name: str):
     return encode
 
 
+def stats_to_images(stats):
+    """Decoder statistics [..., 2C] -> images [..., C] in [0, 1]: the first C are the pixel logits."""
+    c = stats.shape[-1] // 2
+    return unmap_pixels(jax.nn.sigmoid(stats[..., :c]))
+
+
 @functools.lru_cache(maxsize=16)
 def _decode_stats_fn(frozen_config: str, dtype_name: str):
     model = make_decoder(json.loads(frozen_config), jnp.dtype(dtype_name))
     return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens.astype(jnp.int32)))
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_fn(frozen_config: str, dtype_name: str):
+    # Under one jit with the decoder: eagerly, the slice, sigmoid and pixel map compiled a
+    # program each per shape.
+    model = make_decoder(json.loads(frozen_config), jnp.dtype(dtype_name))
+    return jax.jit(lambda params, tokens: stats_to_images(model.apply({"params": params}, tokens.astype(jnp.int32))))
 
 
 def dalle_encode(params: dict, config: dict, images_nhwc01, dtype=jnp.float32):
@@ -240,9 +254,7 @@ def dalle_decode_stats(params: dict, config: dict, tokens, dtype=jnp.float32):
 
 def dalle_decode(params: dict, config: dict, tokens, dtype=jnp.float32):
     """Tokens [N, h, w] int -> reconstructed images [N, 8h, 8w, C] in [0, 1] float32."""
-    stats = dalle_decode_stats(params, config, tokens, dtype)
-    c = stats.shape[-1] // 2
-    return unmap_pixels(jax.nn.sigmoid(stats[..., :c]))
+    return _decode_fn(_freeze(config), jnp.dtype(dtype).name)(params["decoder"], jnp.asarray(tokens))
 
 
 def load_dalle_tokenizer(directory) -> tuple[dict, dict]:
