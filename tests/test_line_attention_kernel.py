@@ -70,16 +70,17 @@ def _reference(plan, groups, qkv_cls, qkv, key_is_pad, keep):
     return jnp.concatenate(outs_c, -1), jnp.concatenate(outs, -1)
 
 
-def _values_and_grads(fn, *args, lowered_text=False):
-    """fn's outputs, and the gradients w.r.t. its arguments of a fixed random projection of them;
-    with lowered_text, also the StableHLO text of the program (lowered once, for both)."""
+def _values_and_grads(fn, *args, masks=(), lowered_text=False):
+    """fn(*args, *masks)'s outputs, and the gradients w.r.t. args of a fixed random projection of
+    them; with lowered_text, also the StableHLO text of the program (lowered once, for both). The
+    masks are arguments of the program, not constants in it (large ones slow its compile)."""
     def loss(*args):
         out_c, out = fn(*args)
         weights = jax.random.normal(jax.random.key(7), (out_c.size + out.size,))
         return jnp.dot(jnp.concatenate([out_c.ravel(), out.ravel()]), weights), (out_c, out)
 
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)).lower(*args)
-    (_, outs), grads = lowered.compile()(*args)
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)).lower(*args, *masks)
+    (_, outs), grads = lowered.compile()(*args, *masks)
     return (outs, grads, lowered.as_text()) if lowered_text else (outs, grads)
 
 
@@ -132,16 +133,17 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     if dropout:
         keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
     outs, grads = _values_and_grads(
-        lambda c, x, bias: lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv, bias)
+        lambda c, x, bias, pad, keep: lak.block_attention(plan, c, x, bias, pad, keep, KEEP_PROB), qkv_cls, qkv, bias,
+        masks=(key_is_pad, keep))
     def per_attention(x):  # q, k, v [..., F] each -> [..., C]: per attention [q | k | v] (AttentionBlock)
         return jnp.concatenate([y for a in range(len(attentions)) for y in (z[..., a * f // len(attentions):
                                                                              (a + 1) * f // len(attentions)]
                                                                            for z in x)], axis=-1)
 
     ref_outs, ref_grads = _values_and_grads(
-        lambda c, x, bias: _reference(plan, groups, per_attention(c),
-                                      per_attention([z + bb for z, bb in zip(x, bias)]), key_is_pad, keep_lines),
-        qkv_cls, qkv, bias)
+        lambda c, x, bias, pad, keep: _reference(plan, groups, per_attention(c),
+                                                 per_attention([z + bb for z, bb in zip(x, bias)]), pad, keep),
+        qkv_cls, qkv, bias, masks=(key_is_pad, keep_lines))
     names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v", "d bias")
     # [CLS]'s output and gradients and the bias's gradient are sums over the B*T*H*W tokens, in
     # another order than XLA's: their float32 rounding grows as the root of the number of terms,
@@ -169,10 +171,9 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
     clips, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     sharded = jax.device_put((qkv_cls, qkv, bias, key_is_pad, keep), (clips, clips, whole, clips, clips))
-    outs, grads, lowered = _values_and_grads(lambda c, x, bias: call(c, x, bias, sharded[3], sharded[4]),
-                                             *sharded[:3], lowered_text=True)
+    outs, grads, lowered = _values_and_grads(call, *sharded[:3], masks=sharded[3:], lowered_text=True)
     assert "shard_map" in lowered or "sdy.manual_computation" in lowered
-    ref_outs, ref_grads = _values_and_grads(lambda c, x, bias: call(c, x, bias, key_is_pad, keep), qkv_cls, qkv, bias)
+    ref_outs, ref_grads = _values_and_grads(call, qkv_cls, qkv, bias, masks=(key_is_pad, keep))
     for got, want in zip(jax.tree.leaves((outs, grads)), jax.tree.leaves((ref_outs, ref_grads))):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
