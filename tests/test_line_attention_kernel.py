@@ -70,15 +70,43 @@ def _reference(plan, groups, qkv_cls, qkv, key_is_pad, keep):
     return jnp.concatenate(outs_c, -1), jnp.concatenate(outs, -1)
 
 
-def _values_and_grads(fn, *args):
-    """fn's outputs, and the gradients w.r.t. its arguments of a fixed random projection of them."""
+def _values_and_grads(fn, *args, masks=(), lowered_text=False):
+    """fn(*args, *masks)'s outputs, and the gradients w.r.t. args of a fixed random projection of
+    them; with lowered_text, also the StableHLO text of the program (lowered once, for both). The
+    masks are arguments of the program, not constants in it (large ones slow its compile)."""
     def loss(*args):
         out_c, out = fn(*args)
         weights = jax.random.normal(jax.random.key(7), (out_c.size + out.size,))
         return jnp.dot(jnp.concatenate([out_c.ravel(), out.ravel()]), weights), (out_c, out)
 
-    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-    return outs, grads
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)).lower(*args, *masks)
+    (_, outs), grads = lowered.compile()(*args, *masks)
+    return (outs, grads, lowered.as_text()) if lowered_text else (outs, grads)
+
+
+def _draw_inputs(plan, batch, seed, dropout):
+    """Random inputs of `block_attention` for `plan`: ([CLS]'s q, k, v [B, F] each, the grid's q,
+    k, v [B, T, H, W, F] each, the grid's bias [3, F] (which the kernel adds), key_is_pad [B, T,
+    H, W] with the first clip's first frame all padding, the kernel's keep masks
+    (`draw_keep_masks`) or None). Drawn by numpy, the masks in one program: eagerly each of jax's
+    random ops and slices compiled a program of its own."""
+    f = len(plan.attentions) * plan.heads * plan.head_dim
+    rng = np.random.default_rng(seed)
+    qkv_cls = tuple(rng.standard_normal((batch, f), np.float32) for _ in range(3))
+    qkv = tuple(rng.standard_normal((batch, *plan.grid, f), np.float32) for _ in range(3))
+    bias = rng.standard_normal((3, f), np.float32)
+    key_is_pad = rng.random((batch, *plan.grid)) < 0.3
+    key_is_pad[0, 0] = True  # a frame of padding
+    keep = _draw_keep_masks(jax.random.key(seed), KEEP_PROB, batch, plan) if dropout else None
+    return qkv_cls, qkv, bias, jnp.asarray(key_is_pad), keep
+
+
+_draw_keep_masks = jax.jit(lak.draw_keep_masks, static_argnums=(1, 2, 3))
+
+# The mesh test's block and clips (4: over 2 x 2 devices). The case of the same block below
+# draws as many clips from the same seed, so the mesh test's unsharded program is that case's
+# kernel program, compiled once (a hit of the session's persistent compilation cache).
+MESH_BLOCK, MESH_CLIPS = ((("H",), ("W",)), (2, 4, 8), 2), 4
 
 
 @pytest.mark.parametrize("attentions, grid, heads, groups, dropout", [
@@ -97,30 +125,25 @@ def _values_and_grads(fn, *args):
 ])
 def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     plan = lak.Plan(attentions, grid, heads, 128 // 2 if heads == 2 else 32)
-    b, c = 2, 3 * len(attentions) * heads * plan.head_dim
-    keys = jax.random.split(jax.random.key(0), 5)
-    f = c // 3
+    b, f = MESH_CLIPS if (attentions, grid, heads) == MESH_BLOCK else 2, len(attentions) * heads * plan.head_dim
     # q, k, v of [CLS] and the grid, the attentions' heads side by side; the grid's bias, which
     # the kernel adds.
-    qkv_cls = tuple(jax.random.normal(k, (b, f)) for k in jax.random.split(keys[0], 3))
-    qkv = tuple(jax.random.normal(k, (b, *grid, f)) for k in jax.random.split(keys[1], 3))
-    bias = jax.random.normal(keys[4], (3, f))
-    key_is_pad = jax.random.bernoulli(keys[2], 0.3, (b, *grid)).at[0, 0].set(True)  # a frame of padding
-    keep = keep_lines = None
+    qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, b, 0, dropout)
+    keep_lines = None
     if dropout:
-        keep = lak.draw_keep_masks(keys[3], KEEP_PROB, b, plan)
         keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
     outs, grads = _values_and_grads(
-        lambda c, x, bias: lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB), qkv_cls, qkv, bias)
+        lambda c, x, bias, pad, keep: lak.block_attention(plan, c, x, bias, pad, keep, KEEP_PROB), qkv_cls, qkv, bias,
+        masks=(key_is_pad, keep))
     def per_attention(x):  # q, k, v [..., F] each -> [..., C]: per attention [q | k | v] (AttentionBlock)
         return jnp.concatenate([y for a in range(len(attentions)) for y in (z[..., a * f // len(attentions):
                                                                              (a + 1) * f // len(attentions)]
                                                                            for z in x)], axis=-1)
 
     ref_outs, ref_grads = _values_and_grads(
-        lambda c, x, bias: _reference(plan, groups, per_attention(c),
-                                      per_attention([z + bb for z, bb in zip(x, bias)]), key_is_pad, keep_lines),
-        qkv_cls, qkv, bias)
+        lambda c, x, bias, pad, keep: _reference(plan, groups, per_attention(c),
+                                                 per_attention([z + bb for z, bb in zip(x, bias)]), pad, keep),
+        qkv_cls, qkv, bias, masks=(key_is_pad, keep_lines))
     names = ("[CLS] out", "tokens out", "d qc, kc, vc", "d q, k, v", "d bias")
     # [CLS]'s output and gradients and the bias's gradient are sums over the B*T*H*W tokens, in
     # another order than XLA's: their float32 rounding grows as the root of the number of terms,
@@ -130,7 +153,7 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
         atol = summed if name in ("[CLS] out", "d qc, kc, vc", "d bias") else 1e-5
         for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
             np.testing.assert_allclose(g, w, atol=atol, rtol=1e-5, err_msg=f"{name} [{i}]")
-    assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0.01  # none trivially zero
+    assert min(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads)) > 0.01  # none trivially zero
 
 
 def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
@@ -139,14 +162,8 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     # the devices, equal the unsharded call's.
     from vimpac_jax.training import sharding
 
-    plan = lak.Plan((("H",), ("W",)), (2, 4, 8), 2, 64)
-    b, f = 4, 2 * 2 * 64
-    keys = jax.random.split(jax.random.key(1), 5)
-    qkv_cls = tuple(jax.random.normal(k, (b, f)) for k in jax.random.split(keys[0], 3))
-    qkv = tuple(jax.random.normal(k, (b, *plan.grid, f)) for k in jax.random.split(keys[1], 3))
-    bias = jax.random.normal(keys[2], (3, f))
-    key_is_pad = jax.random.bernoulli(keys[3], 0.3, (b, *plan.grid))
-    keep = lak.draw_keep_masks(keys[4], KEEP_PROB, b, plan)
+    plan = lak.Plan(*MESH_BLOCK, 64)
+    qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, MESH_CLIPS, 0, True)
 
     def call(c, x, bias, key_is_pad, keep):
         return lak.block_attention(plan, c, x, bias, key_is_pad, keep, KEEP_PROB)
@@ -154,10 +171,9 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
     clips, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     sharded = jax.device_put((qkv_cls, qkv, bias, key_is_pad, keep), (clips, clips, whole, clips, clips))
-    lowered = jax.jit(call).lower(*sharded).as_text()
+    outs, grads, lowered = _values_and_grads(call, *sharded[:3], masks=sharded[3:], lowered_text=True)
     assert "shard_map" in lowered or "sdy.manual_computation" in lowered
-    outs, grads = _values_and_grads(lambda c, x, bias: call(c, x, bias, sharded[3], sharded[4]), *sharded[:3])
-    ref_outs, ref_grads = _values_and_grads(lambda c, x, bias: call(c, x, bias, key_is_pad, keep), qkv_cls, qkv, bias)
+    ref_outs, ref_grads = _values_and_grads(call, qkv_cls, qkv, bias, masks=(key_is_pad, keep))
     for got, want in zip(jax.tree.leaves((outs, grads)), jax.tree.leaves((ref_outs, ref_grads))):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

@@ -154,14 +154,14 @@ def test_dead_code_restart_revives_an_unused_code():
 def test_straight_through_passes_the_decoder_gradient_to_the_encoder_output():
     quantizer = vq.VectorQuantizer(codebook_size=4, embedding_dim=3)
     z = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 2, 3)), jnp.float32)
-    variables = quantizer.init(jax.random.key(0), z)
+    variables = jax.jit(quantizer.init)(jax.random.key(0), z)  # jitted: one compile, not one per op
     w = jnp.asarray(np.random.default_rng(2).normal(size=z.shape), jnp.float32)
 
     def f(z):
         out = quantizer.apply(variables, z)
         return jnp.sum(w * out["z_st"]), out
 
-    grad, out = jax.grad(f, has_aux=True)(z)
+    grad, out = jax.jit(jax.grad(f, has_aux=True))(z)
     np.testing.assert_allclose(out["z_st"], out["z_q"], atol=1e-6)  # forward: the codes (z + (z_q - z))
     np.testing.assert_allclose(grad, w)  # backward: identity to z
     assert not np.allclose(out["z_q"], z)  # (so the test is not trivial)

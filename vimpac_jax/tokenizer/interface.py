@@ -86,9 +86,7 @@ def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBac
         decoder = dalle.make_decoder(config, dtype)
 
         def decode_images(p, tokens):
-            stats = decoder.apply({"params": p["decoder"]}, tokens)
-            c = stats.shape[-1] // 2  # the first half are the pixel logits
-            return dalle.unmap_pixels(jax.nn.sigmoid(stats[..., :c]))
+            return dalle.stats_to_images(decoder.apply({"params": p["decoder"]}, tokens))
 
     return TokenizerBackend(
         config=config, params=params, downsample=int(config["downsample"]),
