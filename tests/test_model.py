@@ -13,7 +13,7 @@ from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.config import model_config
 from vimpac_jax.models.layout import parse_layout
 from vimpac_jax.models.losses import info_nce
-from vimpac_jax.models.model import abstract_variables, build_model, init_variables
+from vimpac_jax.models.model import abstract_variables, build_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Complete model blocks (models.config.model_config), as build_model takes them.
@@ -27,7 +27,7 @@ def tokens_for(cfg, batch=2, seed=0):
 
 
 def init_op_by_op(model, cfg, key):
-    """`init_variables`'s variables, from flax's init run op by op. init_variables compiles one
+    """models.model.init_variables's variables, from flax's init run op by op. That compiles one
     program per model; here the ~25 small models of this file share the compilations of their
     ops (the shapes recur), which costs less CPU in all (measured: every layout's test with a
     compiled init and apply, 7-9 s of CPU each, against 0.3-15 s op by op, most under 2 s)."""
@@ -192,7 +192,7 @@ def test_info_nce_matches_a_direct_formula():
 
 def test_parameters_carry_logical_axis_names():
     cfg = TINY
-    boxed = init_variables(build_model(cfg), cfg, jax.random.key(0))["params"]
+    boxed = init_op_by_op(build_model(cfg), cfg, jax.random.key(0))["params"]
     specs = flax.linen.get_partition_spec(boxed)
     assert tuple(specs["backbone"]["token_embed"]["embedding"]) == ("vocab", "embed")
     assert tuple(specs["backbone"]["layer_0"]["mlp"]["fc"]["kernel"]) == ("embed", "mlp")
@@ -222,9 +222,9 @@ def test_scan_layers_gives_the_same_parameters_loss_and_gradients(remat):
     the same parameter tree (layer_0 ... layer_{L-1}), values and gradients (tiny, float32)."""
     cfg = dict(TINY, num_layers=3, remat=remat)
     tokens = jnp.asarray(tokens_for(cfg))
-    variables = flax.linen.unbox(init_variables(build_model(cfg), cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(build_model(cfg), cfg, jax.random.key(0)))
     scanned_model = build_model(dict(cfg, scan_layers=True))
-    scanned_init = flax.linen.unbox(init_variables(scanned_model, cfg, jax.random.key(0)))
+    scanned_init = flax.linen.unbox(init_op_by_op(scanned_model, cfg, jax.random.key(0)))
     assert jax.tree.structure(scanned_init) == jax.tree.structure(variables)
     for a, b in zip(jax.tree.leaves(scanned_init), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(a, b)
