@@ -31,7 +31,7 @@ def test_two_micro_batches_make_the_same_update_as_one():
     runs = {}
     for k in (1, 2):
         step = make_finetune_step(model_cfg, optim_cfg, label_smoothing=0.1, micro_batches=k, mesh=mesh)
-        state = jax.tree.map(lambda x: x.copy(), start)  # the step donates its state
+        state = jax.jit(lambda s: jax.tree.map(lambda x: x.copy(), s))(start)  # the step donates its state
         metrics = []
         for i, batch in enumerate(batches):
             state, m = step(state, batch, jax.random.key(i))

@@ -1,5 +1,7 @@
 """Architecture checks of the backbone and heads that the golden files do not cover."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from vimpac_jax.constants import PAD_ID
 from vimpac_jax.models.config import model_config
 from vimpac_jax.models.layout import parse_layout
 from vimpac_jax.models.losses import info_nce
-from vimpac_jax.models.model import abstract_variables, build_model, init_variables
+from vimpac_jax.models.model import abstract_variables, build_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Complete model blocks (models.config.model_config), as build_model takes them.
@@ -22,6 +24,15 @@ TINY = model_config(num_layers=2, hidden_dim=96, num_heads=6, clip_len=3, height
 def tokens_for(cfg, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.integers(0, 8192, (batch, cfg["clip_len"], cfg["height"], cfg["width"])), jnp.int32)
+
+
+def init_op_by_op(model, cfg, key):
+    """models.model.init_variables's variables, from flax's init run op by op. That compiles one
+    program per model; here the ~25 small models of this file share the compilations of their
+    ops (the shapes recur), which costs less CPU in all (measured: every layout's test with a
+    compiled init and apply, 7-9 s of CPU each, against 0.3-15 s op by op, most under 2 s)."""
+    tokens = jnp.zeros((2, cfg["clip_len"], cfg["height"], cfg["width"]), jnp.int32)
+    return model.init({"params": key, "dropout": key}, tokens, train=False)
 
 
 def test_parse_layout_grammar():
@@ -62,7 +73,7 @@ def test_every_layout_runs_and_is_finite(layout, pre_ln, halve):
     """Pre-LN with halve_att crashes the released code; here the output dense maps d_att -> d."""
     cfg = dict(TINY, layout=layout, pre_ln=pre_ln, halve_att=halve, halve_mlp=halve)
     model = build_model(cfg)
-    variables = init_variables(model, cfg, jax.random.key(0))
+    variables = init_op_by_op(model, cfg, jax.random.key(0))
     out = model.apply(flax.linen.unbox(variables), tokens_for(cfg))
     assert out["cls"].shape == (2, 96) and out["hiddens"].shape == (2, 3, 4, 4, 96)
     assert np.isfinite(np.asarray(out["hiddens"])).all()
@@ -87,10 +98,15 @@ def test_joint_attention_and_pad_keys_against_naive_reference():
     cls = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
     pad = jnp.zeros((2, 3, 2, 2), bool).at[1, 2].set(True)  # the last frame of row 1 is PAD
     module = AxialAttention(("T", "H", "W"), num_heads=2, head_dim=8)
-    params = flax.linen.unbox(module.init(jax.random.key(0), cls, x, pad, deterministic=True))
-    cls_out, x_out = module.apply(params, cls, x, pad, deterministic=True)
-    p = params["params"]
-    ref = full_attention_reference(x, cls, p["query"], p["key"], p["value"], 2, pad)
+
+    @jax.jit
+    def module_and_reference(cls, x, pad):
+        params = flax.linen.unbox(module.init(jax.random.key(0), cls, x, pad, deterministic=True))
+        p = params["params"]
+        return (*module.apply(params, cls, x, pad, deterministic=True),
+                full_attention_reference(x, cls, p["query"], p["key"], p["value"], 2, pad))
+
+    cls_out, x_out, ref = module_and_reference(cls, x, pad)
     np.testing.assert_allclose(cls_out, ref[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(x_out.reshape(2, -1, 16), ref[:, 1:], rtol=1e-5, atol=1e-6)
 
@@ -100,7 +116,7 @@ def test_pad_frames_are_invisible_as_keys():
     run on the shorter clip: PAD is never a key. (Temporal layout, whose lines span all frames.)"""
     cfg = dict(TINY, layout="T")
     model = build_model(cfg)
-    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(4)))
+    variables = flax.linen.unbox(init_op_by_op(model, cfg, jax.random.key(4)))
     tokens = np.array(tokens_for(cfg))
     tokens[:, -1] = PAD_ID
     padded = model.apply(variables, jnp.asarray(tokens))
@@ -120,7 +136,7 @@ def test_pad_frames_are_invisible_as_keys():
 def test_mlm_head_is_tied_and_scores_chosen_positions():
     cfg = TINY
     model = build_model(cfg)
-    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(model, cfg, jax.random.key(0)))
     tokens = tokens_for(cfg)
     positions = jnp.asarray([[0, 5, 47], [3, 3, 10]])
     full = model.apply(variables, tokens)["mlm_logits"].reshape(2, -1, 8197)
@@ -138,10 +154,10 @@ def test_mlm_head_is_tied_and_scores_chosen_positions():
 def test_mlm_codes_scores_the_first_codes_with_the_same_parameters():
     cfg = dict(TINY, mlm_codes=100)
     model, full_model = build_model(cfg), build_model(TINY)
-    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(model, cfg, jax.random.key(0)))
     # Same parameter tree as the full head (checkpoints move between the two).
     assert jax.tree.map(np.shape, variables) == jax.tree.map(
-        np.shape, flax.linen.unbox(init_variables(full_model, TINY, jax.random.key(0))))
+        np.shape, flax.linen.unbox(init_op_by_op(full_model, TINY, jax.random.key(0))))
     variables["params"]["mlm_head"]["bias"] = jnp.arange(8197, dtype=jnp.float32) / 8197  # not all-zero
     tokens, positions = tokens_for(cfg), jnp.asarray([[0, 5, 47], [3, 3, 10]])
     short = model.apply(variables, tokens, positions)["mlm_logits"]
@@ -155,7 +171,7 @@ def test_mlm_codes_scores_the_first_codes_with_the_same_parameters():
 def test_classifier_is_zero_initialised():
     cfg = dict(TINY, task="finetune", num_classes=5)
     model = build_model(cfg)
-    variables = flax.linen.unbox(init_variables(model, cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(model, cfg, jax.random.key(0)))
     assert not np.asarray(variables["params"]["classifier"]["dense"]["kernel"]).any()
     assert np.asarray(model.apply(variables, tokens_for(cfg))["logits"]).shape == (2, 5)
 
@@ -163,7 +179,7 @@ def test_classifier_is_zero_initialised():
 def test_info_nce_matches_a_direct_formula():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(6, 8))
-    loss = float(info_nce(jnp.asarray(f, jnp.float32)))
+    loss = float(jax.jit(info_nce)(jnp.asarray(f, jnp.float32)))
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     n, t, total = 3, 0.2, 0.0
     for i in range(2 * n):
@@ -176,7 +192,7 @@ def test_info_nce_matches_a_direct_formula():
 
 def test_parameters_carry_logical_axis_names():
     cfg = TINY
-    boxed = init_variables(build_model(cfg), cfg, jax.random.key(0))["params"]
+    boxed = init_op_by_op(build_model(cfg), cfg, jax.random.key(0))["params"]
     specs = flax.linen.get_partition_spec(boxed)
     assert tuple(specs["backbone"]["token_embed"]["embedding"]) == ("vocab", "embed")
     assert tuple(specs["backbone"]["layer_0"]["mlp"]["fc"]["kernel"]) == ("embed", "mlp")
@@ -187,7 +203,7 @@ def test_parameters_carry_logical_axis_names():
 def test_remat_policies_give_the_same_loss_and_gradients(remat):
     """Recomputation changes what the backward keeps, never the values (tiny model, float32)."""
     cfg = dict(TINY, dropout=0.0, attention_dropout=0.0)
-    variables = flax.linen.unbox(init_variables(build_model(cfg), cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(build_model(cfg), cfg, jax.random.key(0)))
     tokens = jnp.asarray(tokens_for(cfg))
 
     def loss(params, model):
@@ -206,9 +222,9 @@ def test_scan_layers_gives_the_same_parameters_loss_and_gradients(remat):
     the same parameter tree (layer_0 ... layer_{L-1}), values and gradients (tiny, float32)."""
     cfg = dict(TINY, num_layers=3, remat=remat)
     tokens = jnp.asarray(tokens_for(cfg))
-    variables = flax.linen.unbox(init_variables(build_model(cfg), cfg, jax.random.key(0)))
+    variables = flax.linen.unbox(init_op_by_op(build_model(cfg), cfg, jax.random.key(0)))
     scanned_model = build_model(dict(cfg, scan_layers=True))
-    scanned_init = flax.linen.unbox(init_variables(scanned_model, cfg, jax.random.key(0)))
+    scanned_init = flax.linen.unbox(init_op_by_op(scanned_model, cfg, jax.random.key(0)))
     assert jax.tree.structure(scanned_init) == jax.tree.structure(variables)
     for a, b in zip(jax.tree.leaves(scanned_init), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(a, b)
@@ -250,18 +266,24 @@ def test_dropout_has_flax_bits_and_keeps_only_its_mask():
     from jax._src.ad_checkpoint import saved_residuals
 
     from vimpac_jax.models.common import Dropout
-    x = jax.random.normal(jax.random.key(0), (4, 64), jnp.bfloat16)
-    rngs = {"dropout": jax.random.key(1)}
+    x = jax.jit(lambda: jax.random.normal(jax.random.key(0), (4, 64), jnp.bfloat16))()
 
-    def loss(module):
-        return lambda x: module.apply({}, x, deterministic=False, rngs=rngs).astype(jnp.float32).sum()
+    key = jax.random.key(1)
+
+    def loss(module, key):
+        return lambda x: module.apply({}, x, deterministic=False, rngs={"dropout": key}).astype(jnp.float32).sum()
+
+    @jax.jit
+    def output_and_grad(x, key):  # per module: its output and the gradient of its sum
+        return [(m.apply({}, x, deterministic=False, rngs={"dropout": key}), jax.grad(loss(m, key))(x))
+                for m in (ours, ref)]
 
     ours, ref = Dropout(0.25), flax.linen.Dropout(0.25)
-    out = ours.apply({}, x, deterministic=False, rngs=rngs)
-    np.testing.assert_array_equal(out, ref.apply({}, x, deterministic=False, rngs=rngs))
+    (out, grad), (ref_out, ref_grad) = output_and_grad(x, key)
+    np.testing.assert_array_equal(out, ref_out)
     assert 0 < int((out == 0).sum()) < out.size
-    np.testing.assert_array_equal(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x))
-    saved = [aval for aval, why in saved_residuals(loss(ours), x) if "argument" not in why]
+    np.testing.assert_array_equal(grad, ref_grad)
+    saved = [aval for aval, why in saved_residuals(loss(ours, key), x) if "argument" not in why]
     assert [(a.dtype, a.shape) for a in saved] == [(jnp.bool_, x.shape)]
 
 
@@ -272,23 +294,32 @@ def test_bf16_layer_norm_backward_from_its_output():
     from jax._src.ad_checkpoint import saved_residuals
 
     from vimpac_jax.models.common import LN_EPS, layer_norm
-    x = (3 * jax.random.normal(jax.random.key(0), (8, 16, 64)) + 1).astype(jnp.bfloat16)
-    g = jax.random.normal(jax.random.key(1), x.shape)
-    params = {"params": {"scale": 1 + 0.3 * jax.random.normal(jax.random.key(2), (64,)),
-                         "bias": 0.1 * jax.random.normal(jax.random.key(3), (64,))}}
-    ours, ref = layer_norm(name="ln", dtype=jnp.bfloat16), flax.linen.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
-    y = ours.apply(params, x)
-    assert y.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.float32(y), np.float32(ref.apply(params, x).astype(jnp.bfloat16)), atol=0.04)
 
-    def loss(module, x):
+    @jax.jit
+    def inputs():  # x [8, 16, 64] bf16, the output's cotangent g, the LayerNorm's parameters
+        x = (3 * jax.random.normal(jax.random.key(0), (8, 16, 64)) + 1).astype(jnp.bfloat16)
+        params = {"params": {"scale": 1 + 0.3 * jax.random.normal(jax.random.key(2), (64,)),
+                             "bias": 0.1 * jax.random.normal(jax.random.key(3), (64,))}}
+        return x, jax.random.normal(jax.random.key(1), x.shape), params
+
+    x, g, params = inputs()
+    ours, ref = layer_norm(name="ln", dtype=jnp.bfloat16), flax.linen.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+
+    def loss(module):
         return lambda p, x: (module.apply(p, x).astype(jnp.float32) * g).sum()
 
-    got = jax.grad(loss(ours, x), argnums=(0, 1))(params, x)
-    want = jax.grad(loss(ref, x), argnums=(0, 1))(params, x.astype(jnp.float32))
+    @jax.jit
+    def outputs_and_grads(params, x):  # ours and flax's (the latter in float32) outputs and gradients
+        return (ours.apply(params, x), ref.apply(params, x).astype(jnp.bfloat16),
+                jax.grad(loss(ours), argnums=(0, 1))(params, x),
+                jax.grad(loss(ref), argnums=(0, 1))(params, x.astype(jnp.float32)))
+
+    y, ref_y, got, want = outputs_and_grads(params, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(y), np.float32(ref_y), atol=0.04)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert np.linalg.norm(np.float32(a) - b) / np.linalg.norm(b) < 1e-2
-    saved = [aval for aval, why in saved_residuals(lambda x: loss(ours, x)(params, x), x)
+    saved = [aval for aval, why in saved_residuals(lambda x: loss(ours)(params, x), x)
              if "argument" not in why and "common.py" in why]  # the LayerNorm's own, not the loss's
     assert sorted((str(a.dtype), a.shape) for a in saved if a.size > 1) == [("bfloat16", x.shape), ("float32", (8, 16, 1))]
 
@@ -306,7 +337,7 @@ def test_lines_attended_in_windows_equal_lines_attended_one_by_one(monkeypatch):
     q, k, v = (jnp.asarray(rng.normal(size=(b, n, length, h, d)), jnp.float32) for _ in range(3))
     qc, kc, vc = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
     pad = jnp.asarray(rng.random((b, n, length)) < 0.3)
-    keep_lines = attention.draw_dropout_masks(jax.random.key(3), 0.8, b, n, length, h, 1)
+    keep_lines = jax.jit(attention.draw_dropout_masks, static_argnums=range(1, 7))(jax.random.key(3), 0.8, b, n, length, h, 1)
     group = attention.lines_per_window(n, length, window=4 * length)
     assert group == 4
 
@@ -322,11 +353,15 @@ def test_lines_attended_in_windows_equal_lines_attended_one_by_one(monkeypatch):
                                                pad.reshape(b, n // g, g * length), keep, 0.8, length)
         return einops.rearrange(out, "b w h (g l) d -> b (w g) l h d", g=g), out_c
 
-    for one, many in ((None, None), (keep_lines, windows_of(keep_lines))):
+    @functools.partial(jax.jit, static_argnums=0)
+    def outputs_and_grads(g, keep, args):  # attend's outputs, and the gradient of their sum of squares
+        loss = lambda *x: sum(jnp.sum(o * o) for o in attend(g, keep, *x))  # noqa: E731
+        return attend(g, keep, *args), jax.grad(loss, argnums=range(6))(*args)
+
+    for one, many in ((None, None), (keep_lines, jax.jit(windows_of)(keep_lines))):
         args = (q, k, v, qc, kc, vc)
-        ref, got = attend(1, one, *args), attend(group, many, *args)
+        (ref, ref_grads), (got, grads) = outputs_and_grads(1, one, args), outputs_and_grads(group, many, args)
         for a, c in zip(ref, got):
             np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
-        loss = lambda g, keep: lambda *x: sum(jnp.sum(o * o) for o in attend(g, keep, *x))  # noqa: E731
-        for a, c in zip(jax.grad(loss(1, one), argnums=range(6))(*args), jax.grad(loss(group, many), argnums=range(6))(*args)):
+        for a, c in zip(ref_grads, grads):
             np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-5)

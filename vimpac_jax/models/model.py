@@ -150,13 +150,19 @@ def build_model(cfg: Optional[Mapping[str, Any]] = None, *, variant: Optional[st
     raise ValueError(f"model.task must be one of {TASKS}, got {task!r}")
 
 
-def dummy_tokens(cfg: Mapping[str, Any], batch: int = 2) -> jax.Array:
-    return jnp.zeros((batch, cfg["clip_len"], cfg["height"], cfg["width"]), jnp.int32)
-
-
 def init_variables(model: nn.Module, cfg: Mapping[str, Any], rng: jax.Array, batch: int = 2):
-    """Initial variables ({'params', 'batch_stats'?}), still boxed with logical axis names."""
-    return model.init({"params": rng, "dropout": rng}, dummy_tokens(cfg, batch), train=False)
+    """Initial variables ({'params', 'batch_stats'?}), still boxed with logical axis names.
+
+    One compiled program (called eagerly, flax's init compiles every primitive on its own:
+    hundreds of compilations for a small model); inside a caller's jit or eval_shape it is
+    traced inline. Compiled once per (model, token shape): models are hashable dataclasses.
+    """
+    return _init_jit(model, rng, (batch, cfg["clip_len"], cfg["height"], cfg["width"]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(model: nn.Module, rng: jax.Array, tokens_shape: tuple[int, ...]):
+    return model.init({"params": rng, "dropout": rng}, jnp.zeros(tokens_shape, jnp.int32), train=False)
 
 
 def abstract_variables(model: nn.Module, cfg: Mapping[str, Any]):
