@@ -55,7 +55,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # same results up to float rounding. For the test processes and every subprocess they start (their
 # XLA_FLAGS); flags already set come after it, so theirs win. The golden parity's ill-conditioned
 # train-mode outputs are compiled with XLA's optimisation on, as a user's program is
-# (test_golden_parity.train_mode_outputs): with both settings of the suite their float32 rounding
+# (test_golden_parity.train_mode): with both settings of the suite their float32 rounding
 # moves past the golden's tolerance.
 SUITE_XLA_FLAGS = " ".join(filter(None, ["--xla_cpu_use_fusion_emitters=false", os.environ.get("XLA_FLAGS")]))
 

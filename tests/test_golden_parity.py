@@ -44,12 +44,7 @@ def case(request, golden_dir):
 
 
 def train_mode_outputs(cfg, variables, expected):
-    """Train-mode forward (dropout 0, BatchNorm batch statistics), losses and gradients, compiled
-    with XLA's optimisation on, as a user's step is: the quantities after the BatchNorm are
-    ill-conditioned on the golden batch (test_train_mode_losses), so their float32 rounding depends
-    on how XLA compiles them. Compiled as users do, the float32 NCE loss of vimpac_a is 6.1e-6 from
-    the golden's; with both of the suite's compile-speed settings (most optimisations off and
-    XLA's earlier CPU fusion emitters, tests/conftest.py) it was 1.07e-5 (jax 0.10.2, CPU)."""
+    """Train-mode forward (dropout 0, BatchNorm batch statistics), losses and gradients."""
     model = build_model(dict(cfg, dropout=0.0, attention_dropout=0.0))
     tokens, labels = jnp.asarray(expected["input_codes"]), jnp.asarray(expected["mlm_labels"])
 
@@ -60,16 +55,21 @@ def train_mode_outputs(cfg, variables, expected):
         nce = info_nce(out["cls_proj"])
         return mlm + nce, (mlm, nce, out["cls_proj"])
 
-    with xla_optimizations_on():
-        (total, aux), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(variables["params"])
+    (total, aux), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(variables["params"])
     return total, aux, grads
 
 
 @pytest.fixture(scope="module")
 def train_mode(case):
-    """train_mode_outputs of the case, computed once for the losses' and the gradients' tests."""
+    """train_mode_outputs of the case in float32, computed once for the losses' and the gradients'
+    tests, compiled with XLA's optimisation on, as a user's step is: the quantities after the
+    BatchNorm are ill-conditioned on the golden batch (test_train_mode_losses), so their float32
+    rounding depends on how XLA compiles them. Compiled as users do, the NCE loss of vimpac_a is
+    6.1e-6 from the golden's; with both of the suite's compile-speed settings (most optimisations
+    off and XLA's earlier CPU fusion emitters, tests/conftest.py) it was 1.07e-5 (jax 0.10.2, CPU)."""
     name, cfg, variables, expected = case
-    return train_mode_outputs(cfg, variables, expected)
+    with xla_optimizations_on():
+        return train_mode_outputs(cfg, variables, expected)
 
 
 def apply_jit(cfg, *args, **kwargs):

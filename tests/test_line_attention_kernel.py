@@ -225,27 +225,48 @@ def test_pretrain_step_compiles_for_tpu_with_the_kernel():
 
 
 @needs_libtpu
-# ~1.5 min of CPU (2-core host, libtpu of jax 0.10.2), nearly all of it libtpu compiling the XLA
-# ops on the 10,240-token grid, not Mosaic compiling the kernels: the same step with
-# attention_kernel=xla takes twice as long, and half the width (256) or one video instead of
-# two takes as long, so only the grid (the claim) sets the cost.
 @pytest.mark.slow
-def test_finetune_step_at_256_px_compiles_for_tpu_with_the_kernels():
+def test_attention_at_256_px_compiles_for_tpu_with_the_kernels():
+    """The attention blocks of a layer at fine-tuning's 256-px grid (T = 10, 32 x 32 tokens; also
+    stage 2's frames), Large-Half's 8 heads of 64, bf16, dropout on, forward and backward, compiled
+    for one v5p chip: the T kernel, and the height and width attentions' a kernel each (a frame of
+    1,024 tokens is over MAX_WINDOW for one window of both), each forward and backward, as Mosaic
+    custom-calls. The blocks alone, not a whole step: a whole fine-tuning step at this grid took
+    ~1.5 min of CPU to compile, nearly all of it libtpu compiling the step's other XLA ops on the
+    10,240-token grid; the step's wiring of the kernels is what
+    test_pretrain_step_compiles_for_tpu_with_the_kernel compiles."""
     import dataclasses
 
-    from vimpac_jax.aot import compile as aot
-    from vimpac_jax.config_utils import load_config
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    # Large-Half fine-tuning's grid (T = 10, 32 x 32 tokens), bf16, dropout on; one narrow layer.
-    config = load_config(["--config", "configs/finetune.py:dataset=ucf101,model=large_half",
-                          "--config.model.attention_kernel=pallas", "--config.model.num_layers=1",
-                          "--config.model.hidden_dim=512", "--config.model.dtype=bfloat16",
-                          "--config.data.batch_size=2", "--config.finetune.videos_per_device=2"])
-    assert (config.model.clip_len, config.model.height, config.model.width) == (10, 32, 32)
-    assert config.model.attention_dropout > 0
+    from vimpac_jax.aot import compile as aot
+
     target = aot.tpu_target("v5p-8")
-    _, (train,) = aot.compile_run(config, dataclasses.replace(target, devices=target.devices[:1]), programs=("train",))
-    # T's kernel pair, and the height and width attentions' a pair each (a frame of 1,024 tokens
-    # is over MAX_WINDOW for one window of both).
-    assert train.fits and train.pallas_kernels == 6, train.estimate_method
-    assert 0 < train.pallas_cycles < train.estimated_cycles
+    target = dataclasses.replace(target, devices=target.devices[:1])
+    mesh = jax.sharding.Mesh(list(target.devices), ("data",))
+    grid, heads, head_dim, clips = (10, 32, 32), 8, 64, 2
+    plans = [lak.Plan((("T",),), grid, heads, head_dim), lak.Plan((("H",), ("W",)), grid, heads, head_dim)]
+    assert [len(plan.kernels) for plan in plans] == [1, 2]
+
+    def loss(qkv_cls, qkv, key_is_pad, key):  # q, k, v [B, C] and [B, T, H, W, C]: both blocks' columns
+        total, first = 0.0, 0
+        for i, plan in enumerate(plans):
+            f = len(plan.attentions) * heads * head_dim
+            columns = lambda x: x[..., first:first + f]  # noqa: E731
+            keep = lak.draw_keep_masks(jax.random.fold_in(key, i), KEEP_PROB, clips, plan)
+            out_cls, out = lak.block_attention(plan, tuple(map(columns, qkv_cls)), tuple(map(columns, qkv)),
+                                               jnp.zeros((3, f), jnp.bfloat16), key_is_pad, keep, KEEP_PROB)
+            total, first = total + out_cls.astype(jnp.float32).sum() + out.astype(jnp.float32).sum(), first + f
+        return total
+
+    whole = NamedSharding(mesh, PartitionSpec())
+    columns = 3 * heads * head_dim
+    args = (tuple(jax.ShapeDtypeStruct((clips, columns), jnp.bfloat16, sharding=whole) for _ in range(3)),
+            tuple(jax.ShapeDtypeStruct((clips, *grid, columns), jnp.bfloat16, sharding=whole) for _ in range(3)),
+            jax.ShapeDtypeStruct((clips, *grid), jnp.bool_, sharding=whole),
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole))
+    program = aot.Program(name="attention", jitted=jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), args=args,
+                          clips=clips, batch=f"{clips} clips")
+    report = aot.compile_program(program, target)
+    assert report.fits and report.pallas_kernels == 6, report.estimate_method
+    assert 0 < report.pallas_cycles < report.estimated_cycles
