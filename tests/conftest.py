@@ -56,7 +56,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA_FLAGS); flags already set come after it, so theirs win. The golden parity's ill-conditioned
 # train-mode outputs are compiled with XLA's optimisation on, as a user's program is
 # (test_golden_parity.train_mode): with both settings of the suite their float32 rounding
-# moves past the golden's tolerance.
+# moves past the golden's tolerance. (XLA aborts on a flag it does not know: if a later jaxlib drops
+# this one, drop it here.)
 SUITE_XLA_FLAGS = " ".join(filter(None, ["--xla_cpu_use_fusion_emitters=false", os.environ.get("XLA_FLAGS")]))
 
 # 8 CPU devices for this process: XLA reads XLA_FLAGS when jax creates its CPU backend (the first
