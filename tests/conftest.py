@@ -60,13 +60,19 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # this one, drop it here.)
 SUITE_XLA_FLAGS = " ".join(filter(None, ["--xla_cpu_use_fusion_emitters=false", os.environ.get("XLA_FLAGS")]))
 
+
+def xla_flags_with_cpu_devices(count: int) -> str:
+    """XLA_FLAGS for a process with `count` CPU devices: the suite's flags and the device count."""
+    return f"{SUITE_XLA_FLAGS} --xla_force_host_platform_device_count={count}"
+
+
 # 8 CPU devices for this process: XLA reads XLA_FLAGS when jax creates its CPU backend (the first
 # jax.devices() or computation), so it is set here, before any test module's jax import (the last
 # of a repeated flag wins). `eight_cpu_devices` below creates the backend and sets SUITE_XLA_FLAGS
 # alone for subprocesses.
 DEVICE_COUNT = 8
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
-os.environ["XLA_FLAGS"] = f"{SUITE_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICE_COUNT}"
+os.environ["XLA_FLAGS"] = xla_flags_with_cpu_devices(DEVICE_COUNT)
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("VIMPAC_GOLDEN", REPO.parent / "shared" / "golden"))

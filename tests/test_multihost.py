@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, run_vimpac
+from conftest import run_cli, run_vimpac, xla_flags_with_cpu_devices
 from vimpac_jax.data.testing import write_test_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,7 @@ def free_port() -> int:
 
 def cpu_env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIMPAC_", "SLURM_", "TPU_"))}
-    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"]))
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags,  # the suite's flags (conftest) and the devices
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_with_cpu_devices(devices),
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO), **extra)
     return env
 

