@@ -198,9 +198,13 @@ def test_tpu_pod_creates_installs_and_runs_on_all_workers(standins, tmp_path):
         assert (tmp_path / w / "vimpac" / "vimpac_jax" / "runtime" / "distributed.py").is_file()
         assert (tmp_path / w / "vimpac" / "launch" / "tpu_pod.sh").is_file()
 
-    # Second time: the slice exists, so it is reused, not created again.
+    # Second time: the slice exists, so it is reused, not created again, and the command runs on
+    # every worker with the run's environment (joining the run was shown above: a program without
+    # jax here, two interpreters' imports fewer).
     log.unlink()
-    out = run(args[:-4] + ["--no-install", "--", "python3", "-c", PROGRAM], env)
+    echo_env = "import os; os.write(1, 'ENV {VIMPAC_PROCESS_ID} {VIMPAC_NUM_PROCESSES} {VIMPAC_COORDINATOR}\\n'.format(**os.environ).encode())"
+    out = run(args[:-4] + ["--no-install", "--", "python3", "-c", echo_env], env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [c[4] for c in calls(log)] == ["describe", "describe", "ssh"]
-    assert results(out.stdout) == ["RESULT 0 2 [0, 1]", "RESULT 1 2 [0, 1]"]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ENV")) == [
+        f"ENV {i} 2 127.0.0.1:{port}" for i in range(2)]
