@@ -44,7 +44,8 @@ def inference_function(cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> 
     cfg = dict(cfg, attention_impl=None, attention_kernel="xla", remat="none")
     model = build_model(cfg)
     finetuned = cfg["task"] == "finetune"
-    variables = jax.tree.map(jnp.asarray, dict(variables))
+    # device_put, not jnp.asarray per leaf: eagerly, jnp.asarray compiles a program for each array shape.
+    variables = jax.device_put(dict(variables))
 
     def infer(tokens):
         out = model.apply(variables, tokens, train=False)
