@@ -62,9 +62,6 @@ def test_missing_libtpu_is_one_line(monkeypatch):
         aot.require_libtpu()
 
 
-ONE_LAYER = "--config.model.num_layers=1"
-
-
 def _compile(config_args, topology, programs=None):
     from vimpac_jax.config_utils import load_config
 
@@ -75,9 +72,9 @@ def _compile(config_args, topology, programs=None):
 
 
 # The whole train + evaluate programs of a run compiled for TPU slices: the slow layer. The
-# runlocal configs at one layer (ONE_LAYER): the compile, the mesh, the memory report and the
-# estimate are the same code for any depth, and libtpu's compile time grows with the layers
-# (the pre-training step: 16 s of CPU at one layer, 26 s at runlocal's two). In the
+# runlocal configs (one layer, configs/common.py): the compile, the mesh, the memory report and
+# the estimate are the same code for any depth, and libtpu's compile time grows with the layers
+# (the pre-training step: 16 s of CPU at one layer, 26 s at two). In the
 # fast layer, test_finetune_evaluate_one_host compiles one program through the same compile_run
 # and report, test_slice_names the topologies and hosts, test_clock_from_the_bf16_peak the estimate's
 # clock, test_find_batch_searches_each_remat_policy_and_keeps_the_best the search, and
@@ -85,7 +82,7 @@ def _compile(config_args, topology, programs=None):
 @pytest.mark.slow
 @needs_libtpu
 def test_pretrain_one_host():
-    target, mesh, reports = _compile(["configs/pretrain.py:runlocal", ONE_LAYER], "v5e:2x2")
+    target, mesh, reports = _compile(["configs/pretrain.py:runlocal"], "v5e:2x2")
     assert (len(target.devices), target.processes, target.device_kind) == (4, 1, "TPU v5 lite")
     assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1}
     assert [r.name for r in reports] == ["train", "evaluate"]
@@ -106,7 +103,7 @@ def test_pretrain_one_host():
 def test_finetune_two_hosts_fsdp():
     # v5e-8: 2x4 chips on two hosts of 2x2; the run's mesh with fsdp=2 spans both hosts.
     target, mesh, reports = _compile(["configs/finetune.py:runlocal", "--config.mesh.fsdp=2",
-                                      "--config.data.batch_size=8", ONE_LAYER], "v5e-8", programs=("train",))
+                                      "--config.data.batch_size=8"], "v5e-8", programs=("train",))
     assert (len(target.devices), target.processes) == (8, 2)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     (train,) = reports
@@ -127,7 +124,7 @@ def test_cli_impossible_batch_does_not_fit(tmp_path, capsys):
     # In process (test_cli_bad_topology_is_one_line is the command's smoke test in a process of its own).
     out = tmp_path / "compile.json"
     code, stdout, stderr = run_cli(capsys, "compile", "--config", "configs/finetune.py:runlocal", "--topology", "v5e-4",
-                                   "--config.data.batch_size=4194304", ONE_LAYER, "--programs", "train", "--json", out)
+                                   "--config.data.batch_size=4194304", "--programs", "train", "--json", out)
     assert code == 1, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "vimpac compile: train: does not fit: needs" in stderr

@@ -105,7 +105,7 @@ def test_pretrain_update_counts_match_table_4():
 
 def test_runlocal_shrinks_and_unknown_fields_are_rejected():
     c = config("finetune.py:dataset=ucf101,model=base,runlocal")
-    assert c.model.num_layers == 2 and c.train.num_steps == 10 and c.data.batch_size == 4
+    assert c.model.num_layers == 1 and c.train.num_steps == 10 and c.data.batch_size == 4
     with pytest.raises(ValueError, match="learning_rat"):
         config("pretrain.py:small", "--config.optim.learning_rat=1e-3")
     with pytest.raises(ValueError, match="dataset must be one of"):

@@ -77,13 +77,10 @@ def train_args(store, workdir, *extra):
     100-update schedule; its first 5 updates are the same warm-up as runlocal's linear schedule
     (optimizer.make_schedule), so the runs train as with runlocal's own schedule, and the learning
     rate of a step does not depend on num_steps (the 1-process run of as many steps as the
-    preempted run made compares with it step by step). One layer: what these tests check (where the
-    processes stop, and that 2 x 4 devices train as 8) does not depend on depth, and each process
-    compiles its 4-device programs cold (measured: the two slow tests 74 -> 53 s of CPU)."""
+    preempted run made compares with it step by step)."""
     return ["train", "--config", "configs/pretrain.py:runlocal", f"--config.data.train_store={store}",
             f"--config.train.num_steps={STEPS}", "--config.data.batch_size=8", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=2", "--config.optim.schedule=constant", "--config.model.num_layers=1",
-            "--workdir", workdir, *extra]
+            "--config.train.checkpoint_every=2", "--config.optim.schedule=constant", "--workdir", workdir, *extra]
 
 
 def losses(workdir) -> dict[int, float]:
