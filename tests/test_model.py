@@ -29,8 +29,10 @@ def tokens_for(cfg, batch=2, seed=0):
 def init_op_by_op(model, cfg, key):
     """models.model.init_variables's variables, from flax's init run op by op. That compiles one
     program per model; here the ~25 small models of this file share the compilations of their
-    ops (the shapes recur), which costs less CPU in all (measured: every layout's test with a
-    compiled init and apply, 7-9 s of CPU each, against 0.3-15 s op by op, most under 2 s)."""
+    ops (the shapes recur), which costs less CPU in all (measured with the suite's XLA flags, jax
+    0.10.2: a layout's init and apply compiled, 2-4 s of CPU each, against 0.4-6.6 s op by op,
+    the first one dearest). A loss and its gradient, whose eager backward compiles hundreds of
+    programs, run compiled (`loss_and_gradients`)."""
     tokens = jnp.zeros((2, cfg["clip_len"], cfg["height"], cfg["width"]), jnp.int32)
     return model.init({"params": key, "dropout": key}, tokens, train=False)
 
@@ -70,8 +72,9 @@ def test_vimpac_params_command_prints_table3_counts(capsys):
 @pytest.mark.parametrize("layout", ["T,H|W", "T,H,W", "T,H", "T", "T|H|W", "H|W,T", "TxHxW", "T,HxW", "HxW|T"])
 @pytest.mark.parametrize("pre_ln,halve", [(False, False), (True, True)])
 def test_every_layout_runs_and_is_finite(layout, pre_ln, halve):
-    """Pre-LN with halve_att crashes the released code; here the output dense maps d_att -> d."""
-    cfg = dict(TINY, layout=layout, pre_ln=pre_ln, halve_att=halve, halve_mlp=halve)
+    """Pre-LN with halve_att crashes the released code; here the output dense maps d_att -> d.
+    (One layer: the layers of a stack are alike, so a layout that runs in one runs in all.)"""
+    cfg = dict(TINY, num_layers=1, layout=layout, pre_ln=pre_ln, halve_att=halve, halve_mlp=halve)
     model = build_model(cfg)
     variables = init_op_by_op(model, cfg, jax.random.key(0))
     out = model.apply(flax.linen.unbox(variables), tokens_for(cfg))
@@ -199,18 +202,26 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["backbone"]["layer_0"]["attn_0"]["axis_0"]["query"]["kernel"]) == ("embed", "heads")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_gradients(model, variables, tokens):
+    """The variance of `model`'s hiddens and its gradient in the parameters, as one program
+    (value_and_grad run eagerly compiles every primitive of the forward and backward)."""
+    def loss(params):
+        return model.apply({**variables, "params": params}, tokens)["hiddens"].astype(jnp.float32).var()
+
+    return jax.value_and_grad(loss)(variables["params"])
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "save:qkv,mlp_hidden"])
 def test_remat_policies_give_the_same_loss_and_gradients(remat):
-    """Recomputation changes what the backward keeps, never the values (tiny model, float32)."""
-    cfg = dict(TINY, dropout=0.0, attention_dropout=0.0)
+    """Recomputation changes what the backward keeps, never the values (tiny model, float32; one
+    layer: each layer is recomputed on its own, so depth adds nothing to the claim)."""
+    cfg = dict(TINY, num_layers=1, dropout=0.0, attention_dropout=0.0)
     variables = flax.linen.unbox(init_op_by_op(build_model(cfg), cfg, jax.random.key(0)))
     tokens = jnp.asarray(tokens_for(cfg))
 
-    def loss(params, model):
-        return model.apply({**variables, "params": params}, tokens)["hiddens"].astype(jnp.float32).var()
-
-    ref, ref_grads = jax.value_and_grad(loss)(variables["params"], build_model(cfg))
-    got, grads = jax.value_and_grad(loss)(variables["params"], build_model(dict(cfg, remat=remat)))
+    ref, ref_grads = loss_and_gradients(build_model(cfg), variables, tokens)
+    got, grads = loss_and_gradients(build_model(dict(cfg, remat=remat)), variables, tokens)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -219,8 +230,9 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scan_layers_gives_the_same_parameters_loss_and_gradients(remat):
     """model.scan_layers runs the stack as one lax.scan over the stacked per-layer parameters:
-    the same parameter tree (layer_0 ... layer_{L-1}), values and gradients (tiny, float32)."""
-    cfg = dict(TINY, num_layers=3, remat=remat)
+    the same parameter tree (layer_0 ... layer_{L-1}), values and gradients (tiny, float32; two
+    layers: a stack whose order and per-layer slices the comparison checks)."""
+    cfg = dict(TINY, num_layers=2, remat=remat)
     tokens = jnp.asarray(tokens_for(cfg))
     variables = flax.linen.unbox(init_op_by_op(build_model(cfg), cfg, jax.random.key(0)))
     scanned_model = build_model(dict(cfg, scan_layers=True))
@@ -229,21 +241,19 @@ def test_scan_layers_gives_the_same_parameters_loss_and_gradients(remat):
     for a, b in zip(jax.tree.leaves(scanned_init), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(a, b)
 
-    def loss(params, model):
-        return model.apply({**variables, "params": params}, tokens)["hiddens"].astype(jnp.float32).var()
-
-    ref, ref_grads = jax.value_and_grad(loss)(variables["params"], build_model(cfg))
-    got, grads = jax.value_and_grad(loss)(variables["params"], scanned_model)
+    ref, ref_grads = loss_and_gradients(build_model(cfg), variables, tokens)
+    got, grads = loss_and_gradients(scanned_model, variables, tokens)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["backbone"]["layer_2"]))
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["backbone"]["layer_1"]))
 
     # Dropout on: one key per (step key, layer index), so a step is reproducible.
     drop_cfg = dict(cfg, dropout=0.5, attention_dropout=0.5, scan_layers=True)
     drop_model = build_model(drop_cfg)
 
+    @jax.jit
     def hiddens(key):
         out, _ = drop_model.apply(variables, tokens, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
         return out["hiddens"]
