@@ -161,12 +161,14 @@ def test_vocabulary_logits_backward_runs_in_the_compute_dtype():
         assert np.linalg.norm(np.asarray(a, np.float32) - b) <= 2e-2 * np.linalg.norm(b)
 
 
-def test_float32_token_lookup_same_values_float32_gradient_scatter():
+def test_float32_token_lookup_same_values_float32_gradient_scatter(tiny_step_inputs):
     cfg = pm.tiny_model_config(dtype="bfloat16")
     tokens = jnp.asarray(pm.tiny_tokens()[:, 0])
     outs, jaxprs = {}, {}
-    # The two lookups have the same parameters: one initialisation (one compilation) serves both.
-    variables = flax.linen.unbox(jax.jit(build_model(cfg).init)({"params": jax.random.key(0)}, tokens))
+    # The two lookups take the float32 parameters of the module's tiny model (bfloat16 compute
+    # keeps float32 parameters: the same tree), with no initialisation of their own to compile.
+    _, _, _, params, batch_stats, _ = tiny_step_inputs
+    variables = {"params": params, "batch_stats": batch_stats}
     for lookup in ("float32", "compute_dtype"):
         model = build_model(dict(cfg, embed_lookup=lookup))
         outs[lookup] = jax.jit(model.apply)(variables, tokens)["hiddens"]
