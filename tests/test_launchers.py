@@ -5,7 +5,9 @@ the real tool would start processes on hosts (srun, `gcloud ... ssh --worker=all
 locally. The command they run is a tiny multi-process JAX program that joins the run through the
 VIMPAC_* variables the launcher set (vimpac_jax.runtime.distributed.maybe_initialize) and
 all-gathers the process ids over JAX's CPU collectives, so each test checks both what would be
-sent and that the processes really form one run.
+sent and that the processes really form one run. Those runs (a launcher, its stand-ins and two
+JAX processes) are end to end: slow. The launchers' refusals and failure handling run no JAX
+and stay in the fast layer.
 """
 
 import json
@@ -141,6 +143,7 @@ def run(args, env, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(list(map(str, args)), env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
 
 
+@pytest.mark.slow
 def test_local_runs_n_processes(standins):
     env, _ = standins
     out = run([REPO / "launch/local.sh", "-n", "2", "--cpu-devices", "2", "--", sys.executable, "-c", PROGRAM], env)
@@ -155,6 +158,7 @@ def test_local_propagates_a_failure_and_stops_the_rest(standins):
     assert out.returncode == 3 and "exited with status 3" in out.stderr
 
 
+@pytest.mark.slow
 def test_slurm_sbatch(standins):
     env, log = standins
     env = dict(env, VIMPAC_PORT=str(free_port()))
@@ -175,6 +179,7 @@ def test_slurm_sbatch_outside_an_allocation_fails(standins):
     assert out.returncode != 0 and "not inside a SLURM allocation" in out.stderr
 
 
+@pytest.mark.slow
 def test_tpu_pod_creates_installs_and_runs_on_all_workers(standins, tmp_path):
     env, log = standins
     env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # workers import the copy they received

@@ -3,8 +3,9 @@ restarts, the straight-through gradient, a tiny model trained on CPU, tokenizer 
 the config presets and the frame pool of vq_data.
 
 The CPU budget is dominated by one module-scoped training run (`trained`): compiling the
-init and the train step, then 200 steps of a 32 px model. Everything else reuses it or runs
-functions on hand-made arrays.
+init and the train step, then 200 steps of a 32 px model. It is a training run, so its two
+tests (what training reaches) are in the slow layer; the fast layer saves and loads an
+initialised model (`initialised`) and runs functions on hand-made arrays.
 """
 
 from __future__ import annotations
@@ -203,6 +204,18 @@ def trained():
     return dict(config=config, state=state, test=test, history=history, init_params=init_params)
 
 
+@pytest.fixture(scope="module")
+def initialised():
+    """The 'tiny' preset as `trained` starts it, its step counter set to STEPS (what a save
+    records), and 8 held-out frames: for what does not depend on training (save and load)."""
+    config = tokenizer_config.get_config("tiny")
+    with fast_init():
+        state = vq_train.init_state(config.model, config.optim, config.tokenizer, STEPS, jax.random.key(config.seed))
+    return dict(config=config, state=state.replace(step=jnp.asarray(STEPS, state.step.dtype)),
+                test=moving_shapes(8, 1, seed=1))
+
+
+@pytest.mark.slow
 def test_tiny_tokenizer_beats_the_mean_frame(trained):
     config, state, test = trained["config"], trained["state"], trained["test"]
     tok = state.tokenizer_params()
@@ -228,6 +241,7 @@ def test_tiny_tokenizer_beats_the_mean_frame(trained):
     assert recon.shape == test.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
 
 
+@pytest.mark.slow
 def test_training_metrics_report_learning_and_codebook_use(trained):
     h = trained["history"]
     for name in ("loss", "recon_mse", "psnr", "commitment", "perplexity", "codes_used", "codes_alive",
@@ -241,14 +255,18 @@ def test_training_metrics_report_learning_and_codebook_use(trained):
     assert h["perplexity"][-20:].mean() > 8 and h["codes_used"][-1] > 0.2
     assert h["learning_rate"][0] == 0 and h["learning_rate"].max() == pytest.approx(3e-3, rel=1e-3)
     assert int(trained["state"].step) == STEPS
+    # Training moved the encoder down to its first layer (test_reconstruction_gradient_reaches_the_encoder
+    # shows the gradient path on a small instance).
+    assert not np.allclose(trained["init_params"]["encoder"]["input"]["kernel"],
+                           trained["state"].params["encoder"]["input"]["kernel"])
 
 
-def test_reconstruction_gradient_reaches_the_encoder(trained):
+def test_reconstruction_gradient_reaches_the_encoder():
     # The wiring encoder -> quantiser (straight-through) -> decoder, on a block-free instance
     # (n_blk_per_group=0 leaves the input, pooling/upsampling and output convs): the same
     # __call__, a fraction of the compile time of the trained model's gradient.
     model = vq.VQTokenizer(codebook_size=8, embedding_dim=4, widths=(8, 8, 8, 8), n_blk_per_group=0)
-    images = jnp.asarray(trained["test"][:2])
+    images = jnp.asarray(moving_shapes(2, 1, seed=1))
     with fast_init():
         variables = jax.jit(model.init)(jax.random.key(0), images)
 
@@ -259,13 +277,10 @@ def test_reconstruction_gradient_reaches_the_encoder(trained):
     grads = jax.jit(jax.grad(recon_loss))(variables["params"])
     for name in ("input", "output"):
         assert float(jnp.abs(grads["encoder"][name]["kernel"]).max()) > 0, name
-    # And training moved the trained model's encoder down to its first layer.
-    assert not np.allclose(trained["init_params"]["encoder"]["input"]["kernel"],
-                           trained["state"].params["encoder"]["input"]["kernel"])
 
 
-def test_save_load_round_trip_gives_identical_tokens(trained, tmp_path):
-    config, state, test = trained["config"], trained["state"], trained["test"][:8]
+def test_save_load_round_trip_gives_identical_tokens(initialised, tmp_path):
+    config, state, test = initialised["config"], initialised["state"], initialised["test"]
     dst = vq.save_vq_tokenizer(tmp_path / "tok", config.model, state, metadata={"preset": "tiny"})
     meta = store.read_meta(dst)
     assert meta["kind"] == "vq" and meta["step"] == STEPS and meta["metadata"] == {"preset": "tiny"}
