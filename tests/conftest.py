@@ -19,6 +19,7 @@ unless the test adds it to XLA_FLAGS itself).
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -29,14 +30,15 @@ from unittest import mock
 
 import pytest
 
-# One persistent compilation cache for the session, inherited by the xdist workers and every
-# subprocess: the many `vimpac train` runs of the same tiny configs (train, sweep, multi-host
-# tests) compile once. A new directory per session (removed at its end by the process that made
-# it), so nothing carries over between runs. Entries are shared only between processes with the
-# same devices: jax's key holds the CPU topology, so a program compiled in a test process (8
-# devices) is compiled again in a 1-device subprocess, and the other way round (measured with
-# jax 0.10.2): a program's runs share their compilation when they all run in process or all in
-# subprocesses.
+# One persistent compilation cache for the session's subprocesses: the many `vimpac train` runs
+# of the same tiny configs (train, sweep, multi-host tests) compile once. A new directory per
+# session (removed at its end by the process that made it), so nothing carries over between runs.
+# Entries are shared only between processes with the same devices: jax's key holds the CPU
+# topology, so a program compiled in a 1-device subprocess serves the 1-device subprocesses. The
+# test processes themselves do not use it (pytest_configure): they compile ~2,700 programs, most
+# of them tiny and their own, and computing each one's key and writing it cost more than the few
+# shared ones save (measured with jax 0.10.2: the fast layer 240 -> 230 s of CPU, the whole
+# suite 741 -> 718 s).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vimpac-jax-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -95,12 +97,17 @@ def eight_cpu_devices():
 
 def pytest_configure(config):
     """Under xdist (`-n N`) this process only hands out tests: it gives its workers, which load
-    this file themselves, the environment as it found it."""
+    this file themselves, the environment as it found it. A process that runs tests compiles
+    without the persistent cache (see JAX_COMPILATION_CACHE_DIR above); its subprocesses use it."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         if _XLA_FLAGS_BEFORE is None:
             os.environ.pop("XLA_FLAGS", None)
         else:
             os.environ["XLA_FLAGS"] = _XLA_FLAGS_BEFORE
+        return
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 @contextlib.contextmanager
@@ -266,17 +273,53 @@ def pytest_xdist_make_scheduler(config, log):
     return WorkUnitScheduling(config, log)
 
 
+# Expected seconds per test (tests of a second or more; setup, call and teardown, fixtures built
+# on the way included), from a run of the whole suite under `-n 2` with `--record-durations`:
+# only the order in which work units go to the workers depends on it.
+DURATIONS = Path(__file__).with_name("durations.json")
+UNRECORDED_SECONDS = {True: 10.0, False: 0.3}  # a test not in DURATIONS: slow, or not
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", metavar="FILE", default=None,
+                     help="write each test's seconds (setup + call + teardown; those of 1 s or more) to "
+                          "FILE as JSON, as tests/durations.json holds them")
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds up each test's phases (under xdist the workers' reports reach this process)."""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--record-durations")
+    if path and not hasattr(session.config, "workerinput"):
+        recorded = {nodeid: round(seconds, 1) for nodeid, seconds in sorted(_durations.items()) if seconds >= 1.0}
+        Path(path).write_text(json.dumps(recorded, indent=0) + "\n")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected: the order of what runs
 def pytest_collection_modifyitems(config, items):
-    """Under xdist, work units with the most `slow` tests first, each unit's tests in file order.
+    """Under xdist, the work units expected to take longest first (DURATIONS), each unit's tests
+    in file order.
 
     Longest first keeps the two workers busy to the end instead of one finishing a long module
-    alone; units stay contiguous so no module fixture is built twice.
+    alone (the longest-processing-time rule); units stay contiguous so no module fixture is built
+    twice.
     """
     if not hasattr(config, "workerinput"):  # a plain `pytest` run keeps the file order
         return
+    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+
+    def expected_seconds(item) -> float:
+        return recorded.get(item.nodeid, UNRECORDED_SECONDS[item.get_closest_marker("slow") is not None])
+
     units = {}
     for item in items:
         units.setdefault(work_unit(item.nodeid), []).append(item)
-    slow_count = {name: sum(1 for item in group if item.get_closest_marker("slow")) for name, group in units.items()}
-    order = sorted(units, key=lambda name: -slow_count[name])  # stable: file order among equals
+    cost = {name: sum(map(expected_seconds, group)) for name, group in units.items()}
+    order = sorted(units, key=lambda name: -cost[name])  # stable: file order among equals
     items[:] = [item for name in order for item in units[name]]
