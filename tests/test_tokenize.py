@@ -28,7 +28,7 @@ from vimpac_jax.tokenize import job as tk
 from vimpac_jax.tokenize import journal, shards
 from vimpac_jax.tokenize.batcher import FrameBatcher
 from vimpac_jax.tokenize.identity import check_out_dir
-from vimpac_jax.tokenizer import store
+from vimpac_jax.tokenizer import interface, store
 from vimpac_jax.tokenizer.interface import Tokenizer, TokenizerLoadError, bucket_size, dalle_backend, load_tokenizer
 
 GOOD = {"bikes": 3, "carphone_pristine": 7}  # video id -> label
@@ -363,6 +363,10 @@ def test_uint8_and_float_images_give_the_same_tokens(tok):
     assert tok.encode_tokens(u8[:0]).shape == (0, 4, 4)
 
 
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the tokenizer's weights were loaded before its input was checked")
+
+
 @pytest.mark.parametrize("array, message", [
     (np.zeros((32, 32, 3), np.float32), r"expected images \[N, H, W, 3\]"),
     (np.zeros((1, 32, 32, 4), np.float32), r"expected images \[N, H, W, 3\]"),
@@ -370,7 +374,9 @@ def test_uint8_and_float_images_give_the_same_tokens(tok):
     (np.full((1, 32, 32, 3), 2.0, np.float32), r"must lie in \[0, 1\]"),
     (np.zeros((1, 32, 32, 3), np.int64), "uint8"),
 ])
-def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, message):
+def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, monkeypatch, array, message):
+    """Refused from tokenizer.json's grid, before any weight is read."""
+    monkeypatch.setattr(interface, "load_tokenizer", _must_not_load)
     np.save(tmp_path / "in.npy", array)
     rc = cli.main(["codes", "encode", "--tokenizer", str(tiny_tokenizer), "--images", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
@@ -385,7 +391,8 @@ def test_encode_rejects_bad_images(tiny_tokenizer, tmp_path, capsys, array, mess
     (np.zeros((1, 4, 4), np.float32), "must be integers"),
     (np.full((1, 4, 4), 512, np.int32), r"in \[0, 512\)"),
 ])
-def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, array, message):
+def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, monkeypatch, array, message):
+    monkeypatch.setattr(interface, "load_tokenizer", _must_not_load)
     np.save(tmp_path / "in.npy", array)
     rc = cli.main(["codes", "decode", "--tokenizer", str(tiny_tokenizer), "--tokens", str(tmp_path / "in.npy"),
                    "--out", str(tmp_path / "out.npz")])
@@ -394,11 +401,18 @@ def test_decode_rejects_bad_tokens(tiny_tokenizer, tmp_path, capsys, array, mess
 
 
 def test_load_tokenizer_names_unknown_kinds(tiny_tokenizer, tmp_path):
-    with pytest.raises(TokenizerLoadError, match="no tokenizer.json"):
-        load_tokenizer(tmp_path)
+    for read in (load_tokenizer, interface.read_grid):
+        with pytest.raises(TokenizerLoadError, match="no tokenizer.json"):
+            read(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "mystery", "config": {}}))
-    with pytest.raises(TokenizerLoadError, match=r"unknown tokenizer kind 'mystery'.*'dalle'"):
-        load_tokenizer(tmp_path)
+    for read in (load_tokenizer, interface.read_grid):
+        with pytest.raises(TokenizerLoadError, match=r"unknown tokenizer kind 'mystery'.*'dalle'"):
+            read(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "dalle", "config": {"downsample": 8}}))
+    with pytest.raises(TokenizerLoadError, match=r"tokenizer.json: the dalle config lacks or misstates 'vocab_size'"):
+        interface.read_grid(tmp_path)
+    # The grid read from tokenizer.json alone is the loaded tokenizer's.
+    assert interface.read_grid(tiny_tokenizer) == load_tokenizer(tiny_tokenizer).grid == interface.TokenizerGrid(8, 512, 3)
 
 
 def test_decode_needs_a_decoder(tok):

@@ -298,6 +298,7 @@ def test_save_load_round_trip_gives_identical_tokens(initialised, tmp_path):
     from vimpac_jax.tokenizer import interface
     tokenizer = interface.load_tokenizer(dst)
     assert (tokenizer.kind, tokenizer.vocab_size, tokenizer.downsample) == ("vq", 64, 8)
+    assert interface.read_grid(dst) == tokenizer.grid  # from tokenizer.json alone, before any weight
     test_u8 = (test * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(tokenizer.encode_tokens(test_u8), vq.vq_encode(params, loaded_config, test_u8)[0])
     np.testing.assert_allclose(tokenizer.decode(ours), vq.vq_decode(params, loaded_config, ours), atol=1e-6)

@@ -51,6 +51,7 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         # Check the input before loading the network: a wrong file should fail in milliseconds.
+        # The tokenizer's grid (downsampling, vocabulary, channels) comes from its tokenizer.json.
         check_output_file(args.out)
         source = args.images if args.action == "encode" else args.tokens
         array = _load_array(source, "--images" if args.action == "encode" else "--tokens")
@@ -58,18 +59,21 @@ def main(argv) -> int:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
         import jax.numpy as jnp
 
-        from vimpac_jax.tokenizer.interface import load_tokenizer
+        from vimpac_jax.tokenizer import interface
 
-        tok = load_tokenizer(args.tokenizer, dtype=jnp.dtype(args.dtype), batch_size=args.batch_size)
+        grid = interface.read_grid(args.tokenizer)
         if args.action == "encode":
-            array = tok.check_images(array, source)
+            array = interface.check_images(array, grid, source)
+        else:
+            array = interface.check_tokens(array, grid, source)
+        tok = interface.load_tokenizer(args.tokenizer, dtype=jnp.dtype(args.dtype), batch_size=args.batch_size)
+        if args.action == "encode":
             if args.no_logits:
                 outputs = {"tokens": tok.encode_tokens(array)}
             else:
                 tokens, logits = tok.encode(array)
                 outputs = {"tokens": tokens, "logits": logits}
         else:
-            array = tok.check_tokens(array, source)
             outputs = {"images": tok.decode(array)}
     except (ValueError, FileNotFoundError) as e:
         print(f"vimpac codes {args.action}: error: {e}", file=sys.stderr)

@@ -6,10 +6,11 @@ A tokenizer maps RGB frames to a grid of integer codes and back:
   decode: tokens int [N, h, w] -> images float32 [N, f·h, f·w, C] in [0, 1]
 with f the downsampling factor (8 for DALL-E) and V the vocabulary size.
 
-Kinds are registered in `TOKENIZER_KINDS`: `kind -> factory(directory, meta, dtype) -> TokenizerBackend`,
-chosen by the "kind" field of the directory's tokenizer.json. To add a kind, write a factory
-that loads the directory and returns a `TokenizerBackend` (pure jittable encode/decode functions
-plus their parameters) and add one entry to the dict; nothing else changes.
+Kinds are registered in `TOKENIZER_KINDS`: `kind -> TokenizerKind(load, grid)`, chosen by the
+"kind" field of the directory's tokenizer.json. To add a kind, write a factory that loads the
+directory and returns a `TokenizerBackend` (pure jittable encode/decode functions plus their
+parameters) and a function that reads its `TokenizerGrid` from the config, and add one entry to
+the dict; nothing else changes.
 
 Batches are sharded over the local devices (a 1-D mesh, axis 'data', parameters replicated), so
 every chip of the host works on a slice of each batch. Each call is cut into batches of at most
@@ -45,6 +46,16 @@ class TokenizerLoadError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizerGrid:
+    """What a tokenizer expects of its inputs, read from tokenizer.json alone (`read_grid`): images
+    [N, H, W, input_channels] with H and W multiples of `downsample`; token ids in [0, vocab_size)."""
+
+    downsample: int
+    vocab_size: int
+    input_channels: int
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerBackend:
     """What one tokenizer kind provides to `Tokenizer`.
 
@@ -72,6 +83,14 @@ class TokenizerBackend:
 # Kinds
 
 
+def _dalle_grid(config: dict) -> TokenizerGrid:
+    return TokenizerGrid(int(config["downsample"]), int(config["vocab_size"]), int(config["encoder"]["input_channels"]))
+
+
+def _vq_grid(config: dict) -> TokenizerGrid:
+    return TokenizerGrid(int(config["downsample"]), int(config["vocab_size"]), int(config["channels"]))
+
+
 def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBackend:
     """A DALL-E dVAE (`vimpac_jax.tokenizer.dalle`) from its config and {'encoder', 'decoder'} params."""
     from vimpac_jax.tokenizer import dalle
@@ -88,10 +107,10 @@ def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBac
         def decode_images(p, tokens):
             return dalle.stats_to_images(decoder.apply({"params": p["decoder"]}, tokens))
 
+    grid = _dalle_grid(config)
     return TokenizerBackend(
-        config=config, params=params, downsample=int(config["downsample"]),
-        vocab_size=int(config["vocab_size"]), input_channels=int(config["encoder"]["input_channels"]),
-        encode_logits=encode_logits, decode_images=decode_images)
+        config=config, params=params, downsample=grid.downsample, vocab_size=grid.vocab_size,
+        input_channels=grid.input_channels, encode_logits=encode_logits, decode_images=decode_images)
 
 
 def _load_dalle(directory: Path, meta: dict, dtype) -> TokenizerBackend:
@@ -107,17 +126,27 @@ def _load_vq(directory: Path, meta: dict, dtype) -> TokenizerBackend:
     from vimpac_jax.tokenizer import vq
 
     config, params = vq.load_vq_tokenizer(directory)
+    grid = _vq_grid(config)
     return TokenizerBackend(
-        config=config, params=params, downsample=int(config["downsample"]),
-        vocab_size=int(config["vocab_size"]), input_channels=int(config["channels"]),
-        encode_logits=vq.encode_logits_fn(config, dtype), decode_images=vq.decode_images_fn(config, dtype))
+        config=config, params=params, downsample=grid.downsample, vocab_size=grid.vocab_size,
+        input_channels=grid.input_channels, encode_logits=vq.encode_logits_fn(config, dtype),
+        decode_images=vq.decode_images_fn(config, dtype))
 
 
-# kind (tokenizer.json "kind") -> factory(directory, meta, dtype) -> TokenizerBackend.
-# Each factory imports its model lazily so that loading one kind never needs another's code.
-TOKENIZER_KINDS: dict[str, Callable[[Path, dict, Any], TokenizerBackend]] = {
-    "dalle": _load_dalle,
-    "vq": _load_vq,
+@dataclasses.dataclass(frozen=True)
+class TokenizerKind:
+    """One entry of TOKENIZER_KINDS: load(directory, meta, dtype) -> TokenizerBackend (imports its
+    model lazily, so that loading one kind never needs another's code), and grid(config) ->
+    TokenizerGrid from tokenizer.json's config alone (inputs are checked before any weight loads)."""
+
+    load: Callable[[Path, dict, Any], TokenizerBackend]
+    grid: Callable[[dict], TokenizerGrid]
+
+
+# kind (tokenizer.json "kind") -> TokenizerKind.
+TOKENIZER_KINDS: dict[str, TokenizerKind] = {
+    "dalle": TokenizerKind(load=_load_dalle, grid=_dalle_grid),
+    "vq": TokenizerKind(load=_load_vq, grid=_vq_grid),
 }
 
 
@@ -238,36 +267,15 @@ class Tokenizer:
 
     # -- checks --------------------------------------------------------------------------------
 
+    @property
+    def grid(self) -> TokenizerGrid:
+        return TokenizerGrid(self.downsample, self.vocab_size, self.input_channels)
+
     def check_images(self, images, source: str = "images") -> np.ndarray:
-        """A clear ValueError for input that is not [N, H, W, C] uint8 / float in [0, 1]."""
-        images = np.asarray(images)
-        c, f = self.input_channels, self.downsample
-        if images.ndim != 4 or images.shape[-1] != c:
-            raise ValueError(f"{source}: expected images [N, H, W, {c}], got shape {list(images.shape)}")
-        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{source}: expected uint8 (0..255) or float (0..1) images, got dtype {images.dtype}")
-        h, w = images.shape[1:3]
-        if h < f or w < f or h % f or w % f:
-            raise ValueError(f"{source}: height and width must be positive multiples of {f} "
-                             f"(the tokenizer's downsampling), got {h}x{w}")
-        if images.size and np.issubdtype(images.dtype, np.floating):
-            lo, hi = float(np.min(images)), float(np.max(images))
-            if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-                raise ValueError(f"{source}: float images must lie in [0, 1], found values in [{lo}, {hi}] "
-                                 "(uint8 images are divided by 255)")
-        return images
+        return check_images(images, self.grid, source)
 
     def check_tokens(self, tokens, source: str = "tokens") -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 3:
-            raise ValueError(f"{source}: expected tokens [N, h, w], got shape {list(tokens.shape)}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"{source}: tokens must be integers, got dtype {tokens.dtype}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)]
-            raise ValueError(f"{source}: token ids must be in [0, {self.vocab_size}); found {bad.flat[0]} "
-                             f"({bad.size} ids out of range)")
-        return tokens.astype(np.int32)
+        return check_tokens(tokens, self.grid, source)
 
     # -- batched device calls ------------------------------------------------------------------
 
@@ -339,14 +347,42 @@ class Tokenizer:
         return self._has_decoder
 
 
-def load_tokenizer(directory, *, dtype=jnp.float32, batch_size: int | None = None, devices=None) -> Tokenizer:
-    """Load a tokenizer directory (tokenizer.json + params/) of any registered kind.
+def check_images(images, grid: TokenizerGrid, source: str = "images") -> np.ndarray:
+    """A clear ValueError for input that is not [N, H, W, C] uint8 / float in [0, 1]."""
+    images = np.asarray(images)
+    c, f = grid.input_channels, grid.downsample
+    if images.ndim != 4 or images.shape[-1] != c:
+        raise ValueError(f"{source}: expected images [N, H, W, {c}], got shape {list(images.shape)}")
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{source}: expected uint8 (0..255) or float (0..1) images, got dtype {images.dtype}")
+    h, w = images.shape[1:3]
+    if h < f or w < f or h % f or w % f:
+        raise ValueError(f"{source}: height and width must be positive multiples of {f} "
+                         f"(the tokenizer's downsampling), got {h}x{w}")
+    if images.size and np.issubdtype(images.dtype, np.floating):
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+            raise ValueError(f"{source}: float images must lie in [0, 1], found values in [{lo}, {hi}] "
+                             "(uint8 images are divided by 255)")
+    return images
 
-    dtype: compute dtype of the network (float32, or bfloat16 for speed; logits stay float32).
-    batch_size: frames per device step over all local devices (default 32 per device).
-    Raises TokenizerLoadError (a ValueError) with the directory's name when it does not load.
-    """
-    path = Path(directory)
+
+def check_tokens(tokens, grid: TokenizerGrid, source: str = "tokens") -> np.ndarray:
+    """A clear ValueError for input that is not integer ids [N, h, w] in [0, vocab_size) -> int32."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 3:
+        raise ValueError(f"{source}: expected tokens [N, h, w], got shape {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{source}: tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= grid.vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= grid.vocab_size)]
+        raise ValueError(f"{source}: token ids must be in [0, {grid.vocab_size}); found {bad.flat[0]} "
+                         f"({bad.size} ids out of range)")
+    return tokens.astype(np.int32)
+
+
+def _read_kind(path: Path) -> tuple[str, dict]:
+    """(kind, meta) of a tokenizer directory, or TokenizerLoadError naming it."""
     try:
         meta = store.read_meta(path)
     except FileNotFoundError as e:
@@ -357,8 +393,31 @@ def load_tokenizer(directory, *, dtype=jnp.float32, batch_size: int | None = Non
     if kind not in TOKENIZER_KINDS:
         raise TokenizerLoadError(f"{path}: unknown tokenizer kind {kind!r} in {store.META_FILE}; "
                                  f"known kinds: {sorted(TOKENIZER_KINDS)}")
+    return kind, meta
+
+
+def read_grid(directory) -> TokenizerGrid:
+    """The TokenizerGrid of a tokenizer directory from its tokenizer.json alone (no weights read):
+    for checking inputs before `load_tokenizer`."""
+    path = Path(directory)
+    kind, meta = _read_kind(path)
     try:
-        backend = TOKENIZER_KINDS[kind](path, meta, dtype)
+        return TOKENIZER_KINDS[kind].grid(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TokenizerLoadError(f"{path}/{store.META_FILE}: the {kind} config lacks or misstates {e}") from None
+
+
+def load_tokenizer(directory, *, dtype=jnp.float32, batch_size: int | None = None, devices=None) -> Tokenizer:
+    """Load a tokenizer directory (tokenizer.json + params/) of any registered kind.
+
+    dtype: compute dtype of the network (float32, or bfloat16 for speed; logits stay float32).
+    batch_size: frames per device step over all local devices (default 32 per device).
+    Raises TokenizerLoadError (a ValueError) with the directory's name when it does not load.
+    """
+    path = Path(directory)
+    kind, meta = _read_kind(path)
+    try:
+        backend = TOKENIZER_KINDS[kind].load(path, meta, dtype)
     except TokenizerLoadError:
         raise
     except Exception as e:  # orbax/IO/shape errors come in many types; name the directory
