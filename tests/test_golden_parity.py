@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import xla_optimizations_on
+from conftest import OPTIMIZED
 from vimpac_jax.conversion import torch_pickle
 from vimpac_jax.conversion.official import model_config_from_args, variables_from_state_dict
 from vimpac_jax.conversion.official_names import to_torch_layout, torch_name
@@ -64,17 +64,16 @@ def train_mode_outputs(cfg, variables, expected, compiler_options=None):
 @pytest.fixture(scope="module")
 def train_mode(case):
     """train_mode_outputs of the case in float32, computed once for the losses' and the gradients'
-    tests, compiled with XLA's optimisation on, as a user's step is: the quantities after the
-    BatchNorm are ill-conditioned on the golden batch (test_train_mode_losses), so their float32
-    rounding depends on how XLA compiles them. Compiled as users do, the NCE loss of vimpac_a is
-    6.1e-6 from the golden's; with both of the suite's compile-speed settings (most optimisations
-    off and XLA's earlier CPU fusion emitters, tests/conftest.py) it was 1.07e-5 (jax 0.10.2, CPU).
-    The rounding that matters comes from XLA CPU's LLVM optimisation (level 0 gives 1.07e-5, levels
-    1 and 2, XLA's default, give the same 6.1e-6 NCE and projection errors): level 1 compiles in half
-    the CPU time of level 2 (measured: 5.9 against 11.4 s, vimpac_a)."""
+    tests, compiled with LLVM optimisation (conftest.OPTIMIZED), as a user's step is: the
+    quantities after the BatchNorm are ill-conditioned on the golden batch (test_train_mode_losses),
+    so their float32 rounding depends on how XLA compiles them. Compiled as users do, the NCE loss of
+    vimpac_a is 6.1e-6 from the golden's; with both of the suite's compile-speed settings (most
+    optimisations off and XLA's earlier CPU fusion emitters, tests/conftest.py) it was 1.07e-5 (jax
+    0.10.2, CPU). The rounding that matters comes from XLA CPU's LLVM optimisation (level 0 gives
+    1.07e-5, levels 1 and 2, XLA's default, give the same 6.1e-6 NCE and projection errors): level 1
+    compiles in half the CPU time of level 2 (measured: 5.4-5.9 against 11.4 s, vimpac_a)."""
     name, cfg, variables, expected = case
-    with xla_optimizations_on():
-        return train_mode_outputs(cfg, variables, expected, compiler_options={"xla_backend_optimization_level": 1})
+    return train_mode_outputs(cfg, variables, expected, compiler_options=OPTIMIZED)
 
 
 def apply_jit(cfg, *args, **kwargs):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import OPTIMIZED
 from vimpac_jax.config_utils import load_config
 from vimpac_jax.configs import tokenizer as tokenizer_config
 from vimpac_jax.tokenizer import store, vq, vq_data, vq_train
@@ -190,9 +191,9 @@ def trained():
         state = vq_train.init_state(config.model, config.optim, config.tokenizer, config.train.num_steps,
                                     jax.random.key(config.seed))
     init_params = jax.tree.map(np.asarray, state.params)
-    # This program runs 200 times: compiled with XLA CPU's LLVM optimisation (level 1; the suite
-    # turns it off, tests/conftest.py), it costs ~4 s less CPU in all than compiling cheaply.
-    step = jax.jit(vq_train.train_step, donate_argnums=0, compiler_options={"xla_backend_optimization_level": 1})
+    # This program runs 200 times: compiled with LLVM optimisation (conftest.OPTIMIZED; the suite
+    # turns it off), it costs ~4 s less CPU in all than compiling cheaply.
+    step = jax.jit(vq_train.train_step, donate_argnums=0, compiler_options=OPTIMIZED)
     rng = np.random.default_rng(0)
     key = jax.random.key(1)
     history = []
@@ -206,8 +207,9 @@ def trained():
 
 @pytest.fixture(scope="module")
 def initialised():
-    """The 'tiny' preset as `trained` starts it, its step counter set to STEPS (what a save
-    records), and 8 held-out frames: for what does not depend on training (save and load)."""
+    """The 'tiny' preset initialised as `trained` initialises it (same seed: the parameters it
+    starts from), its step counter set to STEPS (what a save records), and 8 held-out frames: for
+    what does not depend on training (save and load)."""
     config = tokenizer_config.get_config("tiny")
     with fast_init():
         state = vq_train.init_state(config.model, config.optim, config.tokenizer, STEPS, jax.random.key(config.seed))

@@ -68,13 +68,12 @@ class TokenizerBackend:
     decode_images(params, tokens) -> images: int32 [N, h, w] -> float32 [N, f·h, f·w, C] in [0, 1];
       None when the tokenizer has no decoder.
     config: the JSON-able description stored in tokenizer.json (part of a token store's identity).
+    grid: what the functions expect of their inputs (the kind's `grid(config)`).
     """
 
     config: dict
     params: Any
-    downsample: int
-    vocab_size: int
-    input_channels: int
+    grid: TokenizerGrid
     encode_logits: EncodeLogitsFn
     decode_images: DecodeImagesFn | None
 
@@ -107,10 +106,8 @@ def dalle_backend(config: dict, params: dict, dtype=jnp.float32) -> TokenizerBac
         def decode_images(p, tokens):
             return dalle.stats_to_images(decoder.apply({"params": p["decoder"]}, tokens))
 
-    grid = _dalle_grid(config)
-    return TokenizerBackend(
-        config=config, params=params, downsample=grid.downsample, vocab_size=grid.vocab_size,
-        input_channels=grid.input_channels, encode_logits=encode_logits, decode_images=decode_images)
+    return TokenizerBackend(config=config, params=params, grid=_dalle_grid(config), encode_logits=encode_logits,
+                            decode_images=decode_images)
 
 
 def _load_dalle(directory: Path, meta: dict, dtype) -> TokenizerBackend:
@@ -126,11 +123,9 @@ def _load_vq(directory: Path, meta: dict, dtype) -> TokenizerBackend:
     from vimpac_jax.tokenizer import vq
 
     config, params = vq.load_vq_tokenizer(directory)
-    grid = _vq_grid(config)
-    return TokenizerBackend(
-        config=config, params=params, downsample=grid.downsample, vocab_size=grid.vocab_size,
-        input_channels=grid.input_channels, encode_logits=vq.encode_logits_fn(config, dtype),
-        decode_images=vq.decode_images_fn(config, dtype))
+    return TokenizerBackend(config=config, params=params, grid=_vq_grid(config),
+                            encode_logits=vq.encode_logits_fn(config, dtype),
+                            decode_images=vq.decode_images_fn(config, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +190,8 @@ class PendingTokens:
 class Tokenizer:
     """A loaded tokenizer: `encode` frames into tokens, `decode` tokens into frames (see module doc).
 
-    Attributes: kind, config, params (replicated on the mesh), downsample, vocab_size,
-    input_channels, weights_sha256 (None when not loaded from a directory), dtype (compute
+    Attributes: kind, config, params (replicated on the mesh), grid (TokenizerGrid) and its
+    downsample, vocab_size, input_channels, weights_sha256 (None when not loaded from a directory), dtype (compute
     dtype), mesh, batch_size (frames per device step, over all local devices).
     """
 
@@ -205,9 +200,9 @@ class Tokenizer:
                  directory: str | None = None):
         self.kind = kind
         self.config = backend.config
-        self.downsample = backend.downsample
-        self.vocab_size = backend.vocab_size
-        self.input_channels = backend.input_channels
+        self.grid = backend.grid
+        self.downsample, self.vocab_size, self.input_channels = (
+            self.grid.downsample, self.grid.vocab_size, self.grid.input_channels)
         self.weights_sha256 = weights_sha256
         self.dtype = jnp.dtype(dtype)
         self.directory = directory
@@ -266,10 +261,6 @@ class Tokenizer:
         return height // self.downsample, width // self.downsample
 
     # -- checks --------------------------------------------------------------------------------
-
-    @property
-    def grid(self) -> TokenizerGrid:
-        return TokenizerGrid(self.downsample, self.vocab_size, self.input_channels)
 
     def check_images(self, images, source: str = "images") -> np.ndarray:
         return check_images(images, self.grid, source)
