@@ -19,6 +19,7 @@ unless the test adds it to XLA_FLAGS itself).
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -108,6 +109,12 @@ def pytest_configure(config):
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
+    # Python's full (generation 2) collections, 10x less often: each one walks the whole heap of a
+    # test process, which grows to millions of objects (jax's caches of its ~1,000 compiled
+    # programs and their traces), and they took ~15 of the fast layer's ~245 s of CPU (29 and 24
+    # in the two workers, 0.26 s each; measured with jax 0.10.2). Young generations as Python's
+    # default; the peak memory of test_model.py is unchanged (2.2 GB).
+    gc.set_threshold(700, 10, 100)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 attention-dropout keep masks), in Pallas's interpreter on CPU; and a TPU compile of a model's
 pre-training step with it holds the kernels as Mosaic custom-calls."""
 
+import functools
 import importlib.util
 
 import einops
@@ -104,9 +105,18 @@ def _draw_inputs(plan, batch, seed, dropout):
 _draw_keep_masks = jax.jit(lak.draw_keep_masks, static_argnums=(1, 2, 3))
 
 # The mesh test's block and clips (4: over 2 x 2 devices). The case of the same block below
-# draws as many clips from the same seed, so the mesh test's unsharded program is that case's
-# kernel program, compiled once (a hit of the session's persistent compilation cache).
+# draws as many clips from the same seed, so the mesh test's unsharded call is that case's kernel
+# call: `_kernel_values_and_grads` computes it once for both.
 MESH_BLOCK, MESH_CLIPS = ((("H",), ("W",)), (2, 4, 8), 2), 4
+
+
+@functools.cache
+def _kernel_values_and_grads(plan, batch, dropout):
+    """block_attention's outputs and gradients (`_values_and_grads`) on `_draw_inputs(plan,
+    batch, 0, dropout)`, for one device; cached (a plan is hashable)."""
+    qkv_cls, qkv, bias, key_is_pad, keep = _draw_inputs(plan, batch, 0, dropout)
+    return _values_and_grads(lambda c, x, bias, pad, keep: lak.block_attention(plan, c, x, bias, pad, keep, KEEP_PROB),
+                             qkv_cls, qkv, bias, masks=(key_is_pad, keep))
 
 
 @pytest.mark.parametrize("attentions, grid, heads, groups, dropout", [
@@ -132,9 +142,7 @@ def test_kernel_equals_line_attention(attentions, grid, heads, groups, dropout):
     keep_lines = None
     if dropout:
         keep_lines = [_line_attention_masks(plan, a, groups[a], keep) for a in range(len(attentions))]
-    outs, grads = _values_and_grads(
-        lambda c, x, bias, pad, keep: lak.block_attention(plan, c, x, bias, pad, keep, KEEP_PROB), qkv_cls, qkv, bias,
-        masks=(key_is_pad, keep))
+    outs, grads = _kernel_values_and_grads(plan, b, dropout)
     def per_attention(x):  # q, k, v [..., F] each -> [..., C]: per attention [q | k | v] (AttentionBlock)
         return jnp.concatenate([y for a in range(len(attentions)) for y in (z[..., a * f // len(attentions):
                                                                              (a + 1) * f // len(attentions)]
@@ -173,7 +181,7 @@ def test_kernel_on_a_mesh_runs_per_device_and_equals_one_device():
     sharded = jax.device_put((qkv_cls, qkv, bias, key_is_pad, keep), (clips, clips, whole, clips, clips))
     outs, grads, lowered = _values_and_grads(call, *sharded[:3], masks=sharded[3:], lowered_text=True)
     assert "shard_map" in lowered or "sdy.manual_computation" in lowered
-    ref_outs, ref_grads = _values_and_grads(call, qkv_cls, qkv, bias, masks=(key_is_pad, keep))
+    ref_outs, ref_grads = _kernel_values_and_grads(plan, MESH_CLIPS, True)
     for got, want in zip(jax.tree.leaves((outs, grads)), jax.tree.leaves((ref_outs, ref_grads))):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

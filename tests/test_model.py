@@ -251,16 +251,21 @@ def test_scan_layers_gives_the_same_parameters_loss_and_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["backbone"]["layer_1"]))
 
-    # Dropout on: one key per (step key, layer index), so a step is reproducible.
-    drop_cfg = dict(cfg, dropout=0.5, attention_dropout=0.5, scan_layers=True)
-    drop_model = build_model(drop_cfg)
+
+def test_scanned_layers_draw_their_dropout_from_the_step_key():
+    """Dropout on in a scanned stack: one key per (step key, layer index), so a step is
+    reproducible. (The forward only: recomputation changes the backward alone.)"""
+    cfg = dict(TINY, num_layers=2, dropout=0.5, attention_dropout=0.5, scan_layers=True)
+    model = build_model(cfg)
+    variables = flax.linen.unbox(init_op_by_op(model, cfg, jax.random.key(0)))
 
     @jax.jit
-    def hiddens(key):
-        out, _ = drop_model.apply(variables, tokens, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    def hiddens(variables, tokens, key):  # the variables as arguments, not constants of the program
+        out, _ = model.apply(variables, tokens, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
         return out["hiddens"]
 
-    one, again, other = hiddens(jax.random.key(1)), hiddens(jax.random.key(1)), hiddens(jax.random.key(2))
+    tokens = jnp.asarray(tokens_for(cfg))
+    one, again, other = (hiddens(variables, tokens, jax.random.key(k)) for k in (1, 1, 2))
     np.testing.assert_array_equal(one, again)
     assert np.isfinite(np.asarray(one)).all() and not np.allclose(one, other)
 

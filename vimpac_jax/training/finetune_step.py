@@ -103,9 +103,15 @@ def average_over_views(clip_logits, tokens) -> dict:
 def make_eval_step(model_cfg, mesh: Optional[jax.sharding.Mesh] = None):
     """Jitted `(params, batch_stats, tokens [B, V, T, H, W]) -> {'probs' [B, C], 'logits'}`; the
     batch is split over devices, the (small) outputs come back replicated on every process."""
-    mesh = shd.make_mesh() if mesh is None else mesh
-    fn = functools.partial(multiview_scores, model=build_model(model_cfg))
-    return jax.jit(fn, out_shardings=shd.replicated(mesh))
+    return _eval_step(build_model(model_cfg), shd.make_mesh() if mesh is None else mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(model, mesh: jax.sharding.Mesh):
+    # One jitted function per (model, mesh), so its compiled programs serve every caller: the
+    # classifiers of one process that load checkpoints of the same architecture (`vimpac predict`,
+    # `load_classifier`), the run's evaluation. Modules and meshes are hashable.
+    return jax.jit(functools.partial(multiview_scores, model=model), out_shardings=shd.replicated(mesh))
 
 
 def view_cross_entropy(logits, labels):

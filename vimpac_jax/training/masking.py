@@ -305,6 +305,24 @@ def _block_mask_counts(key: jax.Array, samples: int, clip_shape: tuple, num_bloc
                             for b in draws for i in range(0, b.start.shape[0], chunk)])
 
 
+@functools.lru_cache(maxsize=32)
+def _sampled_mask_counts(kind: str, clip_shape: tuple, num_blocks: int, prob: float, samples: int,
+                         seed: int) -> np.ndarray:
+    """int64 [samples] (read-only): masked tokens of each of `samples` clips drawn with `seed`.
+    Cached: a run asks for the same distribution for each bound it derives (the per-clip K, the
+    packed bound of each micro-batch size), and each draw compiles and runs the sampler."""
+    # Concrete values even when called while a caller's jit is tracing (the step's bound).
+    with jax.ensure_compile_time_eval():
+        key = jax.random.PRNGKey(seed)
+        if kind == "block":
+            counts = _block_mask_counts(key, samples, clip_shape, num_blocks)
+        else:
+            counts = jax.random.binomial(key, math.prod(clip_shape), prob, (samples,))
+        counts = np.asarray(counts).astype(np.int64)
+    counts.flags.writeable = False
+    return counts
+
+
 def _sum_quantile(counts: np.ndarray, clips: int, quantile: float) -> int:
     """The `quantile` of the sum of `clips` independent draws from the empirical distribution of
     `counts` (int [S]): the clips-fold convolution of its histogram, computed with one FFT."""
@@ -340,14 +358,8 @@ def masked_positions_bound(clip_shape: Sequence[int], *, kind: str = "block",
             else num_tokens
         bound = clips * min(bound, num_tokens)
     else:
-        # Concrete values even when called while a caller's jit is tracing (the step's bound).
-        with jax.ensure_compile_time_eval():
-            key = jax.random.PRNGKey(seed)
-            if kind == "block":
-                counts = _block_mask_counts(key, samples, clip_shape, num_blocks)
-            else:
-                counts = jax.random.binomial(key, num_tokens, prob, (samples,))
-            counts = np.asarray(counts).astype(np.int64)
+        counts = _sampled_mask_counts(kind, clip_shape, int(num_blocks) if kind == "block" else 0,
+                                      float(prob) if kind == "iid" else 0.0, int(samples), int(seed))
         if clips == 1:
             bound = int(np.ceil(np.quantile(counts, quantile)))
         else:

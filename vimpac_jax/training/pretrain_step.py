@@ -136,22 +136,16 @@ def resolve_max_masked(pretrain_cfg: Mapping[str, Any], model_cfg: Mapping[str, 
         quantile=1.0 if _packed(pretrain_cfg) else float(pretrain_cfg["max_masked_quantile"]))
 
 
-@functools.lru_cache(maxsize=None)
-def _packed_bound(clip: tuple, kind: str, num_blocks: int, prob: float, quantile: float, clips: int,
-                  per_clip: int) -> int:
-    bound = masked_positions_bound(clip, kind=kind, num_blocks=num_blocks, prob=prob, quantile=quantile,
-                                   clips=clips, multiple_of=8, samples=16384)
-    return min(bound, clips * per_clip)
-
-
 def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int, per_clip: int) -> int:
     """Static number M of MLM slots for `clips` clips packed together (mlm_positions='micro_batch'):
     the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
     their per-clip lists). Small, T=5 at 128 px: ~27.6k slots (~216 per clip) for 128 clips at
     1 - 1e-6 (rounded up to a multiple of 8), against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
-    return _packed_bound(tuple(int(x) for x in clip), pretrain_cfg["mask_kind"],
-                         int(pretrain_cfg["mask_blocks"]), float(pretrain_cfg["mask_prob"]),
-                         float(pretrain_cfg["packed_quantile"]), int(clips), int(per_clip))
+    bound = masked_positions_bound(tuple(int(x) for x in clip), kind=pretrain_cfg["mask_kind"],
+                                   num_blocks=int(pretrain_cfg["mask_blocks"]), prob=float(pretrain_cfg["mask_prob"]),
+                                   quantile=float(pretrain_cfg["packed_quantile"]), clips=int(clips), multiple_of=8,
+                                   samples=16384)
+    return min(bound, int(clips) * int(per_clip))
 
 
 def _batch_shards(mesh) -> int:
