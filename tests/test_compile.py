@@ -132,6 +132,7 @@ def test_cli_impossible_batch_does_not_fit(tmp_path, capsys):
     assert "mesh: data=4 fsdp=1 tensor=1" in stdout
 
 
+@pytest.mark.slow  # a `vimpac` process: the command's smoke test
 def test_cli_bad_topology_is_one_line():
     r = run_vimpac("compile", "--config", "configs/pretrain.py:runlocal", "--topology", "v9-8", timeout=120)
     assert r.returncode == 2
