@@ -61,11 +61,8 @@ def main(argv) -> int:
 
         from vimpac_jax.tokenizer import interface
 
-        grid = interface.read_grid(args.tokenizer)
-        if args.action == "encode":
-            array = interface.check_images(array, grid, source)
-        else:
-            array = interface.check_tokens(array, grid, source)
+        check = interface.check_images if args.action == "encode" else interface.check_tokens
+        array = check(array, interface.read_grid(args.tokenizer), source)
         tok = interface.load_tokenizer(args.tokenizer, dtype=jnp.dtype(args.dtype), batch_size=args.batch_size)
         if args.action == "encode":
             if args.no_logits:

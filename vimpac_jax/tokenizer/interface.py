@@ -190,9 +190,10 @@ class PendingTokens:
 class Tokenizer:
     """A loaded tokenizer: `encode` frames into tokens, `decode` tokens into frames (see module doc).
 
-    Attributes: kind, config, params (replicated on the mesh), grid (TokenizerGrid) and its
-    downsample, vocab_size, input_channels, weights_sha256 (None when not loaded from a directory), dtype (compute
-    dtype), mesh, batch_size (frames per device step, over all local devices).
+    Attributes: kind, config, params (replicated on the mesh), grid (TokenizerGrid; its
+    downsample, vocab_size and input_channels are properties here too), weights_sha256 (None when
+    not loaded from a directory), dtype (compute dtype), mesh, batch_size (frames per device step,
+    over all local devices).
     """
 
     def __init__(self, kind: str, backend: TokenizerBackend, *, weights_sha256: str | None = None,
@@ -201,8 +202,6 @@ class Tokenizer:
         self.kind = kind
         self.config = backend.config
         self.grid = backend.grid
-        self.downsample, self.vocab_size, self.input_channels = (
-            self.grid.downsample, self.grid.vocab_size, self.grid.input_channels)
         self.weights_sha256 = weights_sha256
         self.dtype = jnp.dtype(dtype)
         self.directory = directory
@@ -336,6 +335,18 @@ class Tokenizer:
     @property
     def has_decoder(self) -> bool:
         return self._has_decoder
+
+    @property
+    def downsample(self) -> int:
+        return self.grid.downsample
+
+    @property
+    def vocab_size(self) -> int:
+        return self.grid.vocab_size
+
+    @property
+    def input_channels(self) -> int:
+        return self.grid.input_channels
 
 
 def check_images(images, grid: TokenizerGrid, source: str = "images") -> np.ndarray:

@@ -141,7 +141,7 @@ def packed_masked_bound(pretrain_cfg: Mapping[str, Any], clip: tuple, clips: int
     the `packed_quantile` of their total masked count, at most `clips` x `per_clip` (the K of
     their per-clip lists). Small, T=5 at 128 px: ~27.6k slots (~216 per clip) for 128 clips at
     1 - 1e-6 (rounded up to a multiple of 8), against 448 per clip as per-clip 0.999 quantiles; 185 are masked on average."""
-    bound = masked_positions_bound(tuple(int(x) for x in clip), kind=pretrain_cfg["mask_kind"],
+    bound = masked_positions_bound(clip, kind=pretrain_cfg["mask_kind"],
                                    num_blocks=int(pretrain_cfg["mask_blocks"]), prob=float(pretrain_cfg["mask_prob"]),
                                    quantile=float(pretrain_cfg["packed_quantile"]), clips=int(clips), multiple_of=8,
                                    samples=16384)
